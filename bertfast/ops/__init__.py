@@ -1,0 +1,219 @@
+"""bertfast.ops: the only compute the model calls.
+
+Each op checks its arguments once here (shapes and dtypes, independent of the backend),
+then runs on the backend chosen by :mod:`bertfast.ops._dispatch`:
+
+- ``backend=None`` or ``"auto"``: the best backend that can run these tensors;
+- ``"reference"``: pure PyTorch, the yardstick every kernel is tested against;
+- ``"triton"``: the Triton kernels in :mod:`bertfast.kernels`;
+- ``"ext"``: the compiled C++/CUDA extension :mod:`bertfast._C`.
+
+An explicit backend that cannot run the call raises :class:`bertfast.BackendUnavailable`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BackendUnavailable
+from ._dispatch import (
+    AUTO_ORDER,
+    BACKENDS,
+    OPS,
+    auto_backend_name,
+    backend_availability,
+    explain,
+    resolve,
+    validate_backend_name,
+)
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "OPS",
+    "BackendUnavailable",
+    "attention",
+    "attention_varlen",
+    "auto_backend_name",
+    "backend_availability",
+    "bias_gelu",
+    "embedding_layer_norm",
+    "explain",
+    "layer_norm",
+    "validate_backend_name",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-12, residual=None, linear_bias=None, backend=None):
+    """``LayerNorm(x + linear_bias + residual)`` over the last dimension.
+
+    ``linear_bias`` (shape ``(hidden,)``) is the bias of the linear layer that produced
+    ``x``, fused here so the GEMM can run without one; ``residual`` has ``x``'s shape.
+    Statistics are computed in fp32 whatever the input dtype; output has ``x``'s dtype.
+    """
+    _check_float("x", x)
+    hidden = x.shape[-1]
+    for name, t, shape in (("weight", weight, (hidden,)), ("bias", bias, (hidden,))):
+        _check_float(name, t)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if linear_bias is not None:
+        _check_float("linear_bias", linear_bias)
+        _check_same("linear_bias", linear_bias, "x", x)
+        if tuple(linear_bias.shape) != (hidden,):
+            raise ValueError(f"linear_bias must have shape ({hidden},), got {tuple(linear_bias.shape)}")
+    if residual is not None:
+        _check_float("residual", residual)
+        _check_same("residual", residual, "x", x)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if weight.device != x.device or bias.device != x.device:
+        raise ValueError(f"weight and bias must be on x's device {x.device}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    impl = resolve("layer_norm", backend, (x, weight, bias))
+    return impl.layer_norm(x, weight, bias, float(eps), residual, linear_bias)
+
+
+def bias_gelu(x, bias, backend=None):
+    """``gelu_erf(x + bias)`` with ``bias`` of shape ``(x.shape[-1],)``."""
+    _check_float("x", x)
+    _check_float("bias", bias)
+    _check_same("bias", bias, "x", x)
+    if tuple(bias.shape) != (x.shape[-1],):
+        raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
+    impl = resolve("bias_gelu", backend, (x, bias))
+    return impl.bias_gelu(x, bias)
+
+
+def _check_qkv(q, k, v, rank: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride(-1) == 1), got strides {t.stride()}")
+    _check_same("k", k, "q", q)
+    _check_same("v", v, "q", q)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1] or q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in heads and head_dim")
+
+
+def _default_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    return float(scale)
+
+
+def attention(q, k, v, attention_mask=None, scale=None, backend=None):
+    """Softmax attention with a key-padding mask.
+
+    ``q, k, v``: ``(batch, seq, heads, head_dim)``; strided views into one fused QKV
+    projection are accepted without a copy (only ``head_dim`` must be contiguous).
+    ``attention_mask``: ``(batch, seq)``, nonzero = token, 0 = padding.  Masked keys get
+    probability exactly 0; a query whose keys are all padding gets a zero output.
+    Returns ``(batch, seq, heads, head_dim)`` in ``q``'s dtype.
+    """
+    _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != (k.shape[0], k.shape[1]):
+            raise ValueError(
+                f"attention_mask must have shape (batch, seq) = {(k.shape[0], k.shape[1])}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.device != q.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask != 0
+    impl = resolve("attention", backend, (q, k, v))
+    return impl.attention(q, k, v, attention_mask, _default_scale(scale, q.shape[-1]))
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale=None, backend=None):
+    """Attention over packed variable-length sequences.
+
+    ``q, k, v``: ``(total_tokens, heads, head_dim)``; ``cu_seqlens``: int32 ``(batch + 1,)``
+    cumulative offsets starting at 0 and ending at ``total_tokens``; sequence ``i`` is
+    rows ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself.
+    ``max_seqlen`` is the longest length (used to size the launch grid).
+    """
+    _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same number of tokens, got {q.shape[0]} and {k.shape[0]}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise TypeError("cu_seqlens must be a 1-D torch.int32 tensor of cumulative sequence offsets")
+    if cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must hold at least one offset (0)")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if int(max_seqlen) < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    impl = resolve("attention_varlen", backend, (q, k, v))
+    return impl.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), _default_scale(scale, q.shape[-1]))
+
+
+def embedding_layer_norm(
+    input_ids,
+    position_ids,
+    token_type_ids,
+    word_embeddings,
+    position_embeddings,
+    token_type_embeddings,
+    weight,
+    bias,
+    eps: float = 1e-12,
+    backend=None,
+):
+    """``LayerNorm(word[input_ids] + position[position_ids] + token_type[token_type_ids])``.
+
+    All three index tensors have the same shape (e.g. ``(batch, seq)``) and an integer
+    dtype; the ids must be in range (the model checks them).  Returns ``ids.shape + (hidden,)``.
+    """
+    for name, t in (("input_ids", input_ids), ("position_ids", position_ids), ("token_type_ids", token_type_ids)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32 or int64 tensor")
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+    hidden = word_embeddings.shape[-1]
+    for name, t in (
+        ("word_embeddings", word_embeddings),
+        ("position_embeddings", position_embeddings),
+        ("token_type_embeddings", token_type_embeddings),
+    ):
+        _check_float(name, t)
+        if t.dim() != 2 or t.shape[1] != hidden:
+            raise ValueError(f"{name} must have shape (rows, {hidden}), got {tuple(t.shape)}")
+    impl = resolve("embedding_layer_norm", backend, (word_embeddings, weight, bias))
+    return impl.embedding_layer_norm(
+        input_ids,
+        position_ids,
+        token_type_ids,
+        word_embeddings,
+        position_embeddings,
+        token_type_embeddings,
+        weight,
+        bias,
+        float(eps),
+    )

@@ -1,0 +1,89 @@
+"""The reference backend: every op in plain PyTorch.
+
+This is the yardstick: the model on this backend matches Hugging Face transformers, and
+every kernel is tested against these functions (run in float64).  Low-precision inputs
+are computed in fp32 and cast back, so the reference is never the weak link.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def availability() -> str | None:
+    return None
+
+
+def unsupported(op: str, *tensors, **meta) -> str | None:
+    return None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None):
+    ct = _compute_dtype(x.dtype)
+    h = x.to(ct)
+    if linear_bias is not None:
+        h = h + linear_bias.to(ct)
+    if residual is not None:
+        h = h + residual.to(ct)
+    y = F.layer_norm(h, (h.shape[-1],), weight.to(ct), bias.to(ct), eps)
+    return y.to(x.dtype)
+
+
+def bias_gelu(x, bias):
+    ct = _compute_dtype(x.dtype)
+    return F.gelu(x.to(ct) + bias.to(ct)).to(x.dtype)
+
+
+def _masked_softmax_attention(q, k, v, keep, scale):
+    """q, k, v: (batch, heads, seq, dim); keep: (batch, seq_k) bool or None."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if keep is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+    keep = keep[:, None, None, :]
+    scores = scores.masked_fill(~keep, float("-inf"))
+    # A query with no valid key: softmax of all -inf is NaN; define its output as zero.
+    any_valid = keep.any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~any_valid, 0.0), dim=-1) * any_valid
+    return torch.matmul(probs, v)
+
+
+def attention(q, k, v, attention_mask, scale):
+    ct = _compute_dtype(q.dtype)
+    qh, kh, vh = (t.to(ct).transpose(1, 2) for t in (q, k, v))
+    out = _masked_softmax_attention(qh, kh, vh, attention_mask, scale)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+    """Per-sequence attention: each packed sequence attends only within itself."""
+    ct = _compute_dtype(q.dtype)
+    out = torch.empty_like(q)
+    offsets = cu_seqlens.tolist()
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].to(ct).transpose(0, 1) for t in (q, k, v))
+        probs = torch.softmax(torch.matmul(qs, ks.transpose(-1, -2)) * scale, dim=-1)
+        out[start:end] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def embedding_layer_norm(
+    input_ids,
+    position_ids,
+    token_type_ids,
+    word_embeddings,
+    position_embeddings,
+    token_type_embeddings,
+    weight,
+    bias,
+    eps,
+):
+    summed = F.embedding(input_ids, word_embeddings) + F.embedding(token_type_ids, token_type_embeddings)
+    summed = summed + F.embedding(position_ids, position_embeddings)
+    return layer_norm(summed, weight, bias, eps)

@@ -1,0 +1,94 @@
+"""The Triton backend: adapts :mod:`bertfast.kernels` to the op contract.
+
+Triton kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported) — the interpreter is for tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def availability() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    if interpreter_on():
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter on the CPU)"
+    return None
+
+
+def _device_reason(t: torch.Tensor) -> str | None:
+    if interpreter_on():
+        if t.device.type != "cpu":
+            return f"Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors, got {t.device}"
+        return None
+    if t.device.type != "cuda":
+        return f"the Triton kernels need CUDA tensors, got {t.device}"
+    return None
+
+
+def unsupported(op: str, *tensors, **meta) -> str | None:
+    first = tensors[0]
+    reason = _device_reason(first)
+    if reason is not None:
+        return reason
+    if op in ("attention", "attention_varlen"):
+        from ..kernels import attention as kernel
+    elif op == "bias_gelu":
+        from ..kernels import bias_gelu as kernel
+    else:  # layer_norm and embedding_layer_norm both end in the LayerNorm kernel
+        from ..kernels import layernorm as kernel
+    return kernel.unsupported(*tensors)
+
+
+def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None):
+    from ..kernels.layernorm import layer_norm as kernel
+
+    return kernel(x, weight, bias, eps, residual, linear_bias)
+
+
+def bias_gelu(x, bias):
+    from ..kernels.bias_gelu import bias_gelu as kernel
+
+    return kernel(x, bias)
+
+
+def attention(q, k, v, attention_mask, scale):
+    from ..kernels.attention import attention as kernel
+
+    return kernel(q, k, v, attention_mask, scale)
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+    from ..kernels.attention import attention_varlen as kernel
+
+    return kernel(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def embedding_layer_norm(
+    input_ids,
+    position_ids,
+    token_type_ids,
+    word_embeddings,
+    position_embeddings,
+    token_type_embeddings,
+    weight,
+    bias,
+    eps,
+):
+    # The gathers are memory-bound copies PyTorch does well; the sum of the third table
+    # and the normalisation are fused in the LayerNorm kernel (as its residual input).
+    words = torch.nn.functional.embedding(input_ids, word_embeddings)
+    words = words + torch.nn.functional.embedding(token_type_ids, token_type_embeddings)
+    positions = torch.nn.functional.embedding(position_ids, position_embeddings)
+    return layer_norm(words, weight, bias, eps, residual=positions)
