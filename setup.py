@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="A custom-kernel performance engine for BERT: Triton and C++/CUDA kernels, HF-compatible.",
     python_requires=">=3.10",
-    packages=["bertfast", "bertfast.ops", "bertfast.kernels"],
+    packages=["bertfast", "bertfast.ops", "bertfast.kernels", "bertfast.benchmarking"],
     package_dir={"bertfast": "bertfast", "bertfast.kernels": "kernels"},
     install_requires=["torch>=2.11", "safetensors", "numpy"],
     extras_require={
