@@ -123,15 +123,19 @@ def _default_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def attention(q, k, v, attention_mask=None, scale=None, backend=None):
+def attention(q, k, v, attention_mask=None, scale=None, dropout_p: float = 0.0, backend=None):
     """Softmax attention with a key-padding mask.
 
     ``q, k, v``: ``(batch, seq, heads, head_dim)``; strided views into one fused QKV
     projection are accepted without a copy (only ``head_dim`` must be contiguous).
     ``attention_mask``: ``(batch, seq)``, nonzero = token, 0 = padding.  Masked keys get
     probability exactly 0; a query whose keys are all padding gets a zero output.
+    ``dropout_p``: attention-probability dropout (training); only backends that declare
+    ``SUPPORTS_ATTENTION_DROPOUT`` run it.
     Returns ``(batch, seq, heads, head_dim)`` in ``q``'s dtype.
     """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
@@ -147,8 +151,11 @@ def attention(q, k, v, attention_mask=None, scale=None, backend=None):
             raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask != 0
-    impl = resolve("attention", backend, (q, k, v))
-    return impl.attention(q, k, v, attention_mask, _default_scale(scale, q.shape[-1]))
+    impl = resolve("attention", backend, (q, k, v), dropout_p=dropout_p)
+    scale = _default_scale(scale, q.shape[-1])
+    if dropout_p > 0.0:
+        return impl.attention(q, k, v, attention_mask, scale, dropout_p=dropout_p)
+    return impl.attention(q, k, v, attention_mask, scale)
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale=None, backend=None):

@@ -70,6 +70,8 @@ def _candidate_reason(name: str, op: str, tensors, meta) -> tuple[object | None,
         return None, reason
     if not hasattr(module, op):
         return None, f"backend {name!r} does not implement {op}"
+    if meta.get("dropout_p", 0.0) > 0.0 and not getattr(module, "SUPPORTS_ATTENTION_DROPOUT", False):
+        return None, f"backend {name!r} has no attention-probability dropout"
     reason = module.unsupported(op, *tensors, **meta)
     return (module if reason is None else None), reason
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+SUPPORTS_ATTENTION_DROPOUT = True
+
 
 def availability() -> str | None:
     return None
@@ -39,23 +41,26 @@ def bias_gelu(x, bias):
     return F.gelu(x.to(ct) + bias.to(ct)).to(x.dtype)
 
 
-def _masked_softmax_attention(q, k, v, keep, scale):
+def _masked_softmax_attention(q, k, v, keep, scale, dropout_p=0.0):
     """q, k, v: (batch, heads, seq, dim); keep: (batch, seq_k) bool or None."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if keep is None:
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
-    keep = keep[:, None, None, :]
-    scores = scores.masked_fill(~keep, float("-inf"))
-    # A query with no valid key: softmax of all -inf is NaN; define its output as zero.
-    any_valid = keep.any(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~any_valid, 0.0), dim=-1) * any_valid
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        keep = keep[:, None, None, :]
+        scores = scores.masked_fill(~keep, float("-inf"))
+        # A query with no valid key: softmax of all -inf is NaN; define its output as zero.
+        any_valid = keep.any(dim=-1, keepdim=True)
+        probs = torch.softmax(scores.masked_fill(~any_valid, 0.0), dim=-1) * any_valid
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p)
     return torch.matmul(probs, v)
 
 
-def attention(q, k, v, attention_mask, scale):
+def attention(q, k, v, attention_mask, scale, dropout_p=0.0):
     ct = _compute_dtype(q.dtype)
     qh, kh, vh = (t.to(ct).transpose(1, 2) for t in (q, k, v))
-    out = _masked_softmax_attention(qh, kh, vh, attention_mask, scale)
+    out = _masked_softmax_attention(qh, kh, vh, attention_mask, scale, dropout_p)
     return out.transpose(1, 2).to(q.dtype)
 
 

@@ -1,0 +1,136 @@
+"""BertConfig: Hugging Face's BertConfig field names and defaults, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SUPPORTED_ACTIVATIONS = ("gelu",)  # the exact erf GELU, as Hugging Face's "gelu"
+SUPPORTED_POSITION_EMBEDDINGS = ("absolute",)
+
+
+@dataclasses.dataclass
+class BertConfig:
+    """Configuration of a BERT encoder, field for field like ``transformers.BertConfig``.
+
+    Unknown keys read from a ``config.json`` are kept in ``extra`` (and written back by
+    :meth:`to_dict`) so a round trip loses nothing.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    problem_type: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- presets -------------------------------------------------------------------
+    @classmethod
+    def bert_large(cls, **overrides) -> BertConfig:
+        """BERT-large: 24 layers, hidden 1024, 16 heads, FFN 4096 (340M parameters)."""
+        fields = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def bert_base(cls, **overrides) -> BertConfig:
+        """BERT-base: 12 layers, hidden 768, 12 heads, FFN 3072 (110M parameters)."""
+        return cls(**overrides)
+
+    # -- checks --------------------------------------------------------------------
+    def validate(self) -> None:
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+            "num_labels",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; bertfast implements {SUPPORTED_ACTIVATIONS} "
+                "(the exact erf GELU)"
+            )
+        if self.position_embedding_type not in SUPPORTED_POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"position_embedding_type {self.position_embedding_type!r} is not supported; "
+                f"bertfast implements {SUPPORTED_POSITION_EMBEDDINGS}"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {p!r}")
+        if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"BertConfig.classifier_dropout must be in [0, 1) or None, got {self.classifier_dropout}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"BertConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise ValueError(f"BertConfig.problem_type {self.problem_type!r} is not one of Hugging Face's")
+        if self.extra.get("is_decoder") or self.extra.get("add_cross_attention"):
+            raise ValueError("bertfast implements the BERT encoder only (is_decoder / add_cross_attention are set)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    # -- (de)serialisation ---------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BertConfig:
+        data = dict(data)
+        model_type = data.get("model_type", "bert")
+        if model_type != "bert":
+            raise ValueError(f"expected a BERT config (model_type 'bert'), got model_type {model_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if "num_labels" not in data and isinstance(data.get("id2label"), dict):
+            data["num_labels"] = len(data["id2label"])
+        known = {k: data.pop(k) for k in list(data) if k in names}
+        return cls(**known, extra=data)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> BertConfig:
+        """Read ``config.json`` from a local Hugging Face-format folder (never the network)."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint folder {path!r} does not exist (bertfast loads local folders only)")
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"no config.json in {path!r}")
+        with open(config_file, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        data = {**self.extra, **data, "model_type": "bert"}
+        return data
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)

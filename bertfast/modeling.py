@@ -1,0 +1,553 @@
+"""BERT (post-LayerNorm encoder) whose compute goes through :mod:`bertfast.ops`.
+
+Module and parameter names follow ``transformers.BertModel`` exactly, so ``state_dict()``
+keys are Hugging Face's and checkpoints load both ways.  The modules only hold
+parameters; every forward calls ``bertfast.ops`` with the model's backend:
+
+    embeddings   LN(word[ids] + position[pos] + token_type[tt])        ops.embedding_layer_norm
+    per layer    qkv = x @ [Wq; Wk; Wv]^T + b                            one GEMM
+                 a   = attention(q, k, v, key-padding mask)             ops.attention
+                 x   = LN(a @ Wo^T + bo + x)                            GEMM + ops.layer_norm (bias fused)
+                 f   = gelu(x @ Wi^T + bi)                              GEMM + ops.bias_gelu
+                 x   = LN(f @ Wf^T + bf + x)                            GEMM + ops.layer_norm (bias fused)
+    pooler       tanh(x[:, 0] @ Wp^T + bp)
+
+In training with hidden dropout the dense bias is added before the dropout, as in
+Hugging Face: ``LN(dropout(a @ Wo^T + bo) + x)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import BertConfig
+from .errors import BackendUnavailable
+from .outputs import (
+    BaseModelOutput,
+    MaskedLMOutput,
+    PreTrainingOutput,
+    QuestionAnsweringOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+
+def check_backend(name: str | None) -> str:
+    """Validate a backend name for a model; an explicit backend must be able to run here."""
+    name = ops.validate_backend_name(name)
+    if name != "auto":
+        reason = ops.backend_availability(name)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {name!r} is unavailable: {reason}")
+    return name
+
+
+def _hidden_dropout_active(module: nn.Module, p: float) -> bool:
+    return module.training and p > 0.0
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids, position_ids, backend):
+        x = ops.embedding_layer_norm(
+            input_ids,
+            position_ids,
+            token_type_ids,
+            self.word_embeddings.weight,
+            self.position_embeddings.weight,
+            self.token_type_embeddings.weight,
+            self.LayerNorm.weight,
+            self.LayerNorm.bias,
+            self.LayerNorm.eps,
+            backend=backend,
+        )
+        return self.dropout(x)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, attention_mask, backend):
+        # One GEMM for q, k and v; the attention op reads them as strided views of its output.
+        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        qkv = F.linear(x, weight, bias)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        dropout_p = self.dropout_prob if self.training else 0.0
+        out = ops.attention(q, k, v, attention_mask, dropout_p=dropout_p, backend=backend)
+        return out.flatten(-2)
+
+
+class _DenseResidualLayerNorm(nn.Module):
+    """LN(dropout(x @ W^T + b) + residual), the bias fused into the LayerNorm when it can be."""
+
+    def __init__(self, in_features: int, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, residual, backend):
+        ln = self.LayerNorm
+        if _hidden_dropout_active(self, self.dropout.p):
+            h = self.dropout(F.linear(x, self.dense.weight, self.dense.bias))
+            return ops.layer_norm(h, ln.weight, ln.bias, ln.eps, residual=residual, backend=backend)
+        h = F.linear(x, self.dense.weight)
+        return ops.layer_norm(
+            h, ln.weight, ln.bias, ln.eps, residual=residual, linear_bias=self.dense.bias, backend=backend
+        )
+
+
+class BertSelfOutput(_DenseResidualLayerNorm):
+    def __init__(self, config: BertConfig):
+        super().__init__(config.hidden_size, config)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x, attention_mask, backend):
+        return self.output(self.self(x, attention_mask, backend), x, backend)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, backend):
+        return ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, backend=backend)
+
+
+class BertOutput(_DenseResidualLayerNorm):
+    def __init__(self, config: BertConfig):
+        super().__init__(config.intermediate_size, config)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x, attention_mask, backend):
+        x = self.attention(x, attention_mask, backend)
+        return self.output(self.intermediate(x, backend), x, backend)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x, attention_mask, backend, output_hidden_states=False):
+        hidden_states = [x] if output_hidden_states else None
+        for layer in self.layer:
+            x = layer(x, attention_mask, backend)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return x, (tuple(hidden_states) if hidden_states is not None else None)
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x):
+        return torch.tanh(self.dense(x[:, 0]))
+
+
+class BertPreTrainedModel(nn.Module):
+    """Shared by every model class: config, backend, weight init, loading."""
+
+    # Checkpoint keys of every class but BertModel start with this prefix.
+    base_model_prefix = "bert"
+
+    def __init__(self, config: BertConfig, backend: str | None = "auto"):
+        super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"config must be a bertfast.BertConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self._backend = check_backend(backend)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    def set_backend(self, name: str | None) -> BertPreTrainedModel:
+        """Switch the backend of a built model ("auto", "reference", "triton", "ext")."""
+        self._backend = check_backend(name)
+        for module in self.modules():
+            if isinstance(module, BertPreTrainedModel):
+                module._backend = self._backend
+        return self
+
+    def init_weights(self) -> None:
+        """Hugging Face's initialisation: N(0, initializer_range), zero biases, unit LayerNorms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if hasattr(self, "tie_weights"):
+            self.tie_weights()
+
+    @classmethod
+    def from_pretrained(cls, path, backend: str | None = "auto", dtype=None, device=None, strict: bool = False):
+        """Load a local Hugging Face-format folder (``config.json`` + weights); never the network.
+
+        Weights: ``model.safetensors`` (or a sharded ``model.safetensors.index.json``), or
+        ``pytorch_model.bin`` (sharded too) read with ``weights_only=True``.  Missing
+        encoder weights and mis-shaped tensors raise; missing head weights and unexpected
+        tensors are reported by name in a warning (``strict=True`` raises for them too) and
+        in ``model.loading_info``.
+        """
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, path, backend=backend, dtype=dtype, device=device, strict=strict)
+
+
+class BertModel(BertPreTrainedModel):
+    """The BERT encoder: embeddings, ``num_hidden_layers`` post-LN layers, tanh pooler."""
+
+    base_model_prefix = ""
+
+    def __init__(self, config: BertConfig, backend: str | None = "auto", add_pooling_layer: bool = True):
+        super().__init__(config, backend)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids):
+        config = self.config
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        seq = input_ids.shape[1]
+        if seq > config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seq} is longer than max_position_embeddings ({config.max_position_embeddings})"
+            )
+        for name, t in (
+            ("attention_mask", attention_mask),
+            ("token_type_ids", token_type_ids),
+            ("position_ids", position_ids),
+        ):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
+            if t.device != input_ids.device:
+                raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
+            if name != "attention_mask" and (t.dtype.is_floating_point or t.dtype == torch.bool):
+                raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return  # range checks read values back to the host: done in eager mode only
+        ranges = [("input_ids", input_ids, config.vocab_size)]
+        if token_type_ids is not None:
+            ranges.append(("token_type_ids", token_type_ids, config.type_vocab_size))
+        if position_ids is not None:
+            ranges.append(("position_ids", position_ids, config.max_position_embeddings))
+        bounds = torch.stack([torch.stack(torch.aminmax(t)).to(torch.int64) for _, t, _ in ranges]).tolist()
+        for (name, _, limit), (low, high) in zip(ranges, bounds):
+            if low < 0 or high >= limit:
+                raise ValueError(f"{name} must be in [0, {limit}); got values in [{low}, {high}]")
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        self._check_inputs(input_ids, attention_mask, token_type_ids, position_ids)
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=device).expand(batch, seq)
+        keep = None
+        if attention_mask is not None:
+            keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+        backend = self._backend
+        if batch == 0 or seq == 0:
+            return self._empty_output(batch, seq, output_hidden_states)
+        x = self.embeddings(input_ids, token_type_ids, position_ids, backend)
+        x, hidden_states = self.encoder(x, keep, backend, output_hidden_states)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return BaseModelOutput(last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states)
+
+    def _empty_output(self, batch, seq, output_hidden_states):
+        weight = self.embeddings.word_embeddings.weight
+        hidden = weight.new_zeros(batch, seq, self.config.hidden_size)
+        pooled = weight.new_zeros(batch, self.config.hidden_size) if self.pooler is not None else None
+        states = (hidden,) * (self.config.num_hidden_layers + 1) if output_hidden_states else None
+        return BaseModelOutput(last_hidden_state=hidden, pooler_output=pooled, hidden_states=states)
+
+
+# --------------------------------------------------------------------------------------
+# Heads
+# --------------------------------------------------------------------------------------
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x, backend):
+        h = ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, backend=backend)
+        ln = self.LayerNorm
+        return ops.layer_norm(h, ln.weight, ln.bias, ln.eps, backend=backend)
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, x, backend):
+        return self.decoder(self.transform(x, backend))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, x, backend):
+        return self.predictions(x, backend)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, x, pooled, backend):
+        return self.predictions(x, backend), self.seq_relationship(pooled)
+
+
+def _mlm_loss(logits, labels):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+class _WithEncoder(BertPreTrainedModel):
+    """A head on top of ``self.bert``; the backend is shared with the encoder."""
+
+    def __init__(self, config, backend, add_pooling_layer: bool):
+        super().__init__(config, backend)
+        self.bert = BertModel(config, backend=self._backend, add_pooling_layer=add_pooling_layer)
+
+    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states):
+        return self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+
+
+class _TiedMLMMixin:
+    def tie_weights(self) -> None:
+        """Tie the MLM decoder to the word embeddings (one Parameter, as in Hugging Face)."""
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+
+class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
+    def __init__(self, config: BertConfig, backend: str | None = "auto"):
+        super().__init__(config, backend, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        output_hidden_states: bool = False,
+    ) -> MaskedLMOutput:
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits = self.cls(out.last_hidden_state, self._backend)
+        loss = _mlm_loss(logits, labels) if labels is not None else None
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
+    def __init__(self, config: BertConfig, backend: str | None = "auto"):
+        super().__init__(config, backend, add_pooling_layer=True)
+        self.cls = BertPreTrainingHeads(config)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        next_sentence_label=None,
+        output_hidden_states: bool = False,
+    ) -> PreTrainingOutput:
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        prediction_logits, nsp_logits = self.cls(out.last_hidden_state, out.pooler_output, self._backend)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
+            loss = _mlm_loss(prediction_logits, labels) + nsp_loss
+        return PreTrainingOutput(
+            loss=loss,
+            prediction_logits=prediction_logits,
+            seq_relationship_logits=nsp_logits,
+            hidden_states=out.hidden_states,
+        )
+
+
+def _classifier_dropout(config: BertConfig) -> float:
+    return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+
+
+class BertForSequenceClassification(_WithEncoder):
+    def __init__(self, config: BertConfig, backend: str | None = "auto"):
+        super().__init__(config, backend, add_pooling_layer=True)
+        self.num_labels = config.num_labels
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def _loss(self, logits, labels):
+        """Hugging Face's rule: regression, single-label or multi-label by problem_type/labels."""
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
+            return F.mse_loss(logits.float(), labels.float())
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        output_hidden_states: bool = False,
+    ) -> SequenceClassifierOutput:
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = self._loss(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class BertForTokenClassification(_WithEncoder):
+    def __init__(self, config: BertConfig, backend: str | None = "auto"):
+        super().__init__(config, backend, add_pooling_layer=False)
+        self.num_labels = config.num_labels
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        output_hidden_states: bool = False,
+    ) -> TokenClassifierOutput:
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1), ignore_index=-100)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class BertForQuestionAnswering(_WithEncoder):
+    def __init__(self, config: BertConfig, backend: str | None = "auto"):
+        super().__init__(config, backend, add_pooling_layer=False)
+        self.num_labels = config.num_labels
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        start_positions=None,
+        end_positions=None,
+        output_hidden_states: bool = False,
+    ) -> QuestionAnsweringOutput:
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits = self.qa_outputs(out.last_hidden_state)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            # As in Hugging Face: positions outside the sequence are clamped and ignored.
+            ignored = start_logits.shape[1]
+            start = start_positions.reshape(-1).clamp(0, ignored)
+            end = end_positions.reshape(-1).clamp(0, ignored)
+            loss = (
+                F.cross_entropy(start_logits.float(), start, ignore_index=ignored)
+                + F.cross_entropy(end_logits.float(), end, ignore_index=ignored)
+            ) / 2
+        return QuestionAnsweringOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states
+        )
