@@ -104,7 +104,7 @@ class BertConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BertConfig:
         data = dict(data)
-        model_type = data.get("model_type", "bert")
+        model_type = data.pop("model_type", "bert")
         if model_type != "bert":
             raise ValueError(f"expected a BERT config (model_type 'bert'), got model_type {model_type!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}

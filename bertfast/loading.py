@@ -120,8 +120,9 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
     ]
     if misshaped:
         raise CheckpointError("tensors with the wrong shape: " + "; ".join(misshaped))
-    head_prefix = "bert." if any(k.startswith("bert.") for k in model_state) else None
-    missing_encoder = [k for k in missing if head_prefix is None or k.startswith(head_prefix)]
+    # Embeddings and encoder layers must come from the checkpoint; a pooler or a task head
+    # may be new (fine-tuning starts that way), as in Hugging Face.
+    missing_encoder = [k for k in missing if k.removeprefix("bert.").startswith(("embeddings.", "encoder."))]
     if missing_encoder:
         raise CheckpointError(f"the checkpoint lacks encoder weights: {missing_encoder}")
     if strict and (missing or unexpected):
@@ -147,3 +148,18 @@ def load_pretrained(cls, path, backend="auto", dtype=None, device=None, strict=F
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def save_pretrained(model: torch.nn.Module, path) -> None:
+    """``config.json`` + ``model.safetensors``; a tied tensor is stored once, under its first name."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    tied = _tied_keys(model)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied}
+    save_file(tensors, os.path.join(path, SAFETENSORS), metadata={"format": "pt"})

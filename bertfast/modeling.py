@@ -238,6 +238,19 @@ class BertPreTrainedModel(nn.Module):
 
         return load_pretrained(cls, path, backend=backend, dtype=dtype, device=device, strict=strict)
 
+    @classmethod
+    def from_hf(cls, hf_model, backend: str | None = "auto"):
+        """Build this bertfast class from a live Hugging Face model (weights copied)."""
+        from .hf import from_hf
+
+        return from_hf(cls, hf_model, backend)
+
+    def save_pretrained(self, path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in Hugging Face's format (tied tensors once)."""
+        from .loading import save_pretrained
+
+        save_pretrained(self, path)
+
 
 class BertModel(BertPreTrainedModel):
     """The BERT encoder: embeddings, ``num_hidden_layers`` post-LN layers, tanh pooler."""

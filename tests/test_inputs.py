@@ -1,0 +1,130 @@
+"""Bad input gets an error that names the problem; backends are chosen explicitly or explained."""
+
+import pytest
+import torch
+
+import bertfast
+from bertfast import ops
+
+from .helpers import small_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return bertfast.BertModel(small_config(), backend="reference").eval()
+
+
+def ids(config, batch=2, seq=5):
+    return torch.randint(0, config.vocab_size, (batch, seq))
+
+
+def test_sequence_longer_than_positions(model):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(ids(model.config, seq=model.config.max_position_embeddings + 1))
+
+
+def test_token_ids_out_of_range(model):
+    bad = ids(model.config)
+    bad[1, 2] = model.config.vocab_size
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 101\)"):
+        model(bad)
+    bad[1, 2] = -1
+    with pytest.raises(ValueError, match="input_ids"):
+        model(bad)
+
+
+def test_token_types_out_of_range(model):
+    x = ids(model.config)
+    with pytest.raises(ValueError, match="token_type_ids"):
+        model(x, token_type_ids=torch.full_like(x, model.config.type_vocab_size))
+
+
+def test_mask_shape_must_match_ids(model):
+    x = ids(model.config)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(x, attention_mask=torch.ones(2, 6))
+
+
+def test_non_integer_ids(model):
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.rand(2, 5))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        model([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"\(batch, seq\)"):
+        model(torch.tensor([1, 2, 3]))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        bertfast.BertModel(small_config(), backend="cudnn")
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.bias_gelu(x, torch.randn(8), backend="fast")
+
+
+def test_missing_checkpoint_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bertfast.BertModel.from_pretrained(tmp_path / "missing")
+
+
+def test_explicit_backend_never_falls_back_silently():
+    # The Triton kernels run on CUDA tensors or in the interpreter on CPU tensors: never on "meta".
+    x = torch.randn(4, 8, device="meta")
+    with pytest.raises(bertfast.BackendUnavailable, match="backend 'triton' cannot run bias_gelu"):
+        ops.bias_gelu(x, torch.randn(8, device="meta"), backend="triton")
+    reasons = ops.explain("bias_gelu", x, torch.randn(8, device="meta"))
+    assert reasons["reference"] is None and reasons["triton"]
+
+
+def test_attention_dropout_runs_only_where_supported():
+    q = torch.randn(1, 4, 2, 8)
+    reasons = ops.explain("attention", q, q, q, dropout_p=0.1)
+    assert reasons["reference"] is None
+    assert "dropout" in reasons["triton"]
+    with pytest.raises(bertfast.BackendUnavailable):
+        ops.attention(q, q, q, dropout_p=0.1, backend="triton")
+
+
+def test_auto_on_cpu_is_the_reference():
+    x = torch.randn(2, 8)
+    assert ops.auto_backend_name("bias_gelu", x, torch.randn(8)) == "reference"
+
+
+def test_set_backend_switches_every_submodel():
+    model = bertfast.BertForMaskedLM(small_config(), backend="reference")
+    model.set_backend("auto")
+    assert model.backend == "auto" and model.bert.backend == "auto"
+    with pytest.raises(ValueError):
+        model.set_backend("nope")
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: ops.layer_norm(torch.randn(2, 8), torch.ones(7), torch.zeros(8)), ValueError, "weight must have"),
+        (
+            lambda: ops.layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8), residual=torch.randn(2, 7)),
+            ValueError,
+            "residual",
+        ),
+        (lambda: ops.layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8), eps=0.0), ValueError, "eps"),
+        (lambda: ops.bias_gelu(torch.randint(0, 3, (2, 8)), torch.randn(8)), TypeError, "floating"),
+        (lambda: ops.bias_gelu(torch.randn(2, 8), torch.randn(8, dtype=torch.float64)), TypeError, "dtype"),
+        (
+            lambda: ops.attention(torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8)),
+            ValueError,
+            "batch, seq, heads, head_dim",
+        ),
+        (
+            lambda: ops.attention(*(torch.randn(2, 4, 2, 8),) * 3, attention_mask=torch.ones(2, 5)),
+            ValueError,
+            "attention_mask must have shape",
+        ),
+        (lambda: ops.attention(*(torch.randn(2, 4, 2, 8).transpose(-1, -2),) * 3), ValueError, "head_dim"),
+        (lambda: ops.attention(*(torch.randn(1, 4, 2, 8),) * 3, dropout_p=1.0), ValueError, "dropout_p"),
+        (lambda: ops.attention_varlen(*(torch.randn(5, 2, 8),) * 3, torch.tensor([0, 5]), 5), TypeError, "int32"),
+    ],
+)
+def test_op_arguments_are_checked(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

@@ -1,0 +1,148 @@
+"""The reference path against Hugging Face transformers (the outside referee), fp32."""
+
+import pytest
+import torch
+import transformers
+
+import bertfast
+from bertfast.numerics import MODEL_FP32_REL_TOL, rel_error
+
+from .helpers import ODD_CONFIGS, hf_twin, ragged_batch, small_config
+
+
+@pytest.mark.parametrize("geometry", range(len(ODD_CONFIGS)))
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_bert_model_matches_hugging_face(geometry, attn_implementation):
+    config = small_config(**ODD_CONFIGS[geometry])
+    model = bertfast.BertModel(config, backend="reference").eval()
+    hf = hf_twin(model, attn_implementation)
+    ids, types, mask = ragged_batch(config, [33, 1, 20, 33], seq=33)
+    with torch.no_grad():
+        ours = model(ids, mask, types)
+        theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    valid = mask.bool()
+    assert rel_error(ours.last_hidden_state[valid], theirs.last_hidden_state[valid]) <= MODEL_FP32_REL_TOL
+    assert rel_error(ours.pooler_output, theirs.pooler_output) <= MODEL_FP32_REL_TOL
+    assert ours[0] is ours.last_hidden_state and ours[1] is ours.pooler_output
+
+
+def test_hidden_states_match_hugging_face():
+    config = small_config()
+    model = bertfast.BertModel(config, backend="reference").eval()
+    hf = hf_twin(model)
+    ids, types, mask = ragged_batch(config, [9, 5], seq=9)
+    with torch.no_grad():
+        ours = model(ids, mask, types, output_hidden_states=True).hidden_states
+        theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True).hidden_states
+    assert len(ours) == len(theirs) == config.num_hidden_layers + 1
+    for a, b in zip(ours, theirs):
+        assert rel_error(a[mask.bool()], b[mask.bool()]) <= MODEL_FP32_REL_TOL
+
+
+def test_state_dict_keys_are_hugging_faces_and_round_trip():
+    config = small_config()
+    for name in (
+        "BertModel",
+        "BertForMaskedLM",
+        "BertForPreTraining",
+        "BertForSequenceClassification",
+        "BertForTokenClassification",
+        "BertForQuestionAnswering",
+    ):
+        ours = getattr(bertfast, name)(config)
+        theirs = getattr(transformers, name)(transformers.BertConfig(**config.to_dict()))
+        assert list(ours.state_dict()) == list(theirs.state_dict()), name
+        copy = getattr(bertfast, name)(config)
+        copy.load_state_dict(ours.state_dict())
+        for key, value in ours.state_dict().items():
+            assert torch.equal(copy.state_dict()[key], value), key
+
+
+def test_padding_never_influences_valid_positions():
+    config = small_config()
+    model = bertfast.BertModel(config, backend="reference").eval()
+    ids, types, mask = ragged_batch(config, [13, 4, 0], seq=13)
+    with torch.no_grad():
+        base = model(ids, mask, types)
+        # other tokens and token types behind the padding, and an all-padding row replaced
+        ids2, types2 = ids.clone(), types.clone()
+        ids2[~mask.bool()] = torch.randint(1, config.vocab_size, (int((~mask.bool()).sum()),))
+        types2[~mask.bool()] = 1 - types2[~mask.bool()]
+        changed = model(ids2, mask, types2)
+        alone = model(ids[:2], mask[:2], types[:2])
+    valid = mask.bool()
+    assert torch.equal(base.last_hidden_state[valid], changed.last_hidden_state[valid])
+    # the all-padding row is finite and does not disturb the rest of the batch
+    assert torch.isfinite(base.last_hidden_state).all() and torch.isfinite(base.pooler_output).all()
+    torch.testing.assert_close(base.last_hidden_state[:2], alone.last_hidden_state, rtol=1e-6, atol=1e-6)
+
+
+def test_empty_batch_gives_empty_result():
+    config = small_config()
+    model = bertfast.BertModel(config).eval()
+    out = model(torch.zeros(0, 7, dtype=torch.long))
+    assert out.last_hidden_state.shape == (0, 7, config.hidden_size)
+    assert out.pooler_output.shape == (0, config.hidden_size)
+
+
+def _hf_head_inputs(config, kind, batch, seq):
+    g = torch.Generator().manual_seed(3)
+    labels = {}
+    if kind in ("BertForMaskedLM", "BertForPreTraining"):
+        lab = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+        lab[torch.rand(batch, seq, generator=g) < 0.7] = -100
+        labels["labels"] = lab
+    if kind == "BertForPreTraining":
+        labels["next_sentence_label"] = torch.randint(0, 2, (batch,), generator=g)
+    if kind == "BertForSequenceClassification":
+        labels["labels"] = torch.randint(0, config.num_labels, (batch,), generator=g)
+    if kind == "BertForTokenClassification":
+        lab = torch.randint(0, config.num_labels, (batch, seq), generator=g)
+        lab[:, -2:] = -100
+        labels["labels"] = lab
+    if kind == "BertForQuestionAnswering":
+        labels["start_positions"] = torch.randint(0, seq + 3, (batch,), generator=g)  # some out of range
+        labels["end_positions"] = torch.randint(0, seq, (batch,), generator=g)
+    return labels
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "BertForMaskedLM",
+        "BertForPreTraining",
+        "BertForSequenceClassification",
+        "BertForTokenClassification",
+        "BertForQuestionAnswering",
+    ],
+)
+def test_heads_match_hugging_face(kind):
+    config = small_config(num_labels=2 if kind == "BertForQuestionAnswering" else 3)
+    model = getattr(bertfast, kind)(config, backend="reference").eval()
+    hf = hf_twin(model)
+    ids, types, mask = ragged_batch(config, [11, 6, 9], seq=11)
+    labels = _hf_head_inputs(config, kind, 3, 11)
+    ours = model(ids, mask, types, **labels)
+    theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, **labels)
+    assert type(ours).__name__.replace("PreTrainingOutput", "BertForPreTrainingOutput") in (
+        type(theirs).__name__,
+        type(theirs).__name__.replace("QuestionAnsweringModelOutput", "QuestionAnsweringOutput"),
+    )
+    for key in theirs.keys():
+        ours_value = ours[key]
+        assert rel_error(ours_value, theirs[key]) <= MODEL_FP32_REL_TOL, key
+    # losses drive the same gradients
+    ours.loss.backward()
+    theirs.loss.backward()
+    hf_grads = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        # key biases get an exactly-zero gradient in exact arithmetic (softmax is shift
+        # invariant): rounding noise there is held to an absolute bound
+        torch.testing.assert_close(p.grad, hf_grads[name].grad, rtol=1e-4, atol=1e-8, msg=name)
+
+
+def test_masked_lm_decoder_is_tied_to_word_embeddings():
+    model = bertfast.BertForMaskedLM(small_config())
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
