@@ -33,6 +33,7 @@ from .outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from .padding import PackedBatch, first_tokens, pack_mask, pad, unpad
 
 
 def check_backend(name: str | None) -> str:
@@ -85,13 +86,23 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x, attention_mask, backend):
+        """``x``: ``(batch, seq, hidden)`` with a bool mask, or packed ``(total, hidden)`` with a PackedBatch."""
         # One GEMM for q, k and v; the attention op reads them as strided views of its output.
         weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
         bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
         qkv = F.linear(x, weight, bias)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
         dropout_p = self.dropout_prob if self.training else 0.0
-        out = ops.attention(q, k, v, attention_mask, dropout_p=dropout_p, backend=backend)
+        if isinstance(attention_mask, PackedBatch):
+            if dropout_p > 0.0:
+                raise NotImplementedError(
+                    "attention dropout on packed sequences is not implemented; use unpad=False for training "
+                    "with attention_probs_dropout_prob > 0"
+                )
+            packed = attention_mask
+            out = ops.attention_varlen(q, k, v, packed.cu_seqlens, packed.max_seqlen, backend=backend)
+        else:
+            out = ops.attention(q, k, v, attention_mask, dropout_p=dropout_p, backend=backend)
         return out.flatten(-2)
 
 
@@ -175,8 +186,9 @@ class BertPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x):
-        return torch.tanh(self.dense(x[:, 0]))
+    def forward(self, first_token):
+        """``first_token``: each sequence's position-0 hidden state, ``(batch, hidden)``."""
+        return torch.tanh(self.dense(first_token))
 
 
 class BertPreTrainedModel(nn.Module):
@@ -203,6 +215,26 @@ class BertPreTrainedModel(nn.Module):
         for module in self.modules():
             if isinstance(module, BertPreTrainedModel):
                 module._backend = self._backend
+        return self
+
+    def set_unpad(self, mode: bool | str) -> BertPreTrainedModel:
+        """Padding-free encoding: ``True``, ``False`` or ``"auto"`` (the default).
+
+        Unpadded, the valid tokens are gathered once before the embedding and every layer
+        runs on the packed ``(total_tokens, hidden)`` tensor, so GEMMs, LayerNorm and GELU
+        never see padding; the result is scattered back at the end (zeros at padding
+        positions of ``last_hidden_state``; the pooler reads position 0 from the packed
+        tensor).  ``"auto"`` unpads when the mask has padding, the model is not training
+        with attention dropout and the backend has variable-length attention; ``True``
+        unpads whenever a mask is given (and raises if the backend cannot).  Outputs at
+        valid positions equal the padded path.  Never under torch.compile (the packed size
+        depends on the data).
+        """
+        if mode not in (True, False, "auto"):
+            raise ValueError(f"unpad must be True, False or 'auto', got {mode!r}")
+        for module in self.modules():
+            if isinstance(module, BertModel):
+                module.unpad = mode
         return self
 
     def init_weights(self) -> None:
@@ -257,12 +289,31 @@ class BertModel(BertPreTrainedModel):
 
     base_model_prefix = ""
 
-    def __init__(self, config: BertConfig, backend: str | None = "auto", add_pooling_layer: bool = True):
+    def __init__(
+        self,
+        config: BertConfig,
+        backend: str | None = "auto",
+        add_pooling_layer: bool = True,
+        unpad: bool | str = "auto",
+    ):
         super().__init__(config, backend)
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.set_unpad(unpad)
         self.init_weights()
+
+    def _use_unpadded(self, keep, weight) -> bool:
+        if keep is None or self.unpad is False or torch.compiler.is_compiling():
+            return False
+        if self.unpad is True:
+            return True
+        if self.training and self.config.attention_probs_dropout_prob > 0.0:
+            return False
+        if bool(keep.all()):
+            return False
+        probe = weight.new_empty((1, self.config.num_attention_heads, self.config.head_dim))
+        return ops.can_run("attention_varlen", self._backend, (probe, probe, probe))
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids):
         config = self.config
@@ -325,10 +376,27 @@ class BertModel(BertPreTrainedModel):
         backend = self._backend
         if batch == 0 or seq == 0:
             return self._empty_output(batch, seq, output_hidden_states)
+        if self._use_unpadded(keep, self.embeddings.word_embeddings.weight):
+            return self._forward_unpadded(input_ids, token_type_ids, position_ids, keep, output_hidden_states)
         x = self.embeddings(input_ids, token_type_ids, position_ids, backend)
         x, hidden_states = self.encoder(x, keep, backend, output_hidden_states)
-        pooled = self.pooler(x) if self.pooler is not None else None
+        pooled = self.pooler(x[:, 0]) if self.pooler is not None else None
         return BaseModelOutput(last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states)
+
+    def _forward_unpadded(self, input_ids, token_type_ids, position_ids, keep, output_hidden_states):
+        packed = pack_mask(keep)
+        backend = self._backend
+        # Gather ids, not hidden states: the embedding already runs on valid tokens only.
+        x = self.embeddings(
+            unpad(input_ids, packed), unpad(token_type_ids, packed), unpad(position_ids, packed), backend
+        )
+        x, hidden_states = self.encoder(x, packed, backend, output_hidden_states)
+        pooled = self.pooler(first_tokens(x, packed, keep)) if self.pooler is not None else None
+        if hidden_states is not None:
+            hidden_states = tuple(pad(h, packed) for h in hidden_states)
+        return BaseModelOutput(
+            last_hidden_state=pad(x, packed), pooler_output=pooled, hidden_states=hidden_states, packed=packed
+        )
 
     def _empty_output(self, batch, seq, output_hidden_states):
         weight = self.embeddings.word_embeddings.weight

@@ -53,6 +53,11 @@ class BaseModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    # Set by the padding-free path: the token bookkeeping (indices, cu_seqlens, max_seqlen).
+    packed: object | None = dataclasses.field(default=None, repr=False)
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (self.last_hidden_state, self.pooler_output, self.hidden_states) if v is not None)
 
 
 @_register

@@ -118,7 +118,8 @@ def _hf_head_inputs(config, kind, batch, seq):
 )
 def test_heads_match_hugging_face(kind):
     config = small_config(num_labels=2 if kind == "BertForQuestionAnswering" else 3)
-    model = getattr(bertfast, kind)(config, backend="reference").eval()
+    # Hugging Face computes padding positions too (and its QA loss reads them): compare padded.
+    model = getattr(bertfast, kind)(config, backend="reference").eval().set_unpad(False)
     hf = hf_twin(model)
     ids, types, mask = ragged_batch(config, [11, 6, 9], seq=11)
     labels = _hf_head_inputs(config, kind, 3, 11)
@@ -146,3 +147,17 @@ def test_masked_lm_decoder_is_tied_to_word_embeddings():
     model = bertfast.BertForMaskedLM(small_config())
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
+
+
+def test_unpadded_masked_lm_loss_matches_hugging_face():
+    config = small_config()
+    model = bertfast.BertForMaskedLM(config, backend="reference").eval().set_unpad(True)
+    hf = hf_twin(model)
+    ids, types, mask = ragged_batch(config, [11, 6, 9], seq=11)
+    labels = _hf_head_inputs(config, "BertForMaskedLM", 3, 11)["labels"]
+    labels[~mask.bool()] = -100  # no labels on padding
+    ours = model(ids, mask, types, labels=labels)
+    theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    assert rel_error(ours.loss, theirs.loss) <= MODEL_FP32_REL_TOL
+    valid = mask.bool()
+    assert rel_error(ours.logits[valid], theirs.logits[valid]) <= MODEL_FP32_REL_TOL

@@ -103,3 +103,12 @@ def auto_backend_name(op: str, *tensors, **meta) -> str:
     """Name of the backend that ``backend="auto"`` picks for this call."""
     module = resolve(op, "auto", tensors, **meta)
     return next(name for name, path in BACKENDS.items() if path == module.__name__)
+
+
+def can_run(op: str, backend: str | None, tensors, **meta) -> bool:
+    """Whether ``backend`` (or, for "auto", any candidate) can run ``op`` on ``tensors``."""
+    try:
+        resolve(op, backend, tensors, **meta)
+    except BackendUnavailable:
+        return False
+    return True
