@@ -24,9 +24,13 @@ from ._dispatch import (
     backend_availability,
     can_run,
     explain,
+    load_backends,
     resolve,
     validate_backend_name,
 )
+
+# Backends are imported here, once, so that torch.compile never has to trace an import.
+load_backends()
 
 __all__ = [
     "AUTO_ORDER",

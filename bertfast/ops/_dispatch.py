@@ -16,7 +16,6 @@ An explicit backend that cannot run raises :class:`BackendUnavailable` with the 
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 from ..errors import BackendUnavailable
@@ -48,8 +47,10 @@ def validate_backend_name(name: str | None) -> str:
     return name
 
 
-@functools.cache
-def _load(name: str):
+_LOADED: dict[str, tuple[object | None, str | None]] = {}
+
+
+def _import(name: str):
     """Import a backend module; returns (module or None, reason it is unavailable or None)."""
     try:
         module = importlib.import_module(BACKENDS[name])
@@ -57,6 +58,20 @@ def _load(name: str):
         return None, f"import of {BACKENDS[name]} failed: {type(exc).__name__}: {exc}"
     reason = module.availability()
     return (module if reason is None else None), reason
+
+
+def _load(name: str):
+    # A plain dict (not functools.cache) so torch.compile traces the lookup; the first
+    # load of every backend happens eagerly, in load_backends().
+    if name not in _LOADED:
+        _LOADED[name] = _import(name)
+    return _LOADED[name]
+
+
+def load_backends() -> None:
+    """Import every backend and check its availability once (outside any compiled region)."""
+    for name in BACKENDS:
+        _load(name)
 
 
 def backend_availability(name: str) -> str | None:

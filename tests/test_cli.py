@@ -1,0 +1,33 @@
+"""The bertfast command line: info (bench is tested with the benchmarking pieces)."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from bertfast.cli import main
+
+
+def test_info_reports_versions_gpu_and_backends(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"torch         {torch.__version__}" in text
+    for backend in ("reference", "triton", "ext"):
+        assert backend in text
+    if not torch.cuda.is_available():
+        assert "no GPU" in text
+
+
+def test_info_json_explains_unavailable_backends(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["reference"] == "available"
+    for status in info["backends"].values():
+        assert status == "available" or status.startswith("unavailable: ") and len(status) > len("unavailable: ")
+
+
+def test_console_script_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "bertfast.cli", "info"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "backends:" in done.stdout

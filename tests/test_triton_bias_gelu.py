@@ -1,0 +1,180 @@
+"""The Triton bias + GELU (kernels/bias_gelu.py) against the float64 reference.
+
+Runs on a GPU when there is one, else in Triton's interpreter on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+from bertfast.kernels import bias_gelu  # noqa: E402
+
+import bertfast.ops as ops  # noqa: E402
+from bertfast import BackendUnavailable  # noqa: E402
+from bertfast.numerics import assert_close  # noqa: E402
+from bertfast.ops import reference  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cpu" if INTERPRETING else "cuda"
+
+LOWP_DTYPES = [
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 is checked on a GPU only (interpreter limits)"),
+    ),
+]
+
+
+def _poison_allocator() -> None:
+    """On a GPU, fill the caching allocator's free blocks with NaN so unwritten outputs fail."""
+    if DEVICE == "cuda":
+        blocks = [torch.full((1 << 24,), float("nan"), device=DEVICE)]
+        blocks += [torch.full((1 << 16,), float("nan"), device=DEVICE) for _ in range(32)]
+        del blocks
+
+
+def _make_inputs(shape, dtype, seed=0):
+    """Seeded ``x``, ``bias`` (requiring grad) and ``dy``; ``h`` spans GELU's curved part and tails."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 2.0).to(device=DEVICE, dtype=dtype)
+    bias = (torch.randn(shape[-1], generator=gen, dtype=torch.float64) * 0.5).to(device=DEVICE, dtype=dtype)
+    dy = torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    return x.requires_grad_(), bias.requires_grad_(), dy
+
+
+def _run(fn, x, bias, dy, cast=None):
+    """Forward and backward of ``fn``; returns ``(y, dx, dbias)``."""
+    # detach() keeps the strides of a strided view (clone() might not).
+    x = (x.detach().to(cast) if cast is not None else x.detach()).requires_grad_()
+    bias = (bias.detach().to(cast) if cast is not None else bias.detach()).requires_grad_()
+    y = fn(x, bias)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), x.grad, bias.grad
+
+
+def _torch_lowp(x, bias):
+    """PyTorch's own bias + GELU run entirely at the input's low precision."""
+    return F.gelu(x + bias)
+
+
+def _check_against_reference(x, bias, dy):
+    _poison_allocator()
+    y, dx, dbias = _run(bias_gelu.bias_gelu, x, bias, dy)
+    y64, dx64, dbias64 = _run(reference.bias_gelu, x, bias, dy, cast=torch.float64)
+    lowp = (None, None, None)
+    if x.dtype != torch.float32:
+        lowp = _run(_torch_lowp, x, bias, dy)
+
+    assert y.dtype == dx.dtype == x.dtype and dbias.dtype == bias.dtype
+    assert y.shape == dx.shape == x.shape and dbias.shape == bias.shape
+    assert_close(y, y64, torch_lowp=lowp[0], name="y")
+    assert_close(dx, dx64, direction="backward", torch_lowp=lowp[1], name="dx")
+    assert_close(dbias, dbias64, direction="backward", torch_lowp=lowp[2], name="dbias")
+
+
+SHAPES = [(33, 1000), (7, 1024), (1, 37), (33, 37), (2, 3, 1024), (3, 4096)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp32_matches_float64_reference(shape):
+    _check_against_reference(*_make_inputs(shape, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", LOWP_DTYPES)
+@pytest.mark.parametrize("shape", [(33, 1000), (2, 3, 37)])
+def test_low_precision_within_twice_pytorch_error(dtype, shape):
+    _check_against_reference(*_make_inputs(shape, dtype, seed=1))
+
+
+def test_strided_inputs_and_gradient():
+    """A row-strided slice of a wider buffer, then leading dims that cannot be flattened; strided dy."""
+    _, bias, _ = _make_inputs((1000,), torch.float32, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 1100, generator=gen).to(DEVICE)[..., 50:1050]
+    dy = torch.randn(5, 3, 2000, generator=gen).to(DEVICE)[..., ::2]
+    assert not x.is_contiguous() and dy.stride(-1) == 2
+    _check_against_reference(x, bias, dy)
+    transposed = torch.randn(3, 5, 1000, generator=gen).to(DEVICE).transpose(0, 1)
+    _check_against_reference(transposed, bias, dy)
+
+
+def test_gpu_launch_configs(monkeypatch):
+    """The GPU tile shapes (wide tiles, 128-row strips) give the same answer."""
+    monkeypatch.setattr(
+        bias_gelu, "_config_for", lambda t, n_cols, direction: bias_gelu.launch_config(n_cols, direction, gpu=True)
+    )
+    config = bias_gelu.launch_config(1000, "backward", gpu=True)
+    assert config.rows_per_program % config.block_m == 0 and config.rows_per_program < 130
+    _check_against_reference(*_make_inputs((130, 1000), torch.float32, seed=4))
+
+
+def test_bias_gradient_is_deterministic():
+    x, bias, dy = _make_inputs((45, 300), torch.float32, seed=5)
+    first = _run(bias_gelu.bias_gelu, x, bias, dy)
+    second = _run(bias_gelu.bias_gelu, x, bias, dy)
+    for name, a, b in zip(("y", "dx", "dbias"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+def test_empty_batch():
+    x, bias, dy = _make_inputs((0, 64), torch.float32)
+    y, dx, dbias = _run(bias_gelu.bias_gelu, x, bias, dy)
+    assert y.shape == dx.shape == (0, 64)
+    assert torch.equal(dbias, torch.zeros(64, device=DEVICE))
+
+
+def test_opcheck_forward():
+    x, bias, _ = _make_inputs((2, 3, 16), torch.float32)
+    torch.library.opcheck(torch.ops.bertfast.bias_gelu_fwd.default, (x, bias))
+
+
+def test_opcheck_backward():
+    x, bias, dy = _make_inputs((2, 3, 16), torch.float32)
+    torch.library.opcheck(torch.ops.bertfast.bias_gelu_bwd.default, (dy, x.detach(), bias.detach()))
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    x, bias, dy = _make_inputs((3, 5, 48), torch.float32, seed=7)
+
+    def step(x, bias):
+        # Ops around the kernel, so the graph is more than the one custom op.
+        return bias_gelu.bias_gelu(x * 0.5, bias) * 3.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for eager, traced in zip(_run(step, x, bias, dy), _run(compiled, x, bias, dy)):
+        torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+
+
+def test_public_api_on_triton_backend():
+    x, bias, dy = _make_inputs((4, 9, 1000), torch.float32, seed=8)
+    y, dx, dbias = _run(lambda x, bias: ops.bias_gelu(x, bias, backend="triton"), x, bias, dy)
+    y64, dx64, dbias64 = _run(reference.bias_gelu, x, bias, dy, cast=torch.float64)
+    assert_close(y, y64, name="y")
+    assert_close(dx, dx64, direction="backward", name="dx")
+    assert_close(dbias, dbias64, direction="backward", name="dbias")
+
+
+def test_unsupported_explains_why():
+    x = torch.empty(2, 64, device=DEVICE)
+    assert bias_gelu.unsupported(x, x[0]) is None
+    assert "float64" in bias_gelu.unsupported(x.double(), x[0].double())
+    with pytest.raises(BackendUnavailable, match="float64"):
+        ops.bias_gelu(x.double(), x[0].double(), backend="triton")
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(3, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"bias must have shape \(64,\)"):
+        bias_gelu.bias_gelu(x, x[0, :32])
+    with pytest.raises(TypeError, match="bias has dtype torch.float16 but x has torch.float32"):
+        bias_gelu.bias_gelu(x, x[0].half())
+    with pytest.raises(TypeError, match="float64"):
+        bias_gelu.bias_gelu(x.double(), x[0].double())

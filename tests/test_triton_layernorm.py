@@ -1,0 +1,270 @@
+"""The Triton LayerNorm (kernels/layernorm.py) against the float64 reference.
+
+Runs on a GPU when there is one, else in Triton's interpreter on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+from bertfast.kernels import layernorm  # noqa: E402
+
+import bertfast.ops as ops  # noqa: E402
+from bertfast import BackendUnavailable  # noqa: E402
+from bertfast.numerics import assert_close  # noqa: E402
+from bertfast.ops import reference  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cpu" if INTERPRETING else "cuda"
+GRAD_NAMES = ("x", "residual", "linear_bias", "weight", "bias")
+
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 is checked on a GPU only (interpreter limits)"),
+    ),
+]
+
+
+def _poison_allocator() -> None:
+    """On a GPU, fill the caching allocator's free blocks with NaN so unwritten outputs fail."""
+    if DEVICE == "cuda":
+        blocks = [torch.full((1 << 24,), float("nan"), device=DEVICE)]
+        blocks += [torch.full((1 << 16,), float("nan"), device=DEVICE) for _ in range(32)]
+        del blocks
+
+
+def _make_inputs(shape, dtype, *, residual: bool, linear_bias: bool, seed: int = 0, weight_dtype=None):
+    """Seeded inputs (a mean offset tests the variance's stability), all requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = shape[-1]
+    weight_dtype = weight_dtype or dtype
+
+    def rand(*size, scale=1.0, offset=0.0, dt=dtype):
+        t = torch.randn(*size, generator=gen, dtype=torch.float64) * scale + offset
+        return t.to(device=DEVICE, dtype=dt).requires_grad_()
+
+    inputs = {
+        "x": rand(*shape, offset=2.0),
+        "residual": rand(*shape) if residual else None,
+        "linear_bias": rand(hidden, scale=0.5) if linear_bias else None,
+        "weight": rand(hidden, scale=0.3, offset=1.0, dt=weight_dtype),
+        "bias": rand(hidden, scale=0.2, dt=weight_dtype),
+    }
+    dy = torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    return inputs, dy
+
+
+def _run(fn, inputs, dy, eps, cast=None):
+    """Forward and backward of ``fn``; returns ``(y, {name: grad})`` for the given inputs."""
+    leaves = {}
+    for name, t in inputs.items():
+        if t is not None:
+            # detach() keeps the strides of a strided view (clone() might not).
+            leaves[name] = (t.detach().to(cast) if cast is not None else t.detach()).requires_grad_()
+    args = {name: leaves.get(name) for name in inputs}
+    y = fn(args["x"], args["weight"], args["bias"], eps, args["residual"], args["linear_bias"])
+    y.backward(dy.to(y.dtype))
+    return y.detach(), {name: t.grad for name, t in leaves.items()}
+
+
+def _torch_lowp(x, weight, bias, eps, residual=None, linear_bias=None):
+    """PyTorch's own LayerNorm run entirely at the input's low precision."""
+    h = x
+    if linear_bias is not None:
+        h = h + linear_bias
+    if residual is not None:
+        h = h + residual
+    return F.layer_norm(h, (h.shape[-1],), weight.to(h.dtype), bias.to(h.dtype), eps)
+
+
+def _check_against_reference(inputs, dy, eps):
+    """The kernel's output and every gradient against float64 (and PyTorch's low-precision run)."""
+    _poison_allocator()
+    y, grads = _run(layernorm.layer_norm, inputs, dy, eps)
+    y64, grads64 = _run(reference.layer_norm, inputs, dy, eps, cast=torch.float64)
+    lowp = inputs["x"].dtype != torch.float32
+    y_lp, grads_lp = _run(_torch_lowp, inputs, dy, eps) if lowp else (None, {})
+
+    assert y.dtype == inputs["x"].dtype and y.shape == inputs["x"].shape
+    assert_close(y, y64, torch_lowp=y_lp, name="y")
+    assert set(grads) == {name for name in GRAD_NAMES if inputs[name] is not None}
+    for name, grad in grads.items():
+        assert grad is not None, f"no gradient for {name}"
+        assert grad.dtype == inputs[name].dtype, name
+        assert_close(grad, grads64[name], direction="backward", torch_lowp=grads_lp.get(name), name=f"d{name}")
+
+
+CASES = [
+    # (shape, residual, linear_bias)
+    ((33, 1000), True, True),
+    ((7, 1024), False, False),
+    ((1, 37), True, False),
+    ((33, 37), True, True),
+    ((2, 3, 1024), False, True),
+    ((3, 4096), True, True),
+    ((1, 8192), False, True),
+]
+
+
+@pytest.mark.parametrize("shape,residual,linear_bias", CASES)
+def test_fp32_matches_float64_reference(shape, residual, linear_bias):
+    inputs, dy = _make_inputs(shape, torch.float32, residual=residual, linear_bias=linear_bias)
+    _check_against_reference(inputs, dy, eps=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("shape,residual,linear_bias", [((33, 1000), True, True), ((7, 37), False, False)])
+def test_low_precision_within_twice_pytorch_error(dtype, shape, residual, linear_bias):
+    inputs, dy = _make_inputs(shape, dtype, residual=residual, linear_bias=linear_bias, seed=1)
+    _check_against_reference(inputs, dy, eps=1e-5)
+
+
+def test_fp16_input_with_fp32_weights():
+    """The autocast layout: activations in fp16, LayerNorm parameters kept in fp32."""
+    inputs, dy = _make_inputs((33, 1000), torch.float16, residual=True, linear_bias=True, weight_dtype=torch.float32)
+    _check_against_reference(inputs, dy, eps=1e-12)
+
+
+def test_strided_inputs_and_gradient():
+    """Row-strided views, leading dims that cannot be flattened, and a strided dy."""
+    inputs, dy = _make_inputs((5, 3, 1000), torch.float32, residual=True, linear_bias=True, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.randn(5, 3, 1100, generator=gen).to(DEVICE)
+    x = wide[..., 50:1050].requires_grad_()  # a slice of a wider buffer: row stride 1100
+    transposed = torch.randn(3, 5, 1000, generator=gen).to(DEVICE).transpose(0, 1)  # not flattenable
+    inputs = {**inputs, "x": x, "residual": transposed.requires_grad_()}
+    dy = torch.randn(5, 3, 2000, generator=gen).to(DEVICE)[..., ::2]  # last dim not contiguous
+    assert not x.is_contiguous() and not inputs["residual"].is_contiguous() and dy.stride(-1) == 2
+    _check_against_reference(inputs, dy, eps=1e-12)
+
+
+def test_gpu_launch_configs(monkeypatch):
+    """The GPU tile shapes (one row per program, few groups, large multi-row tiles) give the same answer."""
+    gpu_config = lambda t, n_rows, n_cols, direction: layernorm.launch_config(  # noqa: E731
+        n_rows, n_cols, direction, gpu=True, sm_count=1
+    )
+    monkeypatch.setattr(layernorm, "_config_for", gpu_config)
+    assert layernorm.launch_config(33, 1000, "forward", gpu=True).rows == 1
+    for n_rows, n_cols in ((33, 1000), (70, 37)):  # several groups of several tiles each
+        config = layernorm.launch_config(n_rows, n_cols, "backward", gpu=True, sm_count=1)
+        assert config.num_groups == 2 and n_rows > 2 * config.rows
+    for shape in ((33, 1000), (70, 37)):
+        inputs, dy = _make_inputs(shape, torch.float32, residual=True, linear_bias=True, seed=4)
+        _check_against_reference(inputs, dy, eps=1e-12)
+
+
+def test_weight_gradients_are_deterministic():
+    inputs, dy = _make_inputs((45, 300), torch.float32, residual=True, linear_bias=True, seed=5)
+    first = _run(layernorm.layer_norm, inputs, dy, 1e-12)[1]
+    second = _run(layernorm.layer_norm, inputs, dy, 1e-12)[1]
+    for name in GRAD_NAMES:
+        assert torch.equal(first[name], second[name]), f"d{name} differs between two runs"
+
+
+def test_residual_gradient_is_x_gradient():
+    inputs, dy = _make_inputs((7, 64), torch.float32, residual=True, linear_bias=False, seed=6)
+    grads = _run(layernorm.layer_norm, inputs, dy, 1e-12)[1]
+    assert torch.equal(grads["x"], grads["residual"])
+
+
+def test_empty_batch():
+    inputs, dy = _make_inputs((0, 64), torch.float32, residual=True, linear_bias=True)
+    y, grads = _run(layernorm.layer_norm, inputs, dy, 1e-12)
+    assert y.shape == (0, 64)
+    assert grads["x"].shape == (0, 64)
+    for name in ("weight", "bias", "linear_bias"):
+        assert torch.equal(grads[name], torch.zeros(64, device=DEVICE)), name
+
+
+def test_statistics_are_fp32_per_row():
+    inputs, _ = _make_inputs((2, 3, 100), torch.float16, residual=False, linear_bias=False)
+    y, mean, rstd = torch.ops.bertfast.layer_norm_fwd(inputs["x"], inputs["weight"], inputs["bias"], 1e-5, None, None)
+    h = inputs["x"].detach().double().reshape(6, 100)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (6,)
+    torch.testing.assert_close(mean.double(), h.mean(dim=1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rstd.double(), (h.var(dim=1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("residual,linear_bias", [(True, True), (False, False)])
+def test_opcheck_forward(residual, linear_bias):
+    inputs, _ = _make_inputs((2, 3, 16), torch.float32, residual=residual, linear_bias=linear_bias)
+    args = (inputs["x"], inputs["weight"], inputs["bias"], 1e-5, inputs["residual"], inputs["linear_bias"])
+    torch.library.opcheck(torch.ops.bertfast.layer_norm_fwd.default, args)
+
+
+def test_opcheck_backward():
+    inputs, dy = _make_inputs((2, 3, 16), torch.float32, residual=True, linear_bias=True)
+    x, weight = inputs["x"].detach(), inputs["weight"].detach()
+    _, mean, rstd = torch.ops.bertfast.layer_norm_fwd(x, weight, inputs["bias"].detach(), 1e-5, None, None)
+    args = (dy, x, weight, mean, rstd, inputs["residual"].detach(), inputs["linear_bias"].detach(), torch.float32)
+    torch.library.opcheck(torch.ops.bertfast.layer_norm_bwd.default, args)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    inputs, dy = _make_inputs((3, 5, 48), torch.float32, residual=True, linear_bias=True, seed=7)
+
+    def step(x, weight, bias, eps, residual, linear_bias):
+        # Ops around the kernel, so the graph is more than the one custom op.
+        return layernorm.layer_norm(x * 2.0, weight, bias, eps, residual, linear_bias).relu()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    y_eager, grads_eager = _run(step, inputs, dy, 1e-12)
+    y_compiled, grads_compiled = _run(compiled, inputs, dy, 1e-12)
+    torch.testing.assert_close(y_compiled, y_eager, rtol=0, atol=0)
+    for name in GRAD_NAMES:
+        torch.testing.assert_close(grads_compiled[name], grads_eager[name], rtol=0, atol=0)
+
+
+def test_public_api_on_triton_backend():
+    inputs, dy = _make_inputs((4, 9, 1000), torch.float32, residual=True, linear_bias=True, seed=8)
+
+    def public(x, weight, bias, eps, residual, linear_bias):
+        return ops.layer_norm(x, weight, bias, eps, residual=residual, linear_bias=linear_bias, backend="triton")
+
+    y, grads = _run(public, inputs, dy, 1e-12)
+    y64, grads64 = _run(reference.layer_norm, inputs, dy, 1e-12, cast=torch.float64)
+    assert_close(y, y64, name="y")
+    for name in GRAD_NAMES:
+        assert_close(grads[name], grads64[name], direction="backward", name=f"d{name}")
+
+
+def test_unsupported_explains_why():
+    hidden = torch.empty(2, 64, device=DEVICE)
+    assert layernorm.unsupported(hidden) is None
+    assert layernorm.unsupported(torch.empty(2, 8192, device=DEVICE)) is None
+    assert "8192" in layernorm.unsupported(torch.empty(2, 8193, device=DEVICE))
+    assert "float64" in layernorm.unsupported(hidden.double())
+    weight = torch.ones(8193, device=DEVICE)
+    with pytest.raises(BackendUnavailable, match="8192"):
+        ops.layer_norm(torch.randn(2, 8193, device=DEVICE), weight, weight, backend="triton")
+    with pytest.raises(BackendUnavailable, match="float64"):
+        ops.layer_norm(hidden.double(), weight[:64].double(), weight[:64].double(), backend="triton")
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(3, 64, device=DEVICE)
+    weight = torch.ones(64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight must have shape \(64,\)"):
+        layernorm.layer_norm(x, weight[:32], weight, 1e-5)
+    with pytest.raises(ValueError, match=r"bias must have shape \(64,\)"):
+        layernorm.layer_norm(x, weight, weight[:32], 1e-5)
+    with pytest.raises(ValueError, match=r"linear_bias must have shape \(64,\)"):
+        layernorm.layer_norm(x, weight, weight, 1e-5, linear_bias=weight[:63])
+    with pytest.raises(TypeError, match="residual has dtype torch.float16"):
+        layernorm.layer_norm(x, weight, weight, 1e-5, residual=x.half())
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        layernorm.layer_norm(x, weight, weight, 1e-5, residual=x[:2])
+    with pytest.raises(TypeError, match="float64"):
+        layernorm.layer_norm(x.double(), weight, weight, 1e-5)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        layernorm.layer_norm(x, weight, weight, 0.0)
