@@ -87,7 +87,10 @@ def _candidate_reason(name: str, op: str, tensors, meta) -> tuple[object | None,
         return None, f"backend {name!r} does not implement {op}"
     if meta.get("dropout_p", 0.0) > 0.0 and not getattr(module, "SUPPORTS_ATTENTION_DROPOUT", False):
         return None, f"backend {name!r} has no attention-probability dropout"
-    reason = module.unsupported(op, *tensors, **meta)
+    try:
+        reason = module.unsupported(op, *tensors, **meta)
+    except Exception as exc:  # e.g. a kernel module that fails to import: a reason, not a crash
+        reason = f"{type(exc).__name__}: {exc}"
     return (module if reason is None else None), reason
 
 

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole benchmark on this machine's GPU: run bench/, store the result file, render the
+# README and plots, compare with the previous stored run of the same GPU.
+#
+#   bench/run_gpu.sh [extra pytest arguments, e.g. -k attention or --bench-quick]
+#
+# Writes bench/results/<gpu-slug>/<date>-<commit>.json, README.md, throughput.png and
+# speedup.png; pytest-benchmark's own JSON goes to .benchmarks/ (not committed).
+# Exit status: pytest's if a benchmark failed, else the regression check's (1 = slower than
+# the previous run by more than BERTFAST_THRESHOLD, default 0.05).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python}"
+RESULTS="${BERTFAST_RESULTS:-bench/results}"
+THRESHOLD="${BERTFAST_THRESHOLD:-0.05}"
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "bench/run_gpu.sh needs a CUDA GPU (without one: pytest bench --benchmark-disable runs the smoke suite)" >&2
+    exit 2
+fi
+slug=$("$PYTHON" -c "from bertfast.benchmarking.device import default_device, device_name, slug
+print(slug(device_name(default_device())))") || exit 2
+folder="$RESULTS/$slug"
+mkdir -p "$folder" .benchmarks
+marker=$(mktemp)
+started=$(date +%s)
+
+"$PYTHON" -m pytest bench --benchmark-only --bench-save "$RESULTS" \
+    --benchmark-json ".benchmarks/$slug-$(date -u +%Y%m%d-%H%M%S).json" -p no:cacheprovider -q -rs "$@"
+pytest_status=$?
+
+new=$(find "$folder" -maxdepth 1 -name '*.json' -newer "$marker" | sort | tail -n 1)
+rm -f "$marker"
+if [ -z "$new" ]; then
+    echo "no result file was written (pytest exit status $pytest_status)" >&2
+    exit 2
+fi
+echo "benchmark took $(( $(date +%s) - started )) s; results: $new"
+"$PYTHON" -m bertfast.benchmarking.render "$folder" --file "$new" || exit 2
+"$PYTHON" -m bertfast.benchmarking.compare "$new" --threshold "$THRESHOLD"
+compare_status=$?
+if [ "$pytest_status" -ne 0 ]; then
+    exit "$pytest_status"
+fi
+exit "$compare_status"

@@ -1,0 +1,284 @@
+"""``bertfast bench``: check every backend, then time BERT forward (and training) side by side.
+
+1. Build BERT-large (random seeded weights, or ``--checkpoint DIR``) in float32 on the
+   reference backend: the yardstick.
+2. Check: every requested bertfast backend, and each Hugging Face baseline, runs a small
+   padded batch; its max error at real tokens against the float32 reference is printed.
+   A bertfast backend outside the numerics policy fails the command (exit 1) before
+   anything is timed: in float32 the relative error must be within
+   ``numerics.MODEL_FP32_REL_TOL``; in bf16/fp16 the max abs error must be within
+   ``LOWP_FACTOR["forward"]`` times the reference backend's own error at that dtype plus
+   ``LOWP_FLOOR``.  (A Hugging Face baseline must match in float32; in bf16/fp16 its
+   error is shown for information.)
+3. Time the forward pass (``--train``: a training step too) of each implementation at
+   ``--batch x --seq`` with a padded batch and print sequences/s, latency, TFLOP/s, peak
+   memory and max error, with the speed-up over Hugging Face sdpa.
+4. ``--save DIR`` writes the rows as a result file, ``DIR/<gpu-slug>/<date>-<commit>.json``.
+
+Without a GPU it says so and runs a reduced benchmark on the CPU (BERT-small unless
+``--model``/``--checkpoint`` says otherwise, batch 1 x seq 32, float32, two timed rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .. import ops
+from ..numerics import LOWP_FACTOR, LOWP_FLOOR, MODEL_FP32_REL_TOL, rel_error
+from .cases import Skip, run_case, skip_row_for, unavailable
+from .device import DTYPES, device_name, environment, measure_peaks
+from .display import Display
+from .models import HF_IMPLS, ModelBench, backend_of
+from .schema import new_result, write_result
+from .shapes import PADDING_DISTRIBUTION, ModelShape, bert_large_config, tiny_config
+from .suite import timing_description
+from .timing import GPU_PLAN, QUICK_GPU_PLAN, TimingPlan
+
+CPU_PLAN = TimingPlan(min_warmup=1, warmup_ms=0.0, target_ms=0.0, min_rounds=2, max_rounds=2)
+MODELS = {
+    "bert-large": bert_large_config,
+    "bert-base": lambda: bert_large_config(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
+    # Google's BERT-small (4 layers, hidden 512): the default on the CPU.
+    "bert-small": lambda: bert_large_config(
+        hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048
+    ),
+    "tiny": tiny_config,
+}
+BASELINE = "hf-sdpa"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``bertfast bench``."""
+    parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default: 32; 1 on the CPU)")
+    parser.add_argument("--seq", type=int, default=None, help="padded sequence length (default: 128; 32 on the CPU)")
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="compute dtype (default: bf16; fp32 on the CPU)"
+    )
+    parser.add_argument(
+        "--backends",
+        default="auto," + ",".join(ops.BACKENDS),
+        help="comma-separated bertfast backends to time; 'auto' is the best one per op (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time Hugging Face transformers: eager, sdpa and torch.compile (default: on)",
+    )
+    parser.add_argument("--train", action="store_true", help="also time a training step (forward, backward, AdamW)")
+    parser.add_argument("--save", metavar="DIR", default=None, help="write a result file to DIR/<gpu-slug>/")
+    parser.add_argument("--checkpoint", metavar="DIR", default=None, help="a local Hugging Face BERT folder")
+    parser.add_argument(
+        "--model",
+        choices=tuple(MODELS),
+        default=None,
+        help="model size with random weights when no --checkpoint is given (default: bert-large; bert-small on "
+        "the CPU)",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer timed rounds (a quick look)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is visible")
+    parser.add_argument("--plain", action="store_true", help="plain text output (no rich)")
+
+
+def _impls(args) -> list[str]:
+    names = [name.strip() for name in args.backends.split(",") if name.strip()]
+    impls = []
+    for name in names:
+        name = ops.validate_backend_name(name)
+        impl = "bertfast" if name == "auto" else f"bertfast-{name}"
+        if impl not in impls:
+            impls.append(impl)
+    if args.baselines:
+        impls += list(HF_IMPLS)
+    return impls
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class _Check:
+    """The correctness check of one implementation on a small batch."""
+
+    def __init__(self, impl: str, max_error: float, rel: float, bound: str, ok: bool | None):
+        self.impl, self.max_error, self.rel, self.bound, self.ok = impl, max_error, rel, bound, ok
+
+    @property
+    def verdict(self) -> str:
+        return {True: "ok", False: "MISMATCH", None: "info"}[self.ok]
+
+
+def _check(models: ModelBench, impls: list[str], dtype: str, shape: ModelShape, skipped: dict) -> list[_Check]:
+    """Run each implementation on one small padded batch against the float32 reference."""
+    outputs = {}
+    for impl in impls:
+        try:
+            _, forward = models.forward_fn(impl, dtype)
+            outputs[impl] = models.compare(forward, shape)
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            skipped[impl] = f"{type(exc).__name__}: {exc}"
+    lowp_bound = None
+    if dtype != "fp32":
+        _, reference_forward = models.forward_fn("bertfast-reference", dtype)
+        own_error = models.error_of(reference_forward, shape)
+        lowp_bound = LOWP_FACTOR["forward"] * own_error + LOWP_FLOOR[DTYPES[dtype]]
+    checks = []
+    for impl, (out, ref) in outputs.items():
+        max_error = (out.float() - ref).abs().max().item()
+        rel = rel_error(out.float(), ref)
+        ours = backend_of(impl) is not None
+        if lowp_bound is None:
+            ok = bool(rel <= MODEL_FP32_REL_TOL)
+            bound = f"rel <= {MODEL_FP32_REL_TOL:.0e}"
+        else:
+            ok = bool(max_error <= lowp_bound) if ours else None
+            bound = f"max <= {lowp_bound:.2e}"
+        checks.append(_Check(impl, max_error, rel, bound, ok))
+    return checks
+
+
+def _pick_device(args, display: Display) -> torch.device:
+    if torch.cuda.is_available() and not args.cpu:
+        return torch.device("cuda")
+    if not args.cpu:
+        display.line(
+            "No CUDA GPU is visible: running a reduced benchmark on the CPU (by default BERT-small at batch 1 x seq 32 "
+            "in float32, 2 timed rounds; the Triton and CUDA kernels need a GPU). These are not GPU numbers.",
+            style="bold yellow",
+        )
+    return torch.device("cpu")
+
+
+def run(args) -> int:
+    """Run ``bertfast bench`` with parsed ``args``; returns the exit code."""
+    display = Display(plain=True if args.plain else None)
+    try:
+        impls = _impls(args)
+    except ValueError as exc:
+        display.line(f"error: {exc}")
+        return 2
+    device = _pick_device(args, display)
+    cuda = device.type == "cuda"
+    batch = args.batch if args.batch is not None else (32 if cuda else 1)
+    seq = args.seq if args.seq is not None else (128 if cuda else 32)
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    if batch < 1 or seq < 1:
+        display.line(f"error: --batch and --seq must be positive, got {batch} and {seq}")
+        return 2
+    plan = (QUICK_GPU_PLAN if args.quick else GPU_PLAN) if cuda else CPU_PLAN
+
+    began = time.perf_counter()
+    try:
+        if args.checkpoint:
+            models = ModelBench(device=device, checkpoint=args.checkpoint)
+        else:
+            models = ModelBench(MODELS[args.model or ("bert-large" if cuda else "bert-small")](), device)
+    except (OSError, ValueError) as exc:
+        display.line(f"error: cannot build the model: {exc}")
+        return 2
+    config = models.config
+    if seq > config.max_position_embeddings:
+        display.line(f"error: --seq {seq} is longer than the model's max_position_embeddings")
+        return 2
+    shape = ModelShape(batch, seq)
+    display.line(
+        f"{models.label} ({config.num_hidden_layers} layers, hidden {config.hidden_size}) on {device_name(device)}, "
+        f"{dtype}, batch {batch} x seq {seq}; padding: {PADDING_DISTRIBUTION}"
+    )
+
+    skipped: dict[str, str] = {}
+    for impl in impls:
+        reason = models.skip_reason(impl)
+        if reason is None and impl == "hf-compile" and not cuda:
+            reason = "the torch.compile baseline is timed on a GPU only"
+        if reason is not None:
+            skipped[impl] = reason
+    runnable = [impl for impl in impls if impl not in skipped]
+
+    # 1. correctness, before anything is timed
+    check_shape = ModelShape(2, min(seq, 64))  # two sequences, the second one padded
+    checks = _check(models, runnable, dtype, check_shape, skipped)
+    display.table(
+        f"Check against the float32 reference ({check_shape.batch} x {check_shape.seq}, real tokens)",
+        ("impl", "max abs error", "rel error", "bound", "verdict"),
+        [(c.impl, f"{c.max_error:.3e}", f"{c.rel:.3e}", c.bound, c.verdict) for c in checks],
+    )
+    failed = [c.impl for c in checks if c.ok is False]
+    if failed:
+        display.line(
+            f"error: {', '.join(failed)} do(es) not match the reference within the numerics policy; not timing.",
+            style="bold red",
+        )
+        return 1
+    runnable = [impl for impl in runnable if impl not in skipped]
+
+    # 2. timing
+    jobs = [("fwd", impl) for impl in runnable] + ([("train", impl) for impl in runnable] if args.train else [])
+    rows, skipped_rows = [], []
+    with display.progress(len(jobs), "timing") as progress:
+        for kind, impl in jobs:
+            progress.start(f"{kind} {impl}")
+            build = models.forward_case if kind == "fwd" else models.train_case
+            try:
+                row = run_case(build(impl, dtype, shape), plan=plan)
+            except Skip as exc:
+                skipped_rows.append(skip_row_for(f"{models.label}-{kind}", impl, dtype, batch, seq, str(exc)))
+                progress.done(f"{kind} {impl}: skipped ({exc})")
+                continue
+            rows.append(row)
+            progress.done(f"{kind} {impl}: {row['median_ms']:.2f} ms, {row['seq_per_s']:.1f} seq/s")
+
+    for kind in ("fwd", "train"):
+        _print_rows(display, models.label, kind, [r for r in rows if r["name"].endswith(f"-{kind}")])
+    for impl, reason in skipped.items():
+        for kind in ("fwd", "train") if args.train else ("fwd",):
+            skipped_rows.append(skip_row_for(f"{models.label}-{kind}", impl, dtype, batch, seq, reason))
+    if skipped_rows:
+        display.table(
+            "Skipped", ("name", "impl", "reason"), [(r["name"], r["impl"], r["reason"]) for r in skipped_rows]
+        )
+
+    if args.save:
+        peaks = measure_peaks(device, plan)
+        setup = {"padding": PADDING_DISTRIBUTION, "timing": timing_description(device), "source": "bertfast bench"}
+        if not cuda:
+            setup["mode"] = "CPU run without a GPU: reduced size, two rounds; not GPU numbers"
+        path = write_result(new_result(environment(device), peaks, rows, skipped_rows, setup), args.save)
+        display.line(f"results written to {path}")
+    display.line(f"done in {time.perf_counter() - began:.1f} s")
+    return 0
+
+
+def _print_rows(display: Display, label: str, kind: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    baseline = next((r for r in rows if r["impl"] == BASELINE), None)
+    table = []
+    for r in rows:
+        speedup = baseline["median_ms"] / r["median_ms"] if baseline else None
+        table.append(
+            (
+                r["impl"],
+                _fmt(r["median_ms"], ".2f"),
+                f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
+                _fmt(r["seq_per_s"], ".1f"),
+                _fmt(r["tflops"], ".1f" if (r["tflops"] or 0) >= 10 else ".3g"),
+                _fmt(r["peak_mem_mb"], ".0f"),
+                _fmt(r.get("max_error"), ".2e"),
+                _fmt(speedup, ".2f") + ("x" if speedup else ""),
+            )
+        )
+    first = rows[0]
+    what = "forward (inference)" if kind == "fwd" else "training step (forward, backward, AdamW)"
+    display.table(
+        f"{label} {what}, {first['dtype']}, batch {first['batch']} x seq {first['seq']}",
+        ("impl", "median ms", "p20-p80 ms", "seq/s", "TFLOP/s", "peak MB", "max err", f"vs {BASELINE}"),
+        table,
+    )

@@ -1,0 +1,94 @@
+"""One run of the pytest-benchmark suites in ``bench/``: what they share and what they record.
+
+The suites (``bench/test_bench_*.py``) ask a :class:`SuiteRun` to run each case; it
+measures the device's peaks once, builds the models once, times every case with the
+device timer, records the row (or the reason it was skipped) and, at the end of the
+session, writes the result file.  On a machine without a GPU the same cases run once
+at tiny sizes (``smoke``): nothing is timed seriously, everything is exercised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .cases import Case, Skip, run_case, skip_row_for
+from .device import environment, measure_peaks
+from .models import ModelBench
+from .schema import new_result, write_result
+from .shapes import PADDING_DISTRIBUTION, bert_large_config, tiny_config
+from .timing import GPU_PLAN, QUICK_GPU_PLAN, SMOKE_PLAN
+
+
+def timing_description(device: torch.device) -> str:
+    """How a run on ``device`` was timed, in words (stored in the result file)."""
+    if device.type == "cuda":
+        how = "one call per round between CUDA events, the device synchronized before and after, L2 flushed before it"
+    else:
+        how = "one call per round timed with time.perf_counter"
+    return how + ", inputs rotated among several sets; warm-up first, then the median (p20/p80) of the rounds"
+
+
+class SuiteRun:
+    def __init__(self, device: torch.device | str | None = None, quick: bool = False, smoke: bool | None = None):
+        """``smoke`` (default: no GPU): tiny sizes, each case run once, nothing compiled for real."""
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.smoke = self.device.type != "cuda" if smoke is None else smoke
+        self.quick = quick
+        self.plan = SMOKE_PLAN if self.smoke else (QUICK_GPU_PLAN if quick else GPU_PLAN)
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+        self._peaks: dict[str, float] | None = None
+        self._model_bench: ModelBench | None = None
+
+    @property
+    def peaks(self) -> dict[str, float]:
+        if self._peaks is None:
+            self._peaks = measure_peaks(self.device, self.plan)
+        return self._peaks
+
+    @property
+    def model_bench(self) -> ModelBench:
+        if self._model_bench is None:
+            config = tiny_config() if self.smoke else bert_large_config()
+            self._model_bench = ModelBench(config, self.device, smoke=self.smoke)
+        return self._model_bench
+
+    def run(
+        self,
+        identity: dict,
+        build: Callable[[], Case],
+        benchmark=None,
+    ) -> tuple[dict | None, str | None]:
+        """Build and run one case; returns ``(row, None)`` or ``(None, reason it was skipped)``.
+
+        ``identity`` holds the row's ``name, impl, dtype, batch, seq`` (and ``shape``), so a
+        case that cannot even be built is still recorded as skipped.
+        """
+        try:
+            case = build()
+            row = run_case(case, plan=self.plan, peaks=self.peaks, benchmark=benchmark)
+        except Skip as exc:
+            reason = str(exc)
+            self.skipped.append(skip_row_for(reason=reason, **identity))
+            return None, reason
+        self.rows.append(row)
+        if benchmark is not None:
+            benchmark.extra_info.update({k: v for k, v in row.items() if v is not None})
+        return row, None
+
+    def result(self) -> dict:
+        setup = {"padding": PADDING_DISTRIBUTION, "timing": timing_description(self.device)}
+        if self.smoke:
+            setup["mode"] = "smoke run: tiny sizes, one call each; the numbers mean nothing"
+        elif self.quick:
+            setup["mode"] = "quick run (--bench-quick): bf16 only, fewer rounds; not a baseline"
+        return new_result(environment(self.device), self.peaks, self.rows, self.skipped, setup)
+
+    def save(self, root) -> str:
+        return write_result(self.result(), root)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

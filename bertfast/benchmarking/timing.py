@@ -1,0 +1,210 @@
+"""Timing GPU work honestly.
+
+One call is timed at a time (:class:`Timer`):
+
+- on a GPU, between two CUDA events recorded on the current stream; the device is
+  synchronized before the call (so earlier work is not billed to it) and after it (so the
+  host reads a finished clock).  Before the start event the timer zeroes a buffer twice
+  the size of the L2 cache: this evicts whatever the previous call left in L2 and gives
+  the host a head start, so a short kernel is not timed waiting for its own launch;
+- on the CPU, with ``time.perf_counter``.
+
+The caller passes several input sets and every round takes the next one, so a small
+problem is not measured with its inputs still warm in the cache.  A measurement
+(:func:`measure`, or :func:`measure_with_pytest_benchmark` inside the pytest suites) first
+warms up (compilation, autotuning, allocator growth), estimates the time of one call,
+then runs enough rounds to fill a time budget and reports the median and the 20th/80th
+percentiles.  A difference smaller than the p20-p80 spread is noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingPlan:
+    """How long to warm up and how many rounds to time."""
+
+    min_warmup: int = 2  # calls, at least (the first one compiles/autotunes)
+    warmup_ms: float = 50.0  # ... and keep warming up until this much time has passed
+    target_ms: float = 300.0  # time budget for the timed rounds
+    min_rounds: int = 10
+    max_rounds: int = 100
+
+    def rounds_for(self, estimate_ms: float) -> int:
+        if estimate_ms <= 0 or not math.isfinite(estimate_ms):
+            return self.max_rounds
+        return max(self.min_rounds, min(self.max_rounds, math.ceil(self.target_ms / estimate_ms)))
+
+
+# On a GPU; --quick trades precision for time.
+GPU_PLAN = TimingPlan()
+QUICK_GPU_PLAN = TimingPlan(min_warmup=2, warmup_ms=20.0, target_ms=100.0, min_rounds=5, max_rounds=50)
+# On the CPU the suites only check that everything runs: one untimed-quality call.
+SMOKE_PLAN = TimingPlan(min_warmup=0, warmup_ms=0.0, target_ms=0.0, min_rounds=1, max_rounds=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    min_ms: float
+    rounds: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> Timing:
+        if not samples_ms:
+            raise ValueError("no timed samples")
+        ordered = sorted(samples_ms)
+
+        def quantile(q: float) -> float:
+            # Linear interpolation between the closest ranks.
+            pos = q * (len(ordered) - 1)
+            low, high = math.floor(pos), math.ceil(pos)
+            return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+        return cls(
+            median_ms=statistics.median(ordered),
+            p20_ms=quantile(0.2),
+            p80_ms=quantile(0.8),
+            min_ms=ordered[0],
+            rounds=len(ordered),
+        )
+
+
+def l2_flush_bytes(device: torch.device) -> int:
+    """Twice the device's L2 (at least 64 MiB): writing this much evicts all of it."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
+    return max(2 * int(l2), 64 << 20)
+
+
+class Timer:
+    """Times single calls on ``device`` and keeps the samples (milliseconds)."""
+
+    def __init__(self, device: torch.device | str, flush_l2: bool = True):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.samples_ms: list[float] = []
+        self._flush = None
+        if self.cuda and flush_l2:
+            self._flush = torch.empty(l2_flush_bytes(self.device), dtype=torch.int8, device=self.device)
+
+    def call(self, fn: Callable[..., Any], args: Sequence[Any]) -> float:
+        """Run ``fn(*args)`` once, record and return its time in ms.  The result is dropped."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            if self._flush is not None:
+                self._flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            begin = time.perf_counter()
+            fn(*args)
+            elapsed = (time.perf_counter() - begin) * 1e3
+        self.samples_ms.append(elapsed)
+        return elapsed
+
+    def timing(self) -> Timing:
+        return Timing.from_samples(self.samples_ms)
+
+
+class Rotation:
+    """Hands out the input sets in turn, each passed through ``prepare`` (untimed)."""
+
+    def __init__(self, input_sets: Sequence[tuple], prepare: Callable[..., tuple] | None = None):
+        if not input_sets:
+            raise ValueError("at least one input set is needed")
+        self.input_sets = list(input_sets)
+        self.prepare = prepare
+        self.count = 0
+
+    def next(self) -> tuple:
+        inputs = self.input_sets[self.count % len(self.input_sets)]
+        self.count += 1
+        return tuple(self.prepare(*inputs)) if self.prepare is not None else tuple(inputs)
+
+
+def warm_up(timer: Timer, fn: Callable[..., Any], rotation: Rotation, plan: TimingPlan) -> float:
+    """Warm-up calls; returns the estimated time of one call (ms), 0 if none was made."""
+    began = time.perf_counter()
+    calls = 0
+    while calls < plan.min_warmup or (time.perf_counter() - began) * 1e3 < plan.warmup_ms:
+        timer.call(fn, rotation.next())
+        calls += 1
+        if calls >= 1000:
+            break
+    estimate = statistics.median(timer.samples_ms[1:] or timer.samples_ms) if calls else 0.0
+    timer.samples_ms.clear()
+    return estimate
+
+
+def measure(
+    fn: Callable[..., Any],
+    input_sets: Sequence[tuple],
+    *,
+    device: torch.device | str,
+    plan: TimingPlan = GPU_PLAN,
+    prepare: Callable[..., tuple] | None = None,
+    timer: Timer | None = None,
+) -> Timing:
+    """Time ``fn(*prepare(*inputs))`` over rotating ``input_sets`` under ``plan``."""
+    timer = timer or Timer(device)
+    rotation = Rotation(input_sets, prepare)
+    estimate = warm_up(timer, fn, rotation, plan)
+    for _ in range(plan.rounds_for(estimate)):
+        timer.call(fn, rotation.next())
+    return timer.timing()
+
+
+def measure_with_pytest_benchmark(
+    benchmark,
+    fn: Callable[..., Any],
+    input_sets: Sequence[tuple],
+    *,
+    device: torch.device | str,
+    plan: TimingPlan = GPU_PLAN,
+    prepare: Callable[..., tuple] | None = None,
+    timer: Timer | None = None,
+) -> Timing:
+    """Like :func:`measure`, with the timed rounds run by ``benchmark.pedantic``.
+
+    pytest-benchmark's own statistics then time the synchronized calls from the host
+    (setup, which rotates inputs, untimed); the device-timer statistics returned here are
+    the numbers to trust and are what the suites put in ``benchmark.extra_info``.  With
+    ``--benchmark-disable`` pytest-benchmark runs the target once.
+    """
+    timer = timer or Timer(device)
+    rotation = Rotation(input_sets, prepare)
+    estimate = warm_up(timer, fn, rotation, plan)
+
+    def setup():
+        return (rotation.next(),), {}
+
+    def target(args):
+        timer.call(fn, args)
+
+    benchmark.pedantic(target, setup=setup, rounds=plan.rounds_for(estimate), iterations=1, warmup_rounds=0)
+    return timer.timing()
+
+
+def input_set_count(bytes_per_set: int, device: torch.device | str, most: int = 8) -> int:
+    """Enough input sets that together they overflow L2 twice (2 to ``most``)."""
+    device = torch.device(device)
+    if device.type != "cuda" or bytes_per_set <= 0:
+        return 2
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
+    return max(2, min(most, math.ceil(2 * l2 / bytes_per_set)))
