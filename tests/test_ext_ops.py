@@ -1,0 +1,741 @@
+"""The C++/CUDA extension (bertfast._C, backend "ext") against the float64 reference.
+
+Every op is run through :mod:`bertfast.ops.ext_backend` (the custom ops and their autograd
+formulas) on seeded random inputs with odd shapes, and compared with
+:mod:`bertfast.ops.reference` run in float64 on the same (rounded) inputs: forward output
+and every gradient, under the policy in :mod:`bertfast.numerics`.  CPU kernels run
+everywhere; the CUDA kernels run when a GPU is visible and the extension has them (their
+outputs are poisoned with NaN first, so an unwritten element fails).  The bindings' own
+argument checks are tested by calling :mod:`bertfast._C` directly with bad arguments.
+
+The whole module skips when the extension is not built -- except under ``CI``, which
+builds it, where :func:`test_extension_is_built` fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bertfast.ops
+from bertfast import _ext
+from bertfast.errors import BackendUnavailable
+from bertfast.numerics import assert_close
+from bertfast.ops import reference
+
+C = _ext.extension()
+if C is not None:
+    from bertfast.ops import ext_backend as ext
+
+GPU = C is not None and C.has_cuda() and torch.cuda.is_available()
+LOWP = (torch.float16, torch.bfloat16)
+
+# (device, dtype) pairs every op is checked on.
+CASES = [
+    ("cpu", torch.float32),
+    ("cpu", torch.float64),
+    ("cpu", torch.float16),
+    ("cpu", torch.bfloat16),
+    *[
+        pytest.param("cuda", dtype, marks=pytest.mark.skipif(not GPU, reason="needs a GPU and the CUDA kernels"))
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    ],
+]
+CASE_IDS = ["cpu-fp32", "cpu-fp64", "cpu-fp16", "cpu-bf16", "cuda-fp32", "cuda-fp16", "cuda-bf16"]
+
+
+def test_extension_is_built():
+    """CI builds the extension: a broken build must fail here, not skip every test silently."""
+    if C is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI builds bertfast._C, but it is unusable: {_ext.unavailable_reason()}")
+        pytest.skip(f"bertfast._C is not built: {_ext.unavailable_reason()}")
+    assert bertfast.ops.backend_availability("ext") is None
+
+
+@pytest.fixture(autouse=True)
+def _require_extension(request):
+    if C is None and request.node.originalname not in ("test_extension_is_built", "test_missing_extension_is_reported"):
+        pytest.skip(f"bertfast._C is not built: {_ext.unavailable_reason()}")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _poison_cuda_cache():
+    """On a GPU, fill the caching allocator's free memory with NaN so an unwritten output element fails."""
+    if GPU:
+        torch.empty(64 << 20, device="cuda").fill_(float("nan"))
+    yield
+
+
+# ------------------------------------------------------------------------------------------------
+# The comparison harness
+# ------------------------------------------------------------------------------------------------
+
+
+def make_inputs(shapes: dict, gen: torch.Generator, scales: dict | None = None) -> dict:
+    """Seeded float64 inputs on the CPU, one per name."""
+    scales = scales or {}
+    return {
+        name: torch.randn(*shape, generator=gen, dtype=torch.float64) * scales.get(name, 1.0)
+        for name, shape in shapes.items()
+    }
+
+
+def check_op(ext_fn, ref_fn, torch_fn, floats: dict, fixed: dict, device: str, dtype, gen, name: str):
+    """Runs ext_fn on (device, dtype) copies of ``floats`` and compares output and every gradient
+    with ref_fn on float64 copies of the same rounded values; at fp16/bf16 against torch_fn's error
+    at that precision.  ``fixed`` (ids, masks, scalars) is passed as is (tensors moved to ``device``)."""
+    fixed_dev = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fixed.items()}
+    rounded = {k: v.to(dtype) for k, v in floats.items()}
+
+    def leaves(target_device, target_dtype):
+        return {k: v.to(target_device, target_dtype).requires_grad_() for k, v in rounded.items()}
+
+    ext_in = leaves(device, dtype)
+    out = ext_fn(**ext_in, **fixed_dev)
+    ref_in = leaves("cpu", torch.float64)
+    ref = ref_fn(**ref_in, **{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in fixed_dev.items()})
+    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ext_grads = torch.autograd.grad(out, list(ext_in.values()), grad.to(device, dtype))
+    ref_grads = torch.autograd.grad(ref, list(ref_in.values()), grad)
+
+    lowp_out, lowp_grads = None, [None] * len(ext_in)
+    if dtype in LOWP:
+        lowp_in = leaves(device, dtype)
+        lowp_out = torch_fn(**lowp_in, **fixed_dev)
+        lowp_grads = [g.cpu() for g in torch.autograd.grad(lowp_out, list(lowp_in.values()), grad.to(device, dtype))]
+        lowp_out = lowp_out.detach().cpu()
+
+    assert out.dtype == dtype and out.device.type == device
+    assert_close(out.detach().cpu(), ref, torch_lowp=lowp_out, name=f"{name} output")
+    for key, got, want, lowp in zip(ext_in, ext_grads, ref_grads, lowp_grads):
+        assert got is not None, f"{name}: no gradient for {key}"
+        assert_close(got.cpu(), want, direction="backward", torch_lowp=lowp, name=f"{name} d{key}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# LayerNorm(x + linear_bias + residual)
+# ------------------------------------------------------------------------------------------------
+
+
+def torch_layer_norm(x, weight, bias, residual=None, linear_bias=None, eps=1e-12):
+    """PyTorch's own LayerNorm at the inputs' precision (the low-precision yardstick)."""
+    h = x
+    if linear_bias is not None:
+        h = h + linear_bias
+    if residual is not None:
+        h = h + residual
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("rows", "hidden"), [((1,), 1000), ((7,), 1024), ((3, 11), 37)], ids=str)
+@pytest.mark.parametrize("fused", ["plain", "residual", "residual+linear_bias"])
+def test_layer_norm(device, dtype, rows, hidden, fused):
+    gen = torch.Generator().manual_seed(hidden + len(fused))
+    shapes = {"x": (*rows, hidden), "weight": (hidden,), "bias": (hidden,)}
+    if "residual" in fused:
+        shapes["residual"] = (*rows, hidden)
+    if "linear_bias" in fused:
+        shapes["linear_bias"] = (hidden,)
+    # An offset mean and a non-unit scale, as in a real residual stream.
+    floats = make_inputs(shapes, gen, {"x": 3.0, "weight": 0.5})
+    floats["x"] += 2.0
+    check_op(
+        lambda eps, **t: ext.layer_norm(eps=eps, **t),
+        lambda eps, **t: reference.layer_norm(eps=eps, **t),
+        lambda eps, **t: torch_layer_norm(eps=eps, **t),
+        floats,
+        {"eps": 1e-5},
+        device,
+        dtype,
+        gen,
+        f"layer_norm[{fused}]",
+    )
+
+
+def test_layer_norm_weight_of_another_dtype():
+    """fp32 weights with fp64 activations are cast (differentiably): output in x's dtype, fp32 weight grads."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 40, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, generator=gen, requires_grad=True)
+    bias = torch.randn(40, generator=gen, requires_grad=True)
+    y = ext.layer_norm(x, weight, bias, 1e-6)
+    assert y.dtype == torch.float64
+    y.sum().backward()
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    expected = reference.layer_norm(x.detach(), weight.detach().double(), bias.detach().double(), 1e-6)
+    assert_close(y.detach(), expected)
+
+
+def test_layer_norm_backward_is_deterministic_across_thread_counts():
+    gen = torch.Generator().manual_seed(9)
+    x, res, dy = (torch.randn(257, 300, generator=gen) for _ in range(3))
+    weight, lin = torch.randn(300, generator=gen), torch.randn(300, generator=gen)
+    _, mean, rstd = C.layer_norm_forward(x, weight, weight, res, lin, 1e-5, 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = C.layer_norm_backward(dy, x, weight, res, lin, mean, rstd, 0)
+        torch.set_num_threads(max(2, threads))
+        multi = C.layer_norm_backward(dy, x, weight, res, lin, mean, rstd, 0)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedding + LayerNorm
+# ------------------------------------------------------------------------------------------------
+
+
+def torch_embedding_layer_norm(word, position, token_type, weight, bias, input_ids, position_ids, token_type_ids, eps):
+    summed = F.embedding(input_ids, word) + F.embedding(token_type_ids, token_type)
+    summed = summed + F.embedding(position_ids, position)
+    return F.layer_norm(summed, (summed.shape[-1],), weight, bias, eps)
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(
+    ("batch", "seq", "hidden", "id_dtype"),
+    [(1, 1, 1000, torch.int64), (3, 33, 1024, torch.int64), (2, 7, 37, torch.int64), (2, 7, 37, torch.int32)],
+    ids=["1x1x1000", "3x33x1024", "2x7x37", "2x7x37-int32-ids"],
+)
+def test_embedding_layer_norm(device, dtype, batch, seq, hidden, id_dtype):
+    gen = torch.Generator().manual_seed(batch * seq + hidden)
+    vocab, positions, types = 50, 40, 3
+    floats = make_inputs(
+        {
+            "word": (vocab, hidden),
+            "position": (positions, hidden),
+            "token_type": (types, hidden),
+            "weight": (hidden,),
+            "bias": (hidden,),
+        },
+        gen,
+    )
+    # Repeated ids so that the table gradients accumulate several rows.
+    fixed = {
+        "input_ids": torch.randint(0, vocab, (batch, seq), generator=gen, dtype=id_dtype),
+        "position_ids": (torch.arange(seq, dtype=id_dtype) % positions).expand(batch, seq),
+        "token_type_ids": torch.randint(0, types, (batch, seq), generator=gen, dtype=id_dtype),
+        "eps": 1e-12,
+    }
+
+    def run_ext(word, position, token_type, weight, bias, input_ids, position_ids, token_type_ids, eps):
+        return ext.embedding_layer_norm(
+            input_ids, position_ids, token_type_ids, word, position, token_type, weight, bias, eps
+        )
+
+    def run_ref(word, position, token_type, weight, bias, input_ids, position_ids, token_type_ids, eps):
+        return reference.embedding_layer_norm(
+            input_ids, position_ids, token_type_ids, word, position, token_type, weight, bias, eps
+        )
+
+    out = check_op(run_ext, run_ref, torch_embedding_layer_norm, floats, fixed, device, dtype, gen, "embedding")
+    assert out.shape == (batch, seq, hidden)
+
+
+def test_embedding_ids_out_of_range_raise_on_cpu():
+    word, position, token_type = torch.randn(10, 8), torch.randn(4, 8), torch.randn(2, 8)
+    ids = torch.tensor([[1, 2, 10]])
+    with pytest.raises(RuntimeError, match=r"input_ids holds 10 at flat index 2, outside the table's rows \[0, 10\)"):
+        C.embedding_layer_norm_forward(
+            ids, ids * 0, ids * 0, word, position, token_type, torch.ones(8), torch.zeros(8), 1e-12, 0
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Bias + GELU
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("shape", [(1, 1000), (7, 1024), (3, 11, 37)], ids=str)
+def test_bias_gelu(device, dtype, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    floats = make_inputs({"x": shape, "bias": (shape[-1],)}, gen, {"x": 2.0})
+    check_op(
+        ext.bias_gelu,
+        reference.bias_gelu,
+        lambda x, bias: F.gelu(x + bias),
+        floats,
+        {},
+        device,
+        dtype,
+        gen,
+        "bias_gelu",
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention (GEMM, masked softmax, GEMM)
+# ------------------------------------------------------------------------------------------------
+
+
+def torch_attention(qkv, mask, heads, scale):
+    q, k, v = split_qkv(qkv, heads)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    return reference._masked_softmax_attention(qh, kh, vh, mask, scale).transpose(1, 2)
+
+
+def split_qkv(qkv, heads):
+    """Strided (batch, seq, heads, head_dim) views of one fused QKV projection -- no copies."""
+    batch, seq, width = qkv.shape
+    return qkv.view(batch, seq, 3, heads, width // (3 * heads)).unbind(2)
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("seq", [1, 33, 130])
+@pytest.mark.parametrize("masked", [True, False], ids=["ragged", "nomask"])
+def test_attention(device, dtype, seq, masked):
+    heads, head_dim, batch = 3, 16, 3
+    gen = torch.Generator().manual_seed(seq)
+    floats = make_inputs({"qkv": (batch, seq, 3 * heads * head_dim)}, gen)
+    lengths = [seq, max(1, seq // 2), 0]  # ragged, with one sequence that is all padding
+    mask = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None] if masked else None
+    scale = head_dim**-0.5
+
+    def run_ext(qkv, mask):
+        q, k, v = split_qkv(qkv, heads)
+        assert not q.is_contiguous() or seq == 1
+        return ext.attention(q, k, v, mask, scale)
+
+    def run_ref(qkv, mask):
+        return reference.attention(*split_qkv(qkv, heads), mask, scale)
+
+    out = check_op(
+        run_ext,
+        run_ref,
+        lambda qkv, mask: torch_attention(qkv, mask, heads, scale),
+        floats,
+        {"mask": mask},
+        device,
+        dtype,
+        gen,
+        "attention",
+    )
+    assert out.shape == (batch, seq, heads, head_dim)
+    if masked:
+        assert torch.all(out[2] == 0), "a sequence that is all padding must give zero outputs"
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES[:1] + CASES[4:5], ids=["cpu-fp32", "cuda-fp32"])
+def test_masked_softmax_exact_zeros(device, dtype):
+    """Masked keys get exactly 0, a fully masked row is all 0 (with zero gradient), uint8 masks work."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 3, 5, 9, generator=gen).to(device, dtype).requires_grad_()
+    keep = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 0], [0] * 9], dtype=torch.uint8, device=device)
+    probs = ext.masked_softmax(scores, keep, 0.7)
+    assert torch.all(probs[:, :, :, keep[0] == 0][0] == 0)
+    assert torch.all(probs[1] == 0)
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(3, 5, device=device, dtype=dtype))
+    expected = torch.softmax((scores[0] * 0.7).masked_fill(keep[0] == 0, float("-inf")), dim=-1)
+    torch.testing.assert_close(probs[0], expected)
+    (grad,) = torch.autograd.grad(probs, scores, torch.randn_like(probs))
+    assert torch.all(grad[1] == 0) and torch.all(grad[0][:, :, keep[0] == 0] == 0)
+    assert torch.isfinite(grad).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The backend contract, the custom ops, torch.compile
+# ------------------------------------------------------------------------------------------------
+
+
+def test_backend_contract_through_public_ops():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 24, generator=gen)
+    weight, bias = torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+    assert ext.unsupported("layer_norm", x, weight, bias) is None
+    got = bertfast.ops.layer_norm(x, weight, bias, 1e-5, backend="ext")
+    assert_close(got, reference.layer_norm(x.double(), weight.double(), bias.double(), 1e-5))
+    assert ext.unsupported("attention_varlen", x) == "the ext backend has no variable-length attention"
+    qkv = torch.randn(6, 3 * 2 * 4, generator=gen)
+    q, k, v = qkv.view(6, 3, 2, 4).unbind(1)
+    with pytest.raises(BackendUnavailable, match="no variable-length attention"):
+        bertfast.ops.attention_varlen(q, k, v, torch.tensor([0, 2, 6], dtype=torch.int32), 4, backend="ext")
+    assert "got torch.int32" in ext.unsupported("bias_gelu", x.to(torch.int32), bias.to(torch.int32))
+    q4 = q.view(1, 6, 2, 4)
+    with pytest.raises(BackendUnavailable, match="dropout"):
+        bertfast.ops.attention(q4, q4, q4, dropout_p=0.1, backend="ext")
+
+
+def test_missing_extension_is_reported():
+    """Without bertfast._C the package imports and the backend says why it is unavailable."""
+    script = (
+        "import sys; sys.modules['bertfast._C'] = None\n"  # makes `import bertfast._C` fail
+        "import torch, bertfast\n"
+        "reason = bertfast.ops.backend_availability('ext')\n"
+        "assert reason.startswith('bertfast._C is not built or does not load (ModuleNotFoundError'), reason\n"
+        "assert 'pip install -e . --no-build-isolation' in reason, reason\n"
+        "x = torch.randn(2, 4)\n"
+        "try:\n"
+        "    bertfast.ops.bias_gelu(x, x[0], backend='ext')\n"
+        "except bertfast.BackendUnavailable as exc:\n"
+        "    assert 'not built' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('backend=ext ran without the extension')\n"
+        "assert bertfast.ops.bias_gelu(x, x[0]).shape == x.shape\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_arch_compatibility_rule():
+    assert ext._arch_reason("8.0;9.0", (9, 0)) is None
+    assert ext._arch_reason("8.0;9.0", (8, 6)) is None
+    assert "sm_100" in ext._arch_reason("8.0;9.0", (10, 0))
+    assert ext._arch_reason("8.0;9.0+PTX", (10, 0)) is None
+    assert "sm_75" in ext._arch_reason("8.0", (7, 5))
+    assert ext._arch_reason("9.0a", (9, 0)) is None and "sm_91" in ext._arch_reason("9.0a", (9, 1))
+
+
+def test_build_info():
+    info = _ext.build_info()
+    assert info["built"] and info["built_with_torch"] == torch.__version__
+    if info["cuda_kernels"]:
+        assert info["cuda_archs"] and C.cuda_max_row_elements() >= 1024
+    else:
+        assert info["cuda_archs"] == "" and C.cuda_max_row_elements() == 0
+
+
+def _opcheck_samples(device: str) -> dict:
+    """Small arguments for every custom op, forward and backward (fused and masked variants included).
+    The backward ops have no autograd formula of their own (no double backward): no input of theirs needs grad."""
+    gen = torch.Generator().manual_seed(2)
+
+    def rnd(*shape, grad=True):
+        return torch.randn(*shape, generator=gen).to(device).requires_grad_(grad)
+
+    ids = torch.randint(0, 5, (2, 3), generator=gen).to(device)
+    mask = torch.tensor([[True, True, False], [False, False, False]], device=device)
+    x, res, weight, lin = rnd(2, 3, 8, grad=False), rnd(2, 3, 8, grad=False), rnd(8, grad=False), rnd(8, grad=False)
+    _, mean, rstd = ext._layer_norm_op(x, weight, weight, res, lin, 1e-5)
+    tables = (rnd(5, 8, grad=False), rnd(3, 8, grad=False), rnd(2, 8, grad=False))
+    _, emb_mean, emb_rstd = ext._embedding_layer_norm_op(ids, ids % 3, ids % 2, *tables, weight, weight, 1e-5)
+    probs = torch.softmax(rnd(2, 2, 3, 3, grad=False), -1)
+    return {
+        "layer_norm": (ext._layer_norm_op, (rnd(3, 8), rnd(8), rnd(8), None, None, 1e-5)),
+        "layer_norm-fused": (ext._layer_norm_op, (rnd(2, 3, 8), rnd(8), rnd(8), rnd(2, 3, 8), rnd(8), 1e-5)),
+        "layer_norm_backward": (
+            ext._layer_norm_backward_op,
+            (rnd(2, 3, 8, grad=False), x, weight, res, lin, mean, rstd),
+        ),
+        "embedding_layer_norm": (
+            ext._embedding_layer_norm_op,
+            (ids, ids % 3, ids % 2, rnd(5, 8), rnd(3, 8), rnd(2, 8), rnd(8), rnd(8), 1e-5),
+        ),
+        "embedding_layer_norm_backward": (
+            ext._embedding_layer_norm_backward_op,
+            (rnd(2, 3, 8, grad=False), ids, ids % 3, ids % 2, *tables, weight, emb_mean, emb_rstd),
+        ),
+        "bias_gelu": (ext._bias_gelu_op, (rnd(4, 7), rnd(7))),
+        "bias_gelu_backward": (
+            ext._bias_gelu_backward_op,
+            (rnd(4, 7, grad=False), rnd(4, 7, grad=False), rnd(7, grad=False)),
+        ),
+        "masked_softmax": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), mask, 0.5)),
+        "masked_softmax-nomask": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), None, 0.5)),
+        "masked_softmax_backward": (ext._masked_softmax_backward_op, (rnd(2, 2, 3, 3, grad=False), probs, 0.5)),
+    }
+
+
+OPCHECK_NAMES = [
+    "layer_norm",
+    "layer_norm-fused",
+    "layer_norm_backward",
+    "embedding_layer_norm",
+    "embedding_layer_norm_backward",
+    "bias_gelu",
+    "bias_gelu_backward",
+    "masked_softmax",
+    "masked_softmax-nomask",
+    "masked_softmax_backward",
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not GPU, reason="no GPU"))])
+@pytest.mark.parametrize("name", OPCHECK_NAMES)
+def test_opcheck(name, device):
+    op, args = _opcheck_samples(device)[name]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    """The custom ops trace without a graph break (aot_eager: no code generation, quick on a CPU)."""
+    gen = torch.Generator().manual_seed(4)
+    batch, seq, heads, head_dim = 2, 5, 2, 4
+    hidden = heads * head_dim
+    word, position, types = torch.randn(11, hidden, generator=gen), torch.randn(8, hidden), torch.randn(2, hidden)
+    weights = [torch.randn(hidden, generator=gen, requires_grad=True) for _ in range(4)]
+    qkv_weight = torch.randn(3 * hidden, hidden, generator=gen, requires_grad=True)
+    ids = torch.randint(0, 11, (batch, seq), generator=gen)
+    positions = torch.arange(seq).expand(batch, seq)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5], dtype=torch.bool)
+
+    def block(word):
+        h = ext.embedding_layer_norm(ids, positions, ids % 2, word, position, types, weights[0], weights[1], 1e-12)
+        q, k, v = (h @ qkv_weight.t()).view(batch, seq, 3, heads, head_dim).unbind(2)
+        a = ext.attention(q, k, v, mask, head_dim**-0.5).reshape(batch, seq, hidden)
+        return ext.layer_norm(ext.bias_gelu(a, weights[2]), weights[3], weights[1], 1e-12, residual=h)
+
+    word_eager = word.clone().requires_grad_()
+    word_compiled = word.clone().requires_grad_()
+    eager = block(word_eager)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(word_compiled)
+    torch.testing.assert_close(compiled, eager)
+    (g_eager,) = torch.autograd.grad(eager.square().sum(), word_eager)
+    (g_compiled,) = torch.autograd.grad(compiled.square().sum(), word_compiled)
+    torch.testing.assert_close(g_compiled, g_eager)
+
+
+# ------------------------------------------------------------------------------------------------
+# The bindings' argument checks name the argument
+# ------------------------------------------------------------------------------------------------
+
+META = torch.device("meta")
+
+
+def _ln_forward():
+    return dict(
+        x=torch.randn(4, 8),
+        weight=torch.randn(8),
+        bias=torch.randn(8),
+        residual=None,
+        linear_bias=None,
+        eps=1e-5,
+        stream=0,
+    )
+
+
+def _ln_backward():
+    x = torch.randn(4, 8)
+    return dict(
+        dy=torch.randn(4, 8),
+        x=x,
+        weight=torch.randn(8),
+        residual=None,
+        linear_bias=None,
+        mean=torch.zeros(4),
+        rstd=torch.ones(4),
+        stream=0,
+    )
+
+
+def _embedding(backward=False):
+    ids = torch.tensor([[1, 2, 3]])
+    args = dict(
+        input_ids=ids,
+        position_ids=ids,
+        token_type_ids=ids * 0,
+        word_embeddings=torch.randn(10, 8),
+        position_embeddings=torch.randn(4, 8),
+        token_type_embeddings=torch.randn(2, 8),
+        weight=torch.randn(8),
+    )
+    if backward:
+        return dict(dy=torch.randn(1, 3, 8), **args, mean=torch.zeros(1, 3), rstd=torch.ones(1, 3), stream=0)
+    return dict(**args, bias=torch.randn(8), eps=1e-12, stream=0)
+
+
+def _gelu(backward=False):
+    args = dict(x=torch.randn(3, 8), bias=torch.randn(8), stream=0)
+    return dict(dy=torch.randn(3, 8), **args) if backward else args
+
+
+def _softmax(backward=False):
+    if backward:
+        return dict(dprobs=torch.randn(2, 3, 4, 5), probs=torch.rand(2, 3, 4, 5), scale=0.5, stream=0)
+    return dict(scores=torch.randn(2, 3, 4, 5), mask=torch.ones(2, 5, dtype=torch.bool), scale=0.5, stream=0)
+
+
+BAD_ARGUMENTS = [
+    # (binding, valid arguments, replacements, expected message)
+    ("layer_norm_forward", _ln_forward, {"x": torch.ones(4, 8, dtype=torch.int64)}, "x has dtype Long"),
+    ("layer_norm_forward", _ln_forward, {"x": torch.randn(4, 8, device=META)}, "x must be a CPU or CUDA tensor"),
+    ("layer_norm_forward", _ln_forward, {"x": torch.randn(8, 4).t()}, "x must be contiguous"),
+    ("layer_norm_forward", _ln_forward, {"weight": torch.randn(8).double()}, "weight must have x's dtype Float"),
+    ("layer_norm_forward", _ln_forward, {"bias": torch.randn(9)}, "bias must have shape [8]"),
+    ("layer_norm_forward", _ln_forward, {"residual": torch.randn(4, 7)}, "residual must have shape [4, 8]"),
+    ("layer_norm_forward", _ln_forward, {"linear_bias": torch.randn(8, device=META)}, "linear_bias must be on x's"),
+    ("layer_norm_forward", _ln_forward, {"eps": 0.0}, "eps must be positive"),
+    ("layer_norm_backward", _ln_backward, {"dy": torch.randn(4, 9)}, "dy must have shape [4, 8]"),
+    ("layer_norm_backward", _ln_backward, {"mean": torch.zeros(4).double()}, "mean must have dtype Float"),
+    ("layer_norm_backward", _ln_backward, {"rstd": torch.ones(5)}, "rstd must have shape [4]"),
+    ("layer_norm_backward", _ln_backward, {"linear_bias": torch.randn(3)}, "linear_bias must have shape [8]"),
+    (
+        "embedding_layer_norm_forward",
+        _embedding,
+        {"input_ids": torch.tensor([[1, 2, 3]], dtype=torch.int32)},
+        "input_ids must have dtype int64",
+    ),
+    (
+        "embedding_layer_norm_forward",
+        _embedding,
+        {"position_ids": torch.tensor([1, 2, 3])},
+        "position_ids must have shape [1, 3]",
+    ),
+    (
+        "embedding_layer_norm_forward",
+        _embedding,
+        {"token_type_embeddings": torch.randn(2, 9)},
+        "token_type_embeddings must have shape (types, 8)",
+    ),
+    (
+        "embedding_layer_norm_forward",
+        _embedding,
+        {"position_embeddings": torch.randn(4, 8).half()},
+        "position_embeddings must have word_embeddings's dtype",
+    ),
+    (
+        "embedding_layer_norm_forward",
+        _embedding,
+        {"word_embeddings": torch.randn(8, 10).t()},
+        "word_embeddings must be contiguous",
+    ),
+    ("embedding_layer_norm_forward", _embedding, {"bias": torch.randn(7)}, "bias must have shape [8]"),
+    (
+        "embedding_layer_norm_backward",
+        lambda: _embedding(True),
+        {"dy": torch.randn(1, 3, 7)},
+        "dy must have shape [1, 3, 8]",
+    ),
+    ("embedding_layer_norm_backward", lambda: _embedding(True), {"rstd": torch.ones(3)}, "rstd must have shape"),
+    ("bias_gelu_forward", _gelu, {"bias": torch.randn(3)}, "bias must have shape [8]"),
+    ("bias_gelu_forward", _gelu, {"x": torch.randn(8, 3).t()}, "x must be contiguous"),
+    ("bias_gelu_forward", _gelu, {"bias": torch.randn(8, device=META)}, "bias must be on x's device"),
+    ("bias_gelu_backward", lambda: _gelu(True), {"dy": torch.randn(3, 8).half()}, "dy must have x's dtype"),
+    ("masked_softmax_forward", _softmax, {"mask": torch.ones(2, 5)}, "mask must have dtype bool or uint8"),
+    ("masked_softmax_forward", _softmax, {"mask": torch.ones(3, 5, dtype=torch.bool)}, "mask must have shape [2, 5]"),
+    ("masked_softmax_forward", _softmax, {"mask": torch.ones(5, 2, dtype=torch.bool).t()}, "mask must be contiguous"),
+    ("masked_softmax_forward", _softmax, {"scores": torch.randn(5)}, "scores must have shape (batch, ..., seq_k)"),
+    ("masked_softmax_forward", _softmax, {"scores": torch.randn(2, 3, 4, 5).int()}, "scores has dtype Int"),
+    (
+        "masked_softmax_backward",
+        lambda: _softmax(True),
+        {"dprobs": torch.randn(2, 3, 4, 6)},
+        "dprobs must have shape [2, 3, 4, 5]",
+    ),
+    (
+        "masked_softmax_backward",
+        lambda: _softmax(True),
+        {"probs": torch.rand(2, 3, 5, 4).transpose(2, 3)},
+        "probs must be contiguous",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("binding", "valid", "replace", "message"),
+    BAD_ARGUMENTS,
+    ids=[f"{b[0]}-{next(iter(b[2]))}-{i}" for i, b in enumerate(BAD_ARGUMENTS)],
+)
+def test_bad_arguments_are_named(binding, valid, replace, message):
+    function = getattr(C, binding)
+    function(**valid())  # the valid call runs
+    with pytest.raises(RuntimeError) as info:
+        function(**{**valid(), **replace})
+    text = str(info.value)
+    assert f"bertfast._C.{binding}: " in text and message in text, text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or C is None or C.has_cuda(), reason="needs a GPU, no CUDA kernels")
+def test_cuda_tensor_without_cuda_kernels_is_refused():
+    x = torch.randn(2, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        C.bias_gelu_forward(x, torch.randn(8, device="cuda"), 0)
+    assert "without CUDA kernels" in ext.unsupported("bias_gelu", x)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA only: vector/scalar paths, large rows, reproducibility
+# ------------------------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU and the CUDA kernels")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_unaligned_inputs_take_the_scalar_path(dtype):
+    """Contiguous views that start one element in (not 16-byte aligned) still compute correctly."""
+    gen = torch.Generator().manual_seed(6)
+    rows, hidden = 9, 64
+    buffer = torch.randn(rows * hidden + 1, generator=gen).to("cuda", dtype)
+    x = buffer[1:].view(rows, hidden)
+    weight, bias = (torch.randn(hidden, generator=gen).to("cuda", dtype) for _ in range(2))
+    for got, want in (
+        (ext.layer_norm(x, weight, bias, 1e-5), torch_layer_norm(x.float(), weight.float(), bias.float(), eps=1e-5)),
+        (ext.bias_gelu(x, bias), F.gelu(x.float() + bias.float())),
+    ):
+        tolerance = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.float(), want, **tolerance)
+
+
+@needs_gpu
+def test_cuda_long_rows_use_large_shared_memory():
+    """Rows at the limit (64 KiB of fp32 cache; 128 KiB in the LayerNorm backward) run; longer ones are refused."""
+    limit = C.cuda_max_row_elements()
+    gen = torch.Generator().manual_seed(7)
+    floats = make_inputs({"x": (3, limit), "weight": (limit,), "bias": (limit,)}, gen)
+    check_op(
+        lambda eps, **t: ext.layer_norm(eps=eps, **t),
+        lambda eps, **t: reference.layer_norm(eps=eps, **t),
+        None,
+        floats,
+        {"eps": 1e-5},
+        "cuda",
+        torch.float32,
+        gen,
+        "layer_norm[long rows]",
+    )
+    scores = torch.randn(1, 1, 2, limit, device="cuda")
+    torch.testing.assert_close(ext.masked_softmax(scores, None, 1.0), torch.softmax(scores, -1))
+    too_long = torch.randn(2, limit + 1, device="cuda")
+    assert "at most" in ext.unsupported("layer_norm", too_long, too_long[0], too_long[0])
+    with pytest.raises(
+        RuntimeError, match=f"x's last dimension .hidden. is {limit + 1}; the CUDA kernels take at most"
+    ):
+        C.layer_norm_forward(too_long, too_long[0].contiguous(), too_long[0].contiguous(), None, None, 1e-5, 0)
+
+
+@needs_gpu
+def test_cuda_parameter_gradients_are_reproducible():
+    gen = torch.Generator().manual_seed(8)
+    x, res, dy = (torch.randn(1000, 1024, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+    weight, lin = (torch.randn(1024, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    stream = torch.cuda.current_stream().cuda_stream
+    _, mean, rstd = C.layer_norm_forward(x, weight, weight, res, lin, 1e-5, stream)
+    first = C.layer_norm_backward(dy, x, weight, res, lin, mean, rstd, stream)
+    second = C.layer_norm_backward(dy, x, weight, res, lin, mean, rstd, stream)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    dx1, db1 = C.bias_gelu_backward(dy, x, lin, stream)
+    dx2, db2 = C.bias_gelu_backward(dy, x, lin, stream)
+    assert torch.equal(db1, db2) and torch.equal(dx1, dx2)
+
+
+@needs_gpu
+def test_cuda_embedding_ids_out_of_range_give_nan_rows():
+    word, position, token_type = (torch.randn(n, 8, device="cuda") for n in (10, 4, 2))
+    ids = torch.tensor([[1, 2, 10]], device="cuda")
+    y, _, _ = C.embedding_layer_norm_forward(
+        ids,
+        ids * 0,
+        ids * 0,
+        word,
+        position,
+        token_type,
+        torch.ones(8, device="cuda"),
+        torch.zeros(8, device="cuda"),
+        1e-12,
+        torch.cuda.current_stream().cuda_stream,
+    )
+    assert torch.isfinite(y[0, :2]).all() and torch.isnan(y[0, 2]).all()
