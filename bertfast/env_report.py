@@ -42,7 +42,14 @@ def report() -> dict[str, object]:
         "transformers": _version("transformers"),
         "GPU": gpu_description(),
         "backends": backends,
+        "extension": _extension_info(),
     }
+
+
+def _extension_info() -> dict[str, object]:
+    from ._ext import build_info
+
+    return build_info()
 
 
 def format_report(info: dict[str, object]) -> str:
@@ -50,7 +57,8 @@ def format_report(info: dict[str, object]) -> str:
     for key, value in info.items():
         if isinstance(value, dict):
             lines.append(f"{key}:")
-            lines.extend(f"  {name:<10} {status}" for name, status in value.items())
+            width = max((len(name) for name in value), default=0)
+            lines.extend(f"  {name:<{width}}  {status}" for name, status in value.items())
         else:
             lines.append(f"{key:<13} {value}")
     return "\n".join(lines)
