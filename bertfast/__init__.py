@@ -10,7 +10,10 @@ Compute goes through :mod:`bertfast.ops`, whose backends are "reference" (PyTorc
 
 from . import ops
 from .config import BertConfig
+from .cuda_graphs import CUDAGraphRunner
 from .errors import BackendUnavailable
+from .hf import convert as from_hf
+from .hf import register_attention
 from .loading import CheckpointError
 from .modeling import (
     BertForMaskedLM,
@@ -21,6 +24,7 @@ from .modeling import (
     BertModel,
     BertPreTrainedModel,
 )
+from .patching import PatchError, PatchWarning, is_patched, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -34,7 +38,15 @@ __all__ = [
     "BertForTokenClassification",
     "BertModel",
     "BertPreTrainedModel",
+    "CUDAGraphRunner",
     "CheckpointError",
+    "PatchError",
+    "PatchWarning",
     "__version__",
+    "from_hf",
+    "is_patched",
     "ops",
+    "patch",
+    "register_attention",
+    "unpatch",
 ]

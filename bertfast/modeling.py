@@ -46,6 +46,16 @@ def check_backend(name: str | None) -> str:
     return name
 
 
+def _like(t, ref):
+    """``t`` in ``ref``'s dtype (differentiable; free when the dtypes already agree).
+
+    Under torch.autocast the GEMMs return low precision while the parameters stay fp32, and
+    the fused ops take one dtype.  As autocast does for PyTorch's own ops, bias-GELU runs in
+    the GEMM's dtype and LayerNorm in the parameters' (so the residual stream stays fp32).
+    """
+    return None if t is None else t.to(ref.dtype)
+
+
 def _hidden_dropout_active(module: nn.Module, p: float) -> bool:
     return module.training and p > 0.0
 
@@ -119,10 +129,18 @@ class _DenseResidualLayerNorm(nn.Module):
         ln = self.LayerNorm
         if _hidden_dropout_active(self, self.dropout.p):
             h = self.dropout(F.linear(x, self.dense.weight, self.dense.bias))
-            return ops.layer_norm(h, ln.weight, ln.bias, ln.eps, residual=residual, backend=backend)
+            return ops.layer_norm(
+                _like(h, ln.weight), ln.weight, ln.bias, ln.eps, residual=_like(residual, ln.weight), backend=backend
+            )
         h = F.linear(x, self.dense.weight)
         return ops.layer_norm(
-            h, ln.weight, ln.bias, ln.eps, residual=residual, linear_bias=self.dense.bias, backend=backend
+            _like(h, ln.weight),
+            ln.weight,
+            ln.bias,
+            ln.eps,
+            residual=_like(residual, ln.weight),
+            linear_bias=_like(self.dense.bias, ln.weight),
+            backend=backend,
         )
 
 
@@ -147,7 +165,8 @@ class BertIntermediate(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, backend):
-        return ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, backend=backend)
+        h = F.linear(x, self.dense.weight)
+        return ops.bias_gelu(h, _like(self.dense.bias, h), backend=backend)
 
 
 class BertOutput(_DenseResidualLayerNorm):
@@ -343,7 +362,8 @@ class BertModel(BertPreTrainedModel):
                 raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
             if name != "attention_mask" and (t.dtype.is_floating_point or t.dtype == torch.bool):
                 raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if torch.compiler.is_compiling() or capturing or input_ids.numel() == 0:
             return  # range checks read values back to the host: done in eager mode only
         ranges = [("input_ids", input_ids, config.vocab_size)]
         if token_type_ids is not None:
@@ -418,9 +438,10 @@ class BertPredictionHeadTransform(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x, backend):
-        h = ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, backend=backend)
+        h = F.linear(x, self.dense.weight)
+        h = ops.bias_gelu(h, _like(self.dense.bias, h), backend=backend)
         ln = self.LayerNorm
-        return ops.layer_norm(h, ln.weight, ln.bias, ln.eps, backend=backend)
+        return ops.layer_norm(_like(h, ln.weight), ln.weight, ln.bias, ln.eps, backend=backend)
 
 
 class BertLMPredictionHead(nn.Module):

@@ -161,3 +161,23 @@ def test_unpadded_masked_lm_loss_matches_hugging_face():
     assert rel_error(ours.loss, theirs.loss) <= MODEL_FP32_REL_TOL
     valid = mask.bool()
     assert rel_error(ours.logits[valid], theirs.logits[valid]) <= MODEL_FP32_REL_TOL
+
+
+def test_autocast_bf16_within_the_low_precision_policy():
+    """Under torch.autocast the model's error is held to 2x Hugging Face's own autocast error."""
+    from bertfast.numerics import lowp_bound, max_abs_error
+
+    config = small_config()
+    model = bertfast.BertModel(config, backend="reference").eval()
+    hf = hf_twin(model)
+    ids, types, mask = ragged_batch(config, [12, 7], seq=12)
+    valid = mask.bool()
+    with torch.no_grad():
+        ref64 = bertfast.BertModel(config, backend="reference").double().eval()
+        ref64.load_state_dict(model.state_dict())
+        exact = ref64(ids, mask, types).last_hidden_state[valid]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = model(ids, mask, types).last_hidden_state[valid]
+            theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state[valid]
+    assert ours.dtype == theirs.dtype == torch.float32  # LayerNorm outputs stay fp32 under autocast
+    assert max_abs_error(ours, exact) <= lowp_bound(theirs, exact, torch.bfloat16, "forward")

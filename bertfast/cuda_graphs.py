@@ -1,0 +1,314 @@
+"""CUDA graphs for BERT inference: capture once per (batch, sequence) bucket, then replay.
+
+    runner = bertfast.CUDAGraphRunner(model)               # model: bertfast, or a patched transformers BERT
+    out = runner(input_ids, attention_mask, token_type_ids)  # same output type as model(...)
+
+A forward pass of a small batch launches hundreds of kernels; at batch 1-8 the CPU time to
+launch them exceeds the GPU time to run them.  A CUDA graph records the launches once and
+replays them with one call.  Graphs have fixed shapes, so inputs are padded up to a
+*bucket*: the smallest ``batch_buckets`` entry >= batch and the smallest ``seq_buckets``
+entry >= seq.  Padding is masked out (``attention_mask`` 0, ``input_ids`` the pad token,
+``token_type_ids`` 0), so valid positions do not see it: every valid output equals the eager
+forward on the padded inputs bit for bit (the same kernels run on the same data; bertfast
+models run their padded path in a graph, never the data-dependent unpadded one), and
+equals the eager forward on the unpadded inputs up to rounding (GEMMs over a different
+number of rows may sum in a different order).  Outputs are cropped back to the real batch
+and sequence length and cloned out of the graph's static memory.
+
+Cropping rule: every tensor output is cropped to the real batch along dim 0; along dim 1
+(the sequence) when it has rank >= 3 (``last_hidden_state``, ``hidden_states``, token-level
+``logits``) or is a per-token field of rank 2 (``start_logits``, ``end_logits``).  Other
+rank-2 outputs (``pooler_output``, sequence-level ``logits``) are per sequence.
+
+Requirements, each checked with a clear error: a CUDA model and CUDA inputs; eval mode (the
+graphs are inference-only, run under ``torch.no_grad``); a bertfast model or a transformers
+BERT patched with :func:`bertfast.patch` (Hugging Face's own forward reads mask values back to
+the host while building its 4-D mask, which a graph cannot capture).  If the model's
+parameters are moved or reallocated (``model.to(...)``, ``load_state_dict(assign=True)``),
+the graphs are recaptured; in-place weight updates are seen by the graphs directly.
+Labels/losses are not supported (inference only).  Graph memory is shared by all buckets
+through one memory pool.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+import torch
+from torch import nn
+
+__all__ = ["CUDAGraphRunner", "check_inputs", "choose_bucket", "crop_outputs", "pad_inputs"]
+
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_SEQ_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
+
+# Rank-2 outputs that are per token, (batch, seq): cropped along dim 1 too.
+PER_TOKEN_RANK2_FIELDS = ("start_logits", "end_logits")
+
+
+def _check_buckets(name: str, buckets) -> tuple[int, ...]:
+    values = tuple(buckets)
+    if not values or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in values):
+        raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {buckets!r}")
+    return tuple(sorted(set(values)))
+
+
+def choose_bucket(batch: int, seq: int, batch_buckets, seq_buckets) -> tuple[int, int]:
+    """The smallest ``(batch_bucket, seq_bucket)`` that holds a ``(batch, seq)`` input."""
+    batch_buckets = _check_buckets("batch_buckets", batch_buckets)
+    seq_buckets = _check_buckets("seq_buckets", seq_buckets)
+    if batch < 1 or seq < 1:
+        raise ValueError(f"CUDA graphs need a non-empty input, got batch {batch} and sequence length {seq}")
+    i = bisect.bisect_left(batch_buckets, batch)
+    j = bisect.bisect_left(seq_buckets, seq)
+    if i == len(batch_buckets):
+        raise ValueError(f"batch {batch} is larger than the largest batch bucket ({batch_buckets[-1]})")
+    if j == len(seq_buckets):
+        raise ValueError(f"sequence length {seq} is longer than the largest sequence bucket ({seq_buckets[-1]})")
+    return batch_buckets[i], seq_buckets[j]
+
+
+def pad_inputs(input_ids, attention_mask, token_type_ids, bucket: tuple[int, int], pad_token_id: int = 0, out=None):
+    """Pad ``(batch, seq)`` inputs to ``bucket``: ids with ``pad_token_id``, mask and token types with 0.
+
+    ``attention_mask``/``token_type_ids`` may be None (all tokens / type 0).  With ``out``
+    (three tensors of the bucket's shape) the inputs are written into them in place (the
+    graph's static inputs); otherwise new tensors are returned.  The mask comes back in
+    ``input_ids``' integer dtype unless ``out`` says otherwise.
+    """
+    batch, seq = input_ids.shape
+    bucket_batch, bucket_seq = bucket
+    if batch > bucket_batch or seq > bucket_seq:
+        raise ValueError(f"input of shape {(batch, seq)} does not fit bucket {bucket}")
+    if out is None:
+        device = input_ids.device
+        mask_dtype = input_ids.dtype if attention_mask is None else attention_mask.dtype
+        out = (
+            torch.empty(bucket, dtype=input_ids.dtype, device=device),
+            torch.empty(bucket, dtype=mask_dtype, device=device),
+            torch.empty(bucket, dtype=input_ids.dtype, device=device),
+        )
+    ids_out, mask_out, types_out = out
+    ids_out.fill_(pad_token_id)
+    ids_out[:batch, :seq].copy_(input_ids)
+    mask_out.zero_()
+    if attention_mask is None:
+        mask_out[:batch, :seq].fill_(1)
+    else:
+        mask_out[:batch, :seq].copy_(attention_mask)
+    types_out.zero_()
+    if token_type_ids is not None:
+        types_out[:batch, :seq].copy_(token_type_ids)
+    return out
+
+
+def _crop_tensor(t: torch.Tensor, batch: int, seq: int, per_token: bool, clone: bool) -> torch.Tensor:
+    t = t[:batch]
+    if per_token:
+        t = t[:, :seq]
+    return t.clone() if clone else t
+
+
+def crop_outputs(outputs, batch: int, seq: int, clone: bool = True):
+    """Crop a model's outputs at a bucket back to ``(batch, seq)`` by the rule in the module docstring.
+
+    Works on dataclass outputs (bertfast's and Hugging Face's), tuples and lists, and tensors.
+    """
+
+    def crop(value, field=None):
+        if isinstance(value, torch.Tensor):
+            per_token = value.dim() >= 3 or (value.dim() == 2 and field in PER_TOKEN_RANK2_FIELDS)
+            return _crop_tensor(value, batch, seq, per_token, clone)
+        if isinstance(value, (tuple, list)):
+            return type(value)(crop(v, field) for v in value)
+        return value
+
+    if dataclasses.is_dataclass(outputs) and not isinstance(outputs, type):
+        changes = {f.name: crop(getattr(outputs, f.name), f.name) for f in dataclasses.fields(outputs) if f.init}
+        return type(outputs)(**changes)
+    return crop(outputs)
+
+
+def check_inputs(input_ids, attention_mask, token_type_ids, device: torch.device) -> None:
+    """Types, shapes and devices of a runner's inputs: CUDA tensors on ``device``, all ``(batch, seq)``."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+    for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need CUDA tensors; {name} is on {t.device}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the model is on {device}")
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
+        if name != "attention_mask" and (t.dtype.is_floating_point or t.dtype == torch.bool):
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+@dataclasses.dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    outputs: object
+
+
+class CUDAGraphRunner:
+    """Run a BERT model's inference forward through CUDA graphs, one per (batch, seq) bucket.
+
+    ``model``: a bertfast model, or a transformers BERT patched with :func:`bertfast.patch`,
+    on a CUDA device, in eval mode.  ``seq_buckets`` defaults to ``DEFAULT_SEQ_BUCKETS``
+    below the model's ``max_position_embeddings``, plus that length (at most 512).  Call
+    the runner like the model with ``input_ids``, ``attention_mask`` and ``token_type_ids``
+    (all ``(batch, seq)``, on the model's device); the result has the model's output type,
+    cropped to the input's batch and length.
+    Graphs are captured on first use of a bucket (or ahead of time with :meth:`capture`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_buckets=DEFAULT_BATCH_BUCKETS,
+        seq_buckets=None,
+        pad_token_id: int | None = None,
+        warmup_iters: int = 2,
+        clone_outputs: bool = True,
+    ):
+        from .modeling import BertPreTrainedModel
+        from .patching import is_patched
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._native = isinstance(model, BertPreTrainedModel)
+        if not self._native and not is_patched(model):
+            raise TypeError(
+                f"{type(model).__name__} is neither a bertfast model nor patched by bertfast.patch: Hugging Face's own "
+                "forward reads the mask back to the host, which a CUDA graph cannot capture; call bertfast.patch(model)"
+            )
+        self.model = model
+        self._device = self._model_device()
+        max_positions = model.config.max_position_embeddings
+        if seq_buckets is None:  # the defaults, clipped to what the model can take
+            seq_buckets = [b for b in DEFAULT_SEQ_BUCKETS if b < max_positions] + [min(512, max_positions)]
+        self.batch_buckets = _check_buckets("batch_buckets", batch_buckets)
+        self.seq_buckets = _check_buckets("seq_buckets", seq_buckets)
+        if self.seq_buckets[-1] > max_positions:
+            raise ValueError(
+                f"seq bucket {self.seq_buckets[-1]} is longer than the model's "
+                f"max_position_embeddings ({max_positions})"
+            )
+        if pad_token_id is None:
+            pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+        self.pad_token_id = int(pad_token_id)
+        if warmup_iters < 1:
+            raise ValueError(f"warmup_iters must be >= 1 (kernels compile and autotune there), got {warmup_iters}")
+        self.warmup_iters = int(warmup_iters)
+        self.clone_outputs = bool(clone_outputs)
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = None
+        self._parameter_fingerprint = self._fingerprint()
+
+    # -- checks --------------------------------------------------------------------
+    def _model_device(self) -> torch.device:
+        devices = {p.device for p in self.model.parameters()}
+        if len(devices) != 1:
+            raise ValueError(f"the model's parameters must be on one CUDA device, found {sorted(map(str, devices))}")
+        device = devices.pop()
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"CUDA graphs need a model on a CUDA device; its parameters are on {device} (model.to('cuda') first)"
+            )
+        return device
+
+    def _fingerprint(self) -> tuple:
+        return tuple((p.data_ptr(), p.dtype, p.device) for p in self.model.parameters())
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids) -> None:
+        if self.model.training:
+            raise RuntimeError("CUDA graphs here are for inference: call model.eval() first")
+        if self._fingerprint() != self._parameter_fingerprint:
+            # The graphs read parameters at the addresses they were captured with.
+            self.reset()
+            self._device = self._model_device()
+            self._parameter_fingerprint = self._fingerprint()
+        check_inputs(input_ids, attention_mask, token_type_ids, self._device)
+
+    # -- capture and replay --------------------------------------------------------
+    def reset(self) -> None:
+        """Drop every captured graph (and the memory they hold)."""
+        self._graphs.clear()
+        self._pool = None
+
+    @property
+    def captured_buckets(self) -> list[tuple[int, int]]:
+        return sorted(self._graphs)
+
+    def _call_model(self, ids, mask, types):
+        if self._native:
+            return self.model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        return self.model(input_ids=ids, attention_mask=mask, token_type_ids=types, return_dict=True)
+
+    def _padded_forward_modes(self):
+        """bertfast models may unpad (data-dependent shapes): graphs always run the padded path."""
+        from .modeling import BertModel
+
+        saved = [(m, m.unpad) for m in self.model.modules() if isinstance(m, BertModel) and hasattr(m, "unpad")]
+        for m, _ in saved:
+            m.unpad = False
+        return saved
+
+    def capture(self, batch: int, seq: int, mask_dtype: torch.dtype = torch.long) -> tuple[int, int]:
+        """Capture the graph of the bucket holding ``(batch, seq)`` now; returns the bucket."""
+        bucket = choose_bucket(batch, seq, self.batch_buckets, self.seq_buckets)
+        if bucket in self._graphs:
+            return bucket
+        if self.model.training:
+            raise RuntimeError("CUDA graphs here are for inference: call model.eval() first")
+        device = self._device
+        static = (
+            torch.full(bucket, self.pad_token_id, dtype=torch.long, device=device),
+            torch.zeros(bucket, dtype=mask_dtype, device=device),
+            torch.zeros(bucket, dtype=torch.long, device=device),
+        )
+        static[1][:, 0] = 1  # a valid first token per row, so warm-up sees a realistic mask
+        saved = self._padded_forward_modes()
+        try:
+            with torch.no_grad(), torch.cuda.device(device):
+                # Warm up on a side stream: lazy initialisation, kernel compilation and
+                # autotuning must happen before capture, never inside it.
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup_iters):
+                        self._call_model(*static)
+                torch.cuda.current_stream().wait_stream(side)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    outputs = self._call_model(*static)
+        finally:
+            for m, mode in saved:
+                m.unpad = mode
+        self._graphs[bucket] = _Graph(graph=graph, inputs=static, outputs=outputs)
+        return bucket
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        self._check_inputs(input_ids, attention_mask, token_type_ids)
+        batch, seq = input_ids.shape
+        bucket = choose_bucket(batch, seq, self.batch_buckets, self.seq_buckets)
+        entry = self._graphs.get(bucket)
+        if entry is None:
+            mask_dtype = attention_mask.dtype if attention_mask is not None else torch.long
+            self.capture(batch, seq, mask_dtype=mask_dtype)
+            entry = self._graphs[bucket]
+        if attention_mask is not None and attention_mask.dtype != entry.inputs[1].dtype:
+            attention_mask = attention_mask.to(entry.inputs[1].dtype)
+        pad_inputs(input_ids, attention_mask, token_type_ids, bucket, self.pad_token_id, out=entry.inputs)
+        entry.graph.replay()
+        return crop_outputs(entry.outputs, batch, seq, clone=self.clone_outputs)

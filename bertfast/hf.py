@@ -1,0 +1,356 @@
+"""Hugging Face interoperability: converting live transformers models, and an attention function for transformers.
+
+Two ways to run a transformers BERT on bertfast besides :func:`bertfast.patch`:
+
+1. Conversion: ``bertfast.BertForSequenceClassification.from_hf(hf_model)`` (any of the six
+   classes below), or :func:`convert` to pick the class by the Hugging Face class name.  The
+   Hugging Face config is mapped field for field to :class:`bertfast.BertConfig` and the
+   weights are copied (same names, same dtype and device); the result is a native bertfast
+   model in the Hugging Face model's train/eval mode.  What bertfast cannot represent
+   (a decoder, relative position embeddings, an activation other than the erf GELU, an MLM
+   decoder not tied to the word embeddings) raises ``ValueError``.
+
+2. An attention implementation for transformers' own model code: :func:`register_attention`
+   adds ``"bertfast"`` to transformers' ``AttentionInterface`` (and a matching entry to its
+   ``AttentionMaskInterface``), so ``BertModel.from_pretrained(..., attn_implementation="bertfast")``
+   or ``model.set_attn_implementation("bertfast")`` runs every self-attention through
+   ``bertfast.ops.attention``; everything else stays Hugging Face's.  Limits: it needs a
+   transformers whose BERT calls the registry (5.x; older versions raise on registration);
+   it runs bidirectional self-attention only (no cache, no cross-attention, no causal
+   mask); ``output_attentions`` raises.  The mask entry hands the attention the user's 2-D
+   padding mask unchanged; a 4-D mask (a user's own, or from a transformers without the
+   mask registry) is converted back by :func:`key_padding_mask_from_hf` when it is a
+   key-padding mask (boolean, or additive with 0 / a large negative value, the same for
+   every query) and raises otherwise.  Checking that needs the values, so in eager mode only;
+   under ``torch.compile`` a 4-D mask that is not expanded from one row is assumed to be a
+   key-padding mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import BertConfig
+from .modeling import check_backend
+
+__all__ = [
+    "SUPPORTED_CLASSES",
+    "attention_forward",
+    "config_from_hf",
+    "convert",
+    "from_hf",
+    "key_padding_mask_from_hf",
+    "register_attention",
+]
+
+# Hugging Face class name -> bertfast class name (the same names).
+SUPPORTED_CLASSES = (
+    "BertModel",
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertForQuestionAnswering",
+)
+
+
+# --------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------
+
+
+def config_from_hf(hf_config) -> BertConfig:
+    """A :class:`BertConfig` with the Hugging Face config's fields; unknown ones land in ``extra``.
+
+    Raises ``ValueError`` naming the field when bertfast cannot represent the model.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != "bert":
+        raise ValueError(f"expected a BERT config (model_type 'bert'), got model_type {model_type!r}")
+    data = hf_config.to_dict()
+    act = getattr(hf_config, "hidden_act", None)
+    if not isinstance(act, str):  # a callable activation does not survive to_dict; say so clearly
+        raise ValueError(f"hidden_act {act!r} is not supported; bertfast implements 'gelu' (the erf GELU)")
+    data["num_labels"] = hf_config.num_labels
+    # These only matter to decoders; an encoder config carries them as False.
+    for flag in ("is_decoder", "add_cross_attention"):
+        if getattr(hf_config, flag, False):
+            raise ValueError(f"{flag} is set: bertfast implements the BERT encoder only")
+    try:
+        return BertConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"cannot convert this Hugging Face BERT config: {exc}") from exc
+
+
+def _hf_class_name(hf_model: nn.Module) -> str | None:
+    """The supported Hugging Face class ``hf_model`` is (or derives from), by name."""
+    for klass in type(hf_model).__mro__:
+        if klass.__name__ in SUPPORTED_CLASSES and klass.__module__.startswith("transformers."):
+            return klass.__name__
+    return None
+
+
+def _check_tied_heads(hf_model: nn.Module) -> None:
+    """bertfast always ties the MLM decoder to the word embeddings; refuse a model where they differ."""
+    predictions = getattr(getattr(hf_model, "cls", None), "predictions", None)
+    if predictions is None:
+        return
+    pairs = (
+        ("cls.predictions.decoder.weight", predictions.decoder.weight, hf_model.bert.embeddings.word_embeddings.weight),
+        ("cls.predictions.decoder.bias", predictions.decoder.bias, predictions.bias),
+    )
+    for name, tensor, tied_to in pairs:
+        if tensor is None or tensor is tied_to:
+            continue
+        if tensor.shape != tied_to.shape or not torch.equal(tensor, tied_to):
+            raise ValueError(
+                f"{name} is not tied in this Hugging Face model and differs from the tensor bertfast ties it to; "
+                "bertfast's MLM heads always share the decoder with the word embeddings"
+            )
+
+
+def _check_activations(hf_model: nn.Module) -> None:
+    """The config says "gelu"; refuse a model whose activation modules were replaced since."""
+    from transformers.activations import GELUActivation
+
+    for name, module in hf_model.named_modules():
+        act = getattr(module, "intermediate_act_fn", None) or getattr(module, "transform_act_fn", None)
+        if act is not None and type(act) is not GELUActivation:
+            raise ValueError(f"{name} uses {type(act).__name__}; bertfast implements the erf GELU only")
+
+
+def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
+    """Build bertfast class ``cls`` from the live transformers model ``hf_model`` (weights copied).
+
+    ``cls`` is a bertfast model class, or ``None`` to pick the one named like the Hugging
+    Face class.  ``bertfast.BertModel`` also takes the encoder of any Hugging Face BERT head
+    model (``hf_model.bert``); a head class must match the Hugging Face head.  The result
+    has the Hugging Face model's dtype, device and train/eval mode.
+    """
+    from . import modeling
+    from .loading import map_checkpoint_keys
+
+    if not isinstance(hf_model, nn.Module):
+        raise TypeError(f"hf_model must be a transformers model, got {type(hf_model).__name__}")
+    if isinstance(hf_model, modeling.BertPreTrainedModel):
+        raise TypeError(f"{type(hf_model).__name__} is already a bertfast model")
+    hf_name = _hf_class_name(hf_model)
+    if hf_name is None:
+        raise TypeError(
+            f"{type(hf_model).__name__} is not a supported transformers BERT class; supported: "
+            + ", ".join(SUPPORTED_CLASSES)
+        )
+    if cls is None:
+        cls = getattr(modeling, hf_name)
+    if not (isinstance(cls, type) and issubclass(cls, modeling.BertPreTrainedModel)):
+        raise TypeError(f"cls must be a bertfast model class, got {cls!r}")
+    source = hf_model
+    if issubclass(cls, modeling.BertModel):
+        if hf_name != "BertModel":
+            source = hf_model.bert  # the encoder of a head model
+    elif cls.__name__ != hf_name:
+        raise TypeError(f"cannot build bertfast.{cls.__name__} from a transformers {hf_name}: the heads differ")
+    else:
+        _check_tied_heads(hf_model)
+
+    config = config_from_hf(source.config)
+    _check_activations(source)
+    backend = check_backend(backend)
+    if issubclass(cls, modeling.BertModel):
+        model = cls(config, backend=backend, add_pooling_layer=source.pooler is not None)
+    else:
+        model = cls(config, backend=backend)
+    reference = source.get_input_embeddings().weight
+    dtypes = {p.dtype for p in source.parameters()}
+    if len(dtypes) > 1:
+        warnings.warn(
+            f"the Hugging Face model mixes parameter dtypes {sorted(map(str, dtypes))}; the bertfast model "
+            f"holds every weight in {reference.dtype}",
+            stacklevel=2,
+        )
+    model.to(device=reference.device, dtype=reference.dtype)
+    state = map_checkpoint_keys(source.state_dict(), set(model.state_dict()))
+    model.load_state_dict(state, strict=True)
+    return model.train(hf_model.training)
+
+
+def convert(hf_model: nn.Module, backend: str | None = "auto"):
+    """The bertfast model of the same class as the transformers model ``hf_model``, weights copied."""
+    return from_hf(None, hf_model, backend)
+
+
+# --------------------------------------------------------------------------------------
+# The attention function for transformers' AttentionInterface
+# --------------------------------------------------------------------------------------
+
+
+def _values_checkable() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def key_padding_mask_from_hf(attention_mask, batch: int, q_len: int, kv_len: int):
+    """The ``(batch, kv_len)`` boolean key-padding mask (True = token) a transformers mask encodes, or None.
+
+    Accepts ``None``, a 2-D ``(batch, kv_len)`` padding mask (nonzero = token), or a 4-D
+    ``(batch or 1, heads or 1, q_len or 1, kv_len)`` mask: boolean (True = attend) or
+    additive (0 = attend, a large negative value = masked).  A 4-D mask must be the same for
+    every query and head (that is what a key-padding mask is); otherwise, or for any other
+    value or shape, ``ValueError``/``NotImplementedError`` is raised.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise NotImplementedError(
+            f"the bertfast attention takes a tensor mask, got {type(attention_mask).__name__} "
+            "(flex-attention block masks are not supported)"
+        )
+    mask = attention_mask
+    if mask.dim() == 2:
+        if tuple(mask.shape) != (batch, kv_len):
+            raise ValueError(f"a 2-D attention mask must have shape {(batch, kv_len)}, got {tuple(mask.shape)}")
+        return mask if mask.dtype == torch.bool else mask != 0
+    if mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[2] not in (1, q_len) or mask.shape[3] != kv_len:
+        raise NotImplementedError(
+            f"the bertfast attention takes a key-padding mask; got a mask of shape {tuple(mask.shape)} "
+            f"for batch {batch}, {q_len} queries and {kv_len} keys"
+        )
+    checkable = _values_checkable()
+    if mask.dtype == torch.bool:
+        keep4 = mask
+    elif mask.dtype.is_floating_point:
+        keep4 = mask == 0
+        if checkable:
+            blocked = mask <= torch.finfo(mask.dtype).min / 2  # transformers uses finfo.min (or -inf)
+            if not bool((keep4 | blocked).all()):
+                raise NotImplementedError(
+                    "this additive attention mask holds values other than 0 and a large negative number: it is a "
+                    "bias, not a padding mask, and the bertfast attention cannot apply it"
+                )
+    else:
+        raise NotImplementedError(f"attention masks of dtype {mask.dtype} are not supported")
+    keep = keep4[:, 0, 0, :]
+    # An expanded view is one row for every query and head by construction: nothing to check.
+    broadcast = (mask.shape[1] == 1 or mask.stride(1) == 0) and (mask.shape[2] == 1 or mask.stride(2) == 0)
+    if checkable and not broadcast and not torch.equal(keep4, keep[:, None, None, :].expand_as(keep4)):
+        raise NotImplementedError(
+            "this attention mask differs between queries or heads (causal or custom pattern); the bertfast "
+            "attention supports key-padding masks only"
+        )
+    return keep.expand(batch, kv_len)
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    backend: str | None = "auto",
+    **kwargs,
+):
+    """The transformers attention-interface function, through ``bertfast.ops.attention``.
+
+    ``query, key, value``: ``(batch, heads, seq, head_dim)``.  Returns ``(output, None)``:
+    the output as ``(batch, seq, heads, head_dim)``, and no probabilities (bertfast never
+    forms them).
+    """
+    config = getattr(module, "config", None)
+    if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+        raise NotImplementedError(
+            "output_attentions=True is not supported by the 'bertfast' attention implementation (it never forms the "
+            "probability matrix); use attn_implementation='eager' for attention probabilities"
+        )
+    if getattr(module, "is_causal", False) or kwargs.get("is_causal"):
+        raise NotImplementedError("the 'bertfast' attention implementation is bidirectional only (no causal masks)")
+    if query.dim() != 4:
+        raise ValueError(f"query must have shape (batch, heads, seq, head_dim), got {tuple(query.shape)}")
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[-2]
+    if kv_len != q_len or key.shape[0] != batch:
+        raise NotImplementedError(
+            f"the 'bertfast' attention implementation runs self-attention without a cache; got {q_len} queries "
+            f"and {kv_len} keys"
+        )
+    keep = key_padding_mask_from_hf(attention_mask, batch, q_len, kv_len)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # views: head_dim stays contiguous
+    out = ops.attention(q, k, v, keep, scale=scaling, dropout_p=float(dropout), backend=backend)
+    return out, None
+
+
+def _padding_mask_for_bertfast(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask=None,
+    **kwargs,
+):
+    """transformers mask-interface function: the 2-D padding mask itself for a plain bidirectional mask.
+
+    Anything else (causal, offsets, overlays) is built as transformers' 4-D boolean mask,
+    which :func:`key_padding_mask_from_hf` accepts only if it is a key-padding mask.
+    """
+    from transformers import masking_utils
+
+    plain = (
+        mask_function is masking_utils.bidirectional_mask_function
+        and q_offset == 0
+        and kv_offset == 0
+        and q_length == kv_length
+        and (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape[-1] == kv_length))
+    )
+    if plain:
+        return attention_mask
+    kwargs.pop("allow_is_causal_skip", None)
+    kwargs.pop("allow_is_bidirectional_skip", None)
+    return masking_utils.sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+        **kwargs,
+    )
+
+
+def register_attention(name: str = "bertfast", backend: str | None = "auto") -> str:
+    """Register the bertfast attention with transformers under ``name``; returns ``name``.
+
+    Then ``attn_implementation=name`` selects it in transformers models whose attention
+    calls the registry (BERT in transformers 5).  ``backend`` is the bertfast backend the
+    attention runs on.  Registering again replaces the earlier registration.  Raises
+    ``RuntimeError`` when the installed transformers has no attention registry.
+    """
+    backend = check_backend(backend)
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError("register_attention needs transformers (pip install 'transformers>=5')") from exc
+    interface = getattr(transformers, "AttentionInterface", None)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        AttentionMaskInterface = None
+    if interface is None or AttentionMaskInterface is None:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} has no AttentionInterface/AttentionMaskInterface registry, "
+            "so its BERT cannot call a registered attention; use bertfast.patch(model) or bertfast's own models"
+        )
+    interface.register(name, functools.partial(attention_forward, backend=backend))
+    AttentionMaskInterface.register(name, _padding_mask_for_bertfast)
+    return name

@@ -1,0 +1,601 @@
+"""Accelerate a live Hugging Face BERT model in place: ``patch`` and ``unpatch``.
+
+    model = transformers.BertForSequenceClassification.from_pretrained(...)
+    bertfast.patch(model)            # this instance now computes through bertfast.ops
+    ...
+    bertfast.unpatch(model)          # back to Hugging Face's own forward, exactly
+
+What changes, and what does not
+-------------------------------
+``patch`` sets an instance attribute ``forward`` on two kinds of submodule of *this* model
+(never a class attribute, so other instances and the ``transformers`` module are untouched;
+``copy.deepcopy`` and pickling carry the patch along):
+
+- the ``BertModel`` (``model`` itself or ``model.bert``): one function runs the embeddings,
+  every encoder layer and the pooler, reading the model's own parameters::
+
+      embeddings   LN(word[ids] + position[pos] + token_type[tt])        ops.embedding_layer_norm
+      per layer    qkv = x @ [Wq; Wk; Wv]^T + b      one GEMM; q, k, v are strided views of qkv
+                   a   = attention(q, k, v, key-padding mask)           ops.attention
+                   x   = LN(a @ Wo^T + bo + x)                           GEMM + ops.layer_norm (bias fused)
+                   f   = gelu(x @ Wi^T + bi)                             GEMM + ops.bias_gelu
+                   x   = LN(f @ Wf^T + bf + x)                           GEMM + ops.layer_norm (bias fused)
+      pooler       the model's own pooler module
+
+  It is patched at the ``BertModel`` level because that is where the user's 2-D
+  ``(batch, seq)`` padding mask is still visible (Hugging Face expands it to 4-D inside).
+- every ``BertPredictionHeadTransform`` (the MLM heads): ``LN(gelu(x @ W^T + b))`` through
+  ``ops.bias_gelu`` and ``ops.layer_norm``.
+
+Parameters are used in place (no copies, names unchanged), so ``state_dict``,
+``save_pretrained``, optimizers and weight tying keep working; outputs keep Hugging Face's
+types (``return_dict=False`` gives tuples); gradients flow to every parameter;
+``train()``/``eval()`` switch dropout (hidden dropout as in Hugging Face, attention dropout
+through ``ops.attention(dropout_p=...)``, which only the reference backend implements, so
+``backend="auto"`` picks it for attention while training with attention dropout and an
+explicit ``backend="triton"`` raises ``BackendUnavailable`` then); fp32, fp16 and bf16 work,
+and so does ``torch.autocast`` (the layers then run in the autocast dtype, weights cast per
+call as autocast does for GEMMs, LayerNorm statistics in fp32, the residual stream in the
+autocast dtype where Hugging Face keeps it in fp32);
+``output_hidden_states`` (a flag, or in transformers 5 an index or list of indices) works;
+``inputs_embeds`` works; gradient checkpointing (``model.gradient_checkpointing_enable()``)
+is honoured; ``chunk_size_feed_forward`` is ignored (chunking does not change the result).
+
+Outputs at padding positions: a padded query still attends to the valid keys, exactly as
+in Hugging Face, so only rows whose mask is all zeros differ (bertfast gives them zero
+attention output, Hugging Face a uniform average); such rows are meaningless either way.
+
+What is not supported, and what happens
+---------------------------------------
+At patch time the model is left unpatched, with a :class:`PatchWarning` saying why
+(``strict=True`` raises :class:`PatchError` instead), when it is a decoder
+(``is_decoder``/``add_cross_attention``), uses relative position embeddings
+(``position_embedding_type`` other than ``"absolute"``), has ``hidden_act`` other than
+exactly ``"gelu"`` (the erf GELU), when a Linear/LayerNorm/Embedding has been replaced by
+another type (adapters such as LoRA, quantized layers) or is configured differently
+(no bias, ``max_norm``...), or when a submodule carries module hooks or an instance-level
+``forward`` of its own (accelerate's device hooks, another patch): the patched forward does
+not call the submodules, so those would silently stop running.  Hooks added *after*
+patching are not detected.
+
+At call time a clear error is raised (never a silently different answer) for
+``output_attentions=True`` (argument or config default), ``head_mask``,
+``encoder_hidden_states``/``encoder_attention_mask``, ``past_key_values``, an
+``attention_mask`` that is not a plain ``(batch, seq)`` key-padding mask (3-D or 4-D masks,
+a wrong shape, a floating mask with values other than 0 and 1), an unknown keyword
+argument, a sequence longer than ``max_position_embeddings``, and (in eager mode) ids out
+of range.  The value checks read a few numbers back to the host; they are skipped under
+``torch.compile`` and during CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .modeling import check_backend
+
+__all__ = ["PatchError", "PatchWarning", "is_patched", "patch", "unpatch"]
+
+# The instance attribute holding the backend on every patched module.
+_BACKEND_ATTR = "_bertfast_backend"
+
+# Whether the installed transformers predates its output-capturing refactor of BERT (set by
+# patch()).  Before it, return_dict=False gives ``(sequence_output, pooled_output_or_None,
+# *extras)``, which the heads index as ``outputs[2:]``, and output_hidden_states is a flag;
+# since, ``ModelOutput.to_tuple()`` (no Nones), and output_hidden_states may select indices.
+_LEGACY_TRANSFORMERS = False
+
+
+class PatchWarning(UserWarning):
+    """``bertfast.patch`` left (part of) a model unpatched; the message says why."""
+
+
+class PatchError(ValueError):
+    """``bertfast.patch(..., strict=True)`` could not patch the model; the message says why."""
+
+
+# --------------------------------------------------------------------------------------
+# Finding the modules and deciding whether they can be patched
+# --------------------------------------------------------------------------------------
+
+
+def _transformers_bert():
+    try:
+        from transformers.models.bert import modeling_bert
+    except ImportError as exc:  # transformers is an optional dependency
+        raise ImportError("bertfast.patch needs transformers (pip install 'transformers>=4.48')") from exc
+    return modeling_bert
+
+
+def _base_model(model: nn.Module, modeling_bert) -> nn.Module:
+    """The transformers ``BertModel`` inside ``model`` (``model`` itself or ``model.bert``)."""
+    from .modeling import BertPreTrainedModel
+
+    if isinstance(model, BertPreTrainedModel):
+        raise TypeError(f"{type(model).__name__} is already a bertfast model; patch() takes a transformers BERT model")
+    if hasattr(model, "_orig_mod"):  # torch.compile's wrapper: its compiled code would not see the patch
+        raise TypeError("patch the model before torch.compile: bertfast.patch(model), then torch.compile(model)")
+    if isinstance(model, modeling_bert.BertModel):
+        return model
+    if isinstance(model, modeling_bert.BertPreTrainedModel) and isinstance(
+        getattr(model, "bert", None), modeling_bert.BertModel
+    ):
+        return model.bert
+    raise TypeError(f"bertfast.patch takes a transformers BertModel or BertFor... model, got {type(model).__name__}")
+
+
+def _is_hf_output_capturing_hook(hook) -> bool:
+    # transformers 5 installs these lazily on BertLayer/BertSelfAttention to collect
+    # hidden states and attentions; they are inactive unless its own forward runs.
+    return getattr(hook, "__name__", "") == "output_capturing_hook"
+
+
+def _foreign_call_machinery(module: nn.Module) -> str | None:
+    if "forward" in module.__dict__:
+        return "it has an instance-level forward (another patch or an accelerate hook)"
+    if hasattr(module, "_hf_hook"):
+        return "it carries an accelerate hook (device_map / offloading)"
+    for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):
+        hooks = getattr(module, kind, {})
+        if any(not _is_hf_output_capturing_hook(h) for h in hooks.values()):
+            return f"it has {kind.strip('_').replace('_', ' ')} registered, which the patched forward would skip"
+    return None
+
+
+def _check_linear(name: str, module: nn.Module) -> str | None:
+    if type(module) is not nn.Linear:
+        return f"{name} is a {type(module).__name__}, not a plain torch.nn.Linear (adapter or quantized layer?)"
+    if module.bias is None:
+        return f"{name} has no bias"
+    return None
+
+
+def _check_layer_norm(name: str, module: nn.Module, hidden: int) -> str | None:
+    if type(module) is not nn.LayerNorm:
+        return f"{name} is a {type(module).__name__}, not a plain torch.nn.LayerNorm"
+    if tuple(module.normalized_shape) != (hidden,) or module.weight is None or module.bias is None:
+        return f"{name} is not an affine LayerNorm over the last dimension ({hidden})"
+    return None
+
+
+def _check_embedding(name: str, module: nn.Module) -> str | None:
+    if type(module) is not nn.Embedding:
+        return f"{name} is a {type(module).__name__}, not a plain torch.nn.Embedding"
+    if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+        return f"{name} uses max_norm, scale_grad_by_freq or sparse gradients"
+    return None
+
+
+def _is_erf_gelu(act) -> bool:
+    from transformers.activations import GELUActivation
+
+    return type(act) is GELUActivation
+
+
+def _config_reason(config) -> str | None:
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return "it is configured as a decoder (is_decoder / add_cross_attention); bertfast implements the encoder"
+    position = getattr(config, "position_embedding_type", "absolute") or "absolute"
+    if position != "absolute":
+        return f"position_embedding_type is {position!r}; bertfast implements absolute position embeddings only"
+    act = getattr(config, "hidden_act", None)
+    if not (isinstance(act, str) and act == "gelu"):
+        return f"hidden_act is {act!r}; bertfast implements exactly 'gelu' (the erf GELU)"
+    return None
+
+
+def _bert_model_reason(bert: nn.Module) -> str | None:
+    """Why this transformers BertModel cannot be patched, or None."""
+    reason = _config_reason(bert.config)
+    if reason is not None:
+        return reason
+    hidden = bert.config.hidden_size
+    emb = bert.embeddings
+    checks = [
+        _check_embedding("embeddings.word_embeddings", emb.word_embeddings),
+        _check_embedding("embeddings.position_embeddings", emb.position_embeddings),
+        _check_embedding("embeddings.token_type_embeddings", emb.token_type_embeddings),
+        _check_layer_norm("embeddings.LayerNorm", emb.LayerNorm, hidden),
+    ]
+    for i, layer in enumerate(bert.encoder.layer):
+        prefix = f"encoder.layer.{i}"
+        attention = layer.attention
+        if getattr(attention, "is_cross_attention", False) or hasattr(layer, "crossattention"):
+            return f"{prefix} has cross-attention"
+        sa = attention.self
+        for part in ("query", "key", "value"):
+            checks.append(_check_linear(f"{prefix}.attention.self.{part}", getattr(sa, part)))
+        if getattr(sa, "is_causal", False):
+            return f"{prefix}.attention.self is causal"
+        if hasattr(sa, "distance_embedding"):
+            return f"{prefix}.attention.self has relative position embeddings"
+        checks += [
+            _check_linear(f"{prefix}.attention.output.dense", attention.output.dense),
+            _check_layer_norm(f"{prefix}.attention.output.LayerNorm", attention.output.LayerNorm, hidden),
+            _check_linear(f"{prefix}.intermediate.dense", layer.intermediate.dense),
+            _check_linear(f"{prefix}.output.dense", layer.output.dense),
+            _check_layer_norm(f"{prefix}.output.LayerNorm", layer.output.LayerNorm, hidden),
+        ]
+        if not _is_erf_gelu(layer.intermediate.intermediate_act_fn):
+            act = type(layer.intermediate.intermediate_act_fn).__name__
+            return f"{prefix}.intermediate uses {act}, not the erf GELU"
+    for reason in checks:
+        if reason is not None:
+            return reason
+    for name, module in bert.named_modules():
+        if module is bert or name.startswith("pooler"):
+            continue  # the pooler module is still called; hooks on it run
+        reason = _foreign_call_machinery(module)
+        if reason is not None:
+            return f"{name}: {reason}"
+    if "forward" in bert.__dict__:
+        return "the BertModel already has an instance-level forward (another patch or an accelerate hook)"
+    return None
+
+
+def _head_transform_reason(transform: nn.Module, config) -> str | None:
+    hidden = config.hidden_size
+    for reason in (
+        _check_linear("dense", transform.dense),
+        _check_layer_norm("LayerNorm", transform.LayerNorm, hidden),
+        _foreign_call_machinery(transform),
+        _foreign_call_machinery(transform.dense),
+        _foreign_call_machinery(transform.LayerNorm),
+    ):
+        if reason is not None:
+            return reason
+    if not _is_erf_gelu(transform.transform_act_fn):
+        return f"it uses {type(transform.transform_act_fn).__name__}, not the erf GELU"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# The patched forwards
+# --------------------------------------------------------------------------------------
+
+
+def _compiling_or_capturing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_call(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, kwargs):
+    """Argument checks of the patched BertModel.forward; returns (batch, seq, device)."""
+    config = self.config
+    for name in ("head_mask", "encoder_hidden_states", "encoder_attention_mask", "past_key_values"):
+        if kwargs.pop(name, None) is not None:
+            raise NotImplementedError(
+                f"{name} is not supported by bertfast-patched BERT (an encoder without head masking); "
+                "call bertfast.unpatch(model) to use it"
+            )
+    kwargs.pop("use_cache", None)  # an encoder has no cache; Hugging Face ignores it too
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
+    if unknown:
+        raise TypeError(f"bertfast-patched BertModel.forward got unsupported arguments: {unknown}")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        device = input_ids.device
+    else:
+        if inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must have shape (batch, seq, hidden), got {tuple(inputs_embeds.shape)}")
+        batch, seq = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+    if position_ids is None and seq > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {seq} is longer than max_position_embeddings ({config.max_position_embeddings})"
+        )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dim() != 2:
+            raise NotImplementedError(
+                f"bertfast takes a (batch, seq) key-padding attention_mask, got a {attention_mask.dim()}-D mask of "
+                f"shape {tuple(attention_mask.shape)} (custom 3-D/4-D masks are not supported; unpatch the model)"
+            )
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise ValueError(
+                f"attention_mask must have shape (batch, seq) = {(batch, seq)}, got {tuple(attention_mask.shape)}"
+            )
+    for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        if t is None:
+            continue
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        if t.dim() != 2 or t.shape[1] != seq or t.shape[0] not in (1, batch):
+            raise ValueError(f"{name} must have shape (batch, seq) or (1, seq) with seq={seq}, got {tuple(t.shape)}")
+    if _compiling_or_capturing() or batch * seq == 0:
+        return batch, seq, device
+    # Value checks: each reads back to the host, so eager mode only.
+    if attention_mask is not None and attention_mask.dtype.is_floating_point:
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError(
+                "a floating attention_mask must hold only 0 and 1 (bertfast takes a key-padding mask, not a bias)"
+            )
+    ranges = []
+    if input_ids is not None:
+        ranges.append(("input_ids", input_ids, config.vocab_size))
+    if token_type_ids is not None:
+        ranges.append(("token_type_ids", token_type_ids, config.type_vocab_size))
+    if position_ids is not None:
+        ranges.append(("position_ids", position_ids, config.max_position_embeddings))
+    if ranges:
+        bounds = torch.stack([torch.stack(torch.aminmax(t)).to(torch.int64) for _, t, _ in ranges]).tolist()
+        for (name, _, limit), (low, high) in zip(ranges, bounds):
+            if low < 0 or high >= limit:
+                raise ValueError(f"{name} must be in [0, {limit}); got values in [{low}, {high}]")
+    return batch, seq, device
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A parameter in the compute dtype (under autocast); differentiable, a no-op otherwise."""
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype if autocast is on for ``device``, else None."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _autocast_off(device: torch.device, amp_dtype: torch.dtype | None):
+    # Under autocast the patched compute casts explicitly (weights to the autocast dtype, as
+    # autocast would for the GEMMs) and keeps the whole layer in that dtype, so the fused ops
+    # see one dtype; autocast itself is switched off meanwhile.
+    return torch.autocast(device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext()
+
+
+def _dense_residual_layer_norm(block: nn.Module, h, residual, backend, dtype):
+    """``LN(dropout(h @ W^T + b) + residual)`` of a BertSelfOutput/BertOutput block; bias fused when no dropout."""
+    dense, ln, dropout = block.dense, block.LayerNorm, block.dropout
+    weight, bias = _cast(dense.weight, dtype), _cast(dense.bias, dtype)
+    ln_weight, ln_bias = _cast(ln.weight, dtype), _cast(ln.bias, dtype)
+    if dropout.training and dropout.p > 0.0:
+        h = dropout(F.linear(h, weight, bias))
+        return ops.layer_norm(h, ln_weight, ln_bias, ln.eps, residual=residual, backend=backend)
+    h = F.linear(h, weight)
+    return ops.layer_norm(h, ln_weight, ln_bias, ln.eps, residual=residual, linear_bias=bias, backend=backend)
+
+
+def _layer_forward(layer: nn.Module, x, keep, backend: str, dtype: torch.dtype | None = None):
+    """One post-LN encoder layer of a transformers BertLayer, through bertfast.ops (``dtype``: autocast's)."""
+    sa = layer.attention.self
+    weight = torch.cat([_cast(m.weight, dtype) for m in (sa.query, sa.key, sa.value)])
+    bias = torch.cat([_cast(m.bias, dtype) for m in (sa.query, sa.key, sa.value)])
+    qkv = F.linear(x, weight, bias)
+    # (batch, seq, 3, heads, head_dim) -> three strided (batch, seq, heads, head_dim) views
+    q, k, v = qkv.unflatten(-1, (3, sa.num_attention_heads, sa.attention_head_size)).unbind(-3)
+    dropout_p = sa.dropout.p if sa.dropout.training else 0.0
+    attended = ops.attention(q, k, v, keep, dropout_p=dropout_p, backend=backend).flatten(-2)
+    x = _dense_residual_layer_norm(layer.attention.output, attended, x, backend, dtype)
+    intermediate = layer.intermediate.dense
+    h = F.linear(x, _cast(intermediate.weight, dtype))
+    h = ops.bias_gelu(h, _cast(intermediate.bias, dtype), backend=backend)
+    return _dense_residual_layer_norm(layer.output, h, x, backend, dtype)
+
+
+def _checkpoint_function(bert: nn.Module, layer: nn.Module):
+    """Hugging Face's gradient-checkpointing function for ``layer`` if it is enabled (and training), else None."""
+    if not layer.training:
+        return None
+    encoder = bert.encoder
+    if getattr(layer, "gradient_checkpointing", False):  # transformers 5: GradientCheckpointingLayer
+        owner = layer
+    elif getattr(encoder, "gradient_checkpointing", False):  # transformers 4
+        owner = encoder
+    else:
+        return None
+    fn = getattr(owner, "_gradient_checkpointing_func", None) or getattr(bert, "_gradient_checkpointing_func", None)
+    if fn is None:
+        import torch.utils.checkpoint
+
+        fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    return fn
+
+
+def _selected_hidden_states(states: list, selection, num_layers: int) -> tuple:
+    """transformers 5 lets ``output_hidden_states`` be an index or a list: others become None."""
+    if isinstance(selection, bool) or _LEGACY_TRANSFORMERS:
+        return tuple(states)
+    indices = [selection] if isinstance(selection, int) else list(selection)
+    count = num_layers + 1
+    keep = {i % count for i in indices if -count <= i < count}
+    return tuple(h if i in keep else None for i, h in enumerate(states))
+
+
+def _patched_bert_model_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    token_type_ids=None,
+    position_ids=None,
+    *,
+    inputs_embeds=None,
+    output_attentions=None,
+    output_hidden_states=None,
+    return_dict=None,
+    **kwargs,
+):
+    """transformers ``BertModel.forward`` computed through bertfast.ops (see :mod:`bertfast.patching`)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+    config = self.config
+    if output_attentions is None:
+        output_attentions = getattr(config, "output_attentions", False)
+    if output_attentions:
+        raise NotImplementedError(
+            "output_attentions=True is not supported by bertfast-patched BERT (the fused attention never forms "
+            "the probability matrix); call bertfast.unpatch(model) to get attention probabilities"
+        )
+    if output_hidden_states is None:
+        output_hidden_states = getattr(config, "output_hidden_states", False)
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True) and not getattr(config, "torchscript", False)
+    batch, seq, device = _check_call(
+        self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dict(kwargs)
+    )
+    backend = getattr(self, _BACKEND_ATTR)
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=device)[None, :]
+    position_ids = position_ids.expand(batch, seq)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros((batch, seq), dtype=torch.long, device=device)
+    token_type_ids = token_type_ids.expand(batch, seq)
+
+    keep = None
+    if attention_mask is not None:
+        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    amp_dtype = _autocast_dtype(device)
+    # As in transformers, a falsy selection (False, 0, []) returns no hidden states.
+    states = [] if output_hidden_states else None
+    with _autocast_off(device, amp_dtype):
+        emb = self.embeddings
+        ln = emb.LayerNorm
+        if inputs_embeds is None:
+            x = ops.embedding_layer_norm(
+                input_ids,
+                position_ids,
+                token_type_ids,
+                emb.word_embeddings.weight,
+                emb.position_embeddings.weight,
+                emb.token_type_embeddings.weight,
+                ln.weight,
+                ln.bias,
+                ln.eps,
+                backend=backend,
+            )
+        else:
+            summed = inputs_embeds + F.embedding(token_type_ids, emb.token_type_embeddings.weight)
+            positions = F.embedding(position_ids, emb.position_embeddings.weight)
+            x = ops.layer_norm(summed, ln.weight, ln.bias, ln.eps, residual=positions, backend=backend)
+        x = _cast(emb.dropout(x), amp_dtype)
+        if states is not None:
+            states.append(x)
+        for layer in self.encoder.layer:
+            checkpoint = _checkpoint_function(self, layer)
+            if checkpoint is None:
+                x = _layer_forward(layer, x, keep, backend, amp_dtype)
+            else:
+                x = checkpoint(_layer_forward, layer, x, keep, backend, amp_dtype)
+            if states is not None:
+                states.append(x)
+    pooled = self.pooler(x) if self.pooler is not None else None
+    hidden_states = None
+    if states is not None:
+        hidden_states = _selected_hidden_states(states, output_hidden_states, len(self.encoder.layer))
+    out = BaseModelOutputWithPoolingAndCrossAttentions(
+        last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states
+    )
+    if return_dict:
+        return out
+    if _LEGACY_TRANSFORMERS:
+        return (x, pooled) + ((hidden_states,) if hidden_states is not None else ())
+    return out.to_tuple()
+
+
+def _patched_head_transform_forward(self, hidden_states):
+    """transformers ``BertPredictionHeadTransform.forward``: ``LN(gelu(x @ W^T + b))`` through bertfast.ops."""
+    backend = getattr(self, _BACKEND_ATTR)
+    dense, ln = self.dense, self.LayerNorm
+    dtype = _autocast_dtype(hidden_states.device)
+    with _autocast_off(hidden_states.device, dtype):
+        h = F.linear(_cast(hidden_states, dtype), _cast(dense.weight, dtype))
+        h = ops.bias_gelu(h, _cast(dense.bias, dtype), backend=backend)
+        return ops.layer_norm(h, _cast(ln.weight, dtype), _cast(ln.bias, dtype), ln.eps, backend=backend)
+
+
+_PATCHED_FORWARDS = (_patched_bert_model_forward, _patched_head_transform_forward)
+
+
+def _patched_forward_of(module: nn.Module):
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func in _PATCHED_FORWARDS and forward.args[0] is module:
+        return forward
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``bertfast.patch`` has patched (a submodule of) ``model``."""
+    return any(_patched_forward_of(m) is not None for m in model.modules())
+
+
+def _set_forward(module: nn.Module, function, backend: str) -> None:
+    setattr(module, _BACKEND_ATTR, backend)
+    # A partial of a module-level function, not a bound method: it pickles (by reference to
+    # the function) and deep-copies (rebound to the copy) with the module.
+    module.forward = functools.partial(function, module)
+
+
+def _refuse(message: str, strict: bool) -> None:
+    if strict:
+        raise PatchError(message)
+    warnings.warn(message, PatchWarning, stacklevel=3)
+
+
+def patch(model: nn.Module, backend: str | None = "auto", strict: bool = False) -> nn.Module:
+    """Make this transformers BERT model instance compute through :mod:`bertfast.ops`; returns ``model``.
+
+    ``model``: a transformers ``BertModel`` or any ``BertFor...`` model (its ``.bert`` is
+    patched, and the MLM heads' transform when present).  ``backend``: ``"auto"``,
+    ``"reference"``, ``"triton"`` or ``"ext"``, as for bertfast models; an explicit backend
+    must be available here.  Patching a patched model just switches its backend.
+
+    What is supported, and the errors and warnings for what is not, are listed in the
+    module docstring of :mod:`bertfast.patching`.  When the model cannot be patched it is
+    returned unchanged with a :class:`PatchWarning` (or :class:`PatchError` if ``strict``).
+    """
+    global _LEGACY_TRANSFORMERS
+    backend = check_backend(backend)
+    modeling_bert = _transformers_bert()
+    # The refactored forward is wrapped by functools.wraps-based decorators; the legacy one is not.
+    _LEGACY_TRANSFORMERS = not hasattr(modeling_bert.BertModel.forward, "__wrapped__")
+    bert = _base_model(model, modeling_bert)
+    if _patched_forward_of(bert) is not None:
+        for module in model.modules():
+            if _patched_forward_of(module) is not None:
+                setattr(module, _BACKEND_ATTR, backend)
+        return model
+    reason = _bert_model_reason(bert)
+    if reason is not None:
+        _refuse(f"bertfast.patch left {type(model).__name__} unpatched: {reason}", strict)
+        return model
+    transforms = []
+    for name, module in model.named_modules():
+        if isinstance(module, modeling_bert.BertPredictionHeadTransform):
+            reason = _head_transform_reason(module, bert.config)
+            if reason is not None:
+                # The encoder is still patched; only this head keeps Hugging Face's forward.
+                _refuse(f"bertfast.patch left {name} ({type(module).__name__}) unpatched: {reason}", strict)
+                continue
+            transforms.append(module)
+    _set_forward(bert, _patched_bert_model_forward, backend)
+    for module in transforms:
+        _set_forward(module, _patched_head_transform_forward, backend)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: every module's forward is its class's again, no attribute left behind."""
+    for module in model.modules():
+        if _patched_forward_of(module) is not None:
+            del module.forward
+            if _BACKEND_ATTR in module.__dict__:
+                delattr(module, _BACKEND_ATTR)
+    return model
