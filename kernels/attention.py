@@ -1,0 +1,693 @@
+"""Fused softmax attention (flash-attention-2 style): padded batches and packed varlen, forward and backward.
+
+Math (per batch element and head; ``s_q`` queries, ``s_k`` keys, head size ``d``)::
+
+    S   = scale * Q K^T                              (s_q, s_k)
+    S_ij = -inf where key j is padding                (key-padding mask, or outside the sequence)
+    P   = softmax(S, dim=-1)  = exp(S - lse[:, None])
+    lse = log(sum_j exp(S_ij))                       (s_q,), kept in fp32 for the backward
+    O   = P V                                        (s_q, d)
+
+A query whose keys are all padding has ``P = 0`` and ``O = 0`` (its stored ``lse`` is ``+inf``,
+so ``exp(S - lse) = 0`` in the backward too).  Backward, with ``dO = dL/dO``::
+
+    D   = rowsum(dO * O)                              (s_q,)    [= rowsum(P * dP)]
+    dV  = P^T dO
+    dP  = dO V^T
+    dS  = P * (dP - D[:, None])
+    dQ  = scale * dS K
+    dK  = scale * dS^T Q
+
+Nothing of size ``s_q x s_k`` ever reaches global memory.  The forward runs one program per
+(block of ``BLOCK_M`` queries, batch * head); it streams key/value blocks of ``BLOCK_N`` rows
+through an online softmax (running max ``m`` and sum ``l`` in fp32, ``exp2`` with
+``scale * log2(e)`` folded into the scores) and stops at the last key that is not padding.  The
+backward is deterministic (no atomics): a small kernel computes ``D``, one kernel per key block
+accumulates ``dK, dV`` in registers over all query blocks, and one kernel per query block
+accumulates ``dQ`` over the key blocks.
+
+Layouts:
+
+- padded (:func:`attention`): ``q`` ``(batch, seq_q, heads, d)``, ``k, v`` ``(batch, seq_k, heads, d)``,
+  any strides with ``stride(-1) == 1`` (e.g. views of one fused QKV projection, never copied);
+  ``attention_mask`` bool ``(batch, seq_k)``, True = token; ``lse`` ``(batch, heads, seq_q)``.
+- varlen (:func:`attention_varlen`): ``q, k, v`` ``(total_tokens, heads, d)``; sequence ``i`` is
+  rows ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself; ``lse`` ``(heads, total)``.
+  ``max_seqlen`` must be at least the longest sequence (it sizes the grid; it is not re-checked).
+
+Both layouts share every jit function: the varlen kernels are the padded ones with
+``IS_VARLEN`` set (batch stride 0, sequence start and length read from ``cu_seqlens``).
+``head_dim`` may be anything up to 128: it is padded to a power of two (at least 16) in
+registers and masked on load/store.  Scores and probabilities are fp32; ``tl.dot`` takes
+fp16/bf16 operands with fp32 accumulation, or fp32 operands in full ("ieee") precision.
+
+Cost (b batch, h heads, s = s_q = s_k, d head size, e bytes per element):
+
+- forward FLOPs ``4 b h s^2 d`` (two matmuls); bytes at least ``e * b s h d * 4`` (read q, k, v,
+  write o) plus ``4 b h s`` for lse and ``b s`` for the mask (k, v are re-read per query block,
+  mostly from L2).
+- backward useful FLOPs ``10 b h s^2 d`` (2.5x forward); these kernels do ``14 b h s^2 d`` because
+  the separate dQ pass recomputes ``S`` and ``dP`` -- the price of a deterministic dQ.  Bytes at
+  least ``e * b s h d * 8`` (read q, k, v, o, dO; write dq, dk, dv) plus ``12 b h s`` (read lse, write
+  and read D).
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention", "attention_varlen", "unsupported"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 128
+
+# Scores are kept in log2 units (exp(x) = exp2(x * log2(e))) so the inner loop uses exp2.
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared jit helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sequence_span(pid_bh, num_heads, cu_seqlens_ptr, seq_q, seq_k, IS_VARLEN: tl.constexpr):
+    """(batch, head, first row of the sequence, query count, key count) of this program."""
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    if IS_VARLEN:
+        start = tl.load(cu_seqlens_ptr + batch)
+        length = tl.load(cu_seqlens_ptr + batch + 1) - start
+        return batch, head, start, length, length
+    else:
+        return batch, head, tl.full([], 0, tl.int32), seq_q, seq_k
+
+
+@triton.jit
+def _head_base(ptr, batch, head, seq_start, stride_b, stride_s, stride_h):
+    # 64-bit: a packed batch of long sequences can pass 2**31 elements.
+    return ptr + batch.to(tl.int64) * stride_b + seq_start.to(tl.int64) * stride_s + head.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _load_rows(base, rows, stride_s, offs_d, num_rows, HEAD_DIM: tl.constexpr):
+    """A (len(rows), HEAD_DIM_PADDED) tile; rows past the sequence and padded columns read 0."""
+    ptrs = base + rows[:, None] * stride_s + offs_d[None, :]
+    return tl.load(ptrs, mask=(rows[:, None] < num_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_rows(base, tile, rows, stride_s, offs_d, num_rows, HEAD_DIM: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_s + offs_d[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < num_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _keys_valid(mask_row, stride_ms, cols, num_keys, HAS_MASK: tl.constexpr):
+    """Which of the key columns ``cols`` may receive probability: inside the sequence and not padding."""
+    valid = cols < num_keys
+    if HAS_MASK:
+        keep = tl.load(mask_row + cols * stride_ms, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    return valid
+
+
+@triton.jit
+def _key_extent(mask_row, stride_ms, num_keys, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One past the last valid key: key blocks from here on are all padding and are skipped.
+
+    With right padding (the usual case) this is the sequence's real length; an all-padding
+    sequence gives 0, so its queries see no key at all.
+    """
+    if HAS_MASK:
+        last = tl.full([], -1, tl.int32)
+        for start_n in range(0, num_keys, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            keep = tl.load(mask_row + cols * stride_ms, mask=cols < num_keys, other=0)
+            last = tl.maximum(last, tl.max(tl.where(keep != 0, cols, -1), axis=0))
+        return last + 1
+    else:
+        return num_keys
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, LSE, KeyMask, CuSeqlens,
+    sm_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    stride_mb, stride_ms,
+    num_heads, seq_q, seq_k,
+    seq_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch, head, seq_start, num_q, num_k = _sequence_span(pid_bh, num_heads, CuSeqlens, seq_q, seq_k, IS_VARLEN)
+    if pid_m * BLOCK_M >= num_q:  # varlen: this sequence is shorter than max_seqlen
+        return
+    mask_row = KeyMask + batch.to(tl.int64) * stride_mb
+    key_end = _key_extent(mask_row, stride_ms, num_k, HAS_MASK, BLOCK_N)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    q_base = _head_base(Q, batch, head, seq_start, stride_qb, stride_qs, stride_qh)
+    k_base = _head_base(K, batch, head, seq_start, stride_kb, stride_ks, stride_kh)
+    v_base = _head_base(V, batch, head, seq_start, stride_vb, stride_vs, stride_vh)
+    o_base = _head_base(Out, batch, head, seq_start, stride_ob, stride_os, stride_oh)
+    q = _load_rows(q_base, rows, stride_qs, offs_d, num_q, HEAD_DIM)
+
+    qk_scale = sm_scale * _LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the scaled scores
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], tl.float32)
+    for start_n in range(0, key_end, BLOCK_N):
+        cols = start_n + offs_n
+        valid = _keys_valid(mask_row, stride_ms, cols, num_k, HAS_MASK)
+        k = _load_rows(k_base, cols, stride_ks, offs_d, num_k, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with no valid key yet keep m = -inf; subtract 0 instead so nothing becomes NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # (Attention dropout belongs here: l_i takes the undropped p, the P @ V product the dropped one.)
+        v = _load_rows(v_base, cols, stride_vs, offs_d, num_k, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    _store_rows(o_base, out, rows, stride_os, offs_d, num_q, HEAD_DIM)
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * _LN2, float("inf"))
+    lse_ptrs = LSE + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + seq_start + rows
+    tl.store(lse_ptrs, lse, mask=rows < num_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Out, DOut, Delta, CuSeqlens,
+    stride_ob, stride_os, stride_oh,
+    stride_gb, stride_gs, stride_gh,
+    stride_lb, stride_lh,
+    num_heads, seq_q,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """D = rowsum(dO * O) in fp32, laid out like lse."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch, head, seq_start, num_q, _ = _sequence_span(pid_bh, num_heads, CuSeqlens, seq_q, seq_q, IS_VARLEN)
+    if pid_m * BLOCK_M >= num_q:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    o_base = _head_base(Out, batch, head, seq_start, stride_ob, stride_os, stride_oh)
+    do_base = _head_base(DOut, batch, head, seq_start, stride_gb, stride_gs, stride_gh)
+    o = _load_rows(o_base, rows, stride_os, offs_d, num_q, HEAD_DIM)
+    do = _load_rows(do_base, rows, stride_gs, offs_d, num_q, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    delta_ptrs = Delta + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + seq_start + rows
+    tl.store(delta_ptrs, delta, mask=rows < num_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, LSE, Delta, DK, DV, KeyMask, CuSeqlens,
+    sm_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_gb, stride_gs, stride_gh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
+    stride_mb, stride_ms,
+    num_heads, seq_q, seq_k,
+    seq_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One block of BLOCK_N keys: dV = P^T dO and dK = scale * dS^T Q over every query block.
+
+    Computed transposed (keys along rows) so no (BLOCK_M, BLOCK_N) tile needs a transpose.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch, head, seq_start, num_q, num_k = _sequence_span(pid_bh, num_heads, CuSeqlens, seq_q, seq_k, IS_VARLEN)
+    if pid_n * BLOCK_N >= num_k:
+        return
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    mask_row = KeyMask + batch.to(tl.int64) * stride_mb
+    valid = _keys_valid(mask_row, stride_ms, cols, num_k, HAS_MASK)
+    q_base = _head_base(Q, batch, head, seq_start, stride_qb, stride_qs, stride_qh)
+    k_base = _head_base(K, batch, head, seq_start, stride_kb, stride_ks, stride_kh)
+    v_base = _head_base(V, batch, head, seq_start, stride_vb, stride_vs, stride_vh)
+    do_base = _head_base(DOut, batch, head, seq_start, stride_gb, stride_gs, stride_gh)
+    dk_base = _head_base(DK, batch, head, seq_start, stride_dkb, stride_dks, stride_dkh)
+    dv_base = _head_base(DV, batch, head, seq_start, stride_dvb, stride_dvs, stride_dvh)
+    stats_base = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + seq_start
+    k = _load_rows(k_base, cols, stride_ks, offs_d, num_k, HEAD_DIM)
+    v = _load_rows(v_base, cols, stride_vs, offs_d, num_k, HEAD_DIM)
+
+    qk_scale = sm_scale * _LOG2E
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], tl.float32)
+    # A block of padding keys gets no probability, so its gradients are zero: skip the query loop.
+    query_end = tl.where(tl.max(valid.to(tl.int32), axis=0) > 0, num_q, 0)
+    for start_m in range(0, query_end, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_rows(q_base, rows, stride_qs, offs_d, num_q, HEAD_DIM)
+        do = _load_rows(do_base, rows, stride_gs, offs_d, num_q, HEAD_DIM)
+        # Rows past the sequence read lse = +inf, i.e. probability 0.
+        lse2 = tl.load(LSE + stats_base + rows, mask=rows < num_q, other=float("inf")) * _LOG2E
+        delta = tl.load(Delta + stats_base + rows, mask=rows < num_q, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+        p_t = tl.exp2(tl.where(valid[:, None], s_t, float("-inf")) - lse2[None, :])
+        # (Attention dropout belongs here: dV takes the dropped P, dP is masked and rescaled alike.)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision="ieee")
+
+    _store_rows(dk_base, dk * sm_scale, cols, stride_dks, offs_d, num_k, HEAD_DIM)
+    _store_rows(dv_base, dv, cols, stride_dvs, offs_d, num_k, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut, LSE, Delta, DQ, KeyMask, CuSeqlens,
+    sm_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_gb, stride_gs, stride_gh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    stride_mb, stride_ms,
+    num_heads, seq_q, seq_k,
+    seq_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One block of BLOCK_M queries: dQ = scale * dS K over the key blocks (up to the last valid key)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch, head, seq_start, num_q, num_k = _sequence_span(pid_bh, num_heads, CuSeqlens, seq_q, seq_k, IS_VARLEN)
+    if pid_m * BLOCK_M >= num_q:
+        return
+    mask_row = KeyMask + batch.to(tl.int64) * stride_mb
+    key_end = _key_extent(mask_row, stride_ms, num_k, HAS_MASK, BLOCK_N)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    q_base = _head_base(Q, batch, head, seq_start, stride_qb, stride_qs, stride_qh)
+    k_base = _head_base(K, batch, head, seq_start, stride_kb, stride_ks, stride_kh)
+    v_base = _head_base(V, batch, head, seq_start, stride_vb, stride_vs, stride_vh)
+    do_base = _head_base(DOut, batch, head, seq_start, stride_gb, stride_gs, stride_gh)
+    dq_base = _head_base(DQ, batch, head, seq_start, stride_dqb, stride_dqs, stride_dqh)
+    stats_base = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + seq_start
+    q = _load_rows(q_base, rows, stride_qs, offs_d, num_q, HEAD_DIM)
+    do = _load_rows(do_base, rows, stride_gs, offs_d, num_q, HEAD_DIM)
+    # Rows past the sequence read lse = +inf, i.e. probability 0.
+    lse2 = tl.load(LSE + stats_base + rows, mask=rows < num_q, other=float("inf")) * _LOG2E
+    delta = tl.load(Delta + stats_base + rows, mask=rows < num_q, other=0.0)
+
+    qk_scale = sm_scale * _LOG2E
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], tl.float32)
+    for start_n in range(0, key_end, BLOCK_N):
+        cols = start_n + offs_n
+        valid = _keys_valid(mask_row, stride_ms, cols, num_k, HAS_MASK)
+        k = _load_rows(k_base, cols, stride_ks, offs_d, num_k, HEAD_DIM)
+        v = _load_rows(v_base, cols, stride_vs, offs_d, num_k, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        p = tl.exp2(tl.where(valid[None, :], s, float("-inf")) - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        # (Attention dropout belongs here: dP is masked and rescaled by the regenerated keep mask.)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
+
+    _store_rows(dq_base, dq * sm_scale, rows, stride_dqs, offs_d, num_q, HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block sizes: autotuned on the GPU, one small fixed choice in the interpreter
+# ----------------------------------------------------------------------------------------------
+
+_AUTOTUNE_KEY = ["HEAD_DIM", "seq_bucket", "IS_VARLEN", "HAS_MASK"]
+
+
+def _configs(shapes):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        for m, n, warps, stages in shapes
+    ]
+
+
+# (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages).  Configs that exceed shared memory
+# for a head size are dropped by the autotuner.
+_FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 4)])
+_DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2)])
+_DQ_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)])
+
+# The interpreter runs one fixed config (autotuning there would run them all).  The test shapes
+# still span several query and key blocks, and BLOCK_M != BLOCK_N so swapped block sizes fail.
+_INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64}
+_DELTA_BLOCK_M = 32 if _INTERPRET else 64
+
+if _INTERPRET:
+    _fwd_kernel, _dkdv_kernel, _dq_kernel = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+    _FIXED_BLOCKS = _INTERPRETER_BLOCKS
+else:
+    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_AUTOTUNE_KEY)(_attn_fwd_kernel)
+    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dkdv_kernel)
+    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dq_kernel)
+    _FIXED_BLOCKS = {}
+
+
+def _seq_bucket(seq: int) -> int:
+    """Autotune key for the sequence length: next power of two, between 16 and 4096."""
+    return min(max(triton.next_power_of_2(max(seq, 1)), 16), 4096)
+
+
+def _head_dim_padded(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """``None`` if these kernels can run on ``q, k, v``, else the reason (devices are checked by the caller)."""
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"the Triton attention kernels take float16, bfloat16 or float32, got {q.dtype}"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    head_dim = q.shape[-1]
+    if head_dim > _MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is larger than the {_MAX_HEAD_DIM} the Triton attention kernels support"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return "q, k and v must be contiguous in head_dim (stride(-1) == 1)"
+    if q.dtype == torch.bfloat16:
+        if _INTERPRET:
+            return "Triton's interpreter multiplies bfloat16 tiles as raw integers in tl.dot; run bfloat16 on a GPU"
+        if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
+            return "bfloat16 tl.dot needs compute capability 8.0 or newer"
+    return None
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride(-1) == 1), got strides {t.stride()}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[-2:] != k.shape[-2:]:
+        first = layout[1:].split(",")[0]
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in {first}, heads and head_dim")
+    reason = unsupported(q, k, v)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def _check_mask(attention_mask: torch.Tensor | None, k: torch.Tensor) -> None:
+    if attention_mask is None:
+        return
+    if attention_mask.dtype != torch.bool:
+        raise TypeError(f"attention_mask must be a bool tensor (True = token), got {attention_mask.dtype}")
+    if tuple(attention_mask.shape) != tuple(k.shape[:2]):
+        expected, got = tuple(k.shape[:2]), tuple(attention_mask.shape)
+        raise ValueError(f"attention_mask must have shape (batch, seq_k) = {expected}, got {got}")
+    if attention_mask.device != k.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but k is on {k.device}")
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor) -> None:
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise TypeError("cu_seqlens must be a non-empty 1-D torch.int32 tensor of cumulative offsets")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+
+
+def _layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int):
+    """(batch, heads, seq_q, seq_k, strides) for either layout; strides(t) is t's (batch, seq, head) strides.
+
+    Varlen: seq_q = seq_k = max_seqlen only size the grid (the kernels read each sequence's
+    start and length from cu_seqlens); the batch stride is 0 and rows are tokens of the packed tensor.
+    """
+    if cu_seqlens is None:
+        return q.shape[0], q.shape[2], q.shape[1], k.shape[1], lambda t: (t.stride(0), t.stride(1), t.stride(2))
+    return cu_seqlens.numel() - 1, q.shape[1], max_seqlen, max_seqlen, lambda t: (0, t.stride(0), t.stride(1))
+
+
+def _stats_strides(lse: torch.Tensor, varlen: bool):
+    # lse / delta: (batch, heads, seq) padded, (heads, total) varlen.
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale):
+    varlen = cu_seqlens is not None
+    batch, heads, seq_q, seq_k, strides = _layout(q, k, cu_seqlens, max_seqlen)
+    head_dim = q.shape[-1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = (heads, q.shape[0]) if varlen else (batch, heads, seq_q)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or batch * seq_q == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    has_mask = attention_mask is not None
+    mask = attention_mask.view(torch.uint8) if has_mask else q  # a bool tensor read as bytes, no copy
+    mask_strides = (mask.stride(0), mask.stride(1)) if has_mask else (0, 0)
+    seqlens = cu_seqlens.contiguous() if varlen else q  # q: an unused placeholder pointer when padded
+
+    def grid(meta):
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+
+    with _device_guard(q):
+        _fwd_kernel[grid](
+            q, k, v, out, lse, mask, seqlens,
+            float(scale),
+            *strides(q), *strides(k), *strides(v), *strides(out),
+            *_stats_strides(lse, varlen),
+            *mask_strides,
+            heads, seq_q, seq_k, _seq_bucket(max(seq_q, seq_k)),
+            HEAD_DIM=head_dim, HEAD_DIM_PADDED=_head_dim_padded(head_dim),
+            IS_VARLEN=varlen, HAS_MASK=has_mask,
+            **_FIXED_BLOCKS,
+        )  # fmt: skip
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale):
+    varlen = cu_seqlens is not None
+    if grad_out.stride(-1) != 1:  # e.g. an expanded gradient; the kernels want contiguous rows
+        grad_out = grad_out.contiguous()
+    batch, heads, seq_q, seq_k, strides = _layout(q, k, cu_seqlens, max_seqlen)
+    head_dim = q.shape[-1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or batch * seq_q == 0 or batch * seq_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    has_mask = attention_mask is not None
+    mask = attention_mask.view(torch.uint8) if has_mask else q
+    mask_strides = (mask.stride(0), mask.stride(1)) if has_mask else (0, 0)
+    seqlens = cu_seqlens.contiguous() if varlen else q
+    stats_strides = _stats_strides(lse, varlen)
+    head_dim_padded = _head_dim_padded(head_dim)
+    shape_args = (heads, seq_q, seq_k, _seq_bucket(max(seq_q, seq_k)))
+    consts = dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, IS_VARLEN=varlen, HAS_MASK=has_mask)
+
+    with _device_guard(q):
+        _attn_bwd_delta_kernel[(triton.cdiv(seq_q, _DELTA_BLOCK_M), batch * heads)](
+            out, grad_out, delta, seqlens,
+            *strides(out), *strides(grad_out), *stats_strides,
+            heads, seq_q,
+            HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, IS_VARLEN=varlen, BLOCK_M=_DELTA_BLOCK_M,
+        )  # fmt: skip
+        _dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, mask, seqlens,
+            float(scale),
+            *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dk), *strides(dv),
+            *stats_strides, *mask_strides,
+            *shape_args,
+            **consts, **_FIXED_BLOCKS,
+        )  # fmt: skip
+        _dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)](
+            q, k, v, grad_out, lse, delta, dq, mask, seqlens,
+            float(scale),
+            *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dq),
+            *stats_strides, *mask_strides,
+            *shape_args,
+            **consts, **_FIXED_BLOCKS,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("bertfast::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded attention forward: (out (batch, seq_q, heads, d), lse fp32 (batch, heads, seq_q))."""
+    return _forward(q, k, v, attention_mask, None, 0, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, attention_mask, scale):
+    batch, seq_q, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seq_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("bertfast::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded attention backward: (dq, dk, dv), contiguous, in q's dtype."""
+    return _backward(grad_out, q, k, v, out, lse, attention_mask, None, 0, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, attention_mask, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("bertfast::attention_varlen_fwd", mutates_args=())
+def _attention_varlen_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen attention forward: (out (total, heads, d), lse fp32 (heads, total))."""
+    return _forward(q, k, v, None, cu_seqlens, max_seqlen, scale)
+
+
+@_attention_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    total, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((heads, total), dtype=torch.float32)
+
+
+@torch.library.custom_op("bertfast::attention_varlen_bwd", mutates_args=())
+def _attention_varlen_bwd_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Varlen attention backward: (dq, dk, dv), contiguous, in q's dtype."""
+    return _backward(grad_out, q, k, v, out, lse, None, cu_seqlens, max_seqlen, scale)
+
+
+@_attention_varlen_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_padded(ctx, inputs, output):
+    q, k, v, attention_mask, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # an auxiliary statistic for the backward, not a result
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask)
+    ctx.scale = scale
+
+
+def _backward_padded(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, attention_mask = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, attention_mask, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+def _setup_varlen(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen = max_seqlen
+    ctx.scale = scale
+
+
+def _backward_varlen(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _attention_varlen_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward_padded, setup_context=_setup_padded)
+_attention_varlen_fwd_op.register_autograd(_backward_varlen, setup_context=_setup_varlen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points (called by bertfast.ops.triton_backend)
+# ----------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Softmax attention over ``(batch, seq, heads, head_dim)`` with an optional bool key-padding mask."""
+    _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
+    _check_mask(attention_mask, k)
+    return _attention_fwd_op(q, k, v, attention_mask, float(scale))[0]
+
+
+def attention_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
+    """Softmax attention over packed ``(total_tokens, heads, head_dim)`` sequences delimited by ``cu_seqlens``."""
+    _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
+    _check_cu_seqlens(cu_seqlens, q)
+    if int(max_seqlen) < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    return _attention_varlen_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale))[0]
