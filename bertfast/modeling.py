@@ -25,6 +25,7 @@ from torch import nn
 from . import ops
 from .config import BertConfig
 from .errors import BackendUnavailable
+from .mlm_loss import masked_lm_head_loss
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -104,13 +105,10 @@ class BertSelfAttention(nn.Module):
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
         dropout_p = self.dropout_prob if self.training else 0.0
         if isinstance(attention_mask, PackedBatch):
-            if dropout_p > 0.0:
-                raise NotImplementedError(
-                    "attention dropout on packed sequences is not implemented; use unpad=False for training "
-                    "with attention_probs_dropout_prob > 0"
-                )
             packed = attention_mask
-            out = ops.attention_varlen(q, k, v, packed.cu_seqlens, packed.max_seqlen, backend=backend)
+            out = ops.attention_varlen(
+                q, k, v, packed.cu_seqlens, packed.max_seqlen, dropout_p=dropout_p, backend=backend
+            )
         else:
             out = ops.attention(q, k, v, attention_mask, dropout_p=dropout_p, backend=backend)
         return out.flatten(-2)
@@ -127,11 +125,7 @@ class _DenseResidualLayerNorm(nn.Module):
 
     def forward(self, x, residual, backend):
         ln = self.LayerNorm
-        if _hidden_dropout_active(self, self.dropout.p):
-            h = self.dropout(F.linear(x, self.dense.weight, self.dense.bias))
-            return ops.layer_norm(
-                _like(h, ln.weight), ln.weight, ln.bias, ln.eps, residual=_like(residual, ln.weight), backend=backend
-            )
+        # The bias and the hidden dropout are both fused: LN(dropout(x @ W^T + b) + residual).
         h = F.linear(x, self.dense.weight)
         return ops.layer_norm(
             _like(h, ln.weight),
@@ -140,6 +134,7 @@ class _DenseResidualLayerNorm(nn.Module):
             ln.eps,
             residual=_like(residual, ln.weight),
             linear_bias=_like(self.dense.bias, ln.weight),
+            dropout_p=self.dropout.p if _hidden_dropout_active(self, self.dropout.p) else 0.0,
             backend=backend,
         )
 
@@ -327,12 +322,11 @@ class BertModel(BertPreTrainedModel):
             return False
         if self.unpad is True:
             return True
-        if self.training and self.config.attention_probs_dropout_prob > 0.0:
-            return False
         if bool(keep.all()):
             return False
         probe = weight.new_empty((1, self.config.num_attention_heads, self.config.head_dim))
-        return ops.can_run("attention_varlen", self._backend, (probe, probe, probe))
+        dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
+        return ops.can_run("attention_varlen", self._backend, (probe, probe, probe), dropout_p=dropout_p)
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids):
         config = self.config
@@ -415,7 +409,11 @@ class BertModel(BertPreTrainedModel):
         if hidden_states is not None:
             hidden_states = tuple(pad(h, packed) for h in hidden_states)
         return BaseModelOutput(
-            last_hidden_state=pad(x, packed), pooler_output=pooled, hidden_states=hidden_states, packed=packed
+            last_hidden_state=pad(x, packed),
+            pooler_output=pooled,
+            hidden_states=hidden_states,
+            packed=packed,
+            packed_last_hidden_state=x,
         )
 
     def _empty_output(self, batch, seq, output_hidden_states):
@@ -476,7 +474,10 @@ class BertPreTrainingHeads(nn.Module):
 
 
 def _mlm_loss(logits, labels):
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    """Mean cross-entropy over the labelled tokens, 0 (not NaN) when there are none, as the fused loss."""
+    labels = labels.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp_min(1)
 
 
 class _WithEncoder(BertPreTrainedModel):
@@ -498,6 +499,25 @@ class _TiedMLMMixin:
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
 
+    def _wants_logits(self, labels, return_logits) -> bool:
+        """By default the vocabulary logits are skipped only where nobody reads them: training with labels."""
+        if return_logits is None:
+            return labels is None or not self.training
+        return bool(return_logits)
+
+    def _masked_lm_loss(self, encoded, labels, logits):
+        """The MLM loss: from the logits when they were computed, else fused and chunked on the labelled rows.
+
+        Padding-free runs gather the labelled rows from the packed hidden states (labels at
+        padding positions are ignored there); no ``(tokens x vocab)`` logits are ever formed.
+        """
+        if logits is not None:
+            return _mlm_loss(logits, labels)
+        hidden = encoded.last_hidden_state
+        if encoded.packed is not None:
+            hidden, labels = encoded.packed_last_hidden_state, unpad(labels, encoded.packed)
+        return masked_lm_head_loss(self.cls.predictions, hidden, labels, backend=self._backend)
+
 
 class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
     def __init__(self, config: BertConfig, backend: str | None = "auto"):
@@ -513,10 +533,18 @@ class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
         position_ids=None,
         labels=None,
         output_hidden_states: bool = False,
+        return_logits: bool | None = None,
     ) -> MaskedLMOutput:
+        """``labels``: token ids, ``-100`` where no loss is taken.
+
+        In training with labels the loss is the fused chunked MLM loss (:mod:`bertfast.mlm_loss`)
+        and ``logits`` is ``None``, unless ``return_logits=True``: the ``(batch, seq, vocab)``
+        logits are the largest tensor of BERT training.  Otherwise the logits are computed and
+        the loss, if any, is taken from them.  With no labelled token the loss is 0, not NaN.
+        """
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
-        logits = self.cls(out.last_hidden_state, self._backend)
-        loss = _mlm_loss(logits, labels) if labels is not None else None
+        logits = self.cls(out.last_hidden_state, self._backend) if self._wants_logits(labels, return_logits) else None
+        loss = self._masked_lm_loss(out, labels, logits) if labels is not None else None
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
@@ -535,13 +563,21 @@ class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
         labels=None,
         next_sentence_label=None,
         output_hidden_states: bool = False,
+        return_logits: bool | None = None,
     ) -> PreTrainingOutput:
+        """MLM + NSP.  The loss needs both ``labels`` and ``next_sentence_label`` (as Hugging Face);
+        ``prediction_logits`` follow :meth:`BertForMaskedLM.forward`'s ``return_logits`` rule."""
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
-        prediction_logits, nsp_logits = self.cls(out.last_hidden_state, out.pooler_output, self._backend)
+        with_loss = labels is not None and next_sentence_label is not None
+        heads = self.cls
+        prediction_logits = None
+        if self._wants_logits(labels if with_loss else None, return_logits):
+            prediction_logits = heads.predictions(out.last_hidden_state, self._backend)
+        nsp_logits = heads.seq_relationship(out.pooler_output)
         loss = None
-        if labels is not None and next_sentence_label is not None:
+        if with_loss:
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
-            loss = _mlm_loss(prediction_logits, labels) + nsp_loss
+            loss = self._masked_lm_loss(out, labels, prediction_logits) + nsp_loss
         return PreTrainingOutput(
             loss=loss,
             prediction_logits=prediction_logits,

@@ -55,6 +55,9 @@ class BaseModelOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     # Set by the padding-free path: the token bookkeeping (indices, cu_seqlens, max_seqlen).
     packed: object | None = dataclasses.field(default=None, repr=False)
+    # ... and the encoder's output as it was computed, packed ``(total_tokens, hidden)``, for
+    # users (and heads) that stay packed; ``packed.indices`` maps its rows to ``(batch, seq)``.
+    packed_last_hidden_state: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def to_tuple(self) -> tuple:
         return tuple(v for v in (self.last_hidden_state, self.pooler_output, self.hidden_states) if v is not None)

@@ -18,6 +18,19 @@ so ``exp(S - lse) = 0`` in the backward too).  Backward, with ``dO = dL/dO``::
     dQ  = scale * dS K
     dK  = scale * dS^T Q
 
+Attention dropout (training, rate ``p``), as in flash-attention: with ``Z_ij = keep_ij / (1 - p)``,
+``keep_ij`` a Bernoulli(1 - p) draw, ``O = (P * Z) V``; ``lse`` is still that of the undropped
+``P``.  The backward regenerates the same ``keep`` and uses ``dV = (P * Z)^T dO``,
+``dP = (dO V^T) * Z``; ``D = rowsum(dO * O)`` is unchanged (it equals ``rowsum(P * dP)``).
+``keep_ij`` is ``philox(seed, counter) >= p`` with the counter of query token ``t`` (its row in
+the whole batch: ``batch * seq_q + i`` padded, its packed row varlen), head ``h`` and key ``j``
+being ``(t * heads + h) * seq_k + j`` (``seq_k = max_seqlen`` varlen).  It depends on no block size,
+so the forward and both backward kernels, autotuned independently, draw the same mask.  The seed
+comes from torch's default CPU generator, once per call, so ``torch.manual_seed`` reproduces the
+masks and drawing it never waits for the GPU.  The cost is one philox draw (10 rounds of 32-bit
+multiplies) per probability in the forward and two in the backward; with ``p = 0`` the kernels
+are compiled without any of it.
+
 Nothing of size ``s_q x s_k`` ever reaches global memory.  The forward runs one program per
 (block of ``BLOCK_M`` queries, batch * head); it streams key/value blocks of ``BLOCK_N`` rows
 through an online softmax (running max ``m`` and sum ``l`` in fp32, ``exp2`` with
@@ -58,6 +71,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ._dropout import check_dropout_p, draw_seed, dropout_args
 
 __all__ = ["attention", "attention_varlen", "unsupported"]
 
@@ -118,6 +133,31 @@ def _keys_valid(mask_row, stride_ms, cols, num_keys, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _dropout_counters(batch, head, seq_start, num_heads, seq_q, seq_k, IS_VARLEN: tl.constexpr):
+    """(counter of query 0 / key 0 of this (sequence, head), counter step per query row).
+
+    See the module docstring; 64-bit, since batch * heads * seq_q * seq_k can pass 2**31.
+    """
+    if IS_VARLEN:
+        first_token = seq_start.to(tl.int64)
+    else:
+        first_token = batch.to(tl.int64) * seq_q
+    # tl.cast, not .to: an integer argument equal to 1 arrives as a constexpr on the GPU.
+    return (first_token * num_heads + head) * seq_k, tl.cast(num_heads, tl.int64) * seq_k
+
+
+@triton.jit
+def _dropout_keep(seed, dropout_p, counter_base, counter_row_stride, rows, cols):
+    """Which probabilities of query ``rows`` x key ``cols`` survive dropout: one philox draw each.
+
+    ``rows`` and ``cols`` are passed broadcastable (``rows[:, None], cols[None, :]``, or the
+    transpose for a transposed tile); the mask does not depend on the tile shape.
+    """
+    counter = counter_base + rows.to(tl.int64) * counter_row_stride + cols
+    return tl.rand(seed, counter) >= dropout_p
+
+
+@triton.jit
 def _key_extent(mask_row, stride_ms, num_keys, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     """One past the last valid key: key blocks from here on are all padding and are skipped.
 
@@ -140,10 +180,10 @@ def _key_extent(mask_row, stride_ms, num_keys, HAS_MASK: tl.constexpr, BLOCK_N: 
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
     Q, K, V, Out, LSE, KeyMask, CuSeqlens,
-    sm_scale,
+    sm_scale, dropout_p, seed,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -153,7 +193,7 @@ def _attn_fwd_kernel(
     num_heads, seq_q, seq_k,
     seq_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -163,6 +203,7 @@ def _attn_fwd_kernel(
         return
     mask_row = KeyMask + batch.to(tl.int64) * stride_mb
     key_end = _key_extent(mask_row, stride_ms, num_k, HAS_MASK, BLOCK_N)
+    counter_base, counter_row_stride = _dropout_counters(batch, head, seq_start, num_heads, seq_q, seq_k, IS_VARLEN)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -188,14 +229,18 @@ def _attn_fwd_kernel(
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        # (Attention dropout belongs here: l_i takes the undropped p, the P @ V product the dropped one.)
+        l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax normaliser takes the undropped p
+        if HAS_DROPOUT:  # P @ V takes the dropped one; the 1 / (1 - p) is applied to the output
+            keep = _dropout_keep(seed, dropout_p, counter_base, counter_row_stride, rows[:, None], cols[None, :])
+            p = tl.where(keep, p, 0.0)
         v = _load_rows(v_base, cols, stride_vs, offs_d, num_k, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
     _store_rows(o_base, out, rows, stride_os, offs_d, num_q, HEAD_DIM)
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * _LN2, float("inf"))
     lse_ptrs = LSE + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + seq_start + rows
@@ -233,10 +278,10 @@ def _attn_bwd_delta_kernel(
     tl.store(delta_ptrs, delta, mask=rows < num_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut, LSE, Delta, DK, DV, KeyMask, CuSeqlens,
-    sm_scale,
+    sm_scale, dropout_p, seed,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -248,7 +293,7 @@ def _attn_bwd_dkdv_kernel(
     num_heads, seq_q, seq_k,
     seq_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One block of BLOCK_N keys: dV = P^T dO and dK = scale * dS^T Q over every query block.
@@ -265,6 +310,7 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PADDED)
     mask_row = KeyMask + batch.to(tl.int64) * stride_mb
     valid = _keys_valid(mask_row, stride_ms, cols, num_k, HAS_MASK)
+    counter_base, counter_row_stride = _dropout_counters(batch, head, seq_start, num_heads, seq_q, seq_k, IS_VARLEN)
     q_base = _head_base(Q, batch, head, seq_start, stride_qb, stride_qs, stride_qh)
     k_base = _head_base(K, batch, head, seq_start, stride_kb, stride_ks, stride_kh)
     v_base = _head_base(V, batch, head, seq_start, stride_vb, stride_vs, stride_vh)
@@ -276,6 +322,7 @@ def _attn_bwd_dkdv_kernel(
     v = _load_rows(v_base, cols, stride_vs, offs_d, num_k, HEAD_DIM)
 
     qk_scale = sm_scale * _LOG2E
+    keep_scale = 1.0 / (1.0 - dropout_p)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], tl.float32)
     # A block of padding keys gets no probability, so its gradients are zero: skip the query loop.
@@ -289,9 +336,15 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(Delta + stats_base + rows, mask=rows < num_q, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
         p_t = tl.exp2(tl.where(valid[:, None], s_t, float("-inf")) - lse2[None, :])
-        # (Attention dropout belongs here: dV takes the dropped P, dP is masked and rescaled alike.)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
+        if HAS_DROPOUT:  # dV takes the dropped, rescaled P; dP is masked and rescaled alike
+            keep_t = _dropout_keep(seed, dropout_p, counter_base, counter_row_stride, rows[None, :], cols[:, None])
+            p_kept_t = tl.where(keep_t, p_t * keep_scale, 0.0)
+        else:
+            p_kept_t = p_t
+        dv = tl.dot(p_kept_t.to(do.dtype), do, dv, input_precision="ieee")
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        if HAS_DROPOUT:
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision="ieee")
 
@@ -299,10 +352,10 @@ def _attn_bwd_dkdv_kernel(
     _store_rows(dv_base, dv, cols, stride_dvs, offs_d, num_k, HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DOut, LSE, Delta, DQ, KeyMask, CuSeqlens,
-    sm_scale,
+    sm_scale, dropout_p, seed,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -313,7 +366,7 @@ def _attn_bwd_dq_kernel(
     num_heads, seq_q, seq_k,
     seq_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One block of BLOCK_M queries: dQ = scale * dS K over the key blocks (up to the last valid key)."""
@@ -324,6 +377,7 @@ def _attn_bwd_dq_kernel(
         return
     mask_row = KeyMask + batch.to(tl.int64) * stride_mb
     key_end = _key_extent(mask_row, stride_ms, num_k, HAS_MASK, BLOCK_N)
+    counter_base, counter_row_stride = _dropout_counters(batch, head, seq_start, num_heads, seq_q, seq_k, IS_VARLEN)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -341,6 +395,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + stats_base + rows, mask=rows < num_q, other=0.0)
 
     qk_scale = sm_scale * _LOG2E
+    keep_scale = 1.0 / (1.0 - dropout_p)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], tl.float32)
     for start_n in range(0, key_end, BLOCK_N):
         cols = start_n + offs_n
@@ -350,7 +405,9 @@ def _attn_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         p = tl.exp2(tl.where(valid[None, :], s, float("-inf")) - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        # (Attention dropout belongs here: dP is masked and rescaled by the regenerated keep mask.)
+        if HAS_DROPOUT:  # the forward's keep mask, regenerated
+            keep = _dropout_keep(seed, dropout_p, counter_base, counter_row_stride, rows[:, None], cols[None, :])
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
 
@@ -361,7 +418,7 @@ def _attn_bwd_dq_kernel(
 # Block sizes: autotuned on the GPU, one small fixed choice in the interpreter
 # ----------------------------------------------------------------------------------------------
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "seq_bucket", "IS_VARLEN", "HAS_MASK"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "seq_bucket", "IS_VARLEN", "HAS_MASK", "HAS_DROPOUT"]
 
 
 def _configs(shapes):
@@ -482,7 +539,8 @@ def _stats_strides(lse: torch.Tensor, varlen: bool):
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale):
+def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+    dropout_p, seed_value = dropout_args(dropout_p, seed)
     varlen = cu_seqlens is not None
     batch, heads, seq_q, seq_k, strides = _layout(q, k, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
@@ -502,19 +560,20 @@ def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale):
     with _device_guard(q):
         _fwd_kernel[grid](
             q, k, v, out, lse, mask, seqlens,
-            float(scale),
+            float(scale), dropout_p, seed_value,
             *strides(q), *strides(k), *strides(v), *strides(out),
             *_stats_strides(lse, varlen),
             *mask_strides,
             heads, seq_q, seq_k, _seq_bucket(max(seq_q, seq_k)),
             HEAD_DIM=head_dim, HEAD_DIM_PADDED=_head_dim_padded(head_dim),
-            IS_VARLEN=varlen, HAS_MASK=has_mask,
+            IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
             **_FIXED_BLOCKS,
         )  # fmt: skip
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale):
+def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+    dropout_p, seed_value = dropout_args(dropout_p, seed)
     varlen = cu_seqlens is not None
     if grad_out.stride(-1) != 1:  # e.g. an expanded gradient; the kernels want contiguous rows
         grad_out = grad_out.contiguous()
@@ -533,7 +592,10 @@ def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqle
     stats_strides = _stats_strides(lse, varlen)
     head_dim_padded = _head_dim_padded(head_dim)
     shape_args = (heads, seq_q, seq_k, _seq_bucket(max(seq_q, seq_k)))
-    consts = dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, IS_VARLEN=varlen, HAS_MASK=has_mask)
+    consts = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
+        IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
+    )  # fmt: skip
 
     with _device_guard(q):
         _attn_bwd_delta_kernel[(triton.cdiv(seq_q, _DELTA_BLOCK_M), batch * heads)](
@@ -544,7 +606,7 @@ def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqle
         )  # fmt: skip
         _dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads)](
             q, k, v, grad_out, lse, delta, dk, dv, mask, seqlens,
-            float(scale),
+            float(scale), dropout_p, seed_value,
             *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dk), *strides(dv),
             *stats_strides, *mask_strides,
             *shape_args,
@@ -552,7 +614,7 @@ def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqle
         )  # fmt: skip
         _dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)](
             q, k, v, grad_out, lse, delta, dq, mask, seqlens,
-            float(scale),
+            float(scale), dropout_p, seed_value,
             *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dq),
             *stats_strides, *mask_strides,
             *shape_args,
@@ -566,16 +628,26 @@ def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqle
 # ----------------------------------------------------------------------------------------------
 
 
+# ``dropout_p`` and ``seed`` (a CPU int64 scalar from :func:`draw_seed`, ``None`` without dropout)
+# come last with defaults, so calls without dropout read as before.
+
+
 @torch.library.custom_op("bertfast::attention_fwd", mutates_args=())
 def _attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded attention forward: (out (batch, seq_q, heads, d), lse fp32 (batch, heads, seq_q))."""
-    return _forward(q, k, v, attention_mask, None, 0, scale)
+    return _forward(q, k, v, attention_mask, None, 0, scale, dropout_p, seed)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, attention_mask, scale):
+def _(q, k, v, attention_mask, scale, dropout_p=0.0, seed=None):
     batch, seq_q, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, seq_q), dtype=torch.float32)
 
@@ -590,26 +662,35 @@ def _attention_bwd_op(
     lse: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Padded attention backward: (dq, dk, dv), contiguous, in q's dtype."""
-    return _backward(grad_out, q, k, v, out, lse, attention_mask, None, 0, scale)
+    return _backward(grad_out, q, k, v, out, lse, attention_mask, None, 0, scale, dropout_p, seed)
 
 
 @_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, attention_mask, scale):
+def _(grad_out, q, k, v, out, lse, attention_mask, scale, dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @torch.library.custom_op("bertfast::attention_varlen_fwd", mutates_args=())
 def _attention_varlen_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward: (out (total, heads, d), lse fp32 (heads, total))."""
-    return _forward(q, k, v, None, cu_seqlens, max_seqlen, scale)
+    return _forward(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, seed)
 
 
 @_attention_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
     total, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((heads, total), dtype=torch.float32)
 
@@ -625,43 +706,49 @@ def _attention_varlen_bwd_op(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Varlen attention backward: (dq, dk, dv), contiguous, in q's dtype."""
-    return _backward(grad_out, q, k, v, out, lse, None, cu_seqlens, max_seqlen, scale)
+    return _backward(grad_out, q, k, v, out, lse, None, cu_seqlens, max_seqlen, scale, dropout_p, seed)
 
 
 @_attention_varlen_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_padded(ctx, inputs, output):
-    q, k, v, attention_mask, scale = inputs
+    q, k, v, attention_mask, scale, dropout_p, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)  # an auxiliary statistic for the backward, not a result
-    ctx.save_for_backward(q, k, v, out, lse, attention_mask)
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask, seed)
     ctx.scale = scale
+    ctx.dropout_p = dropout_p
 
 
 def _backward_padded(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, attention_mask = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, attention_mask, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, attention_mask, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, attention_mask, ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
 
 
 def _setup_varlen(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
     ctx.max_seqlen = max_seqlen
     ctx.scale = scale
+    ctx.dropout_p = dropout_p
 
 
 def _backward_varlen(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _attention_varlen_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_varlen_bwd_op(
+        grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed
+    )
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_fwd_op.register_autograd(_backward_padded, setup_context=_setup_padded)
@@ -674,20 +761,38 @@ _attention_varlen_fwd_op.register_autograd(_backward_varlen, setup_context=_setu
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Softmax attention over ``(batch, seq, heads, head_dim)`` with an optional bool key-padding mask."""
+    """Softmax attention over ``(batch, seq, heads, head_dim)`` with an optional bool key-padding mask.
+
+    ``dropout_p > 0`` drops attention probabilities with a fresh seed from torch's default generator.
+    """
     _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
     _check_mask(attention_mask, k)
-    return _attention_fwd_op(q, k, v, attention_mask, float(scale))[0]
+    check_dropout_p(dropout_p)
+    seed = draw_seed(dropout_p)
+    return _attention_fwd_op(q, k, v, attention_mask, float(scale), float(dropout_p), seed)[0]
 
 
 def attention_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Softmax attention over packed ``(total_tokens, heads, head_dim)`` sequences delimited by ``cu_seqlens``."""
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
     _check_cu_seqlens(cu_seqlens, q)
     if int(max_seqlen) < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-    return _attention_varlen_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale))[0]
+    check_dropout_p(dropout_p)
+    seed = draw_seed(dropout_p)
+    return _attention_varlen_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), seed)[0]

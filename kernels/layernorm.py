@@ -2,7 +2,7 @@
 
 Math, over the last dimension (``hidden = N``), for every row of ``x``::
 
-    h     = x + linear_bias + residual          (the pre-norm sum; both addends optional)
+    h     = dropout(x + linear_bias) + residual (the pre-norm sum; every term but x optional)
     mean  = sum(h) / N
     rstd  = 1 / sqrt(sum((h - mean)^2) / N + eps)
     xhat  = (h - mean) * rstd
@@ -11,11 +11,18 @@ Math, over the last dimension (``hidden = N``), for every row of ``x``::
 Backward, with ``g = dy * weight``::
 
     dh            = rstd * (g - mean(g) - xhat * mean(g * xhat))      (means over the row)
-    dx            = dh
-    dresidual     = dh                  (the same tensor: x and residual are simply added)
-    dlinear_bias  = sum over rows of dh
+    dx            = dh * Z              (Z: see below; without dropout dx = dh)
+    dresidual     = dh                  (without dropout the same tensor as dx)
+    dlinear_bias  = sum over rows of dx
     dweight       = sum over rows of dy * xhat
     dbias         = sum over rows of dy
+
+Hidden dropout (training, rate ``p``): ``dropout(u) = u * Z`` with ``Z = keep / (1 - p)``,
+``keep`` a Bernoulli(1 - p) draw per element: ``philox(seed, row * N + col) >= p``, ``row`` the
+row of the flattened ``(rows, N)`` input.  The seed is drawn once per call from torch's default
+CPU generator (``torch.manual_seed`` reproduces the mask; reading it never waits for the GPU).
+The mask is never stored: the backward regenerates it from the seed, at the cost of one philox
+draw per element in each direction (no extra memory traffic).  ``p = 0`` compiles it out.
 
 Shapes: ``x`` and ``residual`` are ``(..., N)`` with any leading shape (flattened to
 ``rows`` rows; a row stride is honoured, so a slice of a wider buffer costs no copy);
@@ -38,9 +45,10 @@ bandwidth floor on a GPU:
 - forward: read ``x`` (+ ``residual``), write ``y``: ``2s`` bytes, ``3s`` with a residual
   (plus 8 bytes per row for ``mean`` and ``rstd``; weights are read once per program);
 - backward: read ``x`` (+ ``residual``) and ``dy``, write ``dx``: ``3s``, ``4s`` with a
-  residual; plus the fp32 partial sums of the weight gradients, ``(num_groups, N)`` per
-  gradient written once and read once (``num_groups`` is one or two per SM: about 5% of
-  the traffic at 16384 x 1024, less for more rows).
+  residual (``5s`` with a residual and dropout, which also writes ``dresidual``); plus the
+  fp32 partial sums of the weight gradients, ``(num_groups, N)`` per gradient written once
+  and read once (``num_groups`` is one or two per SM: about 5% of the traffic at
+  16384 x 1024, less for more rows).
 
 Determinism: the weight, bias and linear-bias gradients are reduced without atomics.  The
 backward runs ``num_groups`` programs; each walks its own contiguous range of row tiles,
@@ -54,11 +62,6 @@ Launch shape: a program handles a tile of ``ROWS x BLOCK_N`` elements with
 moves enough bytes; ``num_warps`` grows with the tile (see :func:`launch_config`).
 Under Triton's interpreter (tests) tiles are smaller so that the multi-tile and
 multi-group paths run even on tiny inputs.
-
-Planned: hidden dropout fused as ``LN(dropout(x + linear_bias) + residual)`` with a philox
-seed and offset.  The whole pre-norm sum lives in :func:`_pre_norm_sum`, used by both
-kernels; dropout would go there (the backward regenerating the same mask), and the
-backward would then scale ``dx`` by the mask while ``dresidual`` stays ``dh``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+
+from ._dropout import check_dropout_p, draw_seed, dropout_args
 
 MAX_HIDDEN = 8192
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -87,24 +92,34 @@ def _pre_norm_sum(
     cols,
     mask,
     col_mask,
+    n_cols,
     x_row_stride,
     residual_row_stride,
+    dropout_p,
+    seed,
     HAS_RESIDUAL: tl.constexpr,
     HAS_LINEAR_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
-    """``h = x + linear_bias + residual`` in fp32 for a ``(ROWS, BLOCK_N)`` tile; 0 where masked.
+    """``(h, keep)`` for a ``(ROWS, BLOCK_N)`` tile: ``h = dropout(x + linear_bias) + residual`` in
+    fp32 (0 where masked) and the dropout keep mask (``mask`` itself without dropout).
 
-    The one place the pre-norm sum is formed, shared by forward and backward.
+    The one place the pre-norm sum and the dropout mask are formed, shared by forward and backward.
     """
     h = tl.load(x_ptr + rows * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_LINEAR_BIAS:
         h += tl.load(linear_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    keep = mask
+    if HAS_DROPOUT:
+        # The counter is the element's index in the logical (rows, N) input: no tile shape in it.
+        keep = mask & (tl.rand(seed, rows * n_cols + cols) >= dropout_p)
+        h = tl.where(keep, h * (1.0 / (1.0 - dropout_p)), 0.0)
     if HAS_RESIDUAL:
         h += tl.load(residual_ptr + rows * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, h, 0.0)
+    return tl.where(mask, h, 0.0), keep
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _layer_norm_fwd_kernel(
     x_ptr,
     residual_ptr,
@@ -119,8 +134,11 @@ def _layer_norm_fwd_kernel(
     x_row_stride,
     residual_row_stride,
     eps,
+    dropout_p,
+    seed,
     HAS_RESIDUAL: tl.constexpr,
     HAS_LINEAR_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -132,7 +150,7 @@ def _layer_norm_fwd_kernel(
     rows = row_ids.to(tl.int64)[:, None]  # int64: rows * stride may pass 2**31
     cols = col_ids[None, :]
 
-    h = _pre_norm_sum(
+    h, _ = _pre_norm_sum(
         x_ptr,
         residual_ptr,
         linear_bias_ptr,
@@ -140,10 +158,14 @@ def _layer_norm_fwd_kernel(
         cols,
         mask,
         col_mask[None, :],
+        n_cols,
         x_row_stride,
         residual_row_stride,
+        dropout_p,
+        seed,
         HAS_RESIDUAL,
         HAS_LINEAR_BIAS,
+        HAS_DROPOUT,
     )
     mean = tl.sum(h, axis=1) / n_cols
     centered = tl.where(mask, h - mean[:, None], 0.0)
@@ -158,7 +180,7 @@ def _layer_norm_fwd_kernel(
     tl.store(rstd_ptr + row_ids, rstd, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _layer_norm_bwd_kernel(
     dy_ptr,
     x_ptr,
@@ -168,6 +190,7 @@ def _layer_norm_bwd_kernel(
     mean_ptr,
     rstd_ptr,
     dx_ptr,
+    dresidual_ptr,
     dweight_partial_ptr,
     dbias_partial_ptr,
     dlinear_bias_partial_ptr,
@@ -177,8 +200,11 @@ def _layer_norm_bwd_kernel(
     x_row_stride,
     residual_row_stride,
     tiles_per_group,
+    dropout_p,
+    seed,
     HAS_RESIDUAL: tl.constexpr,
     HAS_LINEAR_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -197,7 +223,7 @@ def _layer_norm_bwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         rows = row_ids.to(tl.int64)[:, None]
 
-        h = _pre_norm_sum(
+        h, keep = _pre_norm_sum(
             x_ptr,
             residual_ptr,
             linear_bias_ptr,
@@ -205,10 +231,14 @@ def _layer_norm_bwd_kernel(
             cols,
             mask,
             col_mask[None, :],
+            n_cols,
             x_row_stride,
             residual_row_stride,
+            dropout_p,
+            seed,
             HAS_RESIDUAL,
             HAS_LINEAR_BIAS,
+            HAS_DROPOUT,
         )
         # Rows past the end load mean = rstd = 0 and dy = 0, so they add nothing below.
         mean = tl.load(mean_ptr + row_ids, mask=row_mask, other=0.0)
@@ -221,12 +251,19 @@ def _layer_norm_bwd_kernel(
         mean_g_xhat = tl.sum(g * xhat, axis=1) / n_cols
         dh = (g - mean_g[:, None] - xhat * mean_g_xhat[:, None]) * rstd[:, None]
         dh = tl.where(mask, dh, 0.0)
-        tl.store(dx_ptr + rows * n_cols + cols, dh.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_DROPOUT:
+            # The residual skips the dropout; x + linear_bias goes through the same mask and scale.
+            if HAS_RESIDUAL:
+                tl.store(dresidual_ptr + rows * n_cols + cols, dh.to(dresidual_ptr.dtype.element_ty), mask=mask)
+            dx = tl.where(keep, dh * (1.0 / (1.0 - dropout_p)), 0.0)
+        else:
+            dx = dh
+        tl.store(dx_ptr + rows * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
         dweight_acc += tl.sum(dy * xhat, axis=0)
         dbias_acc += tl.sum(dy, axis=0)
         if HAS_LINEAR_BIAS:
-            dlinear_bias_acc += tl.sum(dh, axis=0)
+            dlinear_bias_acc += tl.sum(dx, axis=0)
 
     partial_offsets = group * n_cols + col_ids
     tl.store(dweight_partial_ptr + partial_offsets, dweight_acc, mask=col_mask)
@@ -370,7 +407,8 @@ class _NullContext:
         return False
 
 
-def _forward(x, weight, bias, eps, residual, linear_bias):
+def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=None):
+    dropout_p, seed_value = dropout_args(dropout_p, seed)
     weight, linear_bias = _check_inputs(x, weight, residual, linear_bias)
     bias = _vector("bias", bias, x.shape[-1], x.device)
     if not eps > 0:
@@ -399,8 +437,11 @@ def _forward(x, weight, bias, eps, residual, linear_bias):
             x2d.stride(0),
             res2d.stride(0) if res2d is not None else 0,
             eps,
+            dropout_p,
+            seed_value,
             HAS_RESIDUAL=res2d is not None,
             HAS_LINEAR_BIAS=linear_bias is not None,
+            HAS_DROPOUT=dropout_p > 0.0,
             ROWS=cfg.rows,
             BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps,
@@ -408,7 +449,8 @@ def _forward(x, weight, bias, eps, residual, linear_bias):
     return y, mean, rstd
 
 
-def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype):
+def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, dropout_p=0.0, seed=None):
+    dropout_p, seed_value = dropout_args(dropout_p, seed)
     weight, linear_bias = _check_inputs(x, weight, residual, linear_bias)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
@@ -422,6 +464,9 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype):
     mean, rstd = mean.contiguous(), rstd.contiguous()
 
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # With dropout the residual's gradient is no longer x's: a second output (else an empty one).
+    separate_dresidual = dropout_p > 0.0 and residual is not None
+    dresidual = torch.empty(x.shape if separate_dresidual else (0,), dtype=x.dtype, device=x.device)
     cfg = _config_for(x, n_rows, n_cols, "backward")
     num_groups = cfg.num_groups
     # Every group writes its whole row of partial sums, so the buffers need no zeroing.
@@ -439,6 +484,7 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype):
                 mean,
                 rstd,
                 dx,
+                dresidual if separate_dresidual else dx,  # written only with dropout and a residual
                 partial[0],
                 partial[1],
                 partial[n_partials - 1],  # dlinear_bias: written only when HAS_LINEAR_BIAS
@@ -448,8 +494,11 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype):
                 x2d.stride(0),
                 res2d.stride(0) if res2d is not None else 0,
                 tiles_per_group,
+                dropout_p,
+                seed_value,
                 HAS_RESIDUAL=res2d is not None,
                 HAS_LINEAR_BIAS=linear_bias is not None,
+                HAS_DROPOUT=dropout_p > 0.0,
                 ROWS=cfg.rows,
                 BLOCK_N=cfg.block_n,
                 num_warps=cfg.num_warps,
@@ -462,10 +511,14 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype):
         dlinear_bias = partial[2].sum(dim=0).to(linear_bias.dtype)
     else:
         dlinear_bias = x.new_empty((0,))
-    return dx, dweight, dbias, dlinear_bias
+    return dx, dweight, dbias, dlinear_bias, dresidual
 
 
 # --------------------------------------------------------------------------- custom ops
+
+
+# ``dropout_p`` and ``seed`` (a CPU int64 scalar from :func:`draw_seed`, ``None`` without dropout)
+# come last with defaults, so calls without dropout read as before.
 
 
 @torch.library.custom_op("bertfast::layer_norm_fwd", mutates_args=())
@@ -476,13 +529,15 @@ def layer_norm_fwd(
     eps: float,
     residual: Optional[torch.Tensor],  # noqa: UP045 (torch.library parses the annotation)
     linear_bias: Optional[torch.Tensor],  # noqa: UP045
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, mean, rstd)``: ``y = LayerNorm(x + linear_bias + residual)``; fp32 row statistics."""
-    return _forward(x, weight, bias, eps, residual, linear_bias)
+    """``(y, mean, rstd)``: ``y = LayerNorm(dropout(x + linear_bias) + residual)``; fp32 row statistics."""
+    return _forward(x, weight, bias, eps, residual, linear_bias, dropout_p, seed)
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, eps, residual, linear_bias):
+def _(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=None):
     n_rows = x.shape[:-1].numel()
     y = x.new_empty(x.shape)
     mean = x.new_empty((n_rows,), dtype=torch.float32)
@@ -500,45 +555,60 @@ def layer_norm_bwd(
     residual: Optional[torch.Tensor],  # noqa: UP045
     linear_bias: Optional[torch.Tensor],  # noqa: UP045
     bias_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dweight, dbias, dlinear_bias)``; ``dlinear_bias`` is empty when there is no linear bias.
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias, dlinear_bias, dresidual)``.
 
-    ``dx`` is also the residual's gradient.
+    ``dlinear_bias`` is empty when there is no linear bias.  ``dresidual`` is empty unless there
+    are both dropout and a residual: otherwise the residual's gradient is ``dx`` itself.
     """
-    return _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype)
+    return _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, dropout_p, seed)
 
 
 @layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype):
+def _(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, dropout_p=0.0, seed=None):
     n_cols = x.shape[-1]
     dx = x.new_empty(x.shape)
     dweight = weight.new_empty((n_cols,))
     dbias = weight.new_empty((n_cols,), dtype=bias_dtype)
     dlinear_bias = linear_bias.new_empty((n_cols,)) if linear_bias is not None else x.new_empty((0,))
-    return dx, dweight, dbias, dlinear_bias
+    dresidual = x.new_empty(x.shape if dropout_p > 0.0 and residual is not None else (0,))
+    return dx, dweight, dbias, dlinear_bias, dresidual
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _eps, residual, linear_bias = inputs
+    x, weight, bias, _eps, residual, linear_bias, dropout_p, seed = inputs
     _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd, residual, linear_bias)
+    ctx.save_for_backward(x, weight, mean, rstd, residual, linear_bias, seed)
     ctx.bias_dtype = bias.dtype
+    ctx.dropout_p = dropout_p
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd, residual, linear_bias = ctx.saved_tensors
-    dx, dweight, dbias, dlinear_bias = torch.ops.bertfast.layer_norm_bwd(
-        dy, x, weight, mean, rstd, residual, linear_bias, ctx.bias_dtype
+    x, weight, mean, rstd, residual, linear_bias, seed = ctx.saved_tensors
+    dx, dweight, dbias, dlinear_bias, dresidual = torch.ops.bertfast.layer_norm_bwd(
+        dy, x, weight, mean, rstd, residual, linear_bias, ctx.bias_dtype, ctx.dropout_p, seed
     )
-    # x and residual are added, so they share one gradient tensor (as PyTorch's add does).
-    dresidual = dx if residual is not None else None
-    return dx, dweight, dbias, None, dresidual, dlinear_bias if linear_bias is not None else None
+    if residual is None:
+        dresidual = None
+    elif ctx.dropout_p == 0.0:
+        dresidual = dx  # x and residual are added, so they share one gradient tensor (as PyTorch's add does)
+    dlinear_bias = dlinear_bias if linear_bias is not None else None
+    return dx, dweight, dbias, None, dresidual, dlinear_bias, None, None
 
 
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_setup_context)
 
 
-def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None) -> torch.Tensor:
-    """``LayerNorm(x + linear_bias + residual)`` over the last dimension, differentiable."""
-    return torch.ops.bertfast.layer_norm_fwd(x, weight, bias, float(eps), residual, linear_bias)[0]
+def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0) -> torch.Tensor:
+    """``LayerNorm(dropout(x + linear_bias) + residual)`` over the last dimension, differentiable.
+
+    ``dropout_p > 0`` drops elements of ``x + linear_bias`` with a fresh seed from torch's default generator.
+    """
+    check_dropout_p(dropout_p)
+    seed = draw_seed(dropout_p)
+    return torch.ops.bertfast.layer_norm_fwd(
+        x, weight, bias, float(eps), residual, linear_bias, float(dropout_p), seed
+    )[0]

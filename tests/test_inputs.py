@@ -76,13 +76,21 @@ def test_explicit_backend_never_falls_back_silently():
     assert reasons["reference"] is None and reasons["triton"]
 
 
-def test_attention_dropout_runs_only_where_supported():
+def test_dropout_runs_only_where_supported():
+    """A backend without the dropout capability is never handed a dropout_p: explain says why, a call raises."""
     q = torch.randn(1, 4, 2, 8)
+    x, w = torch.randn(3, 8), torch.ones(8)
     reasons = ops.explain("attention", q, q, q, dropout_p=0.1)
     assert reasons["reference"] is None
-    assert "dropout" in reasons["triton"]
-    with pytest.raises(bertfast.BackendUnavailable):
-        ops.attention(q, q, q, dropout_p=0.1, backend="triton")
+    if not ops.can_run("attention", "ext", (q, q, q)):
+        pytest.skip("the ext backend (no dropout) is not available here")
+    assert "attention-probability dropout" in reasons["ext"]
+    assert ops.explain("attention", q, q, q)["ext"] is None
+    with pytest.raises(bertfast.BackendUnavailable, match="dropout"):
+        ops.attention(q, q, q, dropout_p=0.1, backend="ext")
+    assert "hidden dropout" in ops.explain("layer_norm", x, w, w, dropout_p=0.1)["ext"]
+    with pytest.raises(bertfast.BackendUnavailable, match="dropout"):
+        ops.layer_norm(x, w, w, dropout_p=0.1, backend="ext")
 
 
 def test_auto_on_cpu_is_the_reference():

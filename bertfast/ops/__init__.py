@@ -66,13 +66,24 @@ def _check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
 
 
-def layer_norm(x, weight, bias, eps: float = 1e-12, residual=None, linear_bias=None, backend=None):
-    """``LayerNorm(x + linear_bias + residual)`` over the last dimension.
+def _check_dropout_p(dropout_p) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def layer_norm(
+    x, weight, bias, eps: float = 1e-12, residual=None, linear_bias=None, dropout_p: float = 0.0, backend=None
+):
+    """``LayerNorm(dropout(x + linear_bias) + residual)`` over the last dimension.
 
     ``linear_bias`` (shape ``(hidden,)``) is the bias of the linear layer that produced
     ``x``, fused here so the GEMM can run without one; ``residual`` has ``x``'s shape.
+    ``dropout_p``: hidden dropout (training) of the dense output ``x + linear_bias``, as in
+    BERT's ``LN(dropout(dense(h)) + residual)``; the residual is not dropped.  Only backends
+    that declare ``SUPPORTS_HIDDEN_DROPOUT`` run it.
     Statistics are computed in fp32 whatever the input dtype; output has ``x``'s dtype.
     """
+    _check_dropout_p(dropout_p)
     _check_float("x", x)
     hidden = x.shape[-1]
     for name, t, shape in (("weight", weight, (hidden,)), ("bias", bias, (hidden,))):
@@ -93,7 +104,9 @@ def layer_norm(x, weight, bias, eps: float = 1e-12, residual=None, linear_bias=N
         raise ValueError(f"weight and bias must be on x's device {x.device}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    impl = resolve("layer_norm", backend, (x, weight, bias))
+    impl = resolve("layer_norm", backend, (x, weight, bias), dropout_p=dropout_p)
+    if dropout_p > 0.0:
+        return impl.layer_norm(x, weight, bias, float(eps), residual, linear_bias, dropout_p=float(dropout_p))
     return impl.layer_norm(x, weight, bias, float(eps), residual, linear_bias)
 
 
@@ -140,8 +153,7 @@ def attention(q, k, v, attention_mask=None, scale=None, dropout_p: float = 0.0, 
     ``SUPPORTS_ATTENTION_DROPOUT`` run it.
     Returns ``(batch, seq, heads, head_dim)`` in ``q``'s dtype.
     """
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_dropout_p(dropout_p)
     _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
@@ -160,18 +172,20 @@ def attention(q, k, v, attention_mask=None, scale=None, dropout_p: float = 0.0, 
     impl = resolve("attention", backend, (q, k, v), dropout_p=dropout_p)
     scale = _default_scale(scale, q.shape[-1])
     if dropout_p > 0.0:
-        return impl.attention(q, k, v, attention_mask, scale, dropout_p=dropout_p)
+        return impl.attention(q, k, v, attention_mask, scale, dropout_p=float(dropout_p))
     return impl.attention(q, k, v, attention_mask, scale)
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale=None, backend=None):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale=None, dropout_p: float = 0.0, backend=None):
     """Attention over packed variable-length sequences.
 
     ``q, k, v``: ``(total_tokens, heads, head_dim)``; ``cu_seqlens``: int32 ``(batch + 1,)``
     cumulative offsets starting at 0 and ending at ``total_tokens``; sequence ``i`` is
     rows ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself.
     ``max_seqlen`` is the longest length (used to size the launch grid).
+    ``dropout_p``: attention-probability dropout, as in :func:`attention`.
     """
+    _check_dropout_p(dropout_p)
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same number of tokens, got {q.shape[0]} and {k.shape[0]}")
@@ -183,8 +197,11 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale=None, backend=N
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if int(max_seqlen) < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-    impl = resolve("attention_varlen", backend, (q, k, v))
-    return impl.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), _default_scale(scale, q.shape[-1]))
+    impl = resolve("attention_varlen", backend, (q, k, v), dropout_p=dropout_p)
+    scale = _default_scale(scale, q.shape[-1])
+    if dropout_p > 0.0:
+        return impl.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), scale, dropout_p=float(dropout_p))
+    return impl.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), scale)
 
 
 def embedding_layer_norm(

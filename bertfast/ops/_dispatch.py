@@ -8,6 +8,10 @@ backend module provides:
 - ``unsupported(op, *tensors, **meta) -> str | None``: ``None`` when it can run this op
   on these inputs, else why not (device, dtype, head size, ...).
 - one function per op it implements, named like the op.
+- optional capability flags, ``False`` when absent: ``SUPPORTS_ATTENTION_DROPOUT``
+  (``attention``/``attention_varlen`` with ``dropout_p > 0``) and ``SUPPORTS_HIDDEN_DROPOUT``
+  (``layer_norm`` with ``dropout_p > 0``).  The dispatcher checks them itself (``meta["dropout_p"]``),
+  so a backend without the flag is never called with a ``dropout_p`` argument.
 
 ``backend=None`` / ``"auto"`` tries ``AUTO_ORDER[device_type]`` in order and takes the
 first backend that can run the call; :func:`explain` tells what each candidate said.
@@ -34,6 +38,13 @@ AUTO_ORDER = {
 }
 
 OPS = ("layer_norm", "bias_gelu", "attention", "attention_varlen", "embedding_layer_norm")
+
+# op -> (capability flag a backend must set to run it with dropout_p > 0, what the dropout is)
+_DROPOUT_CAPABILITY = {
+    "attention": ("SUPPORTS_ATTENTION_DROPOUT", "attention-probability dropout"),
+    "attention_varlen": ("SUPPORTS_ATTENTION_DROPOUT", "attention-probability dropout"),
+    "layer_norm": ("SUPPORTS_HIDDEN_DROPOUT", "hidden dropout fused into layer_norm"),
+}
 
 
 def validate_backend_name(name: str | None) -> str:
@@ -85,8 +96,10 @@ def _candidate_reason(name: str, op: str, tensors, meta) -> tuple[object | None,
         return None, reason
     if not hasattr(module, op):
         return None, f"backend {name!r} does not implement {op}"
-    if meta.get("dropout_p", 0.0) > 0.0 and not getattr(module, "SUPPORTS_ATTENTION_DROPOUT", False):
-        return None, f"backend {name!r} has no attention-probability dropout"
+    if meta.get("dropout_p", 0.0) > 0.0:
+        flag, what = _DROPOUT_CAPABILITY.get(op, (None, f"dropout in {op}"))
+        if flag is None or not getattr(module, flag, False):
+            return None, f"backend {name!r} has no {what}"
     try:
         reason = module.unsupported(op, *tensors, **meta)
     except Exception as exc:  # e.g. a kernel module that fails to import: a reason, not a crash

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTS_ATTENTION_DROPOUT = True
+SUPPORTS_HIDDEN_DROPOUT = True
 
 
 def availability() -> str | None:
@@ -25,11 +26,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None):
+def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0):
+    """``LayerNorm(dropout(x + linear_bias) + residual)``: the dense bias is dropped with its output."""
     ct = _compute_dtype(x.dtype)
     h = x.to(ct)
     if linear_bias is not None:
         h = h + linear_bias.to(ct)
+    if dropout_p > 0.0:
+        h = F.dropout(h, dropout_p)
     if residual is not None:
         h = h + residual.to(ct)
     y = F.layer_norm(h, (h.shape[-1],), weight.to(ct), bias.to(ct), eps)
@@ -64,7 +68,7 @@ def attention(q, k, v, attention_mask, scale, dropout_p=0.0):
     return out.transpose(1, 2).to(q.dtype)
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
     """Per-sequence attention: each packed sequence attends only within itself."""
     ct = _compute_dtype(q.dtype)
     out = torch.empty_like(q)
@@ -74,6 +78,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
             continue
         qs, ks, vs = (t[start:end].to(ct).transpose(0, 1) for t in (q, k, v))
         probs = torch.softmax(torch.matmul(qs, ks.transpose(-1, -2)) * scale, dim=-1)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, dropout_p)
         out[start:end] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
     return out
 

@@ -10,6 +10,10 @@ import os
 
 import torch
 
+# The kernels draw their dropout masks with philox, seeded from torch's default generator.
+SUPPORTS_ATTENTION_DROPOUT = True
+SUPPORTS_HIDDEN_DROPOUT = True
+
 
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -51,10 +55,10 @@ def unsupported(op: str, *tensors, **meta) -> str | None:
     return kernel.unsupported(*tensors)
 
 
-def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None):
+def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0):
     from ..kernels.layernorm import layer_norm as kernel
 
-    return kernel(x, weight, bias, eps, residual, linear_bias)
+    return kernel(x, weight, bias, eps, residual, linear_bias, dropout_p)
 
 
 def bias_gelu(x, bias):
@@ -63,16 +67,16 @@ def bias_gelu(x, bias):
     return kernel(x, bias)
 
 
-def attention(q, k, v, attention_mask, scale):
+def attention(q, k, v, attention_mask, scale, dropout_p=0.0):
     from ..kernels.attention import attention as kernel
 
-    return kernel(q, k, v, attention_mask, scale)
+    return kernel(q, k, v, attention_mask, scale, dropout_p)
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
     from ..kernels.attention import attention_varlen as kernel
 
-    return kernel(q, k, v, cu_seqlens, max_seqlen, scale)
+    return kernel(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
 
 
 def embedding_layer_norm(
