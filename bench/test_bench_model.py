@@ -1,15 +1,26 @@
 """Model level: BERT-large forward and a training step, bertfast against Hugging Face.
 
-GPU: forward at batch x seq 1x128, 32x128, 128x128, 8x512, 32x512 in bf16 and fp16; a
-training step (forward, backward, AdamW) at 32x128 and 8x512 in bf16.  Without a GPU (or
-with --benchmark-disable): a 2-layer BERT at 2 x 13 in fp32, each case run once.
-Implementations: bertfast/benchmarking/models.py.
+GPU (bf16 unless stated):
+
+- forward at batch x seq 1x128, 32x128, 128x128, 8x512, 32x512 in bf16 and fp16 (``MODEL_IMPLS``),
+  plus the drop-in rows in bf16 (``DROP_IN_IMPLS``: hf-sdpa-patched, hf-sdpa-patched-compile,
+  bertfast-cudagraph);
+- a training step (forward, backward, AdamW) at 32x128 and 8x512 (``MODEL_IMPLS``, plus
+  ``AMP_IMPLS``: float32 weights under torch.autocast);
+- padding-free rows (``*-varlen``): forward and training step at 32x128 and 16x512 with
+  lengths from each of ``shapes.LENGTH_DISTRIBUTIONS`` (``VARLEN_IMPLS``: bertfast unpadded,
+  bertfast-padded, hf-sdpa).
+
+Without a GPU (or with --benchmark-disable): a 2-layer BERT at 2 x 13 (4 x 13 for the
+padding-free rows) in fp32 (the autocast rows in bf16), each case run once; the CUDA-graph
+runner needs a GPU and is skipped without one; the compiled patched model is timed on a GPU
+only.  Implementations: bertfast/benchmarking/models.py.
 """
 
 import pytest
 
 from bertfast.benchmarking import shapes
-from bertfast.benchmarking.models import MODEL_IMPLS
+from bertfast.benchmarking.models import AMP_IMPLS, DROP_IN_IMPLS, MODEL_IMPLS, VARLEN_IMPLS
 
 # Which of the two runs (bench/conftest.py decides: smoke without a GPU or with --benchmark-disable).
 GPU_ONLY = pytest.mark.bench_size("full")
@@ -19,42 +30,120 @@ SMOKE_ONLY = pytest.mark.bench_size("smoke")
 FP32_MAX_ERROR = 1e-4
 
 
-def _params(gpu_shapes, gpu_dtypes, smoke_shapes):
-    sizes = [(shape, dtype, GPU_ONLY) for dtype in gpu_dtypes for shape in gpu_shapes]
-    sizes += [(shape, dtype, SMOKE_ONLY) for dtype in shapes.SMOKE_DTYPES for shape in smoke_shapes]
+def _params(groups):
+    """``groups``: ``(impls, gpu_shapes, gpu_dtypes, smoke_impls, smoke_shapes, smoke_dtypes)`` tuples."""
+    params = []
+    for impls, gpu_shapes, gpu_dtypes, smoke_impls, smoke_shapes, smoke_dtypes in groups:
+        sizes = [(shape, dtype, GPU_ONLY, impls) for dtype in gpu_dtypes for shape in gpu_shapes]
+        sizes += [(shape, dtype, SMOKE_ONLY, smoke_impls) for dtype in smoke_dtypes for shape in smoke_shapes]
+        params += [
+            pytest.param(shape, dtype, impl, id=f"{dtype}-{shape.label}-{impl}", marks=mark)
+            for shape, dtype, mark, chosen in sizes
+            for impl in chosen
+        ]
+    return params
+
+
+def _varlen_params():
+    sizes = [(s, d, GPU_ONLY) for d in shapes.VARLEN_DTYPES for s in shapes.VARLEN_SHAPES]
+    sizes += [(s, d, SMOKE_ONLY) for d in shapes.SMOKE_DTYPES for s in shapes.SMOKE_VARLEN_SHAPES]
     return [
-        pytest.param(shape, dtype, impl, id=f"{dtype}-{shape.label}-{impl}", marks=mark)
+        pytest.param(shape, dtype, dist, impl, id=f"{dtype}-{shape.label}-{dist.name}-{impl}", marks=mark)
         for shape, dtype, mark in sizes
-        for impl in MODEL_IMPLS
+        for dist in shapes.LENGTH_DISTRIBUTIONS
+        for impl in VARLEN_IMPLS
     ]
 
 
-def _run(benchmark, bench_run, kind, shape, dtype, impl):
+def _run(benchmark, bench_run, kind, shape, dtype, impl, lengths=None):
     if bench_run.quick and dtype != "bf16":
         pytest.skip("--bench-quick: bf16 only")
     models = bench_run.model_bench
-    benchmark.group = f"{models.label}-{kind} {dtype} {shape.label}"
-    identity = dict(name=f"{models.label}-{kind}", impl=impl, dtype=dtype, batch=shape.batch, seq=shape.seq)
+    name = f"{models.label}-{kind}" + ("" if lengths is None else "-varlen")
+    benchmark.group = f"{name} {dtype} {shape.label}" + ("" if lengths is None else f" {lengths.name}")
+    identity = dict(name=name, impl=impl, dtype=dtype, batch=shape.batch, seq=shape.seq)
+    if lengths is not None:
+        identity["lengths"] = lengths.name
     build = models.forward_case if kind == "fwd" else models.train_case
-    row, reason = bench_run.run(identity, lambda: build(impl, dtype, shape), benchmark)
+    row, reason = bench_run.run(identity, lambda: build(impl, dtype, shape, lengths=lengths), benchmark)
     if row is None:
         pytest.skip(reason)
     assert row["median_ms"] > 0 and row["tflops"] > 0
+    assert 0 < row["fill"] <= 1 and row["tokens_per_s"] > 0
     return row
 
 
-FORWARD_PARAMS = _params(shapes.FORWARD_SHAPES, shapes.GPU_DTYPES, shapes.SMOKE_FORWARD_SHAPES)
-TRAIN_PARAMS = _params(shapes.TRAIN_SHAPES, shapes.TRAIN_DTYPES, shapes.SMOKE_TRAIN_SHAPES)
-
-
-@pytest.mark.parametrize("shape, dtype, impl", FORWARD_PARAMS)
-def test_forward(benchmark, bench_run, shape, dtype, impl):
-    row = _run(benchmark, bench_run, "fwd", shape, dtype, impl)
+def _check_forward(row, dtype):
     assert row["max_error"] == row["max_error"], "the output is not finite"
     if dtype == "fp32":
         assert row["max_error"] < FP32_MAX_ERROR
 
 
+# The whole-model compile of the patched model is timed on a GPU only (tracing it is the slowest smoke case).
+SMOKE_DROP_IN_IMPLS = tuple(impl for impl in DROP_IN_IMPLS if impl != "hf-sdpa-patched-compile")
+FORWARD_PARAMS = _params(
+    [
+        (
+            MODEL_IMPLS,
+            shapes.FORWARD_SHAPES,
+            shapes.GPU_DTYPES,
+            MODEL_IMPLS,
+            shapes.SMOKE_FORWARD_SHAPES,
+            shapes.SMOKE_DTYPES,
+        ),
+        (
+            DROP_IN_IMPLS,
+            shapes.FORWARD_SHAPES,
+            shapes.DROP_IN_DTYPES,
+            SMOKE_DROP_IN_IMPLS,
+            shapes.SMOKE_FORWARD_SHAPES,
+            shapes.SMOKE_DTYPES,
+        ),
+    ]
+)
+TRAIN_PARAMS = _params(
+    [
+        (
+            MODEL_IMPLS,
+            shapes.TRAIN_SHAPES,
+            shapes.TRAIN_DTYPES,
+            MODEL_IMPLS,
+            shapes.SMOKE_TRAIN_SHAPES,
+            shapes.SMOKE_DTYPES,
+        ),
+        (
+            AMP_IMPLS,
+            shapes.TRAIN_SHAPES,
+            shapes.AMP_DTYPES,
+            AMP_IMPLS,
+            shapes.SMOKE_TRAIN_SHAPES,
+            shapes.SMOKE_AMP_DTYPES,
+        ),
+    ]
+)
+VARLEN_PARAMS = _varlen_params()
+
+
+@pytest.mark.parametrize("shape, dtype, impl", FORWARD_PARAMS)
+def test_forward(benchmark, bench_run, shape, dtype, impl):
+    row = _run(benchmark, bench_run, "fwd", shape, dtype, impl)
+    _check_forward(row, dtype)
+
+
 @pytest.mark.parametrize("shape, dtype, impl", TRAIN_PARAMS)
 def test_train_step(benchmark, bench_run, shape, dtype, impl):
-    _run(benchmark, bench_run, "train", shape, dtype, impl)
+    row = _run(benchmark, bench_run, "train", shape, dtype, impl)
+    assert row["peak_mem_mb"] is None or row["peak_mem_mb"] > 0
+
+
+@pytest.mark.parametrize("shape, dtype, lengths, impl", VARLEN_PARAMS)
+def test_forward_varlen(benchmark, bench_run, shape, dtype, lengths, impl):
+    row = _run(benchmark, bench_run, "fwd", shape, dtype, impl, lengths)
+    assert row["lengths"] == lengths.name
+    _check_forward(row, dtype)
+
+
+@pytest.mark.parametrize("shape, dtype, lengths, impl", VARLEN_PARAMS)
+def test_train_step_varlen(benchmark, bench_run, shape, dtype, lengths, impl):
+    row = _run(benchmark, bench_run, "train", shape, dtype, impl, lengths)
+    assert row["lengths"] == lengths.name

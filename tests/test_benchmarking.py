@@ -15,12 +15,24 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bertfast import BertModel
-from bertfast.benchmarking import command, compare, formulas, render, schema, shapes
+import bertfast.cuda_graphs
+import bertfast.modeling
+from bertfast import BertModel, is_patched
+from bertfast.benchmarking import command, compare, formulas, render, schema, shapes, suite
 from bertfast.benchmarking.cases import Skip, run_case
 from bertfast.benchmarking.device import environment, measure_peaks, slug
 from bertfast.benchmarking.kernels import kernel_case
-from bertfast.benchmarking.timing import SMOKE_PLAN, Timing, TimingPlan, measure, measure_with_pytest_benchmark
+from bertfast.benchmarking.models import ModelBench, impl_spec
+from bertfast.benchmarking.timing import (
+    QUICK_GPU_PLAN,
+    SMOKE_PLAN,
+    SUITE_KERNEL_PLAN,
+    SUITE_MODEL_PLAN,
+    Timing,
+    TimingPlan,
+    measure,
+    measure_with_pytest_benchmark,
+)
 from bertfast.ops import _dispatch, reference
 
 CPU = torch.device("cpu")
@@ -60,6 +72,14 @@ def test_bert_large_flops_per_sequence():
     assert formulas.bert_forward_flops(1, 128, 1024, 24) == pytest.approx(78.9e9, rel=1e-3)
     assert formulas.bert_forward_flops(1, 512, 1024, 24) == pytest.approx(335e9, rel=2e-3)
     assert formulas.bert_train_flops(4, 128, 1024, 24) == 3 * formulas.bert_forward_flops(4, 128, 1024, 24)
+
+
+def test_varlen_flops_count_each_sequence_at_its_own_length():
+    assert formulas.bert_varlen_forward_flops([128] * 4, 1024, 24) == formulas.bert_forward_flops(4, 128, 1024, 24)
+    mixed = formulas.bert_varlen_forward_flops([10, 100], 64, 2, 100)
+    assert mixed == formulas.bert_forward_flops(1, 10, 64, 2, 100) + formulas.bert_forward_flops(1, 100, 64, 2, 100)
+    # Quadratic attention: two halves cost less than one sequence of both.
+    assert mixed < formulas.bert_forward_flops(1, 110, 64, 2, 100)
 
 
 def test_attention_flops_match_counted_matmuls():
@@ -147,6 +167,52 @@ def test_padding_distribution():
     assert not mask[1, lengths[1] :].any()
 
 
+@pytest.mark.parametrize("dist", shapes.LENGTH_DISTRIBUTIONS, ids=lambda d: d.name)
+@pytest.mark.parametrize("batch, seq", [(32, 128), (16, 512)])
+def test_length_distributions(dist, batch, seq):
+    def draw(seed, count):
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack([shapes.varlen_lengths(dist, batch, seq, g) for _ in range(count)])
+
+    lengths = draw(5, 400)
+    assert torch.equal(lengths, draw(5, 400)) and not torch.equal(lengths, draw(6, 400))  # seeded
+    assert lengths.dtype == torch.int64 and lengths.min() >= 1 and lengths.max() <= seq
+    fills = lengths.double().mean(dim=1) / seq
+    assert abs(fills.mean().item() - dist.mean_fill) < 0.005  # the stated mean
+    # Stratified draws: every batch is close to the mean, not just the average of many.
+    assert (fills - dist.mean_fill).abs().max().item() < (0.05 if batch >= 32 else 0.08)
+    assert len(set(lengths.flatten().tolist())) > seq // 4  # spread out, not a few values
+
+
+def test_stated_length_distributions():
+    uniform, text_like = shapes.LENGTH_DISTRIBUTIONS
+    assert uniform.name == "uniform-0.2-1.0" and uniform.mean_fill == pytest.approx(0.6)
+    assert text_like.name == "text-like" and 0.45 <= text_like.mean_fill <= 0.6
+    assert text_like.mean_fill == pytest.approx(0.5051, abs=1e-4)  # the value in the docs
+    assert text_like.truncated == pytest.approx(0.0916, abs=1e-4)
+    # The closed form of the clipped log-normal's mean against the quantile function itself.
+    u = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000
+    assert text_like.quantile(u).mean().item() == pytest.approx(text_like.mean_fill, abs=1e-4)
+    assert shapes.length_distribution("text-like") is text_like
+    assert "0.45" in text_like.description and "0.6" in text_like.description and "0.505" in text_like.description
+    with pytest.raises(ValueError, match="unknown length distribution"):
+        shapes.length_distribution("zipf")
+    with pytest.raises(ValueError):
+        shapes.UniformLengths(0.0, 1.0)
+    with pytest.raises(ValueError):
+        shapes.TextLikeLengths(0.5, 0.0)
+
+
+def test_lengths_are_at_least_one_token():
+    g = torch.Generator().manual_seed(0)
+    tiny = shapes.TextLikeLengths(median=0.01, sigma=0.6)  # most fractions round to 0 tokens
+    lengths = shapes.varlen_lengths(tiny, 64, 8, g)
+    assert lengths.min() == 1 and (lengths == 1).sum() > 50
+    assert shapes.varlen_lengths(shapes.UniformLengths(1.0, 1.0), 3, 7, g).tolist() == [7, 7, 7]
+    with pytest.raises(ValueError):
+        shapes.varlen_lengths(tiny, 0, 8, g)
+
+
 def test_device_description_and_peaks_on_cpu():
     assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert slug("NVIDIA H200") == "nvidia-h200"
@@ -188,16 +254,158 @@ def test_unavailable_backend_is_a_skip_with_its_reason(monkeypatch):
         kernel_case("layernorm", "bertfast-triton", "fp32", shapes.SMOKE_LAYER_NORM_SHAPES[0], "fwd", CPU)
 
 
+@pytest.fixture(scope="module")
+def tiny_bench():
+    return ModelBench(shapes.tiny_config(), CPU, smoke=True)
+
+
+def _count_packing(monkeypatch) -> list:
+    """Record every time a bertfast model takes the padding-free path."""
+    calls = []
+    original = bertfast.modeling.pack_mask
+
+    def pack_mask(keep):
+        calls.append(keep.shape)
+        return original(keep)
+
+    monkeypatch.setattr(bertfast.modeling, "pack_mask", pack_mask)
+    return calls
+
+
+@pytest.mark.parametrize("impl, unpadded", [("bertfast", True), ("bertfast-padded", False)])
+def test_varlen_forward_case(tiny_bench, monkeypatch, impl, unpadded):
+    dist = shapes.LENGTH_DISTRIBUTIONS[0]
+    shape = shapes.ModelShape(4, 13)
+    case = tiny_bench.forward_case(impl, "fp32", shape, lengths=dist)
+    packed = _count_packing(monkeypatch)
+    row = run_case(case, plan=SMOKE_PLAN)
+    assert bool(packed) == unpadded  # set_unpad(True) / set_unpad(False) is what ran
+    assert (row["name"], row["lengths"]) == ("bert-tiny-fwd-varlen", "uniform-0.2-1.0")
+    masks = [mask for _, mask, _ in case.input_sets]
+    tokens = sum(int(m.sum()) for m in masks) / len(masks)
+    assert row["fill"] == pytest.approx(tokens / (4 * 13)) and 0 < row["fill"] < 1
+    assert row["tokens_per_s"] == pytest.approx(tokens / (row["median_ms"] * 1e-3))
+    # Real work only: each set's sequences at their own lengths.
+    config = tiny_bench.config
+    expected = sum(
+        formulas.bert_varlen_forward_flops(m.sum(1).tolist(), config.hidden_size, 2, config.intermediate_size)
+        for m in masks
+    ) / len(masks)
+    assert row["tflops"] == pytest.approx(expected / (row["median_ms"] * 1e-3) / 1e12)
+    assert row["max_error"] < 1e-5
+    schema.validate(schema.new_result(ENV, PEAKS, [row]))
+
+
+def test_varlen_training_gradient_is_zero_at_padding(tiny_bench):
+    case = tiny_bench.train_case("bertfast", "fp32", shapes.ModelShape(4, 13), lengths=shapes.LENGTH_DISTRIBUTIONS[1])
+    assert case.name == "bert-tiny-train-varlen" and case.lengths == "text-like"
+    for _, mask, _, grad in case.input_sets:
+        assert grad[mask == 0].abs().max() == 0 and grad[mask == 1].abs().min() > 0
+
+
+def test_drop_in_and_amp_impls(tiny_bench):
+    shape = shapes.SMOKE_FORWARD_SHAPES[0]
+    row = run_case(tiny_bench.forward_case("hf-sdpa-patched", "fp32", shape), plan=SMOKE_PLAN)
+    assert row["max_error"] < 1e-5
+    # The patch is on a module tree of its own over the same weights: hf-sdpa stays Hugging Face's.
+    patched, plain = tiny_bench.hf_patched("fp32"), tiny_bench.hf_model("fp32", "sdpa")
+    assert is_patched(patched) and not is_patched(plain)
+    assert patched.encoder.layer[0].intermediate.dense.weight is plain.encoder.layer[0].intermediate.dense.weight
+    assert tiny_bench.skip_reason("bertfast-cudagraph") == (
+        "CUDA graphs need a CUDA device (bertfast.CUDAGraphRunner refuses CPU tensors)"
+    )
+    with pytest.raises(Skip, match="CUDA graphs need a CUDA device"):
+        tiny_bench.forward_case("bertfast-cudagraph", "bf16", shape)
+    # AMP: float32 weights, the forward under autocast, the row in the autocast dtype.
+    amp = tiny_bench.build("hf-sdpa-amp", "bf16")
+    assert {p.dtype for p in amp.module.parameters()} == {torch.float32}
+    case = tiny_bench.train_case("bertfast-amp", "bf16", shape)
+    row = run_case(case, plan=SMOKE_PLAN)
+    assert row["dtype"] == "bf16" and "autocast" in row["note"]
+    assert impl_spec("bertfast-padded").unpad is False and impl_spec("bertfast-triton").backend == "triton"
+    with pytest.raises(ValueError, match="unknown model implementation"):
+        impl_spec("bertfast-fast")
+
+
+def test_cuda_graph_case_plumbing(tiny_bench, monkeypatch):
+    """What a GPU runs for bertfast-cudagraph, on the CPU with a stand-in for the runner: one bucket of exactly
+    the batch's shape, captured before timing, its memory counted, every timed call a replay."""
+    reserved, made = [1000], []
+
+    class FakeRunner:
+        def __init__(self, model, batch_buckets, seq_buckets):
+            self.model, self.buckets, self.captured, self.replays = model, (batch_buckets, seq_buckets), [], 0
+            made.append(self)
+
+        def capture(self, batch, seq, mask_dtype):
+            self.captured.append((batch, seq, mask_dtype))
+            reserved[0] += 4096  # the graph's pool
+
+        def __call__(self, ids, mask, types):
+            self.replays += 1
+            with torch.no_grad():
+                return self.model(ids, mask, types)
+
+    monkeypatch.setattr(bertfast.cuda_graphs, "CUDAGraphRunner", FakeRunner)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved[0])
+    monkeypatch.setattr(ModelBench, "skip_reason", lambda self, impl: None)
+    shape = shapes.ModelShape(2, 13)
+    case = tiny_bench.forward_case("bertfast-cudagraph", "fp32", shape)
+    (runner,) = made
+    assert runner.buckets == ((2,), (13,))
+    assert runner.captured == [(2, 13, torch.int64)] and runner.model.unpad is False  # graphs replay the padded path
+    params = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    assert case.resident_bytes == params + 4096
+    row = run_case(case, plan=SMOKE_PLAN)
+    assert runner.replays == 2 and row["max_error"] < 1e-5  # the error check, then the timed call
+    assert "one CUDA graph bucket of exactly 2x13" in row["note"]
+
+
+def test_suite_sections_plans_and_wall_time():
+    assert [suite.section_of(n) for n in ("attention-bwd", "bert-large-fwd", "bert-large-train")] == [
+        "kernels",
+        "forward",
+        "training",
+    ]
+    assert suite.section_of("bert-large-train-varlen") == suite.section_of("bert-large-fwd-varlen") == "padding-free"
+    timed = suite.SuiteRun(device=CPU, smoke=False)
+    assert timed.plan_for("kernels") == SUITE_KERNEL_PLAN and timed.plan_for("training") == SUITE_MODEL_PLAN
+    assert suite.SuiteRun(device=CPU, smoke=False, quick=True).plan_for("forward") == QUICK_GPU_PLAN
+    run = suite.SuiteRun(device=CPU, smoke=True)
+    assert run.plan_for("forward") == SMOKE_PLAN
+    shape = shapes.SMOKE_LAYER_NORM_SHAPES[0]
+    identity = dict(name="layernorm-fwd", impl="torch-layernorm", dtype="fp32", batch=shape.batch, seq=shape.seq)
+    row, reason = run.run(identity, lambda: kernel_case("layernorm", "torch-layernorm", "fp32", shape, "fwd", CPU))
+    assert reason is None and row["rounds"] == 1
+    assert run.seconds["kernels"] > 0 and run.seconds["forward"] == 0
+    setup = run.result()["setup"]
+    assert setup["sections"].startswith("wall time") and "kernels " in setup["sections"]
+    assert "text-like" in setup["lengths"]
+
+
 # --- result files ----------------------------------------------------------------------
 
 
-def _row(impl="bertfast", ms=10.0, name="bert-large-fwd", dtype="bf16", batch=32, seq=128, **extra):
-    flops = formulas.bert_forward_flops(batch, seq, 1024, 24)
+def _row(impl="bertfast", ms=10.0, name="bert-large-fwd", dtype="bf16", batch=32, seq=128, flops=None, **extra):
+    flops = flops or formulas.bert_forward_flops(batch, seq, 1024, 24)
     timing = Timing(ms, ms * 0.99, ms * 1.01, ms * 0.98, 20)
     row = schema.make_row(
         name=name, impl=impl, dtype=dtype, batch=batch, seq=seq, timing=timing, flops=flops, peaks=PEAKS
     )
-    row.update(peak_mem_mb=900.0, max_error=0.01, **extra)
+    row.update({"peak_mem_mb": 900.0, "max_error": 0.01, **extra})
+    return row
+
+
+def _varlen_row(impl, ms, lengths="uniform-0.2-1.0", fill=0.6, kind="fwd", batch=32, seq=128, peak_mem_mb=900.0):
+    """A padding-free row as the suites make it."""
+    timing = Timing(ms, ms * 0.99, ms * 1.01, ms * 0.98, 20)
+    flops = fill * formulas.bert_forward_flops(batch, seq, 1024, 24) * (3 if kind == "train" else 1)
+    row = schema.make_row(
+        name=f"bert-large-{kind}-varlen", impl=impl, dtype="bf16", batch=batch, seq=seq, timing=timing, flops=flops,
+        peaks=PEAKS, tokens=fill * batch * seq, lengths=lengths,
+    )  # fmt: skip
+    row["peak_mem_mb"] = peak_mem_mb
     return row
 
 
@@ -214,6 +422,55 @@ def test_result_round_trip(tmp_path):
     assert row["seq_per_s"] == pytest.approx(32 / 8e-3)
     assert row["tflops"] == pytest.approx(32 * 78.9e9 / 8e-3 / 1e12, rel=1e-3)
     assert row["frac_peak_tflops"] == pytest.approx(row["tflops"] / 700.0)
+
+
+def test_varlen_rows_round_trip(tmp_path):
+    rows = [_varlen_row("bertfast", 5.0), _varlen_row("bertfast", 4.0, lengths="text-like", fill=0.5)]
+    rows.append(_row("bertfast", 8.0, fill=0.75, tokens_per_s=0.75 * 32 * 128 / 8e-3))  # a padded row with fill
+    skipped = [
+        schema.skipped_row(
+            name="bert-large-fwd-varlen",
+            impl="hf-sdpa",
+            dtype="bf16",
+            batch=32,
+            seq=128,
+            reason="no",
+            lengths="text-like",
+        )
+    ]
+    data = schema.new_result(ENV, PEAKS, rows, skipped)
+    path = schema.write_result(data, tmp_path)
+    assert schema.read_result(path) == data
+    uniform = data["results"][0]
+    assert uniform["fill"] == pytest.approx(0.6) and uniform["lengths"] == "uniform-0.2-1.0"
+    assert uniform["tokens_per_s"] == pytest.approx(0.6 * 32 * 128 / 5e-3)
+    # The same row under two length distributions is two rows.
+    assert schema.row_key(rows[0]) != schema.row_key(rows[1])
+    assert schema.row_key(rows[2])[-1] is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d["results"][2].update(fill=1.5), "results[2].fill must be a number in (0, 1]"),
+        (lambda d: d["results"][2].update(fill=0), "results[2].fill must be a number in (0, 1]"),
+        (lambda d: d["results"][2].update(tokens_per_s=-3.0), "results[2].tokens_per_s must be a positive number"),
+        (lambda d: d["results"][2].update(lengths=""), "results[2].lengths must be a non-empty string"),
+        (lambda d: d["results"][2].pop("fill"), "results[2]: a row with 'lengths' (variable-length batches) must give"),
+        (lambda d: d["results"][2].update(tokens_per_s=1.0), "results[2].tokens_per_s must be fill * batch * seq"),
+        (lambda d: d["results"][0].update(tokens_per_s=1.0), "results[0]: 'tokens_per_s' needs 'fill'"),
+        (lambda d: d["results"].append(dict(d["results"][2])), "results[4] repeats results[2]"),
+        (lambda d: d["skipped"][0].update(lengths=3), "skipped[0].lengths must be a non-empty string"),
+    ],
+)
+def test_schema_rejects_bad_varlen_fields(tmp_path, change, message):
+    rows = [_row("bertfast"), _row("hf-sdpa"), _varlen_row("bertfast", 5.0), _varlen_row("bertfast", 5.0, "text-like")]
+    skipped = [schema.skipped_row(name="x", impl="y", dtype="bf16", batch=1, seq=1, reason="z", lengths="text-like")]
+    data = copy.deepcopy(schema.new_result(ENV, PEAKS, rows, skipped))
+    change(data)
+    with pytest.raises(schema.ResultSchemaError) as info:
+        schema.write_result(data, tmp_path)
+    assert message in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -294,6 +551,85 @@ def test_render_readme_and_plots(tmp_path):
     for name in ("throughput.png", "speedup.png"):
         data = open(os.path.join(folder, name), "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def _goal_run(tmp_path):
+    """Padding-free rows (speed-ups 1.75x / 2.50x at 60% fill) and training rows at 32 x 128."""
+    rows = []
+    for kind in ("fwd", "train"):
+        for lengths, fill in (("uniform-0.2-1.0", 0.6), ("text-like", 0.505)):
+            for impl, ms in (("bertfast", 4.0), ("bertfast-padded", 7.0), ("hf-sdpa", 10.0)):
+                rows.append(_varlen_row(impl, ms * (3 if kind == "train" else 1), lengths, fill, kind))
+    train = formulas.bert_train_flops(32, 128, 1024, 24)
+    for impl, ms, mem in (
+        ("bertfast", train / (0.55 * 700e12) * 1e3, 5000.0),  # 55% of the 700 TFLOP/s peak
+        ("bertfast-amp", 30.0, 8000.0),
+        ("hf-sdpa", 40.0, 7000.0),
+        ("hf-sdpa-amp", 45.0, 10000.0),
+        ("hf-compile-amp", 35.0, 9000.0),
+    ):
+        tokens_per_s = 0.75 * 32 * 128 / (ms * 1e-3)
+        rows.append(
+            _row(impl, ms, "bert-large-train", flops=train, peak_mem_mb=mem, fill=0.75, tokens_per_s=tokens_per_s)
+        )
+    data = schema.new_result(ENV, PEAKS, rows, setup={"lengths": shapes.lengths_description()})
+    return schema.write_result(data, tmp_path)
+
+
+def test_render_goals_and_padding_free_tables(tmp_path):
+    path = _goal_run(tmp_path)
+    readme = render.render_readme(schema.read_result(path), path, [path], [])
+    assert "## Summary: the goals" in readme
+    goals = readme.split("## Summary: the goals")[1].split("\n## ")[0]
+    # Padding-free goals at ~60% fill only (the text-like rows, 50% fill, are in the tables, not the goals).
+    assert (
+        "| padding-free forward 32 x 128 bf16, uniform-0.2-1.0 (fill 60%): speed-up over bertfast-padded | 1.75x "
+        "| >= 1.6x | yes |"
+    ) in goals
+    assert (
+        "| padding-free training step 32 x 128 bf16, uniform-0.2-1.0 (fill 60%): speed-up over hf-sdpa | 2.50x" in goals
+    )
+    assert "| >= 2.0x | yes |" in goals and "text-like" not in goals
+    # Training at seq 128: share of the peak, speed and memory against Hugging Face with and without AMP.
+    assert (
+        "bertfast model FLOP/s as a share of the measured bf16 matmul rate" in goals
+        and "| 55% | >= 50% | yes |" in goals
+    )
+    hf_amp = 45.0 / (formulas.bert_train_flops(32, 128, 1024, 24) / (0.55 * 700e12) * 1e3)
+    assert f"bertfast speed-up over hf-sdpa-amp | {hf_amp:.2f}x | >= 1.3x | yes |" in goals
+    assert "bertfast peak memory / hf-sdpa-amp | 0.50 | <= 0.8 | yes |" in goals
+    assert "bertfast peak memory / hf-sdpa | 0.71 | <= 0.8 | yes |" in goals
+    assert "bertfast-amp speed-up over hf-sdpa-amp | 1.50x | >= 1.3x | yes |" in goals
+    assert "bertfast-amp peak memory / hf-sdpa-amp | 0.80 | <= 0.8 | yes |" in goals
+    # The padding-free tables: tokens/s per impl, fill, both speed-ups, for both distributions.
+    assert "## BERT without padding (variable-length batches)" in readme
+    assert "### bert-large padding-free inference (forward), variable-length batches, bf16" in readme
+    assert "| bertfast / bertfast-padded | bertfast / hf-sdpa |" in readme
+    uniform_tokens = f"{0.6 * 32 * 128 / 4e-3:,.0f}"
+    assert f"| 32 x 128 | uniform-0.2-1.0 | 60% | {uniform_tokens} |" in readme
+    assert "| 32 x 128 | text-like | 50% |" in readme and "| 1.75x | 2.50x |" in readme
+    # The training table's memory summary, relative to hf-sdpa.
+    assert "Peak memory (MB, lower is better)" in readme and "5,000 (0.71)" in readme
+    # A goal whose rows are missing reads "-", never a made-up number.
+    data = schema.read_result(path)
+    data["results"] = [r for r in data["results"] if r["impl"] not in ("bertfast-padded", "bertfast")]
+    rows = {g[0]: g for g in render.goal_rows(data["results"])}
+    missing = "padding-free forward 32 x 128 bf16, uniform-0.2-1.0 (fill 60%): speed-up over bertfast-padded"
+    assert rows[missing][1:] == ["-", ">= 1.6x", "-"]
+    share = [g for name, g in rows.items() if "share of the measured bf16 matmul rate" in name]
+    assert [g[1:] for g in share] == [["-", ">= 50%", "-"]]
+
+
+def test_compare_tells_length_distributions_apart(tmp_path, capsys):
+    old = _store(
+        tmp_path, "2025-11-20T00:00:00Z", [_varlen_row("bertfast", 5.0), _varlen_row("bertfast", 4.0, "text-like")]
+    )
+    new = _store(
+        tmp_path, "2025-11-21T00:00:00Z", [_varlen_row("bertfast", 5.0), _varlen_row("bertfast", 5.0, "text-like")]
+    )
+    assert compare.main([new, "--baseline", old]) == 1
+    out = capsys.readouterr().out
+    assert "bert-large-fwd-varlen [text-like]" in out and "+25.0%" in out and "1 REGRESSION, 0 improved, 1 ok" in out
 
 
 def test_render_errors(tmp_path, capsys):

@@ -40,10 +40,14 @@ class Case:
     max_error: Callable[[], float | None] | None = None  # measured once, before timing
     resident_bytes: Callable[[], int] | int = 0  # memory this implementation holds between calls
     note: str | None = None
+    tokens: float | None = None  # real (non-padding) tokens per call, averaged over the input sets
+    lengths: str | None = None  # the length distribution of a padding-free row
 
 
-def skip_row_for(name, impl, dtype, batch, seq, reason, shape=None) -> dict:
-    return skipped_row(name=name, impl=impl, dtype=dtype, batch=batch, seq=seq, reason=reason, shape=shape)
+def skip_row_for(name, impl, dtype, batch, seq, reason, shape=None, lengths=None) -> dict:
+    return skipped_row(
+        name=name, impl=impl, dtype=dtype, batch=batch, seq=seq, reason=reason, shape=shape, lengths=lengths
+    )
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -89,6 +93,8 @@ def run_case(case: Case, *, plan: TimingPlan, peaks: dict[str, float] | None = N
         max_error=error,
         shape=case.shape,
         note=case.note,
+        tokens=case.tokens,
+        lengths=case.lengths,
     )
 
 

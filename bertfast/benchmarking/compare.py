@@ -4,8 +4,9 @@
 
 Without ``--baseline`` the baseline is the newest stored run of the same GPU: the newest
 other file in ``<results>/<slug>/`` (``--results``, default: NEW's own folder).  Rows are
-matched by ``(name, impl, dtype, batch, seq)``; a row whose ``median_ms`` got worse by more
-than ``threshold`` (0.05 = 5%) is a regression.  Prints one table of every matched row.
+matched by ``(name, impl, dtype, batch, seq, lengths)`` (``lengths`` only on padding-free
+rows); a row whose ``median_ms`` got worse by more than ``threshold`` (0.05 = 5%) is a
+regression.  Prints one table of every matched row.
 
 Exit status: 0 no regression (or no baseline yet: the first run on a GPU passes, and says
 so; ``--require-baseline`` makes that an error), 1 at least one regression, 2 bad input
@@ -62,10 +63,10 @@ def compare_runs(old: dict, new: dict, threshold: float) -> list[dict]:
 def format_entries(entries: list[dict]) -> str:
     rows = []
     for e in entries:
-        name, impl, dtype, batch, seq = e["key"]
+        name, impl, dtype, batch, seq, lengths = e["key"]
         rows.append(
             (
-                name,
+                name if lengths is None else f"{name} [{lengths}]",
                 impl,
                 dtype,
                 f"{batch}x{seq}",

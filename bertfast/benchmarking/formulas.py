@@ -11,7 +11,8 @@ Conventions (the same for every implementation, so rows compare):
   attention products); element-wise work is memory-bound and is reported in GB/s instead.
 - Padded batches are counted as dense ``batch x seq``: a padded token costs what a real
   one does unless an implementation skips it, which then shows as a higher rate.
-  ``attention_varlen`` is the exception: it has no padding, so its real work is counted.
+  ``attention_varlen`` and the padding-free model rows (``*-varlen``) are the exception:
+  their real work (valid tokens only) is counted.
 - Bytes are what the op cannot avoid: each input read once, each output written once.
 """
 
@@ -37,6 +38,18 @@ def bert_forward_flops(batch: int, seq: int, hidden: int, layers: int, intermedi
     intermediate = 4 * hidden if intermediate is None else intermediate
     per_token = 8 * hidden * hidden + 4 * hidden * intermediate + 4 * seq * hidden
     return float(batch) * layers * seq * per_token
+
+
+def bert_varlen_forward_flops(
+    lengths: Sequence[int], hidden: int, layers: int, intermediate: int | None = None
+) -> float:
+    """Encoder FLOPs of a forward pass over sequences of these ``lengths``, real tokens only.
+
+    What remains once padding is removed: each sequence costs what it would alone at its
+    own length (its tokens attend only to each other).  The padding-free rows count this
+    work for every implementation, so their TFLOP/s is the rate of useful work.
+    """
+    return sum(bert_forward_flops(1, int(n), hidden, layers, intermediate) for n in lengths)
 
 
 def bert_train_flops(batch: int, seq: int, hidden: int, layers: int, intermediate: int | None = None) -> float:

@@ -1,29 +1,45 @@
 """Model-level cases: BERT forward (inference) and a training step, bertfast against Hugging Face.
 
-    impl                  what runs
-    bertfast              bertfast.BertModel, backend="auto" (the best backend per op)
-    bertfast-<backend>    bertfast.BertModel on one backend ("triton", "ext", "reference")
-    hf-eager              transformers.BertModel, attn_implementation="eager"
-    hf-sdpa               transformers.BertModel, attn_implementation="sdpa"
-    hf-compile            the hf-sdpa model with each encoder layer torch.compile'd (regional
-                          compilation: one compiled layer serves all 24, so compiling takes
-                          seconds rather than minutes; the embeddings and pooler stay eager)
+    impl                     what runs
+    bertfast                 bertfast.BertModel, backend="auto" (the best backend per op), padding-free
+                             mode "auto" (unpads when the batch has padding); "True" in the varlen rows
+    bertfast-<backend>       bertfast.BertModel on one backend ("triton", "ext", "reference")
+    bertfast-padded          bertfast, backend="auto", set_unpad(False): every layer computes the padding
+    bertfast-cudagraph       bertfast (auto) in eval, replayed by bertfast.CUDAGraphRunner with one bucket
+                             of exactly the batch's shape (GPU only: the runner refuses the CPU)
+    bertfast-amp             bertfast with float32 weights under torch.autocast (training rows)
+    hf-eager                 transformers.BertModel, attn_implementation="eager"
+    hf-sdpa                  transformers.BertModel, attn_implementation="sdpa"
+    hf-compile               the hf-sdpa model with each encoder layer torch.compile'd (regional
+                             compilation: one compiled layer serves all 24, so compiling takes
+                             seconds rather than minutes; the embeddings and pooler stay eager)
+    hf-sdpa-patched          the hf-sdpa model after bertfast.patch(model) (the drop-in path: Hugging
+                             Face's modules and weights, bertfast's compute)
+    hf-sdpa-patched-compile  torch.compile(dynamic=True) of the whole patched model
+    hf-sdpa-amp              hf-sdpa with float32 weights under torch.autocast: how Hugging Face models
+                             are usually trained (fp32 master weights and AdamW state, bf16 compute)
+    hf-compile-amp           hf-compile with float32 weights under torch.autocast
 
 All share one set of weights: a float32 bertfast model (random, seeded, or a checkpoint)
 whose ``state_dict`` is loaded into the Hugging Face models and cast to the benchmark
-dtype.  Dropout is off everywhere.  Inputs are padded batches (see
-:data:`bertfast.benchmarking.shapes.PADDING_DISTRIBUTION`) with their attention masks.
+dtype (float32 for the ``-amp`` impls, whose row dtype is the autocast dtype).  Dropout is
+off everywhere.  Inputs are padded batches (see
+:data:`bertfast.benchmarking.shapes.PADDING_DISTRIBUTION`) with their attention masks; the
+padding-free rows (``<model>-fwd-varlen``, ``<model>-train-varlen``) draw their lengths from
+:data:`bertfast.benchmarking.shapes.LENGTH_DISTRIBUTIONS` and count the real work only.
 
 - forward: ``model(input_ids, attention_mask, token_type_ids)`` under ``torch.no_grad()``;
   ``max_error`` is the max abs error of ``last_hidden_state`` at real tokens against the
   float32 model on the reference backend (TF32 off).
-- train: ``zero_grad``; forward; ``last_hidden_state.backward(g)`` with a random ``g``;
-  ``AdamW.step()`` (fused on a GPU) over parameters in the benchmark dtype.  Each
-  implementation trains its own copy of the weights.
+- train: ``zero_grad``; forward; ``last_hidden_state.backward(g)`` with a random ``g``
+  that is zero at padding positions (a loss over real tokens); ``AdamW.step()`` (fused on
+  a GPU) over the parameters.  Each implementation trains its own copy of the weights.
+  The ``-amp`` impls run the forward under ``torch.autocast`` and the backward after it.
 
 ``peak_mem_mb`` is the implementation's own parameters (plus optimizer state when
-training) plus the most memory the timed calls allocated beyond what was allocated
-before them, so models kept side by side on the device do not count against each other.
+training, plus the graph pool for ``bertfast-cudagraph``) plus the most memory the timed
+calls allocated beyond what was allocated before them (gradients included), so models
+kept side by side on the device do not count against each other.
 """
 
 from __future__ import annotations
@@ -31,6 +47,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import zlib
+from collections.abc import Callable
 
 import torch
 
@@ -40,17 +58,64 @@ from ..modeling import BertModel
 from . import formulas
 from .cases import Case, Skip, compile_backend, compile_note, unavailable
 from .device import DTYPES
-from .shapes import ModelShape, key_padding_mask, model_label, padded_lengths
+from .shapes import LengthDistribution, ModelShape, key_padding_mask, model_label, padded_lengths, varlen_lengths
 
 MODEL_IMPLS = ("bertfast", "bertfast-triton", "bertfast-ext", "bertfast-reference", "hf-eager", "hf-sdpa", "hf-compile")
 HF_IMPLS = ("hf-eager", "hf-sdpa", "hf-compile")
+# Forward rows at the standard shapes: Hugging Face patched in place, and CUDA-graph replay.
+DROP_IN_IMPLS = ("hf-sdpa-patched", "hf-sdpa-patched-compile", "bertfast-cudagraph")
+# Training rows with float32 master weights under torch.autocast.
+AMP_IMPLS = ("bertfast-amp", "hf-sdpa-amp", "hf-compile-amp")
+# Padding-free rows: bertfast unpadded ("bertfast"), the same model computing the padding, Hugging Face.
+VARLEN_IMPLS = ("bertfast", "bertfast-padded", "hf-sdpa")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplSpec:
+    """How an implementation name is built (see the module docstring)."""
+
+    family: str  # "bertfast" or "hf"
+    backend: str = "auto"  # bertfast
+    attention: str = "sdpa"  # hf: attn_implementation
+    unpad: bool | str = "auto"  # bertfast: set_unpad mode
+    compiled: bool = False  # hf: regional compile; patched: the whole model
+    patched: bool = False  # hf: bertfast.patch(model)
+    cuda_graph: bool = False  # bertfast: CUDAGraphRunner
+    amp: bool = False  # float32 weights under torch.autocast
+
+
+IMPLS = {
+    "bertfast": ImplSpec("bertfast"),
+    "bertfast-padded": ImplSpec("bertfast", unpad=False),
+    # The runner always replays the padded path (graphs need fixed shapes); eager warm-up matches it.
+    "bertfast-cudagraph": ImplSpec("bertfast", unpad=False, cuda_graph=True),
+    "bertfast-amp": ImplSpec("bertfast", amp=True),
+    "hf-eager": ImplSpec("hf", attention="eager"),
+    "hf-sdpa": ImplSpec("hf"),
+    "hf-compile": ImplSpec("hf", compiled=True),
+    "hf-sdpa-patched": ImplSpec("hf", patched=True),
+    "hf-sdpa-patched-compile": ImplSpec("hf", patched=True, compiled=True),
+    "hf-sdpa-amp": ImplSpec("hf", amp=True),
+    "hf-compile-amp": ImplSpec("hf", compiled=True, amp=True),
+}
+
+
+def impl_spec(impl: str) -> ImplSpec:
+    """The spec of ``impl``: a name in :data:`IMPLS` or ``bertfast-<backend>`` for any registered backend."""
+    if impl in IMPLS:
+        return IMPLS[impl]
+    backend = impl.removeprefix("bertfast-")
+    if impl.startswith("bertfast-") and backend in ops.BACKENDS:
+        return ImplSpec("bertfast", backend=backend)
+    known = sorted({*IMPLS, *(f"bertfast-{name}" for name in ops.BACKENDS)})
+    raise ValueError(f"unknown model implementation {impl!r}; choose from {known}")
 
 
 def backend_of(impl: str) -> str | None:
-    """The bertfast backend an impl runs on (``"auto"`` for ``bertfast``); None for Hugging Face."""
+    """The bertfast backend of a plain bertfast impl (``"auto"`` for ``bertfast``); None otherwise."""
     if impl == "bertfast":
         return "auto"
-    if impl.startswith("bertfast-"):
+    if impl.startswith("bertfast-") and impl.removeprefix("bertfast-") in ops.BACKENDS:
         return impl.removeprefix("bertfast-")
     return None
 
@@ -95,6 +160,29 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def _shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A module tree of its own over the same parameter and buffer tensors."""
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo=shared)
+
+
+def _under_autocast(forward: Callable, device: torch.device, dtype: torch.dtype) -> Callable:
+    def run(ids, mask, types):
+        with torch.autocast(device.type, dtype=dtype):
+            return forward(ids, mask, types)
+
+    return run
+
+
+@dataclasses.dataclass
+class Built:
+    """An implementation ready to run: ``forward(ids, mask, types) -> last_hidden_state``."""
+
+    module: torch.nn.Module  # whose parameters are this implementation's weights
+    forward: Callable
+    runner: object | None = None  # the CUDAGraphRunner of bertfast-cudagraph
+
+
 class ModelBench:
     """One set of weights, every implementation built from it, and the inputs they share."""
 
@@ -133,11 +221,11 @@ class ModelBench:
 
     # -- implementations ------------------------------------------------------------
     def skip_reason(self, impl: str) -> str | None:
-        backend = backend_of(impl)
-        if backend is not None:
-            return None if backend == "auto" else ops.backend_availability(backend)  # unknown names raise
-        if impl not in HF_IMPLS:
-            raise ValueError(f"unknown model implementation {impl!r}; choose from {MODEL_IMPLS}")
+        spec = impl_spec(impl)  # unknown names raise
+        if spec.cuda_graph and self.device.type != "cuda":
+            return "CUDA graphs need a CUDA device (bertfast.CUDAGraphRunner refuses CPU tensors)"
+        if spec.family == "bertfast":
+            return None if spec.backend == "auto" else ops.backend_availability(spec.backend)
         return transformers_reason()
 
     def _weights_in(self, dtype: str) -> BertModel:
@@ -150,12 +238,7 @@ class ModelBench:
     def bertfast_model(self, dtype: str, backend: str, *, fresh: bool = False) -> BertModel:
         """A bertfast model on ``backend``; unless ``fresh``, it shares the dtype's weights."""
         base = self._weights_in(dtype)
-        if fresh:
-            model = copy.deepcopy(base)
-        else:
-            # A module tree of its own (its backend is per instance) over the same tensors.
-            shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
-            model = copy.deepcopy(base, memo=shared)
+        model = copy.deepcopy(base) if fresh else _shared_copy(base)  # the backend is per instance
         return model.set_backend(backend)
 
     def hf_model(self, dtype: str, attn_implementation: str, *, fresh: bool = False) -> torch.nn.Module:
@@ -183,106 +266,230 @@ class ModelBench:
             self._models[key] = model
         return self._models[key]
 
+    def hf_patched(self, dtype: str, *, compiled: bool = False, fresh: bool = False) -> torch.nn.Module:
+        """The hf-sdpa model after ``bertfast.patch`` (strict: a model left unpatched would time Hugging Face)."""
+        from ..patching import patch
+
+        key = ("hf-patched", dtype, compiled)
+        if fresh or key not in self._models:
+            # Patching sets a per-instance forward: patch a module tree of its own, never the hf-sdpa one.
+            model = self.hf_model(dtype, "sdpa", fresh=True) if fresh else _shared_copy(self.hf_model(dtype, "sdpa"))
+            patch(model, strict=True)
+            if compiled:
+                # dynamic=True: one graph for every batch size and length, as a server would compile it (shapes
+                # that a custom op's fake implementation specializes still recompile).
+                model = torch.compile(model, backend=self.compiler, dynamic=True)
+            if fresh:
+                return model
+            self._models[key] = model
+        return self._models[key]
+
+    def build(
+        self,
+        impl: str,
+        dtype: str,
+        *,
+        fresh: bool = False,
+        unpad: bool | str | None = None,
+        shape: ModelShape | None = None,
+    ) -> Built:
+        """``impl`` computing in ``dtype``.  ``unpad`` overrides a bertfast impl's padding-free mode;
+        ``shape`` sizes the CUDA graph bucket of ``bertfast-cudagraph`` (exactly that shape)."""
+        spec = impl_spec(impl)
+        weights = "fp32" if spec.amp else dtype
+        runner = None
+        if spec.family == "bertfast":
+            model = self.bertfast_model(weights, spec.backend, fresh=fresh)
+            model.set_unpad(spec.unpad if unpad is None else unpad)
+            if spec.cuda_graph:
+                from ..cuda_graphs import CUDAGraphRunner
+
+                buckets = {} if shape is None else {"batch_buckets": (shape.batch,), "seq_buckets": (shape.seq,)}
+                runner = CUDAGraphRunner(model, **buckets)
+
+                def forward(ids, mask, types):
+                    return runner(ids, mask, types).last_hidden_state
+
+            else:
+
+                def forward(ids, mask, types):
+                    return model(ids, mask, types).last_hidden_state
+
+        else:
+            if spec.patched:
+                model = self.hf_patched(weights, compiled=spec.compiled, fresh=fresh)
+            elif spec.compiled:
+                model = self.hf_compiled(weights, fresh=fresh)
+            else:
+                model = self.hf_model(weights, spec.attention, fresh=fresh)
+
+            def forward(ids, mask, types):
+                return model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+
+        if spec.amp:
+            forward = _under_autocast(forward, self.device, DTYPES[dtype])
+        return Built(model, forward, runner)
+
     def forward_fn(self, impl: str, dtype: str, *, fresh: bool = False):
         """``(module, f(input_ids, attention_mask, token_type_ids) -> last_hidden_state)``."""
-        backend = backend_of(impl)
-        if backend is not None:
-            model = self.bertfast_model(dtype, backend, fresh=fresh)
-            return model, lambda ids, mask, types: model(ids, mask, types).last_hidden_state
-        if impl == "hf-compile":
-            model = self.hf_compiled(dtype, fresh=fresh)
-        else:
-            model = self.hf_model(dtype, impl.removeprefix("hf-"), fresh=fresh)
-        return (
-            model,
-            lambda ids, mask, types: model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state,
-        )
+        built = self.build(impl, dtype, fresh=fresh)
+        return built.module, built.forward
 
     # -- inputs and the reference ---------------------------------------------------
-    def inputs(self, shape: ModelShape, count: int = 3) -> list[tuple]:
-        """``count`` padded batches ``(input_ids, attention_mask, token_type_ids)`` (seeded per shape)."""
-        key = (shape.batch, shape.seq)
+    def inputs(self, shape: ModelShape, count: int = 3, lengths: LengthDistribution | None = None) -> list[tuple]:
+        """``count`` padded batches ``(input_ids, attention_mask, token_type_ids)`` (seeded per shape).
+
+        ``lengths``: draw the sequence lengths from this distribution (the padding-free
+        rows) instead of :data:`~bertfast.benchmarking.shapes.PADDING_DISTRIBUTION`.
+        """
+        key = (shape.batch, shape.seq, None if lengths is None else lengths.name)
         have = self._inputs.setdefault(key, [])
-        generator = torch.Generator().manual_seed(self.seed * 1000003 + shape.batch * 1009 + shape.seq + len(have))
+        salt = 0 if lengths is None else zlib.crc32(lengths.name.encode())  # stable across processes
+        generator = torch.Generator().manual_seed(
+            self.seed * 1000003 + shape.batch * 1009 + shape.seq + len(have) + salt
+        )
         while len(have) < count:
-            lengths = padded_lengths(shape.batch, shape.seq, generator)
-            keep = key_padding_mask(lengths, shape.seq)
+            if lengths is None:
+                seq_lengths = padded_lengths(shape.batch, shape.seq, generator)
+            else:
+                seq_lengths = varlen_lengths(lengths, shape.batch, shape.seq, generator)
+            keep = key_padding_mask(seq_lengths, shape.seq)
             ids = torch.randint(1, self.config.vocab_size, (shape.batch, shape.seq), generator=generator)
             ids = ids.masked_fill(~keep, self.config.pad_token_id)
             # Two segments, as in sentence-pair tasks: the second half of each real sequence is type 1.
-            types = ((torch.arange(shape.seq)[None, :] >= (lengths[:, None] // 2)) & keep).long()
+            types = ((torch.arange(shape.seq)[None, :] >= (seq_lengths[:, None] // 2)) & keep).long()
             types = types.clamp(max=self.config.type_vocab_size - 1)
             have.append(tuple(t.to(self.device) for t in (ids, keep.long(), types)))
         return have[:count]
 
-    def reference_output(self, shape: ModelShape) -> torch.Tensor:
+    def reference_output(self, shape: ModelShape, lengths: LengthDistribution | None = None) -> torch.Tensor:
         """float32 ``last_hidden_state`` of the first input set, on the reference backend."""
-        key = (shape.batch, shape.seq)
+        key = (shape.batch, shape.seq, None if lengths is None else lengths.name)
         if key not in self._reference:
-            ids, mask, types = self.inputs(shape, 1)[0]
+            ids, mask, types = self.inputs(shape, 1, lengths)[0]
             with torch.no_grad(), exact_fp32():
                 self._reference[key] = self.master(ids, mask, types).last_hidden_state
         return self._reference[key]
 
-    def compare(self, forward, shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
+    def compare(
+        self, forward, shape: ModelShape, lengths: LengthDistribution | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward``'s output and the reference's at real tokens (``(tokens, hidden)`` each)."""
-        ids, mask, types = self.inputs(shape, 1)[0]
+        ids, mask, types = self.inputs(shape, 1, lengths)[0]
         with torch.no_grad():
             out = forward(ids, mask, types)
         keep = mask.bool()
-        return out[keep], self.reference_output(shape)[keep]
+        return out[keep], self.reference_output(shape, lengths)[keep]
 
-    def error_of(self, forward, shape: ModelShape) -> float:
+    def error_of(self, forward, shape: ModelShape, lengths: LengthDistribution | None = None) -> float:
         """Max abs error of ``forward``'s output at real tokens against the reference."""
-        out, ref = self.compare(forward, shape)
+        out, ref = self.compare(forward, shape, lengths)
         return (out.float() - ref).abs().max().item() if out.numel() else 0.0
 
     # -- cases ----------------------------------------------------------------------
-    def _note(self, impl: str) -> str | None:
-        return compile_note(self.compiler) if impl == "hf-compile" else None
+    def _note(self, impl: str, dtype: str, shape: ModelShape) -> str | None:
+        spec = impl_spec(impl)
+        notes = []
+        if spec.compiled:
+            notes.append(compile_note(self.compiler))
+        if spec.amp:
+            notes.append(f"torch.autocast({dtype}) over float32 weights, AdamW state in float32")
+        if spec.cuda_graph:
+            notes.append(f"one CUDA graph bucket of exactly {shape.label}; outputs cloned out of the graph")
+        return "; ".join(n for n in notes if n) or None
 
-    def forward_case(self, impl: str, dtype: str, shape: ModelShape, input_sets: int = 3) -> Case:
+    def _work(self, sets: list[tuple], shape: ModelShape, lengths: LengthDistribution | None) -> tuple[float, float]:
+        """``(forward FLOPs, real tokens)`` per call, averaged over the input sets.
+
+        Padded rows count the dense ``batch x seq`` shape; padding-free rows the real work.
+        """
+        config = self.config
+        dims = (config.hidden_size, config.num_hidden_layers, config.intermediate_size)
+        per_set = [mask.sum(dim=1).tolist() for _, mask, _ in sets]
+        tokens = sum(sum(n) for n in per_set) / len(sets)
+        if lengths is None:
+            return formulas.bert_forward_flops(shape.batch, shape.seq, *dims), tokens
+        flops = sum(formulas.bert_varlen_forward_flops(n, *dims) for n in per_set) / len(sets)
+        return flops, tokens
+
+    def _row_name(self, kind: str, lengths: LengthDistribution | None) -> str:
+        return f"{self.label}-{kind}" + ("" if lengths is None else "-varlen")
+
+    def _graph_pool_bytes(self, built: Built, sets: list[tuple], shape: ModelShape) -> int:
+        """Capture the CUDA graph of ``shape`` now; returns the memory its pool holds."""
+        ids, mask, types = sets[0]
+        with torch.no_grad():
+            # Eager warm-up of the same (padded) path first, so only the graph's own pool grows below.
+            built.module(ids, mask, types)
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_reserved(self.device)
+        built.runner.capture(shape.batch, shape.seq, mask_dtype=mask.dtype)
+        torch.cuda.synchronize(self.device)
+        return max(0, torch.cuda.memory_reserved(self.device) - before)
+
+    def forward_case(
+        self, impl: str, dtype: str, shape: ModelShape, input_sets: int = 3, lengths: LengthDistribution | None = None
+    ) -> Case:
+        """The forward pass of ``impl``; ``lengths``: a padding-free row (``bertfast`` then unpads always)."""
         reason = self.skip_reason(impl)
         if reason is not None:
             raise Skip(reason)
-        model, forward = self.forward_fn(impl, dtype)
+        unpad = True if lengths is not None and impl == "bertfast" else None
+        built = self.build(impl, dtype, unpad=unpad, shape=shape)
+        forward = built.forward
+        sets = self.inputs(shape, input_sets, lengths)
+        resident = _parameter_bytes(built.module)
+        if built.runner is not None:
+            resident += self._graph_pool_bytes(built, sets, shape)
 
         def timed(ids, mask, types):
             with torch.no_grad():
                 forward(ids, mask, types)
 
-        config = self.config
+        flops, tokens = self._work(sets, shape, lengths)
         return Case(
-            name=f"{self.label}-fwd",
+            name=self._row_name("fwd", lengths),
             impl=impl,
             dtype=dtype,
             batch=shape.batch,
             seq=shape.seq,
             device=self.device,
             fn=timed,
-            input_sets=self.inputs(shape, input_sets),
-            flops=formulas.bert_forward_flops(
-                shape.batch, shape.seq, config.hidden_size, config.num_hidden_layers, config.intermediate_size
-            ),
+            input_sets=sets,
+            flops=flops,
             shape=shape.label,
-            max_error=lambda: self.error_of(forward, shape),
-            resident_bytes=_parameter_bytes(model),
-            note=self._note(impl),
+            max_error=lambda: self.error_of(forward, shape, lengths),
+            resident_bytes=resident,
+            note=self._note(impl, dtype, shape),
+            tokens=tokens,
+            lengths=None if lengths is None else lengths.name,
         )
 
-    def train_case(self, impl: str, dtype: str, shape: ModelShape, input_sets: int = 3) -> Case:
+    def train_case(
+        self, impl: str, dtype: str, shape: ModelShape, input_sets: int = 3, lengths: LengthDistribution | None = None
+    ) -> Case:
+        """A training step of ``impl``; ``lengths``: a padding-free row (``bertfast`` then unpads always)."""
         reason = self.skip_reason(impl)
         if reason is not None:
             raise Skip(reason)
-        model, forward = self.forward_fn(impl, dtype, fresh=True)
+        spec = impl_spec(impl)
+        if spec.cuda_graph:
+            raise ValueError(f"{impl} is inference-only")
+        unpad = True if lengths is not None and impl == "bertfast" else None
+        built = self.build(impl, dtype, fresh=True, unpad=unpad)
+        model, forward = built.module, built.forward
         model.train().requires_grad_(True)
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None)
         generator = torch.Generator().manual_seed(self.seed + 7)
+        inputs = self.inputs(shape, input_sets, lengths)
+        # The output's dtype: the compute dtype, or (autocast) whatever the last LayerNorm returns; fixed below.
+        grad_dtype = DTYPES[dtype]
         sets = []
-        for ids, mask, types in self.inputs(shape, input_sets):
+        for ids, mask, types in inputs:
             grad = torch.randn(ids.shape + (self.config.hidden_size,), generator=generator) * 1e-3
-            sets.append((ids, mask, types, grad.to(self.device, DTYPES[dtype])))
+            grad = grad * mask.cpu()[..., None]  # a loss over real tokens: no gradient at padding
+            sets.append([ids, mask, types, grad.to(self.device, grad_dtype)])
 
         def step(ids, mask, types, grad):
             optimizer.zero_grad(set_to_none=True)
@@ -290,18 +497,24 @@ class ModelBench:
             optimizer.step()
 
         def first_step_works():
-            # Runs the whole step once (so an unsupported backward shows up before timing).
+            # Runs the whole step once (so an unsupported backward shows up before timing), then
+            # frees the gradients so the timed steps' peak memory includes them.
             try:
+                out_dtype = forward(*sets[0][:3]).dtype
+                if out_dtype != grad_dtype:
+                    for entry in sets:
+                        entry[3] = entry[3].to(out_dtype)
                 step(*sets[0])
             except Exception as exc:
                 if unavailable(exc):
                     raise
                 raise RuntimeError(f"{impl} training step failed: {type(exc).__name__}: {exc}") from exc
+            optimizer.zero_grad(set_to_none=True)
             return None
 
-        config = self.config
+        flops, tokens = self._work(inputs, shape, lengths)
         return Case(
-            name=f"{self.label}-train",
+            name=self._row_name("train", lengths),
             impl=impl,
             dtype=dtype,
             batch=shape.batch,
@@ -309,13 +522,13 @@ class ModelBench:
             device=self.device,
             fn=step,
             input_sets=sets,
-            flops=formulas.bert_train_flops(
-                shape.batch, shape.seq, config.hidden_size, config.num_hidden_layers, config.intermediate_size
-            ),
+            flops=formulas.TRAIN_STEP_FACTOR * flops,
             shape=shape.label,
             max_error=first_step_works,
             resident_bytes=lambda: _parameter_bytes(model) + _optimizer_bytes(optimizer),
-            note=self._note(impl),
+            note=self._note(impl, dtype, shape),
+            tokens=tokens,
+            lengths=None if lengths is None else lengths.name,
         )
 
     def release(self) -> None:

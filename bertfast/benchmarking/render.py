@@ -5,10 +5,14 @@
 Reads the newest run in the folder (or ``--file``), validates it, and (re)writes in the
 folder:
 
-- ``README.md``: the run's header (device, versions, commit, measured peaks), BERT
-  forward and training tables (sequences/s and speed-up over Hugging Face sdpa; then every
-  number), kernel tables (time, TFLOP/s or GB/s, fraction of the measured peak, time
-  over floor, error), what was skipped and why, and the list of stored runs;
+- ``README.md``: the run's header (device, versions, commit, measured peaks); a summary
+  of the project's goals against this run (:func:`goal_rows`: padding-free speed-ups,
+  the training step's share of the matmul peak, speed and memory against Hugging Face);
+  BERT forward and training tables (sequences/s and speed-up over Hugging Face sdpa,
+  training peak memory; then every number); padding-free tables (real tokens/s per
+  implementation, the speed-up of the unpadded encoder over the padded one and over
+  Hugging Face sdpa); kernel tables (time, TFLOP/s or GB/s, fraction of the measured
+  peak, time over floor, error); what was skipped and why; the list of stored runs;
 - ``throughput.png``: BERT forward sequences/s against batch x sequence length, per dtype;
 - ``speedup.png``: speed-up of each implementation over Hugging Face sdpa, per shape.
 """
@@ -23,15 +27,23 @@ from collections import defaultdict
 from .schema import ResultSchemaError, read_result, stored_runs
 
 BASELINE = "hf-sdpa"
+UNPADDED, PADDED = "bertfast", "bertfast-padded"  # in the padding-free rows
 # Column order in the tables and plots; other implementations follow, sorted.
 IMPL_ORDER = (
     "bertfast",
     "bertfast-triton",
     "bertfast-ext",
     "bertfast-reference",
+    "bertfast-padded",
+    "bertfast-cudagraph",
+    "bertfast-amp",
     "hf-eager",
     "hf-sdpa",
     "hf-compile",
+    "hf-sdpa-patched",
+    "hf-sdpa-patched-compile",
+    "hf-sdpa-amp",
+    "hf-compile-amp",
     "torch-sdpa",
     "torch-sdpa-nomask",
     "torch-layernorm",
@@ -39,6 +51,16 @@ IMPL_ORDER = (
     "torch-compile",
 )
 KERNEL_ORDER = ("layernorm", "bias-gelu", "attention", "attention-nomask", "attention-varlen")
+
+# The goals each run is held against (shown, not asserted).
+# Padding-free encoder: at about 60% real tokens, unpadded vs the padded path and vs Hugging Face sdpa.
+GOAL_FILL = (0.55, 0.65)
+PADDING_FREE_TARGETS = ((PADDED, 1.6), (BASELINE, 2.0))
+# BERT training step at this sequence length and dtype: share of the measured bf16 matmul rate (model FLOPs),
+# speed-up and peak-memory ratio against Hugging Face (with AMP, as it is usually trained, and in pure bf16).
+TRAIN_GOAL_SEQ, TRAIN_GOAL_DTYPE = 128, "bf16"
+TRAIN_PEAK_FRACTION, TRAIN_SPEEDUP, TRAIN_MEMORY_RATIO = 0.5, 1.3, 0.8
+TRAIN_COMPARISONS = (("bertfast", "hf-sdpa-amp"), ("bertfast", BASELINE), ("bertfast-amp", "hf-sdpa-amp"))
 
 
 def _impl_rank(impl: str) -> tuple:
@@ -49,8 +71,23 @@ def _is_model_row(row: dict) -> bool:
     return row["name"].startswith("bert-")
 
 
+def _is_varlen(row: dict) -> bool:
+    """A padding-free row (``<model>-fwd-varlen``, ``<model>-train-varlen``)."""
+    return "lengths" in row or row["name"].endswith("-varlen")
+
+
+def _kind_of(name: str) -> str:
+    """``"fwd"`` or ``"train"`` for a model row name (``bert-large-train-varlen`` -> ``"train"``)."""
+    return name.removesuffix("-varlen").rsplit("-", 1)[1]
+
+
 def _model_kind(row: dict) -> str:
-    return row["name"].rsplit("-", 1)[1]  # "fwd" or "train"
+    return _kind_of(row["name"])
+
+
+def _model_stem(name: str) -> str:
+    """``bert-large-fwd-varlen`` -> ``bert-large``."""
+    return name.removesuffix("-varlen").removesuffix("-fwd").removesuffix("-train")
 
 
 def _color(impl: str):
@@ -88,55 +125,204 @@ def _markdown_table(columns, rows) -> list[str]:
     return out
 
 
+def _ratio(numerator, denominator) -> float | None:
+    return None if numerator is None or denominator is None or denominator == 0 else numerator / denominator
+
+
+def _speedup(row: dict | None, over: dict | None) -> float | None:
+    """How many times faster ``row`` is than ``over`` (the same work: a ratio of median times)."""
+    return None if row is None or over is None else _ratio(over["median_ms"], row["median_ms"])
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _detail_table(group_rows: list[tuple[str, dict]]) -> list[str]:
+    """Every number of the model rows, each labelled by its first cell."""
+    detail = [
+        [
+            label,
+            r["impl"],
+            f"{r['median_ms']:.3f}",
+            f"{_fmt(r.get('p20_ms'), '.3f')}-{_fmt(r.get('p80_ms'), '.3f')}",
+            _fmt(r["seq_per_s"], ",.1f"),
+            _fmt(r.get("tokens_per_s"), ",.0f"),
+            _fmt(r.get("fill"), ".0%"),
+            _fmt(r["tflops"], ".1f"),
+            _fmt(r.get("frac_peak_tflops"), ".0%"),
+            _fmt(r["peak_mem_mb"], ",.0f"),
+            _fmt(r.get("max_error"), ".2e"),
+        ]
+        for label, r in group_rows
+    ]
+    columns = ["case", "impl", "median ms", "p20-p80 ms", "seq/s", "tokens/s", "fill", "TFLOP/s", "of peak", "peak MB"]
+    out = ["<details><summary>All numbers</summary>", ""]
+    return out + _markdown_table([*columns, "max error"], detail) + ["", "</details>", ""]
+
+
 def _model_sections(rows: list[dict]) -> list[str]:
     out = []
     groups = defaultdict(list)
     for row in rows:
         groups[(row["name"], row["dtype"])].append(row)
     for (name, dtype), group in sorted(groups.items(), key=lambda kv: (_model_kind(kv[1][0]) != "fwd", kv[0])):
-        what = "inference (forward)" if _model_kind(group[0]) == "fwd" else "training step (forward, backward, AdamW)"
+        training = _model_kind(group[0]) == "train"
+        what = "training step (forward, backward, AdamW)" if training else "inference (forward)"
         impls = sorted({r["impl"] for r in group}, key=_impl_rank)
         shapes = sorted({(r["seq"], r["batch"]) for r in group})
         by_key = {(r["seq"], r["batch"], r["impl"]): r for r in group}
-        out += [f"### {name.removesuffix('-fwd').removesuffix('-train')} {what}, {dtype}", ""]
+        out += [f"### {_model_stem(name)} {what}, {dtype}", ""]
         out += [f"Sequences/s (higher is better); in brackets the speed-up over {BASELINE}.", ""]
+
+        def throughput_cell(r, base):
+            if r is None:
+                return "-"
+            return _fmt(r["seq_per_s"], ",.1f") + ("" if base is None else f" ({_times(_speedup(r, base))})")
+
+        out += _shape_table(shapes, impls, by_key, throughput_cell)
+        if training and any(r["peak_mem_mb"] is not None for r in group):  # (none on the CPU)
+            out += [f"Peak memory (MB, lower is better); in brackets the ratio to {BASELINE}.", ""]
+
+            def memory_cell(r, base):
+                mem = None if r is None else r["peak_mem_mb"]
+                ratio = _ratio(mem, None if base is None else base["peak_mem_mb"])
+                return _fmt(mem, ",.0f") + (f" ({ratio:.2f})" if ratio is not None else "")
+
+            out += _shape_table(shapes, impls, by_key, memory_cell)
+        ordered = [
+            (f"{batch} x {seq}", by_key[(seq, batch, impl)])
+            for seq, batch in shapes
+            for impl in impls
+            if (seq, batch, impl) in by_key
+        ]
+        out += _detail_table(ordered)
+    return out
+
+
+def _shape_table(shapes, impls, by_key, cell) -> list[str]:
+    """One row per ``(seq, batch)``, one column per impl; ``cell(row or None, baseline row or None)``."""
+    table = []
+    for seq, batch in shapes:
+        base = by_key.get((seq, batch, BASELINE))
+        table.append([f"{batch} x {seq}", *(cell(by_key.get((seq, batch, impl)), base) for impl in impls)])
+    return _markdown_table(["batch x seq", *impls], table) + [""]
+
+
+def _varlen_groups(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """``(name, dtype, seq, batch, lengths) -> {impl: row}`` for the padding-free rows."""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        if _is_model_row(row) and _is_varlen(row):
+            groups[(row["name"], row["dtype"], row["seq"], row["batch"], row.get("lengths", "-"))][row["impl"]] = row
+    return groups
+
+
+def _fill_of(group: dict[str, dict]) -> float | None:
+    fills = [r["fill"] for r in group.values() if r.get("fill") is not None]
+    return sum(fills) / len(fills) if fills else None
+
+
+def _varlen_sections(rows: list[dict]) -> list[str]:
+    out = []
+    sections = defaultdict(dict)
+    for key, group in _varlen_groups(rows).items():
+        sections[key[:2]][key[2:]] = group
+    for (name, dtype), cases in sorted(sections.items(), key=lambda kv: (_kind_of(kv[0][0]) != "fwd", kv[0])):
+        training = _kind_of(name) == "train"
+        what = "training step" if training else "inference (forward)"
+        impls = sorted({impl for group in cases.values() for impl in group}, key=_impl_rank)
+        out += [f"### {_model_stem(name)} padding-free {what}, variable-length batches, {dtype}", ""]
+        out += [
+            "Real (non-padding) tokens/s, higher is better; `fill` is the share of the padded batch that is real "
+            f"tokens. `{UNPADDED}` runs unpadded (`set_unpad(True)`), `{PADDED}` computes the padding "
+            f"(`set_unpad(False)`), {BASELINE} takes the same mask; the last columns are the speed-ups of the "
+            "unpadded encoder on the same batches. TFLOP/s in the details count real tokens only.",
+            "",
+        ]
         table = []
-        for seq, batch in shapes:
-            base = by_key.get((seq, batch, BASELINE))
-            cells = [f"{batch} x {seq}"]
-            for impl in impls:
-                r = by_key.get((seq, batch, impl))
-                if r is None:
-                    cells.append("-")
-                    continue
-                cell = _fmt(r["seq_per_s"], ",.1f")
-                if base is not None:
-                    cell += f" ({base['median_ms'] / r['median_ms']:.2f}x)"
-                cells.append(cell)
+        for seq, batch, lengths in sorted(cases):
+            group = cases[(seq, batch, lengths)]
+            cells = [f"{batch} x {seq}", lengths, _fmt(_fill_of(group), ".0%")]
+            cells += [_fmt(group[i].get("tokens_per_s"), ",.0f") if i in group else "-" for i in impls]
+            unpadded = group.get(UNPADDED)
+            cells += [_times(_speedup(unpadded, group.get(PADDED))), _times(_speedup(unpadded, group.get(BASELINE)))]
             table.append(cells)
-        out += _markdown_table(["batch x seq", *impls], table) + [""]
-        detail = []
-        for seq, batch in shapes:
-            for impl in impls:
-                r = by_key.get((seq, batch, impl))
-                if r is None:
-                    continue
-                detail.append(
-                    [
-                        f"{batch} x {seq}",
-                        impl,
-                        f"{r['median_ms']:.3f}",
-                        f"{_fmt(r.get('p20_ms'), '.3f')}-{_fmt(r.get('p80_ms'), '.3f')}",
-                        _fmt(r["seq_per_s"], ",.1f"),
-                        _fmt(r["tflops"], ".1f"),
-                        _fmt(r.get("frac_peak_tflops"), ".0%"),
-                        _fmt(r["peak_mem_mb"], ",.0f"),
-                        _fmt(r.get("max_error"), ".2e"),
-                    ]
-                )
-        columns = ["batch x seq", "impl", "median ms", "p20-p80 ms", "seq/s", "TFLOP/s", "of peak", "peak MB"]
-        out += ["<details><summary>All numbers</summary>", ""]
-        out += _markdown_table([*columns, "max error"], detail) + ["", "</details>", ""]
+        columns = ["batch x seq", "lengths", "fill", *impls, f"{UNPADDED} / {PADDED}", f"{UNPADDED} / {BASELINE}"]
+        out += _markdown_table(columns, table) + [""]
+        ordered = [
+            (f"{batch} x {seq}, {lengths}", cases[(seq, batch, lengths)][impl])
+            for seq, batch, lengths in sorted(cases)
+            for impl in impls
+            if impl in cases[(seq, batch, lengths)]
+        ]
+        out += _detail_table(ordered)
+    return out
+
+
+def _verdict(value: float | None, target: float, at_least: bool) -> str:
+    if value is None:
+        return "-"
+    return "yes" if (value >= target if at_least else value <= target) else "no"
+
+
+def goal_rows(rows: list[dict]) -> list[list[str]]:
+    """``[goal, measured, target, met]`` for each goal this run has the rows to judge (see the constants above)."""
+    out = []
+    for (name, dtype, seq, batch, lengths), group in sorted(_varlen_groups(rows).items()):
+        fill, unpadded = _fill_of(group), group.get(UNPADDED)
+        if fill is None or not GOAL_FILL[0] <= fill <= GOAL_FILL[1]:
+            continue
+        what = "forward" if _kind_of(name) == "fwd" else "training step"
+        for other, target in PADDING_FREE_TARGETS:
+            speedup = _speedup(unpadded, group.get(other))
+            goal = f"padding-free {what} {batch} x {seq} {dtype}, {lengths} (fill {fill:.0%}): speed-up over {other}"
+            out.append([goal, _times(speedup), f">= {target:.1f}x", _verdict(speedup, target, True)])
+    train = defaultdict(dict)
+    for row in rows:
+        if (
+            _is_model_row(row)
+            and not _is_varlen(row)
+            and _model_kind(row) == "train"
+            and (row["seq"], row["dtype"]) == (TRAIN_GOAL_SEQ, TRAIN_GOAL_DTYPE)
+        ):
+            train[(row["name"], row["batch"])][row["impl"]] = row
+    for (name, batch), group in sorted(train.items()):
+        where = f"{_model_stem(name)} training step {batch} x {TRAIN_GOAL_SEQ} {TRAIN_GOAL_DTYPE}"
+        ours = group.get("bertfast") or {}
+        fraction = ours.get("frac_peak_tflops")
+        fill = f"; {ours['fill']:.0%} of it real tokens" if ours.get("fill") is not None else ""
+        out.append(
+            [
+                f"{where}: bertfast model FLOP/s as a share of the measured bf16 matmul rate (FLOPs of the padded "
+                f"batch{fill})",
+                _fmt(fraction, ".0%"),
+                f">= {TRAIN_PEAK_FRACTION:.0%}",
+                _verdict(fraction, TRAIN_PEAK_FRACTION, True),
+            ]
+        )
+        for mine, theirs in TRAIN_COMPARISONS:
+            a, b = group.get(mine), group.get(theirs)
+            if a is None and b is None:
+                continue
+            speedup = _speedup(a, b)
+            memory = _ratio(a and a["peak_mem_mb"], b and b["peak_mem_mb"])
+            out.append(
+                [
+                    f"{where}: {mine} speed-up over {theirs}",
+                    _times(speedup),
+                    f">= {TRAIN_SPEEDUP:.1f}x",
+                    _verdict(speedup, TRAIN_SPEEDUP, True),
+                ]
+            )
+            out.append(
+                [
+                    f"{where}: {mine} peak memory / {theirs}",
+                    _fmt(memory, ".2f"),
+                    f"<= {TRAIN_MEMORY_RATIO:.1f}",
+                    _verdict(memory, TRAIN_MEMORY_RATIO, False),
+                ]
+            )
     return out
 
 
@@ -191,17 +377,30 @@ def render_readme(data: dict, path_of_run: str, runs: list[str], plots: list[str
         lines.append(f"- {key}: {text}")
     lines += [
         "- TFLOP/s counts matmul work only (BERT forward `L*s*(24h^2+4sh)` per sequence, training 3x; attention "
-        "`4*b*h*s^2*d`, backward 2.5x), padded tokens included; GB/s counts the fewest bytes the op must move; "
+        "`4*b*h*s^2*d`, backward 2.5x), padded tokens included except in the padding-free rows, which count real "
+        "tokens only; tokens/s counts real tokens; GB/s counts the fewest bytes the op must move; "
         '"of peak" divides by the peaks above and "time / floor" is the median over the larger of the two '
         "bounds.",
         "",
     ]
+    goals = goal_rows(data["results"])
+    if goals:
+        lines += ["## Summary: the goals", ""]
+        lines += [
+            "Shown, not asserted: each goal against the rows of this run (`-` where a row is missing). Speed-ups are "
+            "ratios of median times on the same inputs; peak memory as in the tables below.",
+            "",
+        ]
+        lines += _markdown_table(["goal", "measured", "target", "met"], goals) + [""]
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
-    model_rows = [r for r in data["results"] if _is_model_row(r)]
+    model_rows = [r for r in data["results"] if _is_model_row(r) and not _is_varlen(r)]
+    varlen_rows = [r for r in data["results"] if _is_model_row(r) and _is_varlen(r)]
     kernel_rows = [r for r in data["results"] if not _is_model_row(r)]
     if model_rows:
         lines += ["## BERT", ""] + _model_sections(model_rows)
+    if varlen_rows:
+        lines += ["## BERT without padding (variable-length batches)", ""] + _varlen_sections(varlen_rows)
     if kernel_rows:
         lines += ["## Kernels", ""] + _kernel_sections(kernel_rows)
     skipped = data.get("skipped") or []
@@ -224,7 +423,7 @@ def render_readme(data: dict, path_of_run: str, runs: list[str], plots: list[str
 def _forward_rows(data: dict) -> dict[str, list[dict]]:
     by_dtype = defaultdict(list)
     for row in data["results"]:
-        if _is_model_row(row) and _model_kind(row) == "fwd":
+        if _is_model_row(row) and not _is_varlen(row) and _model_kind(row) == "fwd":
             by_dtype[row["dtype"]].append(row)
     return dict(sorted(by_dtype.items()))
 

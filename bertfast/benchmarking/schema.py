@@ -14,9 +14,15 @@
       "skipped": [{"name": ..., "impl": ..., "dtype": ..., "batch": ..., "seq": ..., "reason": "..."}]
     }
 
-A row is identified by ``(name, impl, dtype, batch, seq)``; the regression check matches
-rows of two runs by it.  Files are validated when written and when read, and every
-problem is reported with the file and the field.
+Model rows also carry ``fill`` (the fraction of the ``batch x seq`` positions that are real
+tokens, averaged over the timed input sets) and ``tokens_per_s`` (real tokens per second:
+``fill * batch * seq / median``); the padding-free rows (``bert-large-fwd-varlen``, ...)
+add ``lengths``, the name of the length distribution their batches were drawn from
+(:data:`bertfast.benchmarking.shapes.LENGTH_DISTRIBUTIONS`).
+
+A row is identified by ``(name, impl, dtype, batch, seq, lengths)`` (``lengths`` None when
+absent); the regression check matches rows of two runs by it.  Files are validated when
+written and when read, and every problem is reported with the file and the field.
 """
 
 from __future__ import annotations
@@ -101,6 +107,9 @@ OPTIONAL_ROW_FIELDS = {
     "floor_ms": (_optional(_positive), "a positive number or null"),
     "max_error": (_optional(_non_negative), "a number >= 0 or null"),
     "note": (_text, "a non-empty string"),
+    "lengths": (_text, "a non-empty string (a length distribution's name)"),
+    "fill": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "tokens_per_s": (_optional(_positive), "a positive number or null"),
 }
 SKIPPED_FIELDS = {
     "name": ROW_FIELDS["name"],
@@ -110,12 +119,28 @@ SKIPPED_FIELDS = {
     "seq": ROW_FIELDS["seq"],
     "reason": (_text, "a non-empty string"),
 }
-OPTIONAL_SKIPPED_FIELDS = {"shape": OPTIONAL_ROW_FIELDS["shape"]}
+OPTIONAL_SKIPPED_FIELDS = {"shape": OPTIONAL_ROW_FIELDS["shape"], "lengths": OPTIONAL_ROW_FIELDS["lengths"]}
+KEY_FIELDS = ("name", "impl", "dtype", "batch", "seq", "lengths")
 
 
 def row_key(row: dict) -> tuple:
-    """What identifies a row across runs."""
-    return (row["name"], row["impl"], row["dtype"], row["batch"], row["seq"])
+    """What identifies a row across runs: ``(name, impl, dtype, batch, seq, lengths or None)``."""
+    return (row["name"], row["impl"], row["dtype"], row["batch"], row["seq"], row.get("lengths"))
+
+
+def _row_consistency(row: dict, where: str, problems: list[str]) -> None:
+    """Fields that follow from others must agree (a hand-edited or mis-assembled row fails here)."""
+    if "lengths" in row and ("fill" not in row or "tokens_per_s" not in row):
+        problems.append(f"{where}: a row with 'lengths' (variable-length batches) must give 'fill' and 'tokens_per_s'")
+    tokens_per_s, fill = row.get("tokens_per_s"), row.get("fill")
+    if tokens_per_s is not None and fill is None:
+        problems.append(f"{where}: 'tokens_per_s' needs 'fill' (the share of real tokens it was computed from)")
+    if tokens_per_s is not None and fill is not None:
+        expected = fill * row["batch"] * row["seq"] / (row["median_ms"] * 1e-3)
+        if not math.isclose(tokens_per_s, expected, rel_tol=1e-6):
+            problems.append(
+                f"{where}.tokens_per_s must be fill * batch * seq / median = {expected:.6g}, got {tokens_per_s!r}"
+            )
 
 
 def _check_object(obj, where: str, required: dict, optional: dict, problems: list[str]) -> None:
@@ -153,9 +178,10 @@ def problems_in(data) -> list[str]:
         before = len(problems)
         _check_object(row, f"results[{i}]", ROW_FIELDS, OPTIONAL_ROW_FIELDS, problems)
         if len(problems) == before:
+            _row_consistency(row, f"results[{i}]", problems)
             key = row_key(row)
             if key in seen:
-                problems.append(f"results[{i}] repeats results[{seen[key]}] (name, impl, dtype, batch, seq) = {key}")
+                problems.append(f"results[{i}] repeats results[{seen[key]}] ({', '.join(KEY_FIELDS)}) = {key}")
             seen[key] = i
     for i, row in enumerate(data.get("skipped") or []):
         _check_object(row, f"skipped[{i}]", SKIPPED_FIELDS, OPTIONAL_SKIPPED_FIELDS, problems)
@@ -228,8 +254,15 @@ def make_row(
     max_error: float | None = None,
     shape: str | None = None,
     note: str | None = None,
+    tokens: float | None = None,
+    lengths: str | None = None,
 ) -> dict:
-    """A result row from a :class:`~bertfast.benchmarking.timing.Timing` and the op's work."""
+    """A result row from a :class:`~bertfast.benchmarking.timing.Timing` and the op's work.
+
+    ``tokens``: real (non-padding) tokens per call, averaged over the input sets (model
+    rows); gives ``fill`` and ``tokens_per_s``.  ``lengths``: the length distribution of a
+    padding-free row.
+    """
     from .formulas import floor_ms
 
     seconds = timing.median_ms * 1e-3
@@ -262,13 +295,30 @@ def make_row(
         row["shape"] = shape
     if note:
         row["note"] = note
+    if tokens is not None:
+        row["fill"] = tokens / (batch * seq)
+        row["tokens_per_s"] = row["fill"] * batch * seq / seconds  # the form the schema checks
+    if lengths:
+        row["lengths"] = lengths
     return row
 
 
-def skipped_row(*, name: str, impl: str, dtype: str, batch: int, seq: int, reason: str, shape: str | None = None):
+def skipped_row(
+    *,
+    name: str,
+    impl: str,
+    dtype: str,
+    batch: int,
+    seq: int,
+    reason: str,
+    shape: str | None = None,
+    lengths: str | None = None,
+):
     row = {"name": name, "impl": impl, "dtype": dtype, "batch": int(batch), "seq": int(seq), "reason": reason}
     if shape:
         row["shape"] = shape
+    if lengths:
+        row["lengths"] = lengths
     return row
 
 

@@ -7,6 +7,23 @@ Padding: real batches are padded to the longest sequence.  Every padded benchmar
 uses right padding with sequence lengths drawn uniformly from ``[ceil(seq/2), seq]``
 (seeded), the first sequence of each batch kept at full length so the padded width is
 the nominal ``seq``; about 75% of the positions are real tokens.
+
+Variable-length batches (the padding-free rows, ``*-varlen``) draw each sequence's length
+as a fraction ``f`` of the maximum ``seq`` from a stated distribution and pad every batch
+to ``seq`` (a tokenizer's ``padding="max_length"``); the length is ``round(f * seq)``
+clipped to ``[1, seq]``:
+
+- ``uniform-0.2-1.0``: ``f ~ U(0.2, 1.0)``, mean fill 0.60;
+- ``text-like``: a log-normal clipped at the maximum, ``f = min(1, 0.45 * exp(0.6 * z))``
+  with ``z ~ N(0, 1)``: median 0.45, mean fill 0.505, 9.2% of the sequences truncated to the
+  maximum; the shape of tokenized sentences and passages (many short, a long tail cut at
+  the model's limit).
+
+The draws are stratified so every batch represents its distribution: with ``u_i = (p_i +
+v_i) / batch`` for a random permutation ``p`` of ``0..batch-1`` and ``v_i ~ U(0, 1)``, the
+fraction is the distribution's quantile at ``u_i``.  Each length is still a draw from the
+distribution, but a batch's fill stays within a few percent of the mean even at batch 16.
+All draws come from seeded generators.
 """
 
 from __future__ import annotations
@@ -63,9 +80,113 @@ class AttentionShape:
         return f"{self.batch}x{self.seq}x{self.heads}x{self.head_dim}"
 
 
+@dataclasses.dataclass(frozen=True)
+class UniformLengths:
+    """Length fractions ``f ~ U(low, high)`` of the maximum."""
+
+    low: float = 0.2
+    high: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 < self.low <= self.high <= 1.0:
+            raise ValueError(f"need 0 < low <= high <= 1, got low={self.low}, high={self.high}")
+
+    @property
+    def name(self) -> str:
+        return f"uniform-{float(self.low)}-{float(self.high)}"  # "uniform-0.2-1.0"
+
+    @property
+    def description(self) -> str:
+        return f"f ~ U({self.low:g}, {self.high:g}) of the maximum, mean fill {self.mean_fill:.3f}"
+
+    @property
+    def mean_fill(self) -> float:
+        return (self.low + self.high) / 2
+
+    def quantile(self, u: torch.Tensor) -> torch.Tensor:
+        return self.low + (self.high - self.low) * u
+
+
+@dataclasses.dataclass(frozen=True)
+class TextLikeLengths:
+    """Length fractions ``f = min(1, median * exp(sigma * z))``, ``z ~ N(0, 1)``: a clipped log-normal."""
+
+    median: float = 0.45
+    sigma: float = 0.6
+    name = "text-like"  # a class attribute, not a field
+
+    def __post_init__(self):
+        if not (0.0 < self.median and self.sigma > 0.0):
+            raise ValueError(f"need median > 0 and sigma > 0, got median={self.median}, sigma={self.sigma}")
+
+    @property
+    def description(self) -> str:
+        return (
+            f"f = min(1, {self.median:g} * exp({self.sigma:g} * z)), z ~ N(0, 1): log-normal clipped at the maximum, "
+            f"median {self.median:g}, mean fill {self.mean_fill:.3f}, {self.truncated:.1%} of the sequences at the "
+            "maximum"
+        )
+
+    @property
+    def truncated(self) -> float:
+        """P(f = 1): the share of sequences cut at the maximum."""
+        return _normal_cdf(math.log(self.median) / self.sigma)
+
+    @property
+    def mean_fill(self) -> float:
+        """``E[min(1, X)]`` for ``X`` log-normal: ``E[X; X < 1] + P(X >= 1)``."""
+        mu, sigma = math.log(self.median), self.sigma
+        below = math.exp(mu + sigma * sigma / 2) * _normal_cdf((-mu - sigma * sigma) / sigma)
+        return below + self.truncated
+
+    def quantile(self, u: torch.Tensor) -> torch.Tensor:
+        z = torch.special.ndtri(u.double())
+        return (self.median * torch.exp(self.sigma * z)).clamp(max=1.0).to(u.dtype)
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+LengthDistribution = UniformLengths | TextLikeLengths
+LENGTH_DISTRIBUTIONS: tuple[LengthDistribution, ...] = (UniformLengths(0.2, 1.0), TextLikeLengths(0.45, 0.6))
+
+
+def length_distribution(name: str) -> LengthDistribution:
+    for dist in LENGTH_DISTRIBUTIONS:
+        if dist.name == name:
+            return dist
+    raise ValueError(f"unknown length distribution {name!r}; choose from {[d.name for d in LENGTH_DISTRIBUTIONS]}")
+
+
+def lengths_description() -> str:
+    """The variable-length batches in words (stored in result files)."""
+    dists = "; ".join(f"{d.name}: {d.description}" for d in LENGTH_DISTRIBUTIONS)
+    return (
+        "varlen rows: each length round(f * seq) clipped to [1, seq], f drawn (stratified, seeded) from "
+        f"{dists}; batches padded to seq"
+    )
+
+
+def varlen_lengths(dist: LengthDistribution, batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:
+    """``batch`` int64 sequence lengths in ``[1, seq]`` drawn from ``dist`` (stratified; see the module docstring)."""
+    if batch < 1 or seq < 1:
+        raise ValueError(f"batch and seq must be positive, got {batch} and {seq}")
+    strata = torch.randperm(batch, generator=generator, dtype=torch.float64)
+    u = (strata + torch.rand(batch, generator=generator, dtype=torch.float64)) / batch
+    fractions = dist.quantile(u)
+    return torch.round(fractions * seq).clamp(1, seq).to(torch.int64)
+
+
 # --- GPU sizes: BERT-large -----------------------------------------------------------
 FORWARD_SHAPES = tuple(ModelShape(b, s) for b, s in ((1, 128), (32, 128), (128, 128), (8, 512), (32, 512)))
 TRAIN_SHAPES = tuple(ModelShape(b, s) for b, s in ((32, 128), (8, 512)))
+# Padding-free rows: maximum lengths 128 and 512 (forward and a training step).
+VARLEN_SHAPES = (ModelShape(32, 128), ModelShape(16, 512))
+VARLEN_DTYPES = ("bf16",)
+# Drop-in rows (patched Hugging Face, CUDA graphs) and the mixed-precision training rows: bf16.
+DROP_IN_DTYPES = ("bf16",)
+AMP_DTYPES = ("bf16",)
 # 16384 tokens = a 128 x 128 batch; the row's batch/seq say so.
 LAYER_NORM_SHAPES = (TokenShape(128, 128, 1024),)
 BIAS_GELU_SHAPES = (TokenShape(128, 128, 4096),)
@@ -76,10 +197,13 @@ TRAIN_DTYPES = ("bf16",)
 # --- CPU smoke sizes (odd on purpose) -------------------------------------------------
 SMOKE_FORWARD_SHAPES = (ModelShape(2, 13),)
 SMOKE_TRAIN_SHAPES = (ModelShape(2, 13),)
+SMOKE_VARLEN_SHAPES = (ModelShape(4, 13),)
 SMOKE_LAYER_NORM_SHAPES = (TokenShape(2, 13, 48),)
 SMOKE_BIAS_GELU_SHAPES = (TokenShape(2, 13, 96),)
 SMOKE_ATTENTION_SHAPES = (AttentionShape(2, 13, 3, 16),)
 SMOKE_DTYPES = ("fp32",)
+# torch.autocast has no float32 mode: the mixed-precision smoke runs autocast bf16 (on the CPU too).
+SMOKE_AMP_DTYPES = ("bf16",)
 
 
 def bert_large_config(**overrides) -> BertConfig:

@@ -9,6 +9,7 @@ at tiny sizes (``smoke``): nothing is timed seriously, everything is exercised.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -17,8 +18,20 @@ from .cases import Case, Skip, run_case, skip_row_for
 from .device import environment, measure_peaks
 from .models import ModelBench
 from .schema import new_result, write_result
-from .shapes import PADDING_DISTRIBUTION, bert_large_config, tiny_config
-from .timing import GPU_PLAN, QUICK_GPU_PLAN, SMOKE_PLAN
+from .shapes import PADDING_DISTRIBUTION, bert_large_config, lengths_description, tiny_config
+from .timing import QUICK_GPU_PLAN, SMOKE_PLAN, SUITE_KERNEL_PLAN, SUITE_MODEL_PLAN, TimingPlan
+
+# The suite's sections, in the order they run; each case belongs to one (see section_of).
+SECTIONS = ("kernels", "forward", "training", "padding-free")
+
+
+def section_of(name: str) -> str:
+    """The section of a row name: kernel ops, BERT forward, BERT training, padding-free BERT."""
+    if not name.startswith("bert-"):
+        return "kernels"
+    if name.endswith("-varlen"):
+        return "padding-free"
+    return "training" if name.endswith("-train") else "forward"
 
 
 def timing_description(device: torch.device) -> str:
@@ -36,16 +49,24 @@ class SuiteRun:
         self.device = torch.device(device) if device is not None else _default_device()
         self.smoke = self.device.type != "cuda" if smoke is None else smoke
         self.quick = quick
-        self.plan = SMOKE_PLAN if self.smoke else (QUICK_GPU_PLAN if quick else GPU_PLAN)
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
+        self.seconds = dict.fromkeys(SECTIONS, 0.0)  # wall time spent building and timing each section's cases
         self._peaks: dict[str, float] | None = None
         self._model_bench: ModelBench | None = None
+
+    def plan_for(self, section: str) -> TimingPlan:
+        """How a case of ``section`` is timed: once (smoke), briefly (quick), or the suite's plan."""
+        if self.smoke:
+            return SMOKE_PLAN
+        if self.quick:
+            return QUICK_GPU_PLAN
+        return SUITE_KERNEL_PLAN if section == "kernels" else SUITE_MODEL_PLAN
 
     @property
     def peaks(self) -> dict[str, float]:
         if self._peaks is None:
-            self._peaks = measure_peaks(self.device, self.plan)
+            self._peaks = measure_peaks(self.device, self.plan_for("kernels"))
         return self._peaks
 
     @property
@@ -63,28 +84,43 @@ class SuiteRun:
     ) -> tuple[dict | None, str | None]:
         """Build and run one case; returns ``(row, None)`` or ``(None, reason it was skipped)``.
 
-        ``identity`` holds the row's ``name, impl, dtype, batch, seq`` (and ``shape``), so a
-        case that cannot even be built is still recorded as skipped.
+        ``identity`` holds the row's ``name, impl, dtype, batch, seq`` (and ``shape``,
+        ``lengths``), so a case that cannot even be built is still recorded as skipped.
         """
+        section = section_of(identity["name"])
+        peaks = self.peaks  # measured once, before the first case, and not billed to it
+        began = time.perf_counter()
         try:
             case = build()
-            row = run_case(case, plan=self.plan, peaks=self.peaks, benchmark=benchmark)
+            row = run_case(case, plan=self.plan_for(section), peaks=peaks, benchmark=benchmark)
         except Skip as exc:
             reason = str(exc)
             self.skipped.append(skip_row_for(reason=reason, **identity))
             return None, reason
+        finally:
+            self.seconds[section] += time.perf_counter() - began
         self.rows.append(row)
         if benchmark is not None:
             benchmark.extra_info.update({k: v for k, v in row.items() if v is not None})
         return row, None
 
     def result(self) -> dict:
-        setup = {"padding": PADDING_DISTRIBUTION, "timing": timing_description(self.device)}
+        setup = {
+            "padding": PADDING_DISTRIBUTION,
+            "lengths": lengths_description(),
+            "timing": timing_description(self.device),
+        }
         if self.smoke:
             setup["mode"] = "smoke run: tiny sizes, one call each; the numbers mean nothing"
         elif self.quick:
             setup["mode"] = "quick run (--bench-quick): bf16 only, fewer rounds; not a baseline"
+        setup["sections"] = self.sections_description()
         return new_result(environment(self.device), self.peaks, self.rows, self.skipped, setup)
+
+    def sections_description(self) -> str:
+        """Wall time per section, in words (stored in the result file: the suite's time budget, measured)."""
+        spent = ", ".join(f"{name} {self.seconds[name]:.0f} s" for name in SECTIONS)
+        return f"wall time building, checking and timing the cases (compilation included): {spent}"
 
     def save(self, root) -> str:
         return write_result(self.result(), root)

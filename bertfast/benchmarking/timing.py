@@ -48,6 +48,10 @@ class TimingPlan:
 # On a GPU; --quick trades precision for time.
 GPU_PLAN = TimingPlan()
 QUICK_GPU_PLAN = TimingPlan(min_warmup=2, warmup_ms=20.0, target_ms=100.0, min_rounds=5, max_rounds=50)
+# The full suite (bench/run_gpu.sh) times a few hundred cases in about 8 minutes: fewer rounds per case.
+# Kernels take microseconds, so 10-50 rounds in ~100 ms already give a tight median; model cases 10-50 in ~200 ms.
+SUITE_KERNEL_PLAN = TimingPlan(min_warmup=2, warmup_ms=25.0, target_ms=100.0, min_rounds=10, max_rounds=50)
+SUITE_MODEL_PLAN = TimingPlan(min_warmup=2, warmup_ms=30.0, target_ms=200.0, min_rounds=10, max_rounds=50)
 # On the CPU the suites only check that everything runs: one untimed-quality call.
 SMOKE_PLAN = TimingPlan(min_warmup=0, warmup_ms=0.0, target_ms=0.0, min_rounds=1, max_rounds=1)
 
