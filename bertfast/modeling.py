@@ -238,8 +238,9 @@ class BertPreTrainedModel(nn.Module):
         runs on the packed ``(total_tokens, hidden)`` tensor, so GEMMs, LayerNorm and GELU
         never see padding; the result is scattered back at the end (zeros at padding
         positions of ``last_hidden_state``; the pooler reads position 0 from the packed
-        tensor).  ``"auto"`` unpads when the mask has padding, the model is not training
-        with attention dropout and the backend has variable-length attention; ``True``
+        tensor; ``packed_last_hidden_state`` and ``packed`` give the packed result and its
+        ``cu_seqlens``).  ``"auto"`` unpads when the mask has padding and the backend has
+        variable-length attention (with attention dropout when training); ``True``
         unpads whenever a mask is given (and raises if the backend cannot).  Outputs at
         valid positions equal the padded path.  Never under torch.compile (the packed size
         depends on the data).
