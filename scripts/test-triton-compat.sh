@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The Triton kernels' tests under the oldest supported triton (3.6), in its interpreter.
+# requirements-dev.txt pins the newest (3.9); both must work.  triton 3.6 is laid over .venv
+# through PYTHONPATH, with numpy 2.2: numpy 2.4 refuses the 1-element-array-to-int
+# conversion that triton 3.6's interpreter does on every scalar kernel argument.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-env.sh
+overlay=.venv/overlay-triton-3.6
+if [ ! -f "$overlay/.done" ]; then
+  echo "[setup] installing triton 3.6 beside the pinned one ($overlay)"
+  .venv/bin/python -m pip install -q --no-deps --target "$overlay" triton==3.6.0 numpy==2.2.6
+  touch "$overlay/.done"
+fi
+export PYTHONPATH="$PWD/$overlay"
+.venv/bin/python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__; print('triton', triton.__version__)"
+.venv/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+  tests/test_triton_attention.py tests/test_triton_layernorm.py tests/test_triton_bias_gelu.py tests/test_dropout.py "$@"
