@@ -358,15 +358,21 @@ def _autocast_off(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def _dense_residual_layer_norm(block: nn.Module, h, residual, backend, dtype):
-    """``LN(dropout(h @ W^T + b) + residual)`` of a BertSelfOutput/BertOutput block; bias fused when no dropout."""
+    """``LN(dropout(h @ W^T + b) + residual)`` of a BertSelfOutput/BertOutput block; bias and dropout fused."""
     dense, ln, dropout = block.dense, block.LayerNorm, block.dropout
     weight, bias = _cast(dense.weight, dtype), _cast(dense.bias, dtype)
     ln_weight, ln_bias = _cast(ln.weight, dtype), _cast(ln.bias, dtype)
-    if dropout.training and dropout.p > 0.0:
-        h = dropout(F.linear(h, weight, bias))
-        return ops.layer_norm(h, ln_weight, ln_bias, ln.eps, residual=residual, backend=backend)
-    h = F.linear(h, weight)
-    return ops.layer_norm(h, ln_weight, ln_bias, ln.eps, residual=residual, linear_bias=bias, backend=backend)
+    dropout_p = dropout.p if dropout.training else 0.0
+    return ops.layer_norm(
+        F.linear(h, weight),
+        ln_weight,
+        ln_bias,
+        ln.eps,
+        residual=residual,
+        linear_bias=bias,
+        dropout_p=dropout_p,
+        backend=backend,
+    )
 
 
 def _layer_forward(layer: nn.Module, x, keep, backend: str, dtype: torch.dtype | None = None):
