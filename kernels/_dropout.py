@@ -1,13 +1,32 @@
-"""The dropout seed shared by the kernels that drop (attention probabilities, the residual-LayerNorm input).
+"""Dropout shared by the kernels that drop (attention probabilities, the residual-LayerNorm input).
 
 Each call draws one philox seed from torch's default CPU generator, so ``torch.manual_seed``
 reproduces every mask, and the kernels receive it as a plain integer: drawing it never waits
 for the GPU.  The backward gets the same seed (saved for autograd) and regenerates the masks.
+
+An element's draw is ``philox(seed, (c0, c1, c2, 0))`` on four 32-bit counters that name the
+element by its logical coordinates (e.g. key, query token, head), never by a tile: kernels
+with different block sizes draw the same mask.  32-bit counters keep philox at 32-bit
+multiplies; one flat 64-bit index (``tl.rand`` on int64 offsets) would double its cost.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dropout_keep(seed, dropout_p, c0, c1, c2):
+    """Which elements survive dropout at rate ``dropout_p``: a bool block of ``c0``/``c1``'s broadcast shape.
+
+    ``c0``, ``c1``: int32 blocks, broadcastable to each other; ``c2``: an int32 scalar.
+    """
+    c0, c1 = tl.broadcast(c0, c1)
+    c2 = tl.zeros_like(c0) + c2
+    draw, _, _, _ = tl.philox(seed, c0, c1, c2, tl.zeros_like(c0))
+    return tl.uint_to_uniform_float(draw) >= dropout_p
 
 
 def check_dropout_p(dropout_p: float) -> None:

@@ -22,12 +22,12 @@ Attention dropout (training, rate ``p``), as in flash-attention: with ``Z_ij = k
 ``keep_ij`` a Bernoulli(1 - p) draw, ``O = (P * Z) V``; ``lse`` is still that of the undropped
 ``P``.  The backward regenerates the same ``keep`` and uses ``dV = (P * Z)^T dO``,
 ``dP = (dO V^T) * Z``; ``D = rowsum(dO * O)`` is unchanged (it equals ``rowsum(P * dP)``).
-``keep_ij`` is ``philox(seed, counter) >= p`` with the counter of query token ``t`` (its row in
-the whole batch: ``batch * seq_q + i`` padded, its packed row varlen), head ``h`` and key ``j``
-being ``(t * heads + h) * seq_k + j`` (``seq_k = max_seqlen`` varlen).  It depends on no block size,
-so the forward and both backward kernels, autotuned independently, draw the same mask.  The seed
-comes from torch's default CPU generator, once per call, so ``torch.manual_seed`` reproduces the
-masks and drawing it never waits for the GPU.  The cost is one philox draw (10 rounds of 32-bit
+``keep_ij`` is ``philox(seed, (j, t, h, 0)) >= p`` (32-bit counters, see ``_dropout.py``): key ``j``,
+query token ``t`` (its row in the whole batch: ``batch * seq_q + i`` padded, its packed row varlen)
+and head ``h``.  It depends on no block size, so the forward and both backward kernels,
+autotuned independently, draw the same mask.  The seed comes from torch's default CPU
+generator, once per call, so ``torch.manual_seed`` reproduces the masks and drawing it never
+waits for the GPU.  The cost is one philox draw (10 rounds of 32-bit
 multiplies) per probability in the forward and two in the backward; with ``p = 0`` the kernels
 are compiled without any of it.
 
@@ -72,7 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dropout import check_dropout_p, draw_seed, dropout_args
+from ._dropout import check_dropout_p, draw_seed, dropout_args, dropout_keep
 
 __all__ = ["attention", "attention_varlen", "unsupported"]
 
@@ -133,28 +133,22 @@ def _keys_valid(mask_row, stride_ms, cols, num_keys, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _dropout_counters(batch, head, seq_start, num_heads, seq_q, seq_k, IS_VARLEN: tl.constexpr):
-    """(counter of query 0 / key 0 of this (sequence, head), counter step per query row).
-
-    See the module docstring; 64-bit, since batch * heads * seq_q * seq_k can pass 2**31.
-    """
+def _first_token(batch, seq_start, seq_q, IS_VARLEN: tl.constexpr):
+    """The batch-wide row of this sequence's query 0: the dropout counter of its queries starts there."""
     if IS_VARLEN:
-        first_token = seq_start.to(tl.int64)
+        return seq_start.to(tl.int32)
     else:
-        first_token = batch.to(tl.int64) * seq_q
-    # tl.cast, not .to: an integer argument equal to 1 arrives as a constexpr on the GPU.
-    return (first_token * num_heads + head) * seq_k, tl.cast(num_heads, tl.int64) * seq_k
+        return batch.to(tl.int32) * seq_q
 
 
 @triton.jit
-def _dropout_keep(seed, dropout_p, counter_base, counter_row_stride, rows, cols):
+def _dropout_keep(seed, dropout_p, first_token, head, rows, cols):
     """Which probabilities of query ``rows`` x key ``cols`` survive dropout: one philox draw each.
 
     ``rows`` and ``cols`` are passed broadcastable (``rows[:, None], cols[None, :]``, or the
     transpose for a transposed tile); the mask does not depend on the tile shape.
     """
-    counter = counter_base + rows.to(tl.int64) * counter_row_stride + cols
-    return tl.rand(seed, counter) >= dropout_p
+    return dropout_keep(seed, dropout_p, cols, first_token + rows, head)
 
 
 @triton.jit
@@ -203,7 +197,7 @@ def _attn_fwd_kernel(
         return
     mask_row = KeyMask + batch.to(tl.int64) * stride_mb
     key_end = _key_extent(mask_row, stride_ms, num_k, HAS_MASK, BLOCK_N)
-    counter_base, counter_row_stride = _dropout_counters(batch, head, seq_start, num_heads, seq_q, seq_k, IS_VARLEN)
+    first_token = _first_token(batch, seq_start, seq_q, IS_VARLEN)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -231,7 +225,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax normaliser takes the undropped p
         if HAS_DROPOUT:  # P @ V takes the dropped one; the 1 / (1 - p) is applied to the output
-            keep = _dropout_keep(seed, dropout_p, counter_base, counter_row_stride, rows[:, None], cols[None, :])
+            keep = _dropout_keep(seed, dropout_p, first_token, head, rows[:, None], cols[None, :])
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_base, cols, stride_vs, offs_d, num_k, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
@@ -310,7 +304,7 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PADDED)
     mask_row = KeyMask + batch.to(tl.int64) * stride_mb
     valid = _keys_valid(mask_row, stride_ms, cols, num_k, HAS_MASK)
-    counter_base, counter_row_stride = _dropout_counters(batch, head, seq_start, num_heads, seq_q, seq_k, IS_VARLEN)
+    first_token = _first_token(batch, seq_start, seq_q, IS_VARLEN)
     q_base = _head_base(Q, batch, head, seq_start, stride_qb, stride_qs, stride_qh)
     k_base = _head_base(K, batch, head, seq_start, stride_kb, stride_ks, stride_kh)
     v_base = _head_base(V, batch, head, seq_start, stride_vb, stride_vs, stride_vh)
@@ -337,7 +331,7 @@ def _attn_bwd_dkdv_kernel(
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
         p_t = tl.exp2(tl.where(valid[:, None], s_t, float("-inf")) - lse2[None, :])
         if HAS_DROPOUT:  # dV takes the dropped, rescaled P; dP is masked and rescaled alike
-            keep_t = _dropout_keep(seed, dropout_p, counter_base, counter_row_stride, rows[None, :], cols[:, None])
+            keep_t = _dropout_keep(seed, dropout_p, first_token, head, rows[None, :], cols[:, None])
             p_kept_t = tl.where(keep_t, p_t * keep_scale, 0.0)
         else:
             p_kept_t = p_t
@@ -377,7 +371,7 @@ def _attn_bwd_dq_kernel(
         return
     mask_row = KeyMask + batch.to(tl.int64) * stride_mb
     key_end = _key_extent(mask_row, stride_ms, num_k, HAS_MASK, BLOCK_N)
-    counter_base, counter_row_stride = _dropout_counters(batch, head, seq_start, num_heads, seq_q, seq_k, IS_VARLEN)
+    first_token = _first_token(batch, seq_start, seq_q, IS_VARLEN)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -406,7 +400,7 @@ def _attn_bwd_dq_kernel(
         p = tl.exp2(tl.where(valid[None, :], s, float("-inf")) - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         if HAS_DROPOUT:  # the forward's keep mask, regenerated
-            keep = _dropout_keep(seed, dropout_p, counter_base, counter_row_stride, rows[:, None], cols[None, :])
+            keep = _dropout_keep(seed, dropout_p, first_token, head, rows[:, None], cols[None, :])
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")

@@ -18,9 +18,10 @@ Backward, with ``g = dy * weight``::
     dbias         = sum over rows of dy
 
 Hidden dropout (training, rate ``p``): ``dropout(u) = u * Z`` with ``Z = keep / (1 - p)``,
-``keep`` a Bernoulli(1 - p) draw per element: ``philox(seed, row * N + col) >= p``, ``row`` the
-row of the flattened ``(rows, N)`` input.  The seed is drawn once per call from torch's default
-CPU generator (``torch.manual_seed`` reproduces the mask; reading it never waits for the GPU).
+``keep`` a Bernoulli(1 - p) draw per element: ``philox(seed, (col, row, 0, 0)) >= p`` (32-bit
+counters, see ``_dropout.py``), ``row`` the row of the flattened ``(rows, N)`` input.  The seed
+is drawn once per call from torch's default CPU generator (``torch.manual_seed`` reproduces the
+mask; reading it never waits for the GPU).
 The mask is never stored: the backward regenerates it from the seed, at the cost of one philox
 draw per element in each direction (no extra memory traffic).  ``p = 0`` compiles it out.
 
@@ -74,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dropout import check_dropout_p, draw_seed, dropout_args
+from ._dropout import check_dropout_p, draw_seed, dropout_args, dropout_keep
 
 MAX_HIDDEN = 8192
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -111,8 +112,8 @@ def _pre_norm_sum(
         h += tl.load(linear_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     keep = mask
     if HAS_DROPOUT:
-        # The counter is the element's index in the logical (rows, N) input: no tile shape in it.
-        keep = mask & (tl.rand(seed, rows * n_cols + cols) >= dropout_p)
+        # The counters are the element's (col, row) in the logical (rows, N) input: no tile shape in them.
+        keep = mask & dropout_keep(seed, dropout_p, cols, rows.to(tl.int32), 0)
         h = tl.where(keep, h * (1.0 / (1.0 - dropout_p)), 0.0)
     if HAS_RESIDUAL:
         h += tl.load(residual_ptr + rows * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
