@@ -506,17 +506,28 @@ class _TiedMLMMixin:
             return labels is None or not self.training
         return bool(return_logits)
 
+    def _prediction_logits(self, encoded):
+        """The vocabulary logits; padding-free runs compute them on the real tokens only (zeros at padding)."""
+        head = self.cls.predictions
+        if encoded.packed is not None:
+            return pad(head(encoded.packed_last_hidden_state, self._backend), encoded.packed)
+        return head(encoded.last_hidden_state, self._backend)
+
     def _masked_lm_loss(self, encoded, labels, logits):
         """The MLM loss: from the logits when they were computed, else fused and chunked on the labelled rows.
 
-        Padding-free runs gather the labelled rows from the packed hidden states (labels at
-        padding positions are ignored there); no ``(tokens x vocab)`` logits are ever formed.
+        Padding-free runs take the loss over the real tokens only (labels at padding
+        positions are ignored), and the fused loss gathers its rows from the packed hidden
+        states; it never forms ``(tokens x vocab)`` logits.
         """
+        packed = encoded.packed
         if logits is not None:
+            if packed is not None:
+                logits, labels = unpad(logits, packed), unpad(labels, packed)
             return _mlm_loss(logits, labels)
         hidden = encoded.last_hidden_state
-        if encoded.packed is not None:
-            hidden, labels = encoded.packed_last_hidden_state, unpad(labels, encoded.packed)
+        if packed is not None:
+            hidden, labels = encoded.packed_last_hidden_state, unpad(labels, packed)
         return masked_lm_head_loss(self.cls.predictions, hidden, labels, backend=self._backend)
 
 
@@ -542,9 +553,10 @@ class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
         and ``logits`` is ``None``, unless ``return_logits=True``: the ``(batch, seq, vocab)``
         logits are the largest tensor of BERT training.  Otherwise the logits are computed and
         the loss, if any, is taken from them.  With no labelled token the loss is 0, not NaN.
+        Padding-free runs (``unpad``) compute the logits on real tokens only: zeros at padding.
         """
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
-        logits = self.cls(out.last_hidden_state, self._backend) if self._wants_logits(labels, return_logits) else None
+        logits = self._prediction_logits(out) if self._wants_logits(labels, return_logits) else None
         loss = self._masked_lm_loss(out, labels, logits) if labels is not None else None
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
@@ -570,11 +582,10 @@ class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
         ``prediction_logits`` follow :meth:`BertForMaskedLM.forward`'s ``return_logits`` rule."""
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         with_loss = labels is not None and next_sentence_label is not None
-        heads = self.cls
         prediction_logits = None
         if self._wants_logits(labels if with_loss else None, return_logits):
-            prediction_logits = heads.predictions(out.last_hidden_state, self._backend)
-        nsp_logits = heads.seq_relationship(out.pooler_output)
+            prediction_logits = self._prediction_logits(out)
+        nsp_logits = self.cls.seq_relationship(out.pooler_output)
         loss = None
         if with_loss:
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))

@@ -331,3 +331,25 @@ def test_model_loss_is_zero_without_labelled_tokens():
         assert loss.item() == 0.0
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("kind", ["BertForMaskedLM", "BertForPreTraining"])
+def test_padding_free_logits_are_computed_on_real_tokens_only(kind, monkeypatch):
+    """unpad=True: the vocabulary head sees only the real tokens; logits equal the padded path's there, 0 elsewhere."""
+    config = small_config()
+    model = getattr(bertfast, kind)(config, backend="reference").double().eval()
+    ids, mask, _ = _masked_lm_batch(config.vocab_size, seed=25)
+    name = "logits" if kind == "BertForMaskedLM" else "prediction_logits"
+    model.bert.set_unpad(False)
+    padded = getattr(model(ids, attention_mask=mask), name)
+
+    rows_seen = []
+    decoder = model.cls.predictions.decoder
+    hook = decoder.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[0]))
+    model.bert.set_unpad(True)
+    unpadded = getattr(model(ids, attention_mask=mask), name)
+    hook.remove()
+    assert rows_seen == [int(mask.sum())]  # packed (tokens, hidden) rows, not (batch, seq, hidden)
+    valid = mask.bool()
+    assert (unpadded[valid] - padded[valid]).abs().max() <= 1e-10 * padded[valid].abs().max()
+    assert (unpadded[~valid] == 0).all()
