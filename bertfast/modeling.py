@@ -554,6 +554,8 @@ class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
         logits are the largest tensor of BERT training.  Otherwise the logits are computed and
         the loss, if any, is taken from them.  With no labelled token the loss is 0, not NaN.
         Padding-free runs (``unpad``) compute the logits on real tokens only: zeros at padding.
+        The fused loss reads the labelled count back to the host (a graph break under
+        torch.compile); ``return_logits=True`` compiles as one graph.
         """
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits = self._prediction_logits(out) if self._wants_logits(labels, return_logits) else None

@@ -353,3 +353,18 @@ def test_padding_free_logits_are_computed_on_real_tokens_only(kind, monkeypatch)
     valid = mask.bool()
     assert (unpadded[valid] - padded[valid]).abs().max() <= 1e-10 * padded[valid].abs().max()
     assert (unpadded[~valid] == 0).all()
+
+
+def test_training_step_compiles_whole_with_return_logits():
+    """The fused loss reads the labelled count back to the host; return_logits=True gives one graph instead."""
+    torch._dynamo.reset()
+    model = bertfast.BertForMaskedLM(small_config(), backend="reference").train()
+    ids, mask, labels = _masked_lm_batch(model.config.vocab_size, seed=27)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    loss = compiled(ids, attention_mask=mask, labels=labels, return_logits=True).loss
+    loss.backward()
+    torch.manual_seed(3)
+    eager = model(ids, attention_mask=mask, labels=labels, return_logits=True).loss
+    assert abs(loss.item() - eager.item()) <= 1e-5 * eager.item()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
