@@ -22,10 +22,12 @@
 
 All share one set of weights: a float32 bertfast model (random, seeded, or a checkpoint)
 whose ``state_dict`` is loaded into the Hugging Face models and cast to the benchmark
-dtype (float32 for the ``-amp`` impls, whose row dtype is the autocast dtype).  Dropout is
-off everywhere.  Inputs are padded batches (see
-:data:`bertfast.benchmarking.shapes.PADDING_DISTRIBUTION`) with their attention masks; the
-padding-free rows (``<model>-fwd-varlen``, ``<model>-train-varlen``) draw their lengths from
+dtype (float32 for the ``-amp`` impls, whose row dtype is the autocast dtype).  Forward
+rows run in eval mode (no dropout); training steps use dropout 0.1 on hidden states and
+attention probabilities (``TRAIN_DROPOUT``, BERT's own), fused into the kernels by bertfast.
+Inputs are padded batches (see :data:`bertfast.benchmarking.shapes.PADDING_DISTRIBUTION`)
+with their attention masks; the padding-free rows (``<model>-fwd-varlen``,
+``<model>-train-varlen``) draw their lengths from
 :data:`bertfast.benchmarking.shapes.LENGTH_DISTRIBUTIONS` and count the real work only.
 
 - forward: ``model(input_ids, attention_mask, token_type_ids)`` under ``torch.no_grad()``;
@@ -59,6 +61,9 @@ from . import formulas
 from .cases import Case, Skip, compile_backend, compile_note, unavailable
 from .device import DTYPES
 from .shapes import LengthDistribution, ModelShape, key_padding_mask, model_label, padded_lengths, varlen_lengths
+
+# BERT's dropout rate (hidden and attention), used by every training-step row.
+TRAIN_DROPOUT = 0.1
 
 MODEL_IMPLS = ("bertfast", "bertfast-triton", "bertfast-ext", "bertfast-reference", "hf-eager", "hf-sdpa", "hf-compile")
 HF_IMPLS = ("hf-eager", "hf-sdpa", "hf-compile")
@@ -194,6 +199,7 @@ class ModelBench:
         checkpoint: str | None = None,
         seed: int = 0,
         smoke: bool = False,
+        train_dropout: float = TRAIN_DROPOUT,
     ):
         self.device = torch.device(device)
         self.compiler = compile_backend(self.device, smoke)
@@ -203,8 +209,11 @@ class ModelBench:
             config = loaded.config
         elif config is None:
             raise ValueError("give a config or a checkpoint")
-        # Dropout off: the fused kernels and every baseline then compute the same function.
-        config = dataclasses.replace(config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        # Forward rows run in eval mode (no dropout: every implementation computes the same
+        # function); training steps run with dropout at ``train_dropout``, as BERT trains.
+        config = dataclasses.replace(
+            config, hidden_dropout_prob=train_dropout, attention_probs_dropout_prob=train_dropout
+        )
         torch.manual_seed(seed)
         with torch.device(self.device):
             master = BertModel(config, backend="reference")
