@@ -8,7 +8,7 @@ import platform
 import torch
 
 from . import __version__
-from .ops import BACKENDS, backend_availability
+from .ops import BACKENDS, backend_availability, backend_capabilities
 
 
 def _version(module: str) -> str:
@@ -42,8 +42,15 @@ def report() -> dict[str, object]:
         "transformers": _version("transformers"),
         "GPU": gpu_description(),
         "backends": backends,
+        "capabilities": {name: _capabilities(name) for name in BACKENDS},
         "extension": _extension_info(),
     }
+
+
+def _capabilities(name: str) -> str:
+    """``"ops: ...; dropout in: ..."``: what the backend declares (whether or not it runs here)."""
+    declared = backend_capabilities(name)
+    return f"ops: {', '.join(declared['ops']) or '-'}; dropout in: {', '.join(declared['dropout']) or '-'}"
 
 
 def _extension_info() -> dict[str, object]:

@@ -31,3 +31,16 @@ def test_console_script_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "bertfast.cli", "info"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "backends:" in done.stdout
+
+
+def test_info_lists_what_each_backend_declares(capsys):
+    """Ops and dropout per backend, as the dispatcher sees them (ext: no varlen attention, no dropout)."""
+    assert main(["info", "--json"]) == 0
+    capabilities = json.loads(capsys.readouterr().out)["capabilities"]
+    assert set(capabilities) == {"reference", "triton", "ext"}
+    assert capabilities["reference"] == (
+        "ops: layer_norm, bias_gelu, attention, attention_varlen, embedding_layer_norm; "
+        "dropout in: layer_norm, attention, attention_varlen"
+    )
+    assert capabilities["triton"].endswith("dropout in: layer_norm, attention, attention_varlen")
+    assert "attention_varlen" not in capabilities["ext"] and capabilities["ext"].endswith("dropout in: -")

@@ -90,6 +90,23 @@ def backend_availability(name: str) -> str | None:
     return _load(validate_backend_name(name))[1]
 
 
+def backend_capabilities(name: str) -> dict[str, list[str]]:
+    """What backend ``name`` declares, whether or not it can run here: ``{"ops": [...], "dropout": [...]}``.
+
+    ``dropout`` lists the ops it runs with ``dropout_p > 0``.  Empty lists when its module
+    does not import (:func:`backend_availability` says why).
+    """
+    try:
+        module = importlib.import_module(BACKENDS[validate_backend_name(name)])
+    except Exception:
+        return {"ops": [], "dropout": []}
+    implemented = [op for op in OPS if hasattr(module, op)]
+    dropout = [
+        op for op in implemented if op in _DROPOUT_CAPABILITY and getattr(module, _DROPOUT_CAPABILITY[op][0], False)
+    ]
+    return {"ops": implemented, "dropout": dropout}
+
+
 def _candidate_reason(name: str, op: str, tensors, meta) -> tuple[object | None, str | None]:
     module, reason = _load(name)
     if module is None:

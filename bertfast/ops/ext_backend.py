@@ -24,7 +24,6 @@ import re
 import torch
 
 from .. import _ext
-from ..errors import BackendUnavailable
 
 SUPPORTS_ATTENTION_DROPOUT = False
 
@@ -72,8 +71,6 @@ def _row_length(op: str, tensors) -> tuple[str, int] | None:
 
 
 def unsupported(op: str, *tensors, **meta) -> str | None:
-    if op == "attention_varlen":
-        return "the ext backend has no variable-length attention"
     C = _ext.extension()
     if C is None:
         return _ext.unavailable_reason()
@@ -433,11 +430,6 @@ def masked_softmax(scores, mask, scale):
     if mask is not None and mask.dtype not in (torch.bool, torch.uint8):
         mask = mask != 0
     return _masked_softmax_op(scores, mask, float(scale))
-
-
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
-    """Not provided: :func:`unsupported` refuses it, so dispatch never calls this."""
-    raise BackendUnavailable("the ext backend has no variable-length attention")
 
 
 def attention(q, k, v, attention_mask, scale):
