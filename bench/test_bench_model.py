@@ -20,7 +20,14 @@ only.  Implementations: bertfast/benchmarking/models.py.
 import pytest
 
 from bertfast.benchmarking import shapes
-from bertfast.benchmarking.models import AMP_IMPLS, DROP_IN_IMPLS, MODEL_IMPLS, VARLEN_IMPLS
+from bertfast.benchmarking.models import (
+    AMP_IMPLS,
+    DROP_IN_IMPLS,
+    MLM_AMP_IMPLS,
+    MLM_IMPLS,
+    MODEL_IMPLS,
+    VARLEN_IMPLS,
+)
 
 # Which of the two runs (bench/conftest.py decides: smoke without a GPU or with --benchmark-disable).
 GPU_ONLY = pytest.mark.bench_size("full")
@@ -64,7 +71,7 @@ def _run(benchmark, bench_run, kind, shape, dtype, impl, lengths=None):
     identity = dict(name=name, impl=impl, dtype=dtype, batch=shape.batch, seq=shape.seq)
     if lengths is not None:
         identity["lengths"] = lengths.name
-    build = models.forward_case if kind == "fwd" else models.train_case
+    build = {"fwd": models.forward_case, "train": models.train_case, "mlm-train": models.mlm_train_case}[kind]
     row, reason = bench_run.run(identity, lambda: build(impl, dtype, shape, lengths=lengths), benchmark)
     if row is None:
         pytest.skip(reason)
@@ -121,6 +128,26 @@ TRAIN_PARAMS = _params(
         ),
     ]
 )
+MLM_PARAMS = _params(
+    [
+        (
+            MLM_IMPLS,
+            shapes.TRAIN_SHAPES,
+            shapes.TRAIN_DTYPES,
+            MLM_IMPLS,
+            shapes.SMOKE_TRAIN_SHAPES,
+            shapes.SMOKE_DTYPES,
+        ),
+        (
+            MLM_AMP_IMPLS,
+            shapes.TRAIN_SHAPES,
+            shapes.AMP_DTYPES,
+            MLM_AMP_IMPLS,
+            shapes.SMOKE_TRAIN_SHAPES,
+            shapes.SMOKE_AMP_DTYPES,
+        ),
+    ]
+)
 VARLEN_PARAMS = _varlen_params()
 
 
@@ -133,6 +160,12 @@ def test_forward(benchmark, bench_run, shape, dtype, impl):
 @pytest.mark.parametrize("shape, dtype, impl", TRAIN_PARAMS)
 def test_train_step(benchmark, bench_run, shape, dtype, impl):
     row = _run(benchmark, bench_run, "train", shape, dtype, impl)
+    assert row["peak_mem_mb"] is None or row["peak_mem_mb"] > 0
+
+
+@pytest.mark.parametrize("shape, dtype, impl", MLM_PARAMS)
+def test_mlm_train_step(benchmark, bench_run, shape, dtype, impl):
+    row = _run(benchmark, bench_run, "mlm-train", shape, dtype, impl)
     assert row["peak_mem_mb"] is None or row["peak_mem_mb"] > 0
 
 

@@ -52,6 +52,11 @@ def bert_varlen_forward_flops(
     return sum(bert_forward_flops(1, int(n), hidden, layers, intermediate) for n in lengths)
 
 
+def mlm_head_flops(labelled_tokens: float, hidden: int, vocab: int) -> float:
+    """Forward FLOPs of the MLM head on the labelled tokens: transform ``2 h^2``, decoder ``2 h V`` each."""
+    return float(labelled_tokens) * (2 * hidden * hidden + 2 * hidden * vocab)
+
+
 def bert_train_flops(batch: int, seq: int, hidden: int, layers: int, intermediate: int | None = None) -> float:
     """A training step (forward + backward) is counted as 3x the forward."""
     return TRAIN_STEP_FACTOR * bert_forward_flops(batch, seq, hidden, layers, intermediate)

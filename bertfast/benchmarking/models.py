@@ -56,7 +56,7 @@ import torch
 
 from .. import ops
 from ..config import BertConfig
-from ..modeling import BertModel
+from ..modeling import BertForMaskedLM, BertModel
 from . import formulas
 from .cases import Case, Skip, compile_backend, compile_note, unavailable
 from .device import DTYPES
@@ -73,6 +73,11 @@ DROP_IN_IMPLS = ("hf-sdpa-patched", "hf-sdpa-patched-compile", "bertfast-cudagra
 AMP_IMPLS = ("bertfast-amp", "hf-sdpa-amp", "hf-compile-amp")
 # Padding-free rows: bertfast unpadded ("bertfast"), the same model computing the padding, Hugging Face.
 VARLEN_IMPLS = ("bertfast", "bertfast-padded", "hf-sdpa")
+# Masked-LM pre-training step rows (``<model>-mlm-train``): the whole BertForMaskedLM with labels.
+MLM_IMPLS = ("bertfast", "hf-sdpa")
+MLM_AMP_IMPLS = ("bertfast-amp", "hf-sdpa-amp")
+# BERT's masking rate: the share of real tokens that carry a label.
+MLM_LABELLED_FRACTION = 0.15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +232,7 @@ class ModelBench:
         self._models: dict[tuple, torch.nn.Module] = {}
         self._inputs: dict[tuple, list[tuple]] = {}
         self._reference: dict[tuple, torch.Tensor] = {}
+        self._mlm_state: dict[str, torch.Tensor] | None = None
 
     # -- implementations ------------------------------------------------------------
     def skip_reason(self, impl: str) -> str | None:
@@ -538,6 +544,111 @@ class ModelBench:
             note=self._note(impl, dtype, shape),
             tokens=tokens,
             lengths=None if lengths is None else lengths.name,
+        )
+
+    # -- masked-LM pre-training step ---------------------------------------------------
+    def _mlm_state_dict(self) -> dict[str, torch.Tensor]:
+        """The master encoder under a seeded MLM head: the weights of every MLM implementation."""
+        if self._mlm_state is None:
+            torch.manual_seed(self.seed + 11)
+            with torch.device(self.device):
+                mlm = BertForMaskedLM(self.config, backend="reference")
+            encoder = {k: v for k, v in self.master.state_dict().items() if not k.startswith("pooler.")}
+            mlm.bert.load_state_dict(encoder)
+            self._mlm_state = mlm.state_dict()
+        return self._mlm_state
+
+    def mlm_model(self, impl: str, dtype: str) -> torch.nn.Module:
+        """A fresh ``BertForMaskedLM`` of ``impl`` (bertfast or Hugging Face) with the shared weights."""
+        spec = impl_spec(impl)
+        if spec.patched or spec.compiled or spec.cuda_graph:
+            raise ValueError(f"{impl} has no masked-LM training row")
+        with torch.device(self.device):
+            if spec.family == "bertfast":
+                model = BertForMaskedLM(self.config, backend=spec.backend)
+                model.bert.set_unpad(spec.unpad)
+            else:
+                import transformers
+
+                model = transformers.BertForMaskedLM(hf_config(self.config, spec.attention))
+        model.load_state_dict(self._mlm_state_dict())
+        return model.to(DTYPES["fp32" if spec.amp else dtype])
+
+    def mlm_labels(self, sets: list[tuple]) -> list[torch.Tensor]:
+        """Labels for each input set: the token id on ``MLM_LABELLED_FRACTION`` of the real tokens, -100 elsewhere."""
+        generator = torch.Generator().manual_seed(self.seed + 13)
+        labels = []
+        for ids, mask, _ in sets:
+            ids_cpu = ids.cpu()
+            picked = (torch.rand(ids_cpu.shape, generator=generator) < MLM_LABELLED_FRACTION) & mask.cpu().bool()
+            labels.append(torch.where(picked, ids_cpu, torch.full_like(ids_cpu, -100)).to(self.device))
+        return labels
+
+    def mlm_train_case(
+        self, impl: str, dtype: str, shape: ModelShape, input_sets: int = 3, lengths: LengthDistribution | None = None
+    ) -> Case:
+        """A masked-LM pre-training step of ``impl``: encoder, MLM head and its loss, backward, AdamW.
+
+        bertfast takes its fused chunked loss on the labelled tokens (no logits); Hugging Face
+        computes the ``(batch, seq, vocab)`` logits and ``F.cross_entropy``.  FLOPs count the
+        encoder on the padded batch plus the head on the labelled tokens (the task's work).
+        """
+        if lengths is not None:
+            raise ValueError("the masked-LM rows run on padded batches")
+        reason = self.skip_reason(impl)
+        if reason is not None:
+            raise Skip(reason)
+        spec = impl_spec(impl)
+        model = self.mlm_model(impl, dtype).train().requires_grad_(True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=(self.device.type == "cuda") or None)
+        inputs = self.inputs(shape, input_sets)
+        labels = self.mlm_labels(inputs)
+        sets = [(*batch, batch_labels) for batch, batch_labels in zip(inputs, labels)]
+
+        def loss_of(ids, mask, types, batch_labels):
+            return model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=batch_labels).loss
+
+        if spec.amp:
+            unscaled, amp_dtype = loss_of, DTYPES[dtype]
+
+            def loss_of(ids, mask, types, batch_labels):
+                with torch.autocast(self.device.type, dtype=amp_dtype):
+                    return unscaled(ids, mask, types, batch_labels)
+
+        def step(ids, mask, types, batch_labels):
+            optimizer.zero_grad(set_to_none=True)
+            loss_of(ids, mask, types, batch_labels).backward()
+            optimizer.step()
+
+        def first_step_works():
+            try:
+                step(*sets[0])
+            except Exception as exc:
+                if unavailable(exc):
+                    raise
+                raise RuntimeError(f"{impl} masked-LM training step failed: {type(exc).__name__}: {exc}") from exc
+            optimizer.zero_grad(set_to_none=True)
+            return None
+
+        config = self.config
+        flops, tokens = self._work(inputs, shape, None)
+        labelled = sum(int((t != -100).sum()) for t in labels) / len(labels)
+        head = formulas.mlm_head_flops(labelled, config.hidden_size, config.vocab_size)
+        return Case(
+            name=self._row_name("mlm-train", None),
+            impl=impl,
+            dtype=dtype,
+            batch=shape.batch,
+            seq=shape.seq,
+            device=self.device,
+            fn=step,
+            input_sets=sets,
+            flops=formulas.TRAIN_STEP_FACTOR * (flops + head),
+            shape=shape.label,
+            max_error=first_step_works,
+            resident_bytes=lambda: _parameter_bytes(model) + _optimizer_bytes(optimizer),
+            note=self._note(impl, dtype, shape),
+            tokens=tokens,
         )
 
     def release(self) -> None:
