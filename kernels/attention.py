@@ -65,18 +65,16 @@ Cost (b batch, h heads, s = s_q = s_k, d head size, e bytes per element):
   and read D).
 """
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ._dropout import check_dropout_p, draw_seed, dropout_args, dropout_keep
+from ._launch import device_guard, interpreting
 
 __all__ = ["attention", "attention_varlen", "unsupported"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreting()
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
 
@@ -452,10 +450,6 @@ def _head_dim_padded(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------------------------
 # Checks and launchers
 # ----------------------------------------------------------------------------------------------
@@ -551,7 +545,7 @@ def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0
     def grid(meta):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
-    with _device_guard(q):
+    with device_guard(q):
         _fwd_kernel[grid](
             q, k, v, out, lse, mask, seqlens,
             float(scale), dropout_p, seed_value,
@@ -591,7 +585,7 @@ def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqle
         IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
     )  # fmt: skip
 
-    with _device_guard(q):
+    with device_guard(q):
         _attn_bwd_delta_kernel[(triton.cdiv(seq_q, _DELTA_BLOCK_M), batch * heads)](
             out, grad_out, delta, seqlens,
             *strides(out), *strides(grad_out), *stats_strides,

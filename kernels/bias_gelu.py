@@ -35,12 +35,13 @@ two runs give bit-identical ``dbias`` (no atomics, no autotuning).
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import as_rows, device_guard, interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -124,10 +125,6 @@ class LaunchConfig(NamedTuple):
     num_warps: int
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def launch_config(n_cols: int, direction: str, *, gpu: bool) -> LaunchConfig:
     """Tile shape for one call; ``gpu=False`` gives the small interpreter tiles.
 
@@ -153,7 +150,7 @@ def launch_config(n_cols: int, direction: str, *, gpu: bool) -> LaunchConfig:
 
 
 def _config_for(t: torch.Tensor, n_cols: int, direction: str) -> LaunchConfig:
-    return launch_config(n_cols, direction, gpu=t.device.type == "cuda" and not _interpreting())
+    return launch_config(n_cols, direction, gpu=t.device.type == "cuda" and not interpreting())
 
 
 # --------------------------------------------------------------------------- launchers
@@ -182,40 +179,16 @@ def _check_inputs(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return bias.contiguous()
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D ``(rows, N)`` view with unit column stride.
-
-    A copy is made only when the leading dimensions cannot be flattened into one row
-    stride or the last dimension is not contiguous.
-    """
-    rows = t.reshape(-1, t.shape[-1])
-    if rows.stride(-1) != 1 and rows.shape[-1] > 1:
-        rows = rows.contiguous()
-    return rows
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     bias = _check_inputs(x, bias)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
-    x2d = _as_rows(x)
+    x2d = as_rows(x)
     n_rows, n_cols = x2d.shape
     cfg = _config_for(x, n_cols, "forward")
     grid = (triton.cdiv(n_rows, cfg.block_m), triton.cdiv(n_cols, cfg.block_n))
-    with _device_guard(x):
+    with device_guard(x):
         _bias_gelu_fwd_kernel[grid](
             x2d,
             bias,
@@ -237,14 +210,14 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[to
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return dx, torch.zeros_like(bias)
-    x2d = _as_rows(x)
-    dy2d = _as_rows(dy)
+    x2d = as_rows(x)
+    dy2d = as_rows(dy)
     n_rows, n_cols = x2d.shape
     cfg = _config_for(x, n_cols, "backward")
     n_strips = triton.cdiv(n_rows, cfg.rows_per_program)
     # Every strip writes its whole row of partial sums, so the buffer needs no zeroing.
     dbias_partial = torch.empty((n_strips, n_cols), dtype=torch.float32, device=x.device)
-    with _device_guard(x):
+    with device_guard(x):
         _bias_gelu_bwd_kernel[(n_strips, triton.cdiv(n_cols, cfg.block_n))](
             dy2d,
             x2d,

@@ -68,7 +68,6 @@ multi-group paths run even on tiny inputs.
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -76,6 +75,7 @@ import triton
 import triton.language as tl
 
 from ._dropout import check_dropout_p, draw_seed, dropout_args, dropout_keep
+from ._launch import as_rows, device_guard, interpreting
 
 MAX_HIDDEN = 8192
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -283,10 +283,6 @@ class LaunchConfig(NamedTuple):
     num_groups: int  # backward only: programs, each writing one row of partial sums
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -328,7 +324,7 @@ def launch_config(n_rows: int, n_cols: int, direction: str, *, gpu: bool, sm_cou
 
 
 def _config_for(t: torch.Tensor, n_rows: int, n_cols: int, direction: str) -> LaunchConfig:
-    if t.device.type == "cuda" and not _interpreting():
+    if t.device.type == "cuda" and not interpreting():
         index = t.device.index if t.device.index is not None else torch.cuda.current_device()
         return launch_config(n_rows, n_cols, direction, gpu=True, sm_count=_sm_count(index))
     return launch_config(n_rows, n_cols, direction, gpu=False)
@@ -349,18 +345,6 @@ def unsupported(*tensors) -> str | None:
     if not 1 <= hidden <= MAX_HIDDEN:
         return f"hidden size (x.shape[-1]) must be between 1 and {MAX_HIDDEN}, got {hidden}"
     return None
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D ``(rows, N)`` view with unit column stride.
-
-    A copy is made only when the leading dimensions cannot be flattened into one row
-    stride or the last dimension is not contiguous.
-    """
-    rows = t.reshape(-1, t.shape[-1])
-    if rows.stride(-1) != 1 and rows.shape[-1] > 1:
-        rows = rows.contiguous()
-    return rows
 
 
 def _vector(name: str, t: torch.Tensor, n_cols: int, device: torch.device) -> torch.Tensor:
@@ -396,34 +380,22 @@ def _check_inputs(x, weight, residual, linear_bias):
     return weight, linear_bias
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=None):
     dropout_p, seed_value = dropout_args(dropout_p, seed)
     weight, linear_bias = _check_inputs(x, weight, residual, linear_bias)
     bias = _vector("bias", bias, x.shape[-1], x.device)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    x2d = _as_rows(x)
+    x2d = as_rows(x)
     n_rows, n_cols = x2d.shape
-    res2d = _as_rows(residual) if residual is not None else None
+    res2d = as_rows(residual) if residual is not None else None
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, mean, rstd
     cfg = _config_for(x, n_rows, n_cols, "forward")
-    with _device_guard(x):
+    with device_guard(x):
         _layer_norm_fwd_kernel[(cfg.num_groups,)](
             x2d,
             res2d if res2d is not None else x2d,  # never read when HAS_RESIDUAL is False
@@ -455,9 +427,9 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, drop
     weight, linear_bias = _check_inputs(x, weight, residual, linear_bias)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    x2d = _as_rows(x)
-    dy2d = _as_rows(dy)
-    res2d = _as_rows(residual) if residual is not None else None
+    x2d = as_rows(x)
+    dy2d = as_rows(dy)
+    res2d = as_rows(residual) if residual is not None else None
     n_rows, n_cols = x2d.shape
     for name, stat in (("mean", mean), ("rstd", rstd)):
         if stat.dtype != torch.float32 or tuple(stat.shape) != (n_rows,):
@@ -475,7 +447,7 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, drop
     partial = torch.empty((n_partials, num_groups, n_cols), dtype=torch.float32, device=x.device)
     if n_rows > 0:
         tiles_per_group = triton.cdiv(triton.cdiv(n_rows, cfg.rows), num_groups)
-        with _device_guard(x):
+        with device_guard(x):
             _layer_norm_bwd_kernel[(num_groups,)](
                 dy2d,
                 x2d,
