@@ -177,11 +177,29 @@ def _shared_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _under_autocast(forward: Callable, device: torch.device, dtype: torch.dtype) -> Callable:
-    def run(ids, mask, types):
+    def run(*args):
         with torch.autocast(device.type, dtype=dtype):
-            return forward(ids, mask, types)
+            return forward(*args)
 
     return run
+
+
+def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of every training row: AdamW, fused on the GPU."""
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None)
+
+
+def _first_step(what: str, run: Callable[[], object], optimizer: torch.optim.Optimizer) -> None:
+    """Run one whole training step before timing (so an unsupported backward shows up here, named),
+    then free the gradients so the timed steps' peak memory includes them."""
+    try:
+        run()
+    except Exception as exc:
+        if unavailable(exc):
+            raise
+        raise RuntimeError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+    optimizer.zero_grad(set_to_none=True)
 
 
 @dataclasses.dataclass
@@ -494,8 +512,7 @@ class ModelBench:
         built = self.build(impl, dtype, fresh=True, unpad=unpad)
         model, forward = built.module, built.forward
         model.train().requires_grad_(True)
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None)
+        optimizer = _adamw(model)
         generator = torch.Generator().manual_seed(self.seed + 7)
         inputs = self.inputs(shape, input_sets, lengths)
         # The output's dtype: the compute dtype, or (autocast) whatever the last LayerNorm returns; fixed below.
@@ -511,21 +528,15 @@ class ModelBench:
             forward(ids, mask, types).backward(grad)
             optimizer.step()
 
+        def match_grad_dtype_and_step():
+            out_dtype = forward(*sets[0][:3]).dtype
+            if out_dtype != grad_dtype:
+                for entry in sets:
+                    entry[3] = entry[3].to(out_dtype)
+            step(*sets[0])
+
         def first_step_works():
-            # Runs the whole step once (so an unsupported backward shows up before timing), then
-            # frees the gradients so the timed steps' peak memory includes them.
-            try:
-                out_dtype = forward(*sets[0][:3]).dtype
-                if out_dtype != grad_dtype:
-                    for entry in sets:
-                        entry[3] = entry[3].to(out_dtype)
-                step(*sets[0])
-            except Exception as exc:
-                if unavailable(exc):
-                    raise
-                raise RuntimeError(f"{impl} training step failed: {type(exc).__name__}: {exc}") from exc
-            optimizer.zero_grad(set_to_none=True)
-            return None
+            _first_step(f"{impl} training step", match_grad_dtype_and_step, optimizer)
 
         flops, tokens = self._work(inputs, shape, lengths)
         return Case(
@@ -600,7 +611,7 @@ class ModelBench:
             raise Skip(reason)
         spec = impl_spec(impl)
         model = self.mlm_model(impl, dtype).train().requires_grad_(True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=(self.device.type == "cuda") or None)
+        optimizer = _adamw(model)
         inputs = self.inputs(shape, input_sets)
         labels = self.mlm_labels(inputs)
         sets = [(*batch, batch_labels) for batch, batch_labels in zip(inputs, labels)]
@@ -609,11 +620,7 @@ class ModelBench:
             return model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=batch_labels).loss
 
         if spec.amp:
-            unscaled, amp_dtype = loss_of, DTYPES[dtype]
-
-            def loss_of(ids, mask, types, batch_labels):
-                with torch.autocast(self.device.type, dtype=amp_dtype):
-                    return unscaled(ids, mask, types, batch_labels)
+            loss_of = _under_autocast(loss_of, self.device, DTYPES[dtype])
 
         def step(ids, mask, types, batch_labels):
             optimizer.zero_grad(set_to_none=True)
@@ -621,14 +628,7 @@ class ModelBench:
             optimizer.step()
 
         def first_step_works():
-            try:
-                step(*sets[0])
-            except Exception as exc:
-                if unavailable(exc):
-                    raise
-                raise RuntimeError(f"{impl} masked-LM training step failed: {type(exc).__name__}: {exc}") from exc
-            optimizer.zero_grad(set_to_none=True)
-            return None
+            _first_step(f"{impl} masked-LM training step", lambda: step(*sets[0]), optimizer)
 
         config = self.config
         flops, tokens = self._work(inputs, shape, None)
