@@ -456,22 +456,20 @@ class BertLMPredictionHead(nn.Module):
 
 
 class BertOnlyMLMHead(nn.Module):
+    """Holds the prediction head under Hugging Face's key names; the model calls ``predictions`` itself."""
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
 
-    def forward(self, x, backend):
-        return self.predictions(x, backend)
-
 
 class BertPreTrainingHeads(nn.Module):
+    """The MLM and NSP heads under Hugging Face's key names; the model calls each itself."""
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
-
-    def forward(self, x, pooled, backend):
-        return self.predictions(x, backend), self.seq_relationship(pooled)
 
 
 def _mlm_loss(logits, labels):
@@ -500,35 +498,27 @@ class _TiedMLMMixin:
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
 
-    def _wants_logits(self, labels, return_logits) -> bool:
-        """By default the vocabulary logits are skipped only where nobody reads them: training with labels."""
-        if return_logits is None:
-            return labels is None or not self.training
-        return bool(return_logits)
+    def _logits_and_loss(self, encoded, labels, return_logits):
+        """``(vocabulary logits or None, MLM loss or None)`` of the MLM head over ``encoded``.
 
-    def _prediction_logits(self, encoded):
-        """The vocabulary logits; padding-free runs compute them on the real tokens only (zeros at padding)."""
-        head = self.cls.predictions
-        if encoded.packed is not None:
-            return pad(head(encoded.packed_last_hidden_state, self._backend), encoded.packed)
-        return head(encoded.last_hidden_state, self._backend)
-
-    def _masked_lm_loss(self, encoded, labels, logits):
-        """The MLM loss: from the logits when they were computed, else fused and chunked on the labelled rows.
-
-        Padding-free runs take the loss over the real tokens only (labels at padding
-        positions are ignored), and the fused loss gathers its rows from the packed hidden
-        states; it never forms ``(tokens x vocab)`` logits.
+        By default the logits are skipped only where nobody reads them: training with labels.
+        Then the loss is fused and chunked on the labelled rows and no ``(tokens x vocab)``
+        logits are ever formed; otherwise it is taken from the logits.  Padding-free runs
+        compute on the packed rows: logits on real tokens only (zeros at padding), the loss
+        over real tokens only (labels at padding positions are ignored).
         """
+        want_logits = (labels is None or not self.training) if return_logits is None else bool(return_logits)
         packed = encoded.packed
-        if logits is not None:
-            if packed is not None:
-                logits, labels = unpad(logits, packed), unpad(labels, packed)
-            return _mlm_loss(logits, labels)
-        hidden = encoded.last_hidden_state
-        if packed is not None:
-            hidden, labels = encoded.packed_last_hidden_state, unpad(labels, packed)
-        return masked_lm_head_loss(self.cls.predictions, hidden, labels, backend=self._backend)
+        hidden = encoded.last_hidden_state if packed is None else encoded.packed_last_hidden_state
+        if labels is not None and packed is not None:
+            labels = unpad(labels, packed)
+        if not want_logits:
+            if labels is None:
+                return None, None
+            return None, masked_lm_head_loss(self.cls.predictions, hidden, labels, backend=self._backend)
+        logits = self.cls.predictions(hidden, self._backend)
+        loss = None if labels is None else _mlm_loss(logits, labels)
+        return (logits if packed is None else pad(logits, packed)), loss
 
 
 class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
@@ -558,8 +548,7 @@ class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
         torch.compile); ``return_logits=True`` compiles as one graph.
         """
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
-        logits = self._prediction_logits(out) if self._wants_logits(labels, return_logits) else None
-        loss = self._masked_lm_loss(out, labels, logits) if labels is not None else None
+        logits, loss = self._logits_and_loss(out, labels, return_logits)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
@@ -584,14 +573,11 @@ class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
         ``prediction_logits`` follow :meth:`BertForMaskedLM.forward`'s ``return_logits`` rule."""
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         with_loss = labels is not None and next_sentence_label is not None
-        prediction_logits = None
-        if self._wants_logits(labels if with_loss else None, return_logits):
-            prediction_logits = self._prediction_logits(out)
+        prediction_logits, mlm_loss = self._logits_and_loss(out, labels if with_loss else None, return_logits)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)
         loss = None
         if with_loss:
-            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
-            loss = self._masked_lm_loss(out, labels, prediction_logits) + nsp_loss
+            loss = mlm_loss + F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
         return PreTrainingOutput(
             loss=loss,
             prediction_logits=prediction_logits,
