@@ -11,6 +11,11 @@ SUPPORTED_ACTIVATIONS = ("gelu",)  # the exact erf GELU, as Hugging Face's "gelu
 SUPPORTED_POSITION_EMBEDDINGS = ("absolute",)
 
 
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"BertConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
+
+
 @dataclasses.dataclass
 class BertConfig:
     """Configuration of a BERT encoder, field for field like ``transformers.BertConfig``.
@@ -31,7 +36,7 @@ class BertConfig:
     type_vocab_size: int = 2
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0
     position_embedding_type: str = "absolute"
     classifier_dropout: float | None = None
     num_labels: int = 2
@@ -69,6 +74,20 @@ class BertConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        # Type checks before any comparison, so a string read from a config.json ("0.1") is named, not a TypeError.
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps"):
+            _check_number(name, getattr(self, name))
+        if self.classifier_dropout is not None:
+            _check_number("classifier_dropout", self.classifier_dropout)
+        if self.pad_token_id is not None and (
+            isinstance(self.pad_token_id, bool)
+            or not isinstance(self.pad_token_id, int)
+            or not 0 <= self.pad_token_id < self.vocab_size
+        ):
+            raise ValueError(
+                f"BertConfig.pad_token_id must be None or an integer in [0, vocab_size={self.vocab_size}), "
+                f"got {self.pad_token_id!r}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads ({self.num_attention_heads})"
@@ -122,8 +141,17 @@ class BertConfig:
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"no config.json in {path!r}")
-        with open(config_file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config_file} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{config_file}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

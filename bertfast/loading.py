@@ -35,6 +35,18 @@ class LoadingInfo:
     tied_keys: list[str]
 
 
+def _read_weight_map(index: str) -> dict[str, str]:
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{index} is not valid JSON: {exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} has no 'weight_map' object mapping tensor names to shard files")
+    return weight_map
+
+
 def checkpoint_files(path: str) -> list[str]:
     """The weight files of a checkpoint folder, shards in index order."""
     for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS), (PYTORCH_BIN_INDEX, PYTORCH_BIN)):
@@ -43,8 +55,7 @@ def checkpoint_files(path: str) -> list[str]:
             return [single]
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_weight_map(index)
             shards = list(dict.fromkeys(weight_map.values()))
             files = [os.path.join(path, shard) for shard in shards]
             missing = [f for f in files if not os.path.isfile(f)]
@@ -79,31 +90,68 @@ def normalize_key(key: str) -> str:
 
 
 def map_checkpoint_keys(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Rename checkpoint keys to the model's: legacy names, with or without the ``bert.`` prefix."""
+    """Rename checkpoint keys to the model's: legacy names, with or without the ``bert.`` prefix.
+
+    Two stored names that land on one model key (``bert.X`` and ``X``, or ``gamma`` and
+    ``weight``) must hold equal tensors: which one to load would otherwise be a guess.
+    """
     model_has_prefix = any(k.startswith("bert.") for k in model_keys)
     mapped: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        key = normalize_key(key)
+    stored_as: dict[str, str] = {}
+    for stored, tensor in state.items():
+        key = normalize_key(stored)
         if key.endswith(_IGNORED_SUFFIXES):
             continue
         if model_has_prefix and key not in model_keys and f"bert.{key}" in model_keys:
             key = f"bert.{key}"
         elif not model_has_prefix and key.startswith("bert."):
             key = key[len("bert.") :]
+        if key in mapped:
+            other = mapped[key]
+            if other.shape != tensor.shape or not torch.equal(other, tensor):
+                raise CheckpointError(
+                    f"the checkpoint holds both {stored_as[key]!r} and {stored!r}, which both load into {key!r}, "
+                    "with different values; remove one"
+                )
+            continue
         mapped[key] = tensor
+        stored_as[key] = stored
     return mapped
 
 
-def _tied_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys whose tensor is shared with an earlier key (e.g. the MLM decoder)."""
+def _tied_keys(model: torch.nn.Module) -> dict[str, str]:
+    """State-dict keys whose tensor is shared with an earlier key (e.g. the MLM decoder) -> that key."""
     seen: dict[int, str] = {}
-    tied = set()
+    tied = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) in seen:
-            tied.add(name)
+            tied[name] = seen[id(tensor)]
         else:
             seen[id(tensor)] = name
     return tied
+
+
+def _check_ties(model: torch.nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
+    """Refuse a checkpoint whose tensors differ where the model shares one parameter.
+
+    bertfast's MLM heads always tie the decoder to the word embeddings (one Parameter); a
+    checkpoint saved untied would otherwise overwrite the embeddings with its decoder.
+    """
+    config = getattr(model, "config", None)
+    if tied and config is not None and config.extra.get("tie_word_embeddings") is False:
+        raise CheckpointError(
+            "the checkpoint's config sets tie_word_embeddings=false, but bertfast's masked-LM heads always share "
+            f"the decoder with the word embeddings ({', '.join(sorted(tied))}); load it with transformers, or "
+            "into a bertfast class without an MLM head (BertModel, the classification heads)"
+        )
+    for key, source in tied.items():
+        if key in state and source in state:
+            a, b = state[key], state[source]
+            if a.shape != b.shape or not torch.equal(a, b):
+                raise CheckpointError(
+                    f"the checkpoint's {key!r} differs from {source!r}, but bertfast ties them (one parameter); "
+                    "an untied masked-LM decoder cannot be loaded into bertfast's MLM heads"
+                )
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool) -> LoadingInfo:
@@ -111,6 +159,7 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
     model_state = model.state_dict()
     state = map_checkpoint_keys(state, set(model_state))
     tied = _tied_keys(model)
+    _check_ties(model, state, tied)
     missing = sorted(k for k in model_state if k not in state and k not in tied)
     unexpected = sorted(k for k in state if k not in model_state)
     misshaped = [
@@ -158,6 +207,9 @@ def save_pretrained(model: torch.nn.Module, path) -> None:
     os.makedirs(path, exist_ok=True)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
+    # The dtype the weights are stored in, as transformers writes it (it reloads in this dtype).
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     tied = _tied_keys(model)

@@ -59,8 +59,15 @@ class BaseModelOutput(ModelOutput):
     # users (and heads) that stay packed; ``packed.indices`` maps its rows to ``(batch, seq)``.
     packed_last_hidden_state: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
+    # The packed fields are attributes only: like Hugging Face's outputs, positions, keys() and
+    # len() count the same fields.
+    _TUPLE_FIELDS = ("last_hidden_state", "pooler_output", "hidden_states")
+
     def to_tuple(self) -> tuple:
-        return tuple(v for v in (self.last_hidden_state, self.pooler_output, self.hidden_states) if v is not None)
+        return tuple(v for v in (getattr(self, n) for n in self._TUPLE_FIELDS) if v is not None)
+
+    def keys(self):
+        return [n for n in self._TUPLE_FIELDS if getattr(self, n) is not None]
 
 
 @_register

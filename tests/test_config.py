@@ -39,6 +39,13 @@ def test_presets():
         (dict(num_hidden_layers=0), "num_hidden_layers"),
         (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
         (dict(layer_norm_eps=0.0), "layer_norm_eps"),
+        (dict(layer_norm_eps="1e-12"), "layer_norm_eps must be a number"),
+        (dict(hidden_dropout_prob="0.1"), "hidden_dropout_prob must be a number"),
+        (dict(initializer_range=None), "initializer_range must be a number"),
+        (dict(hidden_size="768"), "hidden_size must be a positive integer"),
+        (dict(pad_token_id=30522), "pad_token_id"),
+        (dict(pad_token_id=-1), "pad_token_id"),
+        (dict(pad_token_id="0"), "pad_token_id"),
     ],
 )
 def test_invalid_configs_name_the_problem(fields, message):
@@ -72,3 +79,20 @@ def test_from_pretrained_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "is_decoder": True}))
     with pytest.raises(ValueError, match="encoder only"):
         BertConfig.from_pretrained(tmp_path)
+
+
+def test_config_file_errors_name_the_file_and_field(tmp_path):
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"model_type": "bert", "attention_probs_dropout_prob": "0.1"}))
+    with pytest.raises(ValueError, match=r"config.json: BertConfig.attention_probs_dropout_prob must be a number"):
+        BertConfig.from_pretrained(tmp_path)
+    config_file.write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        BertConfig.from_pretrained(tmp_path)
+    config_file.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        BertConfig.from_pretrained(tmp_path)
+
+
+def test_pad_token_id_may_be_none():
+    assert BertConfig(pad_token_id=None).pad_token_id is None

@@ -136,3 +136,25 @@ def test_set_backend_switches_every_submodel():
 def test_op_arguments_are_checked(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_packed_fields_are_attributes_only():
+    """keys(), len() and positions count the same fields (the packed ones are attributes)."""
+    model = bertfast.BertModel(small_config(), backend="reference").eval()
+    ids = torch.randint(1, 50, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    out = model(ids, mask)
+    assert out.packed is not None, "the padded batch should take the padding-free path"
+    assert out.keys() == ["last_hidden_state", "pooler_output"] and len(out) == len(out.keys())
+    assert out[1] is out["pooler_output"] is out.pooler_output
+
+
+def test_nan_at_a_masked_key_reaches_valid_queries_as_documented():
+    """The README's padding rule: probability 0 at masked keys, but 0 x NaN is NaN (as in Hugging Face)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 2, 8, generator=gen) for _ in range(3))
+    mask = torch.tensor([[True, True, True, False]])
+    assert ops.attention(q, k, v, mask, backend="reference").isfinite().all()
+    v[0, 3] = float("nan")  # a padded position's value row
+    out = ops.attention(q, k, v, mask, backend="reference")
+    assert out.isnan().all()

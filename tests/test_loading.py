@@ -124,3 +124,53 @@ def test_save_pretrained_round_trip_through_hugging_face(tmp_path):
     assert torch.equal(hf.cls.predictions.decoder.weight, mlm.bert.embeddings.word_embeddings.weight)
     back = bertfast.BertForMaskedLM.from_pretrained(tmp_path, strict=True)
     assert _same_weights(mlm, back)
+
+
+def test_index_without_weight_map_names_the_file(tmp_path):
+    model = bertfast.BertModel(small_config())
+    folder = _write(tmp_path, model, shards=2)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json has no 'weight_map'"):
+        bertfast.BertModel.from_pretrained(folder)
+
+
+def test_a_key_stored_with_and_without_prefix(tmp_path):
+    model = bertfast.BertModel(small_config())
+    state = dict(model.state_dict())
+    key = "encoder.layer.0.output.dense.bias"
+    same = dict(state, **{f"bert.{key}": state[key].clone()})
+    loaded = bertfast.BertModel.from_pretrained(_write(tmp_path / "same", model, state=same), strict=True)
+    assert _same_weights(model, loaded)
+    differ = dict(state, **{f"bert.{key}": state[key] + 1})
+    message = rf"both '(bert.)?{key}' and '(bert.)?{key}', which both load into '{key}', with different values"
+    with pytest.raises(CheckpointError, match=message):
+        bertfast.BertModel.from_pretrained(_write(tmp_path / "differ", model, state=differ))
+
+
+def test_untied_decoder_is_refused_not_loaded_over_the_embeddings(tmp_path):
+    mlm = bertfast.BertForMaskedLM(small_config())
+    state = dict(mlm.state_dict())
+    decoder = "cls.predictions.decoder.weight"
+    state[decoder] = state[decoder] + 2.0  # an untied checkpoint: the decoder differs from the embeddings
+    folder = _write(tmp_path / "untied", mlm, state=state)
+    with pytest.raises(CheckpointError, match=f"{decoder}.*differs from 'bert.embeddings.word_embeddings.weight'"):
+        bertfast.BertForMaskedLM.from_pretrained(folder)
+    # The encoder alone loads: the decoder is not part of it.
+    with pytest.warns(UserWarning, match="does not use"):
+        encoder = bertfast.BertModel.from_pretrained(folder)
+    assert torch.equal(encoder.embeddings.word_embeddings.weight, mlm.bert.embeddings.word_embeddings.weight)
+    # A config that says so is refused even if the tensors happen to be equal.
+    mlm.config.extra["tie_word_embeddings"] = False
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=false"):
+        bertfast.BertForMaskedLM.from_pretrained(_write(tmp_path / "flag", mlm))
+
+
+def test_save_pretrained_writes_the_weights_dtype(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = bertfast.BertModel(small_config()).to(torch.bfloat16)
+    model.config.extra["torch_dtype"] = "float32"  # as read from an older checkpoint
+    model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["dtype"] == "bfloat16" and "torch_dtype" not in written
+    hf = transformers.BertModel.from_pretrained(tmp_path)
+    assert hf.dtype == torch.bfloat16
