@@ -222,6 +222,15 @@ def key_padding_mask_from_hf(attention_mask, batch: int, q_len: int, kv_len: int
             f"for batch {batch}, {q_len} queries and {kv_len} keys"
         )
     checkable = _values_checkable()
+    # An expanded view is one row for every query and head by construction: nothing to check.
+    broadcast = (mask.shape[1] == 1 or mask.stride(1) == 0) and (mask.shape[2] == 1 or mask.stride(2) == 0)
+    if not checkable and (not broadcast or mask.dtype != torch.bool):
+        # Compiled or captured, the values cannot be read: take only masks whose shape makes them key-padding masks.
+        raise NotImplementedError(
+            "under torch.compile or CUDA-graph capture the bertfast attention cannot check that a materialised or "
+            f"additive 4-D mask ({mask.dtype}, shape {tuple(mask.shape)}) is a key-padding mask; pass the 2-D "
+            "(batch, seq) padding mask, or a boolean mask expanded over heads and queries"
+        )
     if mask.dtype == torch.bool:
         keep4 = mask
     elif mask.dtype.is_floating_point:
@@ -236,8 +245,6 @@ def key_padding_mask_from_hf(attention_mask, batch: int, q_len: int, kv_len: int
     else:
         raise NotImplementedError(f"attention masks of dtype {mask.dtype} are not supported")
     keep = keep4[:, 0, 0, :]
-    # An expanded view is one row for every query and head by construction: nothing to check.
-    broadcast = (mask.shape[1] == 1 or mask.stride(1) == 0) and (mask.shape[2] == 1 or mask.stride(2) == 0)
     if checkable and not broadcast and not torch.equal(keep4, keep[:, None, None, :].expand_as(keep4)):
         raise NotImplementedError(
             "this attention mask differs between queries or heads (causal or custom pattern); the bertfast "
@@ -298,34 +305,29 @@ def _padding_mask_for_bertfast(
 ):
     """transformers mask-interface function: the 2-D padding mask itself for a plain bidirectional mask.
 
-    Anything else (causal, offsets, overlays) is built as transformers' 4-D boolean mask,
-    which :func:`key_padding_mask_from_hf` accepts only if it is a key-padding mask.
+    Anything else (causal, sliding windows, offsets, or- and and-overlays) is refused here, by
+    the mask function alone, so the answer is the same compiled or not: the bertfast attention
+    applies key-padding masks only.
     """
     from transformers import masking_utils
 
-    plain = (
-        mask_function is masking_utils.bidirectional_mask_function
-        and q_offset == 0
-        and kv_offset == 0
-        and q_length == kv_length
-        and (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape[-1] == kv_length))
-    )
-    if plain:
-        return attention_mask
-    kwargs.pop("allow_is_causal_skip", None)
-    kwargs.pop("allow_is_bidirectional_skip", None)
-    return masking_utils.sdpa_mask(
-        batch_size=batch_size,
-        q_length=q_length,
-        kv_length=kv_length,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        mask_function=mask_function,
-        attention_mask=attention_mask,
-        allow_is_causal_skip=False,
-        allow_is_bidirectional_skip=False,
-        **kwargs,
-    )
+    if mask_function is not masking_utils.bidirectional_mask_function:
+        name = getattr(mask_function, "__qualname__", None) or type(mask_function).__name__
+        raise NotImplementedError(
+            f"the bertfast attention applies bidirectional key-padding masks only; this model asks for a mask built "
+            f"by {name} (a sliding window, causal or custom pattern)"
+        )
+    if q_offset or kv_offset or q_length != kv_length:
+        raise NotImplementedError(
+            f"the bertfast attention runs self-attention without a cache; got q_offset {q_offset}, kv_offset "
+            f"{kv_offset}, {q_length} queries and {kv_length} keys"
+        )
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_length):
+        raise NotImplementedError(
+            f"the bertfast attention takes a 2-D (batch, {kv_length}) padding mask here, got shape "
+            f"{tuple(attention_mask.shape)}"
+        )
+    return attention_mask
 
 
 def register_attention(name: str = "bertfast", backend: str | None = "auto") -> str:

@@ -246,3 +246,40 @@ def test_register_attention_explains_an_old_transformers(monkeypatch):
     monkeypatch.setattr(sys.modules["transformers"], "AttentionInterface", None, raising=False)  # < 4.51
     with pytest.raises(RuntimeError, match="no AttentionInterface"):
         hf.register_attention()
+
+
+@needs_registry
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_registered_attention_refuses_a_sliding_window_compiled_or_not(compiled):
+    """ModernBERT's local layers mask a window, not padding: refused, never applied as a padding mask."""
+    hf.register_attention(backend="reference")
+    config = transformers.ModernBertConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        global_attn_every_n_layers=2, local_attention=4, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+    )  # fmt: skip
+    model = transformers.ModernBertModel(config).eval()
+    model.set_attn_implementation("bertfast")
+    run = torch.compile(model, backend="eager") if compiled else model
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    with pytest.raises(NotImplementedError, match="key-padding masks only"):
+        run(input_ids=ids, attention_mask=mask)
+
+
+def test_key_padding_mask_from_hf_compiled_takes_only_masks_it_need_not_read():
+    batch, n = 2, 5
+    keep = torch.ones(batch, n, dtype=torch.bool)
+    keep[1, 3:] = False
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def convert(mask):
+        return hf.key_padding_mask_from_hf(mask, batch, n, n)
+
+    assert torch.equal(convert(keep[:, None, None, :].expand(batch, 1, n, n)), keep)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None].expand(batch, 1, n, n).clone()
+    additive = torch.zeros(batch, 1, 1, n)
+    for mask in (causal, additive):
+        with pytest.raises(Exception, match="cannot check that a materialised or additive 4-D mask"):
+            convert(mask)
