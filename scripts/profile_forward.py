@@ -121,10 +121,10 @@ def attention_cases() -> None:
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         flops = 4 * batch * heads * seq * seq * head_dim
         for label, fn in (
-            ("triton attention, mask", lambda: ops.attention(q, k, v, keep, backend="triton")),
-            ("triton attention", lambda: ops.attention(q, k, v, None, backend="triton")),
-            ("sdpa, mask", lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep[:, None, None, :])),
-            ("sdpa", lambda: F.scaled_dot_product_attention(qt, kt, vt)),
+            ("triton attention, mask", functools.partial(ops.attention, q, k, v, keep, backend="triton")),
+            ("triton attention", functools.partial(ops.attention, q, k, v, None, backend="triton")),
+            ("sdpa, mask", functools.partial(F.scaled_dot_product_attention, qt, kt, vt, keep[:, None, None, :])),
+            ("sdpa", functools.partial(F.scaled_dot_product_attention, qt, kt, vt)),
         ):
             ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
             say(f"{batch}x{seq} {label:24s} {ms * 1e3:8.1f} us  {flops / ms / 1e9:7.1f} TFLOP/s")
