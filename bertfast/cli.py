@@ -16,7 +16,10 @@ def _info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="bertfast", description="A custom-kernel performance engine for BERT.")
+    parser.add_argument("--version", action="version", version=f"bertfast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, the GPU, and which backends are available (and why not)")
     info.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from bertfast.cli import main
@@ -44,3 +45,12 @@ def test_info_lists_what_each_backend_declares(capsys):
     )
     assert capabilities["triton"].endswith("dropout in: layer_norm, attention, attention_varlen")
     assert "attention_varlen" not in capabilities["ext"] and capabilities["ext"].endswith("dropout in: -")
+
+
+def test_version(capsys):
+    import bertfast
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bertfast {bertfast.__version__}"
