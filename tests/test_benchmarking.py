@@ -759,3 +759,191 @@ def test_bench_command_fails_loudly_on_a_mismatch(broken_backend, capsys):
 def test_bench_command_rejects_unknown_backend(capsys):
     assert command.run(_bench_args("--backends", "cudnn", "--plain")) == 2
     assert "unknown backend 'cudnn'" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# Compiled baselines must run compiled code
+
+
+def _recompile_limit_patch(limit: int):
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return torch._dynamo.config.patch(**{name: limit})
+
+
+def test_compiled_function_has_a_cache_of_its_own():
+    from bertfast.benchmarking.cases import CompiledFunction
+
+    def f(x):
+        return torch.sin(x) * 2
+
+    # More compiled baselines of one function than Dynamo's recompile limit: each keeps its own cache.
+    with _recompile_limit_patch(2):
+        for n in range(5):
+            compiled = CompiledFunction(f, backend="eager", name="f")
+            compiled(torch.randn(3 + n))
+            compiled(torch.randn(3 + n))
+            compiled.check()
+            assert compiled.calls == 2 and compiled.eager_calls == 0
+
+
+def test_a_compiled_baseline_that_falls_back_to_eager_fails_its_row():
+    from bertfast.benchmarking.cases import Case, CompiledFunction, NotCompiled
+
+    def f(x):
+        return x * 2 + 1
+
+    # Past the recompile limit Dynamo runs the Python: the check must notice it.
+    compiled = CompiledFunction(f, backend="eager", fullgraph=False, name="f")
+    sets = [(torch.randn(3),), (torch.randn(4),), (torch.randn(5),)]
+    case = Case(
+        name="op-fwd",
+        impl="torch-compile",
+        dtype="fp32",
+        batch=1,
+        seq=1,
+        device=torch.device("cpu"),
+        fn=compiled,
+        input_sets=sets,
+        check_compiled=compiled.check,
+    )
+    with _recompile_limit_patch(1), pytest.raises(NotCompiled, match="ran as eager Python"):
+        run_case(case, plan=SMOKE_PLAN_FOR_TESTS)
+    # With fullgraph (the default) Dynamo refuses outright: the row fails too.
+    strict = CompiledFunction(f, backend="eager", name="f")
+    with _recompile_limit_patch(1), pytest.raises(Exception):  # noqa: B017
+        for (x,) in sets:
+            strict(x)
+    # Compilation disabled: every call is eager.
+    with torch._dynamo.config.patch(disable=True):
+        off = CompiledFunction(f, backend="eager", fullgraph=False, name="f")
+        off(torch.randn(3))
+    with pytest.raises(NotCompiled):
+        off.check()
+
+
+SMOKE_PLAN_FOR_TESTS = TimingPlan(min_warmup=1, warmup_ms=0.0, target_ms=0.0, min_rounds=3, max_rounds=3)
+
+
+def test_torch_compile_kernel_rows_compile_once_per_case():
+    shape = shapes.SMOKE_ATTENTION_SHAPES[0]
+    # More cases of one op than the recompile limit: every one of them runs compiled code.
+    with _recompile_limit_patch(2):
+        for op in ("attention", "attention-nomask", "attention", "attention-nomask"):
+            for direction in ("fwd", "bwd"):
+                case = kernel_case(op, "torch-compile", "fp32", shape, direction, torch.device("cpu"), smoke=True)
+                assert case.check_compiled is not None
+                row = run_case(case, plan=SMOKE_PLAN_FOR_TESTS)
+                assert row["max_error"] < 1e-5
+
+
+def test_hf_compile_checks_that_it_ran_compiled(tiny_bench):
+    pytest.importorskip("transformers")
+    shape = shapes.ModelShape(2, 13)
+    case = tiny_bench.forward_case("hf-compile", "fp32", shape)
+    assert case.check_compiled is not None
+    run_case(case, plan=SMOKE_PLAN_FOR_TESTS)
+    (compiled,) = tiny_bench.hf_compiled("fp32")._bench_compiled
+    assert compiled.calls > 0 and compiled.eager_calls == 0
+    compiled.eager_calls = 1  # as if Dynamo had fallen back
+    with pytest.raises(Exception, match="eager Python"):
+        case.check_compiled()
+
+
+def test_forced_sdpa_backends_run_or_skip_with_torchs_reason():
+    shape = shapes.SMOKE_ATTENTION_SHAPES[0]
+    for impl in ("torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn"):
+        try:
+            case = kernel_case("attention-nomask", impl, "fp32", shape, "fwd", torch.device("cpu"), smoke=True)
+        except Skip as exc:
+            assert str(exc)
+            continue
+        assert run_case(case, plan=SMOKE_PLAN_FOR_TESTS)["max_error"] < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# First light: the headline plan, the host probe, the autotune record, gpu-check's summary
+
+
+def test_first_light_numbers_and_skipped_sections(tmp_path):
+    from bertfast.benchmarking import firstlight
+
+    light = firstlight.FirstLight(tiny=True, budget_s=100, results=str(tmp_path))
+    names = [section.name for section in light.plan()]
+    assert names[:3] == ["peaks", "forward 2x13", "host probe"]
+    for section in light.plan()[1:]:
+        if section.name == "host probe":
+            continue
+        assert light.identities(section.name), section.name
+    light.skip_section(light.plan()[-1], "out of time")
+    assert all(row["reason"] == "out of time" for row in light.skipped)
+    assert {row["lengths"] for row in light.skipped} == {d.name for d in shapes.LENGTH_DISTRIBUTIONS}
+    rows = [
+        {"name": "bert-large-fwd", "impl": "hf-sdpa", "batch": 32, "seq": 128, "median_ms": 10.0},
+        {"name": "bert-large-fwd", "impl": "bertfast", "batch": 32, "seq": 128, "median_ms": 5.0},
+        {"name": "attention-fwd", "impl": "bertfast-triton", "batch": 32, "seq": 128, "median_ms": 1.0, "tflops": 9.5},
+    ]
+    numbers = firstlight.key_numbers(rows, {"bf16_matmul_tflops": 700.0, "copy_gbps": 3000.0}, {}, [], 0, None)
+    assert numbers["fwd 32x128 speed-up vs hf-sdpa"] == {"hf-sdpa": 1.0, "bertfast": 2.0}
+    assert "attention-fwd 32x128 bertfast-triton TFLOP/s" in numbers["kernels"]
+
+
+def test_host_probe_on_the_cpu():
+    from bertfast.benchmarking.firstlight import host_probe
+
+    w = torch.randn(64, 64)
+    numbers, table = host_probe(lambda x: torch.relu(x @ w), (torch.randn(8, 64),), torch.device("cpu"), rounds=3)
+    assert numbers["host_ms"] > 0 and numbers["wall_ms"] >= numbers["host_ms"] * 0.5
+    assert numbers["gpu_busy_ms"] is None and numbers["rounds"] == 3
+    assert "aten::" in table
+
+
+def test_autotune_record_and_schema(tmp_path):
+    from bertfast.benchmarking.firstlight import _key_text, autotune_choices
+
+    assert _key_text(["HEAD_DIM", "seq_bucket"], (64, 128, "torch.bfloat16")) == (
+        "HEAD_DIM=64, seq_bucket=128, dtypes=(torch.bfloat16)"
+    )
+    assert isinstance(autotune_choices(), dict)
+    data = _result(
+        [_row("bertfast", 8.0)],
+        autotune={"attention._fwd_kernel": {"HEAD_DIM=64": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 4"}},
+        host={"bert-large-fwd bertfast 32x128": {"host_ms": 9.1, "gpu_busy_ms": 4.0, "note": "x", "kernels": None}},
+    )
+    path = schema.write_result(data, tmp_path)
+    assert schema.read_result(path)["autotune"]["attention._fwd_kernel"]
+    bad = dict(data, autotune={"attention._fwd_kernel": {"HEAD_DIM=64": 3}})
+    with pytest.raises(schema.ResultSchemaError, match="autotune"):
+        schema.validate(bad)
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_summary_lists_every_stage_and_the_output_stays_small(tmp_path):
+    """Out of time at once: every stage is still listed (skipped, with the reason), in at most 8 flat files."""
+    gpu_check = _gpu_check_module()
+    out, work = tmp_path / "out", tmp_path / "work"
+    status = gpu_check.main(["--dry-run", "--budget-s", "0", "--out", str(out), "--work", str(work)])
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == list(gpu_check.STAGES)
+    assert [s["stage"] for s in summary["stages"]] == ["a", "a", "b", "c", "d", "e"]
+    for stage in summary["stages"]:
+        assert stage["status"] == "skipped" and "out of time" in stage["reason"]
+        assert stage["estimate_s"] > 0
+    text = (out / "summary.txt").read_text()
+    for name in gpu_check.STAGES:
+        assert name in text
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.is_file() for f in files)
+    assert {f.name for f in files} <= set(gpu_check.OUTPUT_FILES)
+
