@@ -413,7 +413,8 @@ class Check:
     # -- stage b: smoke tests ----------------------------------------------------------------
     def stage_smoke(self, stage: dict) -> str:
         xml = self.work / "smoke.xml"
-        command = [self.python, "-m", "pytest", "tests/test_gpu_smoke.py", "-m", "gpu_smoke", "-q", "-rfEs"]
+        # -v: each test's verdict is in the log as it happens (the JUnit report only comes at the end).
+        command = [self.python, "-m", "pytest", "tests/test_gpu_smoke.py", "-m", "gpu_smoke", "-v", "-rfEs"]
         command += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
         rc = self.run(stage, "smoke tests", command, stage["timeout_s"])
         stage["numbers"].update(_junit_counts(xml))
@@ -461,7 +462,9 @@ class Check:
                 return "failed"
             log = self.work / "memcheck.txt"
             command = [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", f"--log-file={log}", *command]
-        rc = self.run(stage, "memcheck", command, stage["timeout_s"])
+        # Without PyTorch's caching allocator every tensor is its own allocation, so memcheck sees the bounds.
+        env = {**self.env, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+        rc = self.run(stage, "memcheck", command, stage["timeout_s"], env=env)
         log = self.work / "memcheck.txt"
         if log.exists():
             text = log.read_text(errors="replace")

@@ -170,7 +170,12 @@ class FirstLight:
         return self.deadline - time.monotonic()
 
     def case(self, identity: dict, build: Callable, plan: TimingPlan) -> dict | None:
-        """Build, check and time one case; a failure is recorded (as skipped, ``failed: ...``), never raised."""
+        """Build, check and time one case; a failure is recorded (as skipped, ``failed: ...``), never raised.
+
+        On a GPU the result file is rewritten after every case, so a run stopped from outside keeps it."""
+        if self.left_s() < 0 and not self.tiny:
+            self.skipped.append(skip_row_for(reason="out of time (the section ran past the budget)", **identity))
+            return None
         try:
             row = run_case(build(), plan=plan, peaks=self.peaks)
         except Skip as exc:
@@ -191,6 +196,8 @@ class FirstLight:
             flush=True,
         )
         self.rows.append(row)
+        if not self.tiny:
+            self.save()
         return row
 
     def skip_section(self, section: Section, reason: str) -> None:
