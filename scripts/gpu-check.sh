@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # First light on a GPU, inside a time budget: every GPU minute yields committed numbers.
 #
-#   scripts/gpu-check.sh [--budget-s N] [--triton-cache DIR] [--prebuilt-ext FILE] [--only STAGES]
+#   scripts/gpu-check.sh [--budget-s N] [--triton-cache DIR] [--prebuilt-ext FILE] [--commit SHA] [--only STAGES]
 #   scripts/gpu-check.sh --dry-run          # the same plan on the CPU at tiny sizes (CI, <= 60 s)
 #
 # Stages, in priority order, each with a time estimate on an H100 (a stage that would not fit

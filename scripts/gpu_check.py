@@ -88,6 +88,7 @@ class Check:
         self.triton_cache = args.triton_cache or os.environ.get("TRITON_CACHE_DIR")
         self.prebuilt_ext = args.prebuilt_ext or os.environ.get("BERTFAST_PREBUILT_EXT")
         self.only = set(args.only.split(",")) if args.only else None
+        self.commit = args.commit or os.environ.get("BERTFAST_COMMIT")
         self.log = open(self.out / "gpu-check.log", "a", encoding="utf-8", buffering=1)
         self.stages = [
             {
@@ -111,6 +112,8 @@ class Check:
         env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
         if self.triton_cache:
             env["TRITON_CACHE_DIR"] = str(Path(self.triton_cache).resolve())
+        if self.commit:
+            env["BERTFAST_COMMIT"] = self.commit
         if self.dry:
             env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU plan, even on a GPU machine
             env["TRITON_INTERPRET"] = "1"
@@ -134,6 +137,7 @@ class Check:
             "python": self.python,
             "triton_cache": self.triton_cache,
             "prebuilt_ext": self.prebuilt_ext,
+            "commit": self.commit,
             "stages": self.stages,
         }
         _write_atomic(self.out / "summary.json", json.dumps(data, indent=1) + "\n")
@@ -596,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default=None, help="comma list of stages to run (env,build,smoke,bench,sanitizer,rest)"
     )
     parser.add_argument("--python", default=None, help="the interpreter (default: this one)")
+    parser.add_argument(
+        "--commit",
+        default=None,
+        help="the commit recorded in result files where the tree has no .git ($BERTFAST_COMMIT)",
+    )
     args = parser.parse_args(argv)
     if args.only and not set(args.only.split(",")) <= set(STAGES):
         parser.error(f"--only takes stages from {', '.join(STAGES)}")
