@@ -438,10 +438,12 @@ class Check:
     # -- stage c: headline benchmarks --------------------------------------------------------
     def stage_bench(self, stage: dict) -> str:
         results, numbers = self.work / "results", self.work / "bench-numbers.json"
-        profile = self.work / "profile.txt"
+        # Straight into the output folder, so a run stopped from outside still brings them back.
+        profile, mirror = self.out / "profile.txt", self.out / "result.json"
         budget = max(10.0, stage["timeout_s"] - (10 if self.dry else 25))  # room to save and render
         command = [self.python, "-m", "bertfast.benchmarking.firstlight", "--results", str(results)]
         command += ["--budget-s", f"{budget:.0f}", "--profile", str(profile), "--numbers", str(numbers)]
+        command += ["--mirror", str(mirror)]
         command.append("--render")
         if self.dry:
             command.append("--tiny")
@@ -450,7 +452,6 @@ class Check:
             stage["numbers"].update(json.loads(numbers.read_text()))
         result = stage["numbers"].get("result_file")
         if result and Path(result).exists():
-            shutil.copy2(result, self.out / "result.json")
             folder = str(Path(result).parent)
             readme = Path(folder) / "README.md"
             if not readme.exists() or readme.stat().st_mtime < Path(result).stat().st_mtime:  # killed before it
@@ -459,8 +460,6 @@ class Check:
             if readme.exists():
                 shutil.copy2(readme, self.out / "bench-README.md")
             stage["numbers"]["result_file"] = str(Path(result).relative_to(self.work))
-        if profile.exists():
-            shutil.copy2(profile, self.out / "profile.txt")
         if rc == 124:
             return "timeout"
         return "ok" if rc == 0 else "failed"

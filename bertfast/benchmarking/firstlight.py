@@ -40,6 +40,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -137,7 +138,14 @@ class Section:
 
 class FirstLight:
     def __init__(
-        self, *, tiny: bool, budget_s: float, results: str, profile: str | None = None, numbers: str | None = None
+        self,
+        *,
+        tiny: bool,
+        budget_s: float,
+        results: str,
+        profile: str | None = None,
+        numbers: str | None = None,
+        mirror: str | None = None,
     ):
         self.tiny = tiny
         self.device = torch.device("cpu" if tiny else "cuda")
@@ -148,6 +156,7 @@ class FirstLight:
         self.results_root = results
         self.profile_path = profile
         self.numbers_path = numbers
+        self.mirror_path = mirror
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
         self.failed: list[str] = []
@@ -225,6 +234,10 @@ class FirstLight:
         if self.host:
             data["host"] = self.host
         self.path = write_result(data, self.results_root)
+        if self.mirror_path:  # a copy where a run stopped from outside still leaves it (replaced atomically)
+            tmp = f"{self.mirror_path}.tmp"
+            shutil.copyfile(self.path, tmp)
+            os.replace(tmp, self.mirror_path)
         self.write_numbers()
         return self.path
 
@@ -582,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=220.0, help="stop starting sections after this (default 220)")
     parser.add_argument("--profile", default=None, help="write the host probe's profiler tables here")
     parser.add_argument("--numbers", default=None, help="write the key numbers (JSON) here")
+    parser.add_argument("--mirror", default=None, help="also copy the result file here after every save")
     parser.add_argument("--tiny", action="store_true", help="the dry run: tiny sizes on the CPU, one call per case")
     parser.add_argument("--render", action="store_true", help="render the results folder (README, plots) at the end")
     args = parser.parse_args(argv)
@@ -589,7 +603,12 @@ def main(argv: list[str] | None = None) -> int:
         print("firstlight needs a CUDA GPU (or --tiny)", file=sys.stderr)
         return 2
     light = FirstLight(
-        tiny=args.tiny, budget_s=args.budget_s, results=args.results, profile=args.profile, numbers=args.numbers
+        tiny=args.tiny,
+        budget_s=args.budget_s,
+        results=args.results,
+        profile=args.profile,
+        numbers=args.numbers,
+        mirror=args.mirror,
     )
     status = light.run()
     light.write_numbers()
