@@ -961,3 +961,17 @@ def test_gpu_check_counts_verdicts_from_a_verbose_log(tmp_path):
     counts = gpu_check._verbose_counts(log)
     assert counts["passed"] == 1 and counts["failed"] == 1 and counts["skipped"] == 1
     assert counts["failed tests"] == ["tests/test_gpu_smoke.py::test_attention[fp16-512-ext-True]"]
+
+
+def test_first_light_skips_what_does_not_fit_and_still_writes_the_result(tmp_path):
+    from bertfast.benchmarking import firstlight
+
+    light = firstlight.FirstLight(tiny=True, budget_s=0, results=str(tmp_path), numbers=str(tmp_path / "n.json"))
+    light.tiny = False  # the GPU's rule: sections past the budget are skipped (the peaks always run)
+    assert light.run() == 0
+    data = schema.read_result(light.path)
+    assert data["results"] == [] and data["peaks"]["copy_gbps"] > 0
+    assert all(row["reason"].startswith("out of time") for row in data["skipped"])
+    sections = data["setup"]["sections"]
+    assert "peaks: " in sections and "training: skipped (out of time" in sections
+    assert json.loads((tmp_path / "n.json").read_text())["rows"] == 0

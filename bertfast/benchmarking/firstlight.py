@@ -393,6 +393,7 @@ class FirstLight:
                 print(f"[firstlight] skipping {section.name}: {reason}", flush=True)
                 self.sections[section.name] = "skipped (" + reason + ")"
                 self.skip_section(section, reason)
+                self.save()
                 continue
             began = time.monotonic()
             print(f"[firstlight] === {section.name} (about {estimate:.0f} s, {left:.0f} s left)", flush=True)
