@@ -948,7 +948,6 @@ def test_gpu_check_summary_lists_every_stage_and_the_output_stays_small(tmp_path
     assert {f.name for f in files} <= set(gpu_check.OUTPUT_FILES)
 
 
-
 def test_gpu_check_counts_verdicts_from_a_verbose_log(tmp_path):
     gpu_check = _gpu_check_module()
     log = tmp_path / "smoke.log"
@@ -975,3 +974,87 @@ def test_first_light_skips_what_does_not_fit_and_still_writes_the_result(tmp_pat
     sections = data["setup"]["sections"]
     assert "peaks: " in sections and "training: skipped (out of time" in sections
     assert json.loads((tmp_path / "n.json").read_text())["rows"] == 0
+
+
+def _gpu_check(tmp_path):
+    """A non-dry gpu-check driver on an imagined sm_90 GPU (its commands are replaced by the tests)."""
+    gpu_check = _gpu_check_module()
+    args = argparse.Namespace(
+        dry_run=False, budget_s=420, out=str(tmp_path / "out"), work=str(tmp_path / "work"), python=sys.executable,
+        triton_cache=None, prebuilt_ext=None, only=None, commit="abc1234",
+    )  # fmt: skip
+    check = gpu_check.Check(args)
+    check.capability = (9, 0)
+    return gpu_check, check
+
+
+def test_gpu_check_build_decisions(tmp_path, monkeypatch):
+    """Reuse what fits (installed, in the tree, carried), else build for this GPU's arch only."""
+    gpu_check, check = _gpu_check(tmp_path)
+    assert check.env["BERTFAST_COMMIT"] == "abc1234"
+    usable = {"installed": True, "built": True, "cuda_kernels": True, "cuda_archs": "9.0", "arch_reason": None}
+    commands = []
+
+    def fake_run(stage, name, command, timeout_s, env=None):
+        commands.append((name, command, dict(env or check.env)))
+        return 0
+
+    monkeypatch.setattr(check, "run", fake_run)
+    stage = {"name": "build", "numbers": {}, "timeout_s": 50}
+
+    check._state = usable
+    assert check._build_estimate() == gpu_check.REUSED_BUILD_S
+    assert check.stage_build(stage) == "ok" and commands == []
+    assert stage["numbers"]["action"] == "reused the installed build"
+
+    # Built for another arch, nothing to reuse: build for sm_90 alone.
+    check._state = dict(usable, arch_reason="built for 8.0 only")
+    states = iter([usable])
+    monkeypatch.setattr(check, "_build_state", lambda: next(states))
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)  # a tree without an extension in it
+    (tmp_path / "bertfast").mkdir()
+    assert check._build_estimate() == gpu_check.STAGES["build"][2]
+    assert check.stage_build(dict(stage, numbers={})) == "ok"
+    name, command, env = commands[-1]
+    assert "pip" in command and env["BERTFAST_CUDA"] == "1" and env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+    # Not installed, a carried extension: install without building, copy it in, check that it loads.
+    carried = tmp_path / "carried" / "_C.cpython-312-x86_64-linux-gnu.so"
+    carried.parent.mkdir()
+    carried.write_bytes(b"\0")
+    check.prebuilt_ext = str(carried)
+    check._state = {"installed": False}
+    states = iter([{"installed": True, "built": False}, usable])
+    commands.clear()
+    assert check._build_estimate() == gpu_check.REUSED_BUILD_S + 12
+    stage = dict(stage, numbers={})
+    assert check.stage_build(stage) == "ok"
+    assert [c[2].get("BERTFAST_BUILD_EXT") for c in commands] == ["0"]
+    assert (tmp_path / "bertfast" / carried.name).exists()
+    assert stage["numbers"]["action"].startswith("prebuilt extension")
+
+
+@pytest.mark.parametrize("budget, skipped", [(420, ["rest"]), (300, ["bench"]), (60, ["smoke", "bench", "sanitizer"])])
+def test_gpu_check_plan_on_a_gpu_budget(tmp_path, monkeypatch, budget, skipped):
+    """Stages run in order while their estimate fits; each keeps the later a-d estimates back; e takes the rest."""
+    gpu_check, check = _gpu_check(tmp_path)
+    check.budget_s = budget
+    check.deadline = check.started + budget
+    timeouts = {}
+    for name in gpu_check.STAGES:
+
+        def handler(stage, name=name):
+            timeouts[name] = stage["timeout_s"]
+            check.deadline -= stage["estimate_s"]  # as if it took its estimate
+            return "ok"
+
+        monkeypatch.setattr(check, f"stage_{name}", handler)
+    monkeypatch.setattr(check, "_build_estimate", lambda: gpu_check.REUSED_BUILD_S)
+    check.main()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    status = {s["name"]: s["status"] for s in summary["stages"]}
+    assert [name for name, s in status.items() if s == "skipped"] == skipped
+    if budget == 420:
+        assert timeouts["bench"] >= 220 and timeouts["sanitizer"] >= 60
+        assert timeouts["smoke"] <= budget - 220 - 60  # the bench and sanitizer estimates are kept back
+    assert len(list((tmp_path / "out").iterdir())) <= 8
