@@ -8,7 +8,7 @@
 # in what is left of the budget, default 420 s, is skipped and listed as skipped):
 #   a  env        nvidia-smi, `bertfast info`                                          ~10 s
 #   a  build      the CUDA build for this GPU's arch only (torch.cuda.get_device_capability);
-#                 reuses an installed build that has the arch, or a carried prebuilt   ~50 s (~8 s reused)
+#                 reuses an installed build with the arch, one in the tree, or a carried one  ~50 s (8-20 s reused)
 #   b  smoke      pytest -m gpu_smoke tests/test_gpu_smoke.py                           ~90 s
 #   c  bench      python -m bertfast.benchmarking.firstlight: headline rows, host probe,
 #                 autotune choices; result file rendered                               ~220 s
@@ -20,7 +20,9 @@
 #   as soon as it ends. Work files go to $GPU_CHECK_WORK (default: a temp folder).
 # A carried Triton cache: --triton-cache DIR or TRITON_CACHE_DIR; a carried extension built for this
 # torch: --prebuilt-ext bertfast/_C...so or BERTFAST_PREBUILT_EXT. Interpreter: $PYTHON (default:
-# .venv/bin/python if present, else python3). Exit status 1 if a stage failed or timed out.
+# .venv/bin/python if present, else python3). --commit SHA: the commit recorded in the result file when the
+# tree has no .git. Exit status 1 if a stage failed or timed out (stage e stopped by the budget is its
+# normal end); a dry run also fails when a stage did not fit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
