@@ -555,14 +555,18 @@ def key_numbers(rows, peaks, host, failed, skipped: int, path) -> dict:
     out: dict = {"result_file": path, "rows": len(rows), "skipped_rows": skipped, "failed": failed[:20]}
     if peaks:
         out["peaks"] = {k: round(v, 1) for k, v in peaks.items()}
-    forward = {}
+    forward, spread = {}, {}
     for r in rows:
         if r["name"].startswith("bert-") and r["name"].endswith("-fwd") and "lengths" not in r:
             shape = f"{r['batch']}x{r['seq']}"
             forward.setdefault(shape, {})[r["impl"]] = round(r["median_ms"], 3)
+            if "p20_ms" in r:
+                spread.setdefault(shape, {})[r["impl"]] = [round(r["p20_ms"], 3), round(r["p80_ms"], 3)]
     for shape, table in forward.items():
         base = table.get("hf-sdpa")
         out[f"fwd {shape} ms"] = table
+        if shape in spread:
+            out[f"fwd {shape} p20-p80 ms"] = spread[shape]
         if base:
             out[f"fwd {shape} speed-up vs hf-sdpa"] = {k: round(base / v, 2) for k, v in table.items()}
     train = {
