@@ -153,6 +153,10 @@ class Check:
                 f"{s['title']}" + (f": {s['reason']}" if s.get("reason") else "")
             )
             for key, value in s["numbers"].items():
+                if isinstance(value, dict) and len(json.dumps(value)) > 160:  # one line per entry
+                    lines.append(f"     {key}:")
+                    lines += [f"       {k}: {json.dumps(v)[:300]}" for k, v in value.items()]
+                    continue
                 text = json.dumps(value) if not isinstance(value, str) else value
                 lines.append(f"     {key}: {text[:2000]}")
         _write_atomic(self.out / "summary.txt", "\n".join(lines) + "\n")
