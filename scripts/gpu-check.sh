@@ -1,52 +1,31 @@
 #!/usr/bin/env bash
-# Everything a GPU machine checks, in one call (a GPU is rare: use it fully).
+# First light on a GPU, inside a time budget: every GPU minute yields committed numbers.
 #
-#   scripts/gpu-check.sh [extra bench/run_gpu.sh arguments]
+#   scripts/gpu-check.sh [--budget-s N] [--triton-cache DIR] [--prebuilt-ext FILE] [--commit SHA] [--only STAGES]
+#   scripts/gpu-check.sh --dry-run          # the same plan on the CPU at tiny sizes (CI, <= 60 s)
 #
-# 1. builds bertfast with its CUDA kernels (BERTFAST_CUDA=1: fails if they cannot be built);
-# 2. `bertfast info`;
-# 3. the whole test suite on the GPU (compiled Triton kernels, CUDA kernels, bf16, CUDA graphs);
-# 4. the extension's tests under compute-sanitizer, memcheck and racecheck;
-# 5. the benchmark suite (bench/run_gpu.sh: result file, README and plots under
-#    bench/results/<gpu>/, compared with the previous run).
-# Logs go to $GPU_CHECK_OUT (default gpu-check/), with a summary.txt of each step's exit status.
-# Steps after a failure still run; the exit status is 1 if any step failed.
+# Stages, in priority order, each with a time estimate on an H100 (a stage that would not fit
+# in what is left of the budget, default 420 s, is skipped and listed as skipped):
+#   a  env        nvidia-smi, `bertfast info`                                          ~10 s
+#   a  build      the CUDA build for this GPU's arch only (torch.cuda.get_device_capability);
+#                 reuses an installed build with the arch, one in the tree, or a carried one  ~50 s (8-20 s reused)
+#   b  smoke      pytest -m gpu_smoke tests/test_gpu_smoke.py                           ~90 s
+#   c  bench      python -m bertfast.benchmarking.firstlight: headline rows, host probe,
+#                 autotune choices; result file rendered                               ~220 s
+#   d  sanitizer  compute-sanitizer memcheck of python -m bertfast.benchmarking.launch_all  ~60 s
+#   e  rest       the rest of the tests, then bench/run_gpu.sh --bench-quick, until the budget ends
+# Output folder: $GPU_CHECK_OUT (default gpu-check/, or --out), at most 7 files, no subfolders:
+#   summary.json, summary.txt, gpu-check.log, artifacts.tar.gz (logs, JUnit XML, results/<gpu>/ with the
+#   rendered README and plots), result.json, bench-README.md, profile.txt. Each stage's files land there
+#   as soon as it ends. Work files go to $GPU_CHECK_WORK (default: a temp folder).
+# A carried Triton cache: --triton-cache DIR or TRITON_CACHE_DIR; a carried extension built for this
+# torch: --prebuilt-ext bertfast/_C...so or BERTFAST_PREBUILT_EXT. Interpreter: $PYTHON (default:
+# .venv/bin/python if present, else python3). --commit SHA: the commit recorded in the result file when the
+# tree has no .git. Exit status 1 if a stage failed or timed out (stage e stopped by the budget is its
+# normal end); a dry run also fails when a stage did not fit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
-OUT="${GPU_CHECK_OUT:-gpu-check}"
-mkdir -p "$OUT"
-: > "$OUT/summary.txt"
-if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "scripts/gpu-check.sh needs a CUDA GPU" >&2
-    exit 2
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=$(command -v python3 || command -v python); fi
 fi
-
-failed=0
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record the exit status
-    local name=$1
-    shift
-    local started=$(date +%s)
-    echo "[gpu-check] $name"
-    "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "$name: exit $rc in $(( $(date +%s) - started )) s" | tee -a "$OUT/summary.txt"
-    [ "$rc" -eq 0 ] || failed=1
-    return 0
-}
-
-step build env BERTFAST_CUDA=1 "$PYTHON" -m pip install -v -e . --no-deps --no-build-isolation
-step info "$PYTHON" -m bertfast.cli info
-step tests "$PYTHON" -m pytest tests -q -rs --junitxml="$OUT/tests.xml"
-if command -v compute-sanitizer > /dev/null; then
-    for tool in memcheck racecheck; do
-        step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
-            "$PYTHON" -m pytest tests/test_ext_ops.py -q -k cuda
-    done
-else
-    echo "sanitizer: compute-sanitizer not found" | tee -a "$OUT/summary.txt"
-    failed=1
-fi
-step bench bench/run_gpu.sh "$@"
-cat "$OUT/summary.txt"
-exit "$failed"
+exec "$PYTHON" scripts/gpu_check.py --python "$PYTHON" "$@"

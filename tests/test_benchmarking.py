@@ -759,3 +759,302 @@ def test_bench_command_fails_loudly_on_a_mismatch(broken_backend, capsys):
 def test_bench_command_rejects_unknown_backend(capsys):
     assert command.run(_bench_args("--backends", "cudnn", "--plain")) == 2
     assert "unknown backend 'cudnn'" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# Compiled baselines must run compiled code
+
+
+def _recompile_limit_patch(limit: int):
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return torch._dynamo.config.patch(**{name: limit})
+
+
+def test_compiled_function_has_a_cache_of_its_own():
+    from bertfast.benchmarking.cases import CompiledFunction
+
+    def f(x):
+        return torch.sin(x) * 2
+
+    # More compiled baselines of one function than Dynamo's recompile limit: each keeps its own cache.
+    with _recompile_limit_patch(2):
+        for n in range(5):
+            compiled = CompiledFunction(f, backend="eager", name="f")
+            compiled(torch.randn(3 + n))
+            compiled(torch.randn(3 + n))
+            compiled.check()
+            assert compiled.calls == 2 and compiled.eager_calls == 0
+
+
+def test_a_compiled_baseline_that_falls_back_to_eager_fails_its_row():
+    from bertfast.benchmarking.cases import Case, CompiledFunction, NotCompiled
+
+    def f(x):
+        return x * 2 + 1
+
+    # Past the recompile limit Dynamo runs the Python: the check must notice it.
+    compiled = CompiledFunction(f, backend="eager", fullgraph=False, name="f")
+    sets = [(torch.randn(3),), (torch.randn(4),), (torch.randn(5),)]
+    case = Case(
+        name="op-fwd",
+        impl="torch-compile",
+        dtype="fp32",
+        batch=1,
+        seq=1,
+        device=torch.device("cpu"),
+        fn=compiled,
+        input_sets=sets,
+        check_compiled=compiled.check,
+    )
+    with _recompile_limit_patch(1), pytest.raises(NotCompiled, match="ran as eager Python"):
+        run_case(case, plan=SMOKE_PLAN_FOR_TESTS)
+    # With fullgraph (the default) Dynamo refuses outright: the row fails too.
+    strict = CompiledFunction(f, backend="eager", name="f")
+    with _recompile_limit_patch(1), pytest.raises(Exception):  # noqa: B017
+        for (x,) in sets:
+            strict(x)
+    # Compilation disabled: every call is eager.
+    with torch._dynamo.config.patch(disable=True):
+        off = CompiledFunction(f, backend="eager", fullgraph=False, name="f")
+        off(torch.randn(3))
+    with pytest.raises(NotCompiled):
+        off.check()
+
+
+SMOKE_PLAN_FOR_TESTS = TimingPlan(min_warmup=1, warmup_ms=0.0, target_ms=0.0, min_rounds=3, max_rounds=3)
+
+
+def test_torch_compile_kernel_rows_compile_once_per_case():
+    shape = shapes.SMOKE_ATTENTION_SHAPES[0]
+    # More cases of one op than the recompile limit: every one of them runs compiled code.
+    with _recompile_limit_patch(2):
+        for op in ("attention", "attention-nomask", "attention", "attention-nomask"):
+            for direction in ("fwd", "bwd"):
+                case = kernel_case(op, "torch-compile", "fp32", shape, direction, torch.device("cpu"), smoke=True)
+                assert case.check_compiled is not None
+                row = run_case(case, plan=SMOKE_PLAN_FOR_TESTS)
+                assert row["max_error"] < 1e-5
+
+
+def test_hf_compile_checks_that_it_ran_compiled(tiny_bench):
+    pytest.importorskip("transformers")
+    shape = shapes.ModelShape(2, 13)
+    case = tiny_bench.forward_case("hf-compile", "fp32", shape)
+    assert case.check_compiled is not None
+    run_case(case, plan=SMOKE_PLAN_FOR_TESTS)
+    (compiled,) = tiny_bench.hf_compiled("fp32")._bench_compiled
+    assert compiled.calls > 0 and compiled.eager_calls == 0
+    compiled.eager_calls = 1  # as if Dynamo had fallen back
+    with pytest.raises(Exception, match="eager Python"):
+        case.check_compiled()
+
+
+def test_forced_sdpa_backends_run_or_skip_with_torchs_reason():
+    shape = shapes.SMOKE_ATTENTION_SHAPES[0]
+    for impl in ("torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn"):
+        try:
+            case = kernel_case("attention-nomask", impl, "fp32", shape, "fwd", torch.device("cpu"), smoke=True)
+        except Skip as exc:
+            assert str(exc)
+            continue
+        assert run_case(case, plan=SMOKE_PLAN_FOR_TESTS)["max_error"] < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# First light: the headline plan, the host probe, the autotune record, gpu-check's summary
+
+
+def test_first_light_numbers_and_skipped_sections(tmp_path):
+    from bertfast.benchmarking import firstlight
+
+    light = firstlight.FirstLight(tiny=True, budget_s=100, results=str(tmp_path))
+    names = [section.name for section in light.plan()]
+    assert names[:3] == ["peaks", "forward 2x13", "host probe"]
+    for section in light.plan()[1:]:
+        if section.name == "host probe":
+            continue
+        assert light.identities(section.name), section.name
+    light.skip_section(light.plan()[-1], "out of time")
+    assert all(row["reason"] == "out of time" for row in light.skipped)
+    assert {row["lengths"] for row in light.skipped} == {d.name for d in shapes.LENGTH_DISTRIBUTIONS}
+    rows = [
+        {"name": "bert-large-fwd", "impl": "hf-sdpa", "batch": 32, "seq": 128, "median_ms": 10.0},
+        {"name": "bert-large-fwd", "impl": "bertfast", "batch": 32, "seq": 128, "median_ms": 5.0},
+        {"name": "attention-fwd", "impl": "bertfast-triton", "batch": 32, "seq": 128, "median_ms": 1.0, "tflops": 9.5},
+    ]
+    numbers = firstlight.key_numbers(rows, {"bf16_matmul_tflops": 700.0, "copy_gbps": 3000.0}, {}, [], 0, None)
+    assert numbers["fwd 32x128 speed-up vs hf-sdpa"] == {"hf-sdpa": 1.0, "bertfast": 2.0}
+    assert "attention-fwd 32x128 bertfast-triton TFLOP/s" in numbers["kernels"]
+
+
+def test_host_probe_on_the_cpu():
+    from bertfast.benchmarking.firstlight import host_probe
+
+    w = torch.randn(64, 64)
+    numbers, table = host_probe(lambda x: torch.relu(x @ w), (torch.randn(8, 64),), torch.device("cpu"), rounds=3)
+    assert numbers["host_ms"] > 0 and numbers["wall_ms"] >= numbers["host_ms"] * 0.5
+    assert numbers["gpu_busy_ms"] is None and numbers["rounds"] == 3
+    assert "aten::" in table
+
+
+def test_autotune_record_and_schema(tmp_path):
+    from bertfast.benchmarking.firstlight import _key_text, autotune_choices
+
+    assert _key_text(["HEAD_DIM", "seq_bucket"], (64, 128, "torch.bfloat16")) == (
+        "HEAD_DIM=64, seq_bucket=128, dtypes=(torch.bfloat16)"
+    )
+    assert isinstance(autotune_choices(), dict)
+    data = _result(
+        [_row("bertfast", 8.0)],
+        autotune={"attention._fwd_kernel": {"HEAD_DIM=64": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 4"}},
+        host={"bert-large-fwd bertfast 32x128": {"host_ms": 9.1, "gpu_busy_ms": 4.0, "note": "x", "kernels": None}},
+    )
+    path = schema.write_result(data, tmp_path)
+    assert schema.read_result(path)["autotune"]["attention._fwd_kernel"]
+    bad = dict(data, autotune={"attention._fwd_kernel": {"HEAD_DIM=64": 3}})
+    with pytest.raises(schema.ResultSchemaError, match="autotune"):
+        schema.validate(bad)
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_summary_lists_every_stage_and_the_output_stays_small(tmp_path):
+    """Out of time at once: every stage is still listed (skipped, with the reason), in at most 8 flat files."""
+    gpu_check = _gpu_check_module()
+    out, work = tmp_path / "out", tmp_path / "work"
+    status = gpu_check.main(["--dry-run", "--budget-s", "0", "--out", str(out), "--work", str(work)])
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == list(gpu_check.STAGES)
+    assert [s["stage"] for s in summary["stages"]] == ["a", "a", "b", "c", "d", "e"]
+    for stage in summary["stages"]:
+        assert stage["status"] == "skipped" and "out of time" in stage["reason"]
+        assert stage["estimate_s"] > 0
+    text = (out / "summary.txt").read_text()
+    for name in gpu_check.STAGES:
+        assert name in text
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.is_file() for f in files)
+    assert {f.name for f in files} <= set(gpu_check.OUTPUT_FILES)
+
+
+def test_gpu_check_counts_verdicts_from_a_verbose_log(tmp_path):
+    gpu_check = _gpu_check_module()
+    log = tmp_path / "smoke.log"
+    log.write_text(
+        "tests/test_gpu_smoke.py::test_layer_norm[bf16-128-triton] PASSED [  1%]\n"
+        "tests/test_gpu_smoke.py::test_attention[fp16-512-ext-True] FAILED [  2%]\n"
+        "tests/test_gpu_smoke.py::test_cuda_graph_capture_and_replay SKIPPED (no GPU) [  3%]\n"
+        "some other line PASSED\n"
+    )
+    counts = gpu_check._verbose_counts(log)
+    assert counts["passed"] == 1 and counts["failed"] == 1 and counts["skipped"] == 1
+    assert counts["failed tests"] == ["tests/test_gpu_smoke.py::test_attention[fp16-512-ext-True]"]
+
+
+def test_first_light_skips_what_does_not_fit_and_still_writes_the_result(tmp_path):
+    from bertfast.benchmarking import firstlight
+
+    light = firstlight.FirstLight(tiny=True, budget_s=0, results=str(tmp_path), numbers=str(tmp_path / "n.json"))
+    light.tiny = False  # the GPU's rule: sections past the budget are skipped (the peaks always run)
+    assert light.run() == 0
+    data = schema.read_result(light.path)
+    assert data["results"] == [] and data["peaks"]["copy_gbps"] > 0
+    assert all(row["reason"].startswith("out of time") for row in data["skipped"])
+    sections = data["setup"]["sections"]
+    assert "peaks: " in sections and "training: skipped (out of time" in sections
+    assert json.loads((tmp_path / "n.json").read_text())["rows"] == 0
+
+
+def _gpu_check(tmp_path):
+    """A non-dry gpu-check driver on an imagined sm_90 GPU (its commands are replaced by the tests)."""
+    gpu_check = _gpu_check_module()
+    args = argparse.Namespace(
+        dry_run=False, budget_s=420, out=str(tmp_path / "out"), work=str(tmp_path / "work"), python=sys.executable,
+        triton_cache=None, prebuilt_ext=None, only=None, commit="abc1234",
+    )  # fmt: skip
+    check = gpu_check.Check(args)
+    check.capability = (9, 0)
+    return gpu_check, check
+
+
+def test_gpu_check_build_decisions(tmp_path, monkeypatch):
+    """Reuse what fits (installed, in the tree, carried), else build for this GPU's arch only."""
+    gpu_check, check = _gpu_check(tmp_path)
+    assert check.env["BERTFAST_COMMIT"] == "abc1234"
+    usable = {"installed": True, "built": True, "cuda_kernels": True, "cuda_archs": "9.0", "arch_reason": None}
+    commands = []
+
+    def fake_run(stage, name, command, timeout_s, env=None):
+        commands.append((name, command, dict(env or check.env)))
+        return 0
+
+    monkeypatch.setattr(check, "run", fake_run)
+    stage = {"name": "build", "numbers": {}, "timeout_s": 50}
+
+    check._state = usable
+    assert check._build_estimate() == gpu_check.REUSED_BUILD_S
+    assert check.stage_build(stage) == "ok" and commands == []
+    assert stage["numbers"]["action"] == "reused the installed build"
+
+    # Built for another arch, nothing to reuse: build for sm_90 alone.
+    check._state = dict(usable, arch_reason="built for 8.0 only")
+    states = iter([usable])
+    monkeypatch.setattr(check, "_build_state", lambda: next(states))
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)  # a tree without an extension in it
+    (tmp_path / "bertfast").mkdir()
+    assert check._build_estimate() == gpu_check.STAGES["build"][2]
+    assert check.stage_build(dict(stage, numbers={})) == "ok"
+    name, command, env = commands[-1]
+    assert "pip" in command and env["BERTFAST_CUDA"] == "1" and env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+    # Not installed, a carried extension: install without building, copy it in, check that it loads.
+    carried = tmp_path / "carried" / "_C.cpython-312-x86_64-linux-gnu.so"
+    carried.parent.mkdir()
+    carried.write_bytes(b"\0")
+    check.prebuilt_ext = str(carried)
+    check._state = {"installed": False}
+    states = iter([{"installed": True, "built": False}, usable])
+    commands.clear()
+    assert check._build_estimate() == gpu_check.REUSED_BUILD_S + 12
+    stage = dict(stage, numbers={})
+    assert check.stage_build(stage) == "ok"
+    assert [c[2].get("BERTFAST_BUILD_EXT") for c in commands] == ["0"]
+    assert (tmp_path / "bertfast" / carried.name).exists()
+    assert stage["numbers"]["action"].startswith("prebuilt extension")
+
+
+@pytest.mark.parametrize("budget, skipped", [(420, ["rest"]), (300, ["bench"]), (60, ["smoke", "bench", "sanitizer"])])
+def test_gpu_check_plan_on_a_gpu_budget(tmp_path, monkeypatch, budget, skipped):
+    """Stages run in order while their estimate fits; each keeps the later a-d estimates back; e takes the rest."""
+    gpu_check, check = _gpu_check(tmp_path)
+    check.budget_s = budget
+    check.deadline = check.started + budget
+    timeouts = {}
+    for name in gpu_check.STAGES:
+
+        def handler(stage, name=name):
+            timeouts[name] = stage["timeout_s"]
+            check.deadline -= stage["estimate_s"]  # as if it took its estimate
+            return "ok"
+
+        monkeypatch.setattr(check, f"stage_{name}", handler)
+    monkeypatch.setattr(check, "_build_estimate", lambda: gpu_check.REUSED_BUILD_S)
+    check.main()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    status = {s["name"]: s["status"] for s in summary["stages"]}
+    assert [name for name, s in status.items() if s == "skipped"] == skipped
+    if budget == 420:
+        assert timeouts["bench"] >= 220 and timeouts["sanitizer"] >= 60
+        assert timeouts["smoke"] <= budget - 220 - 60  # the bench and sanitizer estimates are kept back
+    assert len(list((tmp_path / "out").iterdir())) <= 8

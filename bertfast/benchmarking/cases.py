@@ -9,6 +9,7 @@ a result row (see :mod:`bertfast.benchmarking.schema`).
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,8 @@ class Case:
     note: str | None = None
     tokens: float | None = None  # real (non-padding) tokens per call, averaged over the input sets
     lengths: str | None = None  # the length distribution of a padding-free row
+    # Compiled baselines: raises NotCompiled if any call of the case ran eagerly (checked after timing).
+    check_compiled: Callable[[], None] | None = None
 
 
 def skip_row_for(name, impl, dtype, batch, seq, reason, shape=None, lengths=None) -> dict:
@@ -75,6 +78,8 @@ def run_case(case: Case, *, plan: TimingPlan, peaks: dict[str, float] | None = N
         )
     else:
         timing = measure(case.fn, case.input_sets, device=case.device, plan=plan, prepare=case.prepare, timer=timer)
+    if case.check_compiled is not None:
+        case.check_compiled()  # a compiled baseline that fell back to eager fails its row
     peak_mem_mb = None
     if cuda:
         resident = case.resident_bytes() if callable(case.resident_bytes) else case.resident_bytes
@@ -109,3 +114,76 @@ def compile_backend(device: torch.device, smoke: bool = False) -> str:
 
 def compile_note(backend: str) -> str | None:
     return None if backend == "inductor" else f"torch.compile backend={backend} (smoke run)"
+
+
+# --- compiled baselines that prove they ran compiled ------------------------------------------
+
+
+class NotCompiled(RuntimeError):
+    """A compiled baseline ran (some of) its calls as eager Python: its timing would be a lie."""
+
+
+def _fresh_function(fn: Callable) -> Callable:
+    """A copy of ``fn`` with a code object of its own.
+
+    Dynamo keeps its compiled variants per code object, and its recompile limit counts them
+    there: every ``torch.compile`` of the same function (or of closures made by one ``def``)
+    shares that budget, and past it Dynamo silently runs the Python.  A fresh code object gives
+    each compiled baseline its own cache.
+    """
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    return copy
+
+
+class CompiledFunction:
+    """``torch.compile(fn)`` with its own Dynamo cache, which knows whether its calls ran compiled.
+
+    The compiled body starts with ``if not torch.compiler.is_compiling(): eager_calls += 1``.
+    While Dynamo traces, ``is_compiling()`` is true, so the compiled graph contains no such
+    step; when Dynamo falls back to running the Python (recompile limit reached, a skipped
+    frame, compilation disabled), the counter goes up.  :meth:`check` raises
+    :class:`NotCompiled` then.  ``fullgraph=True`` (the default) makes a graph break an error
+    at compile time instead of a silent split.
+    """
+
+    def __init__(self, fn: Callable, *, backend: str, dynamic: bool | None = False, fullgraph: bool = True, name=None):
+        self.name = name or getattr(fn, "__qualname__", repr(fn))
+        self.calls = 0
+        self.eager_calls = 0
+        state = self
+
+        def compiled_body(*args, **kwargs):
+            if not torch.compiler.is_compiling():
+                state.eager_calls += 1
+            return fn(*args, **kwargs)
+
+        self._compiled = torch.compile(
+            _fresh_function(compiled_body), backend=backend, dynamic=dynamic, fullgraph=fullgraph
+        )
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._compiled(*args, **kwargs)
+
+    def check(self) -> None:
+        """Raise :class:`NotCompiled` if any call so far ran as eager Python."""
+        if self.eager_calls:
+            raise NotCompiled(
+                f"{self.name}: {self.eager_calls} of {self.calls} calls ran as eager Python, not compiled code "
+                "(Dynamo fell back: recompile limit reached, frame skipped or compilation disabled)"
+            )
+
+
+def check_all_compiled(functions) -> Callable[[], None]:
+    """A ``Case.check_compiled`` over several compiled functions (e.g. one per layer)."""
+    functions = list(functions)
+
+    def check() -> None:
+        for function in functions:
+            function.check()
+        if functions and not any(f.calls for f in functions):
+            raise NotCompiled(f"none of the compiled functions ({functions[0].name}, ...) was ever called")
+
+    return check

@@ -8,13 +8,20 @@
                        bertfast-<backend>          torch-gelu (F.gelu(x + bias)), torch-compile
     attention          key-padding mask (see shapes.PADDING_DISTRIBUTION), q/k/v strided views of one QKV buffer
                        bertfast-<backend>          torch-sdpa (same mask), torch-sdpa-nomask (same shapes, no mask:
-                                                   the fastest PyTorch kernel), torch-compile
-    attention-nomask   no mask                     torch-sdpa, torch-compile
+                                                   the fastest PyTorch kernel), torch-sdpa-<backend> (one SDPA
+                                                   backend forced: flash, efficient, cudnn), torch-compile
+    attention-nomask   no mask                     torch-sdpa, torch-sdpa-<backend>, torch-compile
     attention-varlen   the padded batch packed (no padding computed)
                        bertfast-<backend>
 
 Each in ``fwd`` and ``bwd`` (the backward alone: the forward runs untimed in the round's
 set-up; every gradient is computed).  Rows are named ``<op>-<direction>``.
+``torch-sdpa-<backend>`` runs under ``torch.nn.attention.sdpa_kernel`` with that backend
+only; a backend that cannot run the case here (no such kernel in this torch, a mask the
+flash kernel does not take) is recorded as skipped with PyTorch's reason.
+``torch-compile`` compiles the reference op once per case (``dynamic=False``, ``fullgraph``,
+its own Dynamo cache: :class:`~bertfast.benchmarking.cases.CompiledFunction`), and the row
+fails if any call ran as eager Python instead of the compiled code.
 Memory-bound ops report GB/s, attention TFLOP/s (:mod:`bertfast.benchmarking.formulas`);
 ``max_error`` is the max abs error against the op's reference in float64 (the max over
 all gradients for ``bwd``).
@@ -28,7 +35,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import reference
 from . import formulas
-from .cases import Case, Skip, compile_backend, compile_note, tensor_bytes, unavailable
+from .cases import Case, CompiledFunction, Skip, compile_backend, compile_note, tensor_bytes, unavailable
 from .device import DTYPES
 from .shapes import key_padding_mask, padded_lengths
 from .timing import input_set_count
@@ -36,11 +43,14 @@ from .timing import input_set_count
 EPS = 1e-12
 DIRECTIONS = ("fwd", "bwd")
 BERTFAST_IMPLS = tuple(f"bertfast-{name}" for name in ops.BACKENDS)
+# SDPA backends forced one at a time (torch.nn.attention.SDPBackend member names).
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+SDPA_BACKEND_IMPLS = tuple(f"torch-sdpa-{name}" for name in SDPA_BACKENDS)
 KERNEL_IMPLS = {
     "layernorm": BERTFAST_IMPLS + ("torch-layernorm", "torch-compile"),
     "bias-gelu": BERTFAST_IMPLS + ("torch-gelu", "torch-compile"),
-    "attention": BERTFAST_IMPLS + ("torch-sdpa", "torch-sdpa-nomask", "torch-compile"),
-    "attention-nomask": BERTFAST_IMPLS + ("torch-sdpa", "torch-compile"),
+    "attention": BERTFAST_IMPLS + ("torch-sdpa", "torch-sdpa-nomask") + SDPA_BACKEND_IMPLS + ("torch-compile",),
+    "attention-nomask": BERTFAST_IMPLS + ("torch-sdpa",) + SDPA_BACKEND_IMPLS + ("torch-compile",),
     "attention-varlen": BERTFAST_IMPLS,
 }
 # The name each op has in bertfast.ops (for backend support checks).
@@ -125,11 +135,58 @@ def _torch_sdpa_nomask(qkv, keep):
     return _torch_sdpa(qkv, None)
 
 
+def _sdpa_backend(name: str):
+    """``(torch.nn.attention.sdpa_kernel, SDPBackend member)`` for a backend name, or a reason it is missing."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as exc:
+        return None, f"torch.nn.attention is missing in torch {torch.__version__} ({exc})"
+    member = getattr(SDPBackend, SDPA_BACKENDS[name], None)
+    if member is None:
+        return None, f"torch {torch.__version__} has no SDPA backend {SDPA_BACKENDS[name]}"
+    return (sdpa_kernel, member), None
+
+
+def _torch_sdpa_forced(name: str):
+    found, reason = _sdpa_backend(name)
+    if found is None:
+        raise Skip(reason)
+    sdpa_kernel, member = found
+
+    def forced(qkv, keep):
+        with sdpa_kernel([member]):
+            return _torch_sdpa(qkv, keep)
+
+    return forced
+
+
+def _sdpa_reason(fn, inputs: tuple) -> str | None:
+    """Run a forced SDPA backend once: ``None`` if it runs, else PyTorch's reason (with its warnings)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with torch.no_grad():
+                fn(*inputs)
+        except RuntimeError as exc:
+            text = str(exc).lower()
+            if not any(k in text for k in ("available kernel", "viable backend", "not supported")):
+                raise
+            why = "; ".join(dict.fromkeys(str(w.message).strip() for w in caught))[:400]
+            return f"{str(exc).strip()}" + (f" ({why})" if why else "")
+    return None
+
+
 def _impl_fn(op: str, impl: str, compiler: str):
     if impl.startswith("bertfast-"):
         return _bertfast_fn(op, impl.removeprefix("bertfast-"))
     if impl == "torch-compile":
-        return torch.compile(REFERENCE[op], dynamic=False, backend=compiler)
+        # One compile per case, with a cache of its own: shared by every case, the reference op's
+        # variants (dtypes x shapes x mask x grad mode) pass Dynamo's recompile limit and run eagerly.
+        return CompiledFunction(REFERENCE[op], backend=compiler, dynamic=False, name=f"torch.compile({op})")
+    if impl in SDPA_BACKEND_IMPLS:
+        return _torch_sdpa_forced(impl.removeprefix("torch-sdpa-"))
     table = {
         ("layernorm", "torch-layernorm"): _torch_layer_norm,
         ("bias-gelu", "torch-gelu"): _torch_gelu,
@@ -279,6 +336,10 @@ def kernel_case(
         raise Skip(reason)
     compiler = compile_backend(device, smoke)
     fn = _impl_fn(op, impl, compiler)
+    if impl in SDPA_BACKEND_IMPLS:
+        reason = _sdpa_reason(fn, first)
+        if reason is not None:
+            raise Skip(reason)
     elem = first[0].element_size()
 
     def grad_for(inputs):
@@ -334,6 +395,7 @@ def kernel_case(
         shape=label,
         max_error=max_error,
         note=note,
+        check_compiled=fn.check if isinstance(fn, CompiledFunction) else None,
     )
 
 

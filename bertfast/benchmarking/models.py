@@ -10,12 +10,16 @@
     bertfast-amp             bertfast with float32 weights under torch.autocast (training rows)
     hf-eager                 transformers.BertModel, attn_implementation="eager"
     hf-sdpa                  transformers.BertModel, attn_implementation="sdpa"
+    bertfast-triton-padded   bertfast on the Triton backend, set_unpad(False): the padded path
     hf-compile               the hf-sdpa model with each encoder layer torch.compile'd (regional
                              compilation: one compiled layer serves all 24, so compiling takes
-                             seconds rather than minutes; the embeddings and pooler stay eager)
+                             seconds rather than minutes; the embeddings and pooler stay eager);
+                             fullgraph, once per shape (dynamic=False), with a Dynamo cache of its
+                             own per model, and the row fails if a call ran eagerly
     hf-sdpa-patched          the hf-sdpa model after bertfast.patch(model) (the drop-in path: Hugging
                              Face's modules and weights, bertfast's compute)
-    hf-sdpa-patched-compile  torch.compile(dynamic=True) of the whole patched model
+    hf-sdpa-patched-compile  torch.compile(dynamic=True) of the whole patched model (graph breaks
+                             allowed; the row fails if the model's own forward ran eagerly)
     hf-sdpa-amp              hf-sdpa with float32 weights under torch.autocast: how Hugging Face models
                              are usually trained (fp32 master weights and AdamW state, bf16 compute)
     hf-compile-amp           hf-compile with float32 weights under torch.autocast
@@ -49,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import zlib
 from collections.abc import Callable
 
@@ -58,7 +63,7 @@ from .. import ops
 from ..config import BertConfig
 from ..modeling import BertForMaskedLM, BertModel
 from . import formulas
-from .cases import Case, Skip, compile_backend, compile_note, unavailable
+from .cases import Case, CompiledFunction, Skip, check_all_compiled, compile_backend, compile_note, unavailable
 from .device import DTYPES
 from .shapes import LengthDistribution, ModelShape, key_padding_mask, model_label, padded_lengths, varlen_lengths
 
@@ -97,6 +102,7 @@ class ImplSpec:
 IMPLS = {
     "bertfast": ImplSpec("bertfast"),
     "bertfast-padded": ImplSpec("bertfast", unpad=False),
+    "bertfast-triton-padded": ImplSpec("bertfast", backend="triton", unpad=False),
     # The runner always replays the padded path (graphs need fixed shapes); eager warm-up matches it.
     "bertfast-cudagraph": ImplSpec("bertfast", unpad=False, cuda_graph=True),
     "bertfast-amp": ImplSpec("bertfast", amp=True),
@@ -182,6 +188,37 @@ def _under_autocast(forward: Callable, device: torch.device, dtype: torch.dtype)
             return forward(*args)
 
     return run
+
+
+def _run_layer(layer: torch.nn.Module, *args, **kwargs):
+    """One encoder layer's own forward (the body each ``hf-compile`` model compiles once)."""
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+def _run_model(model: torch.nn.Module, *args, **kwargs):
+    return model(*args, **kwargs)
+
+
+class _CompiledModel(torch.nn.Module):
+    """``model`` called through a :class:`CompiledFunction` (the whole-model compile of a row)."""
+
+    def __init__(self, model: torch.nn.Module, compiled: CompiledFunction):
+        super().__init__()
+        self.model = model
+        self._bench_compiled = [compiled]
+
+    def forward(self, *args, **kwargs):
+        return self._bench_compiled[0](self.model, *args, **kwargs)
+
+
+def compiled_functions(module: torch.nn.Module) -> list[CompiledFunction]:
+    """The :class:`CompiledFunction` objects a benchmark model runs through (empty if it is not compiled)."""
+    return list(getattr(module, "_bench_compiled", ()))
+
+
+def _compiled_check(module: torch.nn.Module):
+    functions = compiled_functions(module)
+    return check_all_compiled(functions) if functions else None
 
 
 def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -292,8 +329,12 @@ class ModelBench:
         key = ("hf-compile", dtype)
         if fresh or key not in self._models:
             model = self.hf_model(dtype, "sdpa", fresh=True)
+            # One compiled function per model (its own Dynamo cache: models of other dtypes or modes do not
+            # count against its recompile limit), shared by its layers; fullgraph, one graph per shape.
+            compiled = CompiledFunction(_run_layer, backend=self.compiler, dynamic=False, name="hf-compile layer")
             for layer in model.encoder.layer:
-                layer.compile(backend=self.compiler)
+                layer.forward = functools.partial(compiled, layer)
+            model._bench_compiled = [compiled]
             if fresh:
                 return model
             self._models[key] = model
@@ -311,7 +352,10 @@ class ModelBench:
             if compiled:
                 # dynamic=True: one graph for every batch size and length, as a server would compile it (shapes
                 # that a custom op's fake implementation specializes still recompile).
-                model = torch.compile(model, backend=self.compiler, dynamic=True)
+                compiled = CompiledFunction(
+                    _run_model, backend=self.compiler, dynamic=True, fullgraph=False, name="hf-sdpa-patched-compile"
+                )
+                model = _CompiledModel(model, compiled)
             if fresh:
                 return model
             self._models[key] = model
@@ -496,6 +540,7 @@ class ModelBench:
             note=self._note(impl, dtype, shape),
             tokens=tokens,
             lengths=None if lengths is None else lengths.name,
+            check_compiled=_compiled_check(built.module),
         )
 
     def train_case(
@@ -555,6 +600,7 @@ class ModelBench:
             note=self._note(impl, dtype, shape),
             tokens=tokens,
             lengths=None if lengths is None else lengths.name,
+            check_compiled=_compiled_check(model),
         )
 
     # -- masked-LM pre-training step ---------------------------------------------------

@@ -35,6 +35,7 @@ IMPL_ORDER = (
     "bertfast-ext",
     "bertfast-reference",
     "bertfast-padded",
+    "bertfast-triton-padded",
     "bertfast-cudagraph",
     "bertfast-amp",
     "hf-eager",
@@ -46,6 +47,9 @@ IMPL_ORDER = (
     "hf-compile-amp",
     "torch-sdpa",
     "torch-sdpa-nomask",
+    "torch-sdpa-flash",
+    "torch-sdpa-efficient",
+    "torch-sdpa-cudnn",
     "torch-layernorm",
     "torch-gelu",
     "torch-compile",
@@ -403,6 +407,7 @@ def render_readme(data: dict, path_of_run: str, runs: list[str], plots: list[str
         lines += ["## BERT without padding (variable-length batches)", ""] + _varlen_sections(varlen_rows)
     if kernel_rows:
         lines += ["## Kernels", ""] + _kernel_sections(kernel_rows)
+    lines += _host_section(data.get("host") or {}) + _autotune_section(data.get("autotune") or {})
     skipped = data.get("skipped") or []
     if skipped:
         reasons = defaultdict(list)
@@ -418,6 +423,40 @@ def render_readme(data: dict, path_of_run: str, runs: list[str], plots: list[str
     lines += [f"- `{os.path.basename(run)}`" for run in reversed(runs)]
     lines.append("")
     return "\n".join(lines)
+
+
+HOST_FIELDS = ("host_ms", "wall_ms", "gpu_busy_ms", "host_over_gpu", "kernels", "launches", "syncs", "memcpy_calls")
+
+
+def _host_section(host: dict) -> list[str]:
+    """The host-overhead probe: time to issue one forward against the GPU's busy time."""
+    if not host:
+        return []
+    rows = []
+    for probe, numbers in host.items():
+        if "host_ms" not in numbers:
+            rows.append([probe, *(["-"] * (len(HOST_FIELDS) - 1)), str(next(iter(numbers.values()), "-"))[:80]])
+            continue
+        cells = [_fmt(numbers.get(f), ".3g") if isinstance(numbers.get(f), (int, float)) else "-" for f in HOST_FIELDS]
+        rows.append([probe, *cells])
+    out = ["## Host overhead", ""]
+    out += [
+        "Per forward: `host_ms` the CPU time to issue it without synchronizing, `wall_ms` synchronized, "
+        "`gpu_busy_ms` the sum of its kernel times (torch.profiler); launches and synchronizing calls counted by the "
+        "profiler. `host_ms` near `wall_ms` and above `gpu_busy_ms`: the GPU waits for the host.",
+        "",
+    ]
+    return out + _markdown_table(["probe", *HOST_FIELDS], rows) + [""]
+
+
+def _autotune_section(autotune: dict) -> list[str]:
+    if not autotune:
+        return []
+    rows = [
+        [kernel, key, config] for kernel, table in sorted(autotune.items()) for key, config in sorted(table.items())
+    ]
+    out = ["## Triton autotuning", "", "The config each autotuner chose, per key, in this run.", ""]
+    return out + _markdown_table(["kernel", "key", "config"], rows) + [""]
 
 
 def _forward_rows(data: dict) -> dict[str, list[dict]]:

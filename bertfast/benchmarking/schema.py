@@ -11,7 +11,9 @@
         {"name": "bert-large-fwd", "impl": "bertfast", "dtype": "bf16", "batch": 32, "seq": 128,
          "median_ms": 9.1, "seq_per_s": 3516.0, "tflops": 277.3, "peak_mem_mb": 1020.0,
          "max_error": 0.012, "p20_ms": 9.0, "p80_ms": 9.2, "rounds": 55}, ...],
-      "skipped": [{"name": ..., "impl": ..., "dtype": ..., "batch": ..., "seq": ..., "reason": "..."}]
+      "skipped": [{"name": ..., "impl": ..., "dtype": ..., "batch": ..., "seq": ..., "reason": "..."}],
+      "autotune": {"attention._fwd_kernel": {"HEAD_DIM=64, seq_bucket=128, ...": "BLOCK_M: 128, ..."}},  # optional
+      "host": {"bert-large-fwd bertfast 32x128": {"host_ms": 9.8, "gpu_busy_ms": 6.1, ...}}         # optional
     }
 
 Model rows also carry ``fill`` (the fraction of the ``batch x seq`` positions that are real
@@ -80,9 +82,33 @@ HEADER_FIELDS = {
     "peaks": (lambda v: isinstance(v, dict), "an object"),
     "results": (lambda v: isinstance(v, list), "a list"),
 }
+
+
+def _object_of_objects(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, dict) for k, v in value.items())
+
+
+def _autotune(value) -> bool:
+    return _object_of_objects(value) and all(
+        isinstance(k, str) and isinstance(c, str) for table in value.values() for k, c in table.items()
+    )
+
+
+def _host(value) -> bool:
+    return _object_of_objects(value) and all(
+        isinstance(k, str) and (isinstance(x, str) or _is_number(x) or x is None)
+        for probe in value.values()
+        for k, x in probe.items()
+    )
+
+
 OPTIONAL_HEADER_FIELDS = {
     "setup": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "an object of strings"),
     "skipped": (lambda v: isinstance(v, list), "a list"),
+    # Triton autotuning: kernel -> {autotune key -> the config it chose}, read from the autotuners after the run.
+    "autotune": (_autotune, "an object: kernel -> {autotune key: chosen config}, all strings"),
+    # Host-overhead probe: "<name> <impl> <shape>" -> {field: number or string}.
+    "host": (_host, "an object: probe -> {field: number, string or null}"),
 }
 ROW_FIELDS = {
     "name": (_text, "a non-empty string"),
