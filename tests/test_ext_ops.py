@@ -647,6 +647,55 @@ def test_bad_arguments_are_named(binding, valid, replace, message):
     assert f"bertfast._C.{binding}: " in text and message in text, text
 
 
+def test_kernels_run_without_the_gil_and_errors_raise_with_it():
+    """While a kernel runs, other Python threads run (the GIL is released around the kernel
+    only); bad calls from several threads at once raise cleanly (the checks run, and the
+    error is raised, while the GIL is held).  tests/test_cuda_sources.py checks the same
+    order statically for the CUDA branches."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, weight, bias = torch.randn(1024, 4096), torch.randn(4096), torch.randn(4096)
+    stamps, stop = [], threading.Event()
+
+    def count():  # gives the GIL up between stamps, so it never has to ask for it
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(1e-4)
+
+    interval = sys.getswitchinterval()
+    # With a long switch interval the main thread keeps the GIL unless it releases it itself:
+    # a stamp strictly inside one binding call proves that call released it.
+    sys.setswitchinterval(1.0)
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        inside = 0
+        for _ in range(20):
+            start = time.perf_counter()
+            C.layer_norm_forward(x, weight, bias, None, None, 1e-5, 0)
+            end = time.perf_counter()
+            inside += sum(start < t < end for t in stamps[-1000:])
+            if inside:
+                break
+    finally:
+        stop.set()
+        counter.join()
+        sys.setswitchinterval(interval)
+    assert inside > 0, "no other Python thread ran while the kernels ran: the GIL was held"
+
+    def misuse(i):
+        for _ in range(50):
+            with pytest.raises(RuntimeError, match="eps must be positive"):
+                C.layer_norm_forward(x[:64], weight, bias, None, None, 0.0, 0)
+            C.bias_gelu_forward(x[:64], weight, 0)
+        return i
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert sorted(pool.map(misuse, range(4))) == [0, 1, 2, 3]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or C is None or C.has_cuda(), reason="needs a GPU, no CUDA kernels")
 def test_cuda_tensor_without_cuda_kernels_is_refused():
     x = torch.randn(2, 8, device="cuda")
