@@ -149,3 +149,32 @@ def test_no_binding_releases_the_gil_for_its_whole_call():
     assert text.count("py::gil_scoped_release") == 1, "release the GIL only in without_gil"
     helper = _function_body(text, "without_gil")
     assert "catch (...)" in helper and "std::rethrow_exception" in helper
+
+
+def test_binding_compiles_with_the_cuda_kernels():
+    """bindings.cpp's CUDA branches (BERTFAST_WITH_CUDA) are only built where torch has CUDA: check
+    here that they still compile, warnings included, against this torch's headers (syntax only)."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH")
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-isystem{path}" for path in (*include_paths(), sysconfig.get_paths()["include"])]
+    command = [
+        compiler,
+        "-fsyntax-only",
+        "-std=c++17",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-DBERTFAST_WITH_CUDA=1",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        f"-I{CSRC}",
+        *includes,
+        str(BINDINGS),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}{result.stderr}"
