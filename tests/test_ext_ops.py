@@ -328,6 +328,65 @@ def test_attention(device, dtype, seq, masked):
         assert torch.all(out[2] == 0), "a sequence that is all padding must give zero outputs"
 
 
+FP16_CASES = [CASES[2], CASES[5]]
+
+
+@pytest.mark.parametrize(("device", "dtype"), FP16_CASES, ids=["cpu-fp16", "cuda-fp16"])
+def test_fp16_attention_scores_beyond_fp16_range_before_scaling(device, dtype):
+    """|q . k| = 33 * 33 * 64 = 69696 > 65504 (fp16's largest), but scaled by 64 ** -0.5 it is
+    8712: every key scores the same, so each query averages v over its valid keys.  Formed
+    before the scale, the product overflows: inf - inf made NaN rows, and -inf everywhere
+    read as "every key masked" (a zero row)."""
+    batch, seq, heads, head_dim = 2, 9, 2, 64
+    gen = torch.Generator().manual_seed(12)
+    q = torch.full((batch, seq, heads, head_dim), 33.0)
+    k = q * torch.tensor([1.0, -1.0])[:, None, None, None]  # batch 0: scores +8712, batch 1: -8712
+    v = torch.randn(batch, seq, heads, head_dim, generator=gen)
+    mask = torch.arange(seq)[None, :] < torch.tensor([seq, 5])[:, None]
+    expected = torch.stack([v[b, : int(mask[b].sum())].mean(0) for b in range(batch)])[:, None].expand_as(v)
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    for m in (None, mask.to(device)):
+        out = bertfast.ops.attention(q, k, v, m, backend="ext")
+        assert torch.isfinite(out).all(), "NaN rows: the scores overflowed before the scale"
+        want = expected if m is not None else v.float().mean(1, keepdim=True).cpu().expand_as(v)
+        torch.testing.assert_close(out.float().cpu(), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize(("device", "dtype"), FP16_CASES, ids=["cpu-fp16", "cuda-fp16"])
+def test_fp16_attention_with_large_q_and_k(device, dtype):
+    """Random q, k around 40 (|q . k| ~ 1e5 > 65504) with scale 2 ** -10: the scaled scores
+    (~100, spread ~2) are well inside fp16; output and every gradient meet the numerics
+    policy against float64.  The yardstick is PyTorch's eager attention in fp16 with q scaled
+    first: like ext it rounds the scores to fp16 (SDPA's fused kernels keep them in fp32, so
+    they do not measure the same computation)."""
+    batch, seq, heads, head_dim = 2, 33, 3, 64
+    scale = 2.0**-10
+    gen = torch.Generator().manual_seed(13)
+    shape = (batch, seq, heads, head_dim)
+    floats = {
+        "q": 40 + 4 * torch.randn(shape, generator=gen, dtype=torch.float64),
+        "k": 40 + 4 * torch.randn(shape, generator=gen, dtype=torch.float64),
+        "v": torch.randn(shape, generator=gen, dtype=torch.float64),
+    }
+    mask = torch.arange(seq)[None, :] < torch.tensor([seq, 20])[:, None]
+
+    def run_torch(q, k, v, mask):
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+        return reference._masked_softmax_attention(qh * scale, kh, vh, mask, 1.0).transpose(1, 2)
+
+    check_op(
+        lambda q, k, v, mask: bertfast.ops.attention(q, k, v, mask, scale, backend="ext"),
+        lambda q, k, v, mask: reference.attention(q, k, v, mask, scale),
+        run_torch,
+        floats,
+        {"mask": mask},
+        device,
+        dtype,
+        gen,
+        "attention[fp16, large q and k]",
+    )
+
+
 @pytest.mark.parametrize(("device", "dtype"), CASES[:1] + CASES[4:5], ids=["cpu-fp32", "cuda-fp32"])
 def test_masked_softmax_exact_zeros(device, dtype):
     """Masked keys get exactly 0, a fully masked row is all 0 (with zero gradient), uint8 masks work."""
@@ -645,6 +704,55 @@ def test_bad_arguments_are_named(binding, valid, replace, message):
         function(**{**valid(), **replace})
     text = str(info.value)
     assert f"bertfast._C.{binding}: " in text and message in text, text
+
+
+def test_kernels_run_without_the_gil_and_errors_raise_with_it():
+    """While a kernel runs, other Python threads run (the GIL is released around the kernel
+    only); bad calls from several threads at once raise cleanly (the checks run, and the
+    error is raised, while the GIL is held).  tests/test_cuda_sources.py checks the same
+    order statically for the CUDA branches."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, weight, bias = torch.randn(1024, 4096), torch.randn(4096), torch.randn(4096)
+    stamps, stop = [], threading.Event()
+
+    def count():  # gives the GIL up between stamps, so it never has to ask for it
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(1e-4)
+
+    interval = sys.getswitchinterval()
+    # With a long switch interval the main thread keeps the GIL unless it releases it itself:
+    # a stamp strictly inside one binding call proves that call released it.
+    sys.setswitchinterval(1.0)
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        inside = 0
+        for _ in range(20):
+            start = time.perf_counter()
+            C.layer_norm_forward(x, weight, bias, None, None, 1e-5, 0)
+            end = time.perf_counter()
+            inside += sum(start < t < end for t in stamps[-1000:])
+            if inside:
+                break
+    finally:
+        stop.set()
+        counter.join()
+        sys.setswitchinterval(interval)
+    assert inside > 0, "no other Python thread ran while the kernels ran: the GIL was held"
+
+    def misuse(i):
+        for _ in range(50):
+            with pytest.raises(RuntimeError, match="eps must be positive"):
+                C.layer_norm_forward(x[:64], weight, bias, None, None, 0.0, 0)
+            C.bias_gelu_forward(x[:64], weight, 0)
+        return i
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert sorted(pool.map(misuse, range(4))) == [0, 1, 2, 3]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or C is None or C.has_cuda(), reason="needs a GPU, no CUDA kernels")

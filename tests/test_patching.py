@@ -20,7 +20,7 @@ from bertfast.errors import BackendUnavailable  # noqa: E402
 from bertfast.numerics import FP32_REL_TOL, MODEL_FP32_REL_TOL, assert_close, rel_error  # noqa: E402
 from bertfast.patching import PatchError, PatchWarning, is_patched, patch, unpatch  # noqa: E402
 
-from .helpers import ragged_batch, small_config  # noqa: E402
+from .helpers import ragged_batch, small_config, triton_device  # noqa: E402
 
 KINDS = [
     "BertModel",
@@ -86,7 +86,7 @@ def loss_of(out, mask, generator):
     for key, value in out.items():
         if key != "loss" and isinstance(value, torch.Tensor):
             value = per_token(value, mask)
-            total = total + (value * torch.randn(value.shape, generator=generator)).sum()
+            total = total + (value * torch.randn(value.shape, generator=generator).to(value.device)).sum()
     return total
 
 
@@ -114,11 +114,14 @@ def assert_grads_match(model, reference, rel_tol):
 def test_patched_matches_unpatched(kind, backend):
     # The interpreter is slow: the Triton runs use one layer and a smaller batch.
     layers, lengths, seq = (1, [7, 4], 7) if backend == "triton" else (2, [11, 6, 9], 11)
-    model, reference = patched_pair(kind, backend, num_hidden_layers=layers)
+    # Where the backend runs: the Triton one refuses CPU tensors once CUDA is visible.
+    device = triton_device() if backend == "triton" else "cpu"
+    model, reference = (m.to(device) for m in patched_pair(kind, backend, num_hidden_layers=layers))
     config = model.config
     ids, types, mask = ragged_batch(config, lengths, seq)
     g = torch.Generator().manual_seed(1)
-    labels = head_inputs(kind, config, mask, g)
+    labels = {key: value.to(device) for key, value in head_inputs(kind, config, mask, g).items()}
+    ids, types, mask = ids.to(device), types.to(device), mask.to(device)
     ours = model(input_ids=ids, attention_mask=mask, token_type_ids=types, **labels)
     theirs = reference(input_ids=ids, attention_mask=mask, token_type_ids=types, **labels)
     assert type(ours) is type(theirs)

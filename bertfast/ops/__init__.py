@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BackendUnavailable
+from ..varlen import check_cu_seqlens
 from ._dispatch import (
     AUTO_ORDER,
     BACKENDS,
@@ -178,14 +179,22 @@ def attention(q, k, v, attention_mask=None, scale=None, dropout_p: float = 0.0, 
     return impl.attention(q, k, v, attention_mask, scale)
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale=None, dropout_p: float = 0.0, backend=None):
+def attention_varlen(
+    q, k, v, cu_seqlens, max_seqlen: int, scale=None, dropout_p: float = 0.0, backend=None, check: bool = True
+):
     """Attention over packed variable-length sequences.
 
     ``q, k, v``: ``(total_tokens, heads, head_dim)``; ``cu_seqlens``: int32 ``(batch + 1,)``
-    cumulative offsets starting at 0 and ending at ``total_tokens``; sequence ``i`` is
-    rows ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself.
-    ``max_seqlen`` is the longest length (used to size the launch grid).
+    cumulative offsets starting at 0, non-decreasing and ending at ``total_tokens``; sequence
+    ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself.
+    ``max_seqlen`` is at least the longest length (it sizes the launch grid).
     ``dropout_p``: attention-probability dropout, as in :func:`attention`.
+    ``check``: read ``cu_seqlens`` back to the host once (on a GPU, a synchronisation) and
+    raise ``ValueError`` naming the problem when the offsets or ``max_seqlen`` break the
+    contract above (see :mod:`bertfast.varlen`); the kernels trust them, and bad ones read
+    or write out of bounds.  Pass ``False`` only for offsets built by code that guarantees
+    them (the padding-free model path, with :func:`bertfast.padding.pack_mask`).  Nothing is
+    checked while ``torch.compile`` traces.
     """
     _check_dropout_p(dropout_p)
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
@@ -199,8 +208,11 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale=None, dropout_p
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if int(max_seqlen) < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    if check:
+        check_cu_seqlens(cu_seqlens, q.shape[0], int(max_seqlen))
     impl = resolve("attention_varlen", backend, (q, k, v), dropout_p=dropout_p)
     scale = _default_scale(scale, q.shape[-1])
+    # Checked above (or vouched for by the caller): the backends do not read the offsets again.
     if dropout_p > 0.0:
         return impl.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), scale, dropout_p=float(dropout_p))
     return impl.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), scale)

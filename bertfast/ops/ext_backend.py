@@ -6,9 +6,10 @@ Each op is a ``torch.library.custom_op`` in the ``bertfast::`` namespace (``ext_
 the extension's backward kernels, so ``torch.compile(fullgraph=True)`` traces through
 without a graph break.  Every gradient is returned, weights and biases included.
 
-Attention is ``softmax(q @ k^T * scale, key mask) @ v`` with the two products as batched
+Attention is ``softmax((q * scale) @ k^T, key mask) @ v`` with the two products as batched
 GEMMs (``torch.matmul`` on ``(batch, heads, seq, head_dim)`` views) and the masked softmax
-from the extension.  There is no variable-length attention here.
+from the extension; q is scaled before the product so that fp16 scores never overflow
+where the scaled ones are representable.  There is no variable-length attention here.
 
 Kernels run on CPU tensors (float64, float32, float16, bfloat16) and, when the extension
 was built with them, on CUDA tensors (float32, float16, bfloat16).  CUDA launches go to
@@ -433,8 +434,14 @@ def masked_softmax(scores, mask, scale):
 
 
 def attention(q, k, v, attention_mask, scale):
-    """q, k, v: (batch, seq, heads, head_dim), possibly strided views; returns (batch, seq, heads, head_dim)."""
+    """q, k, v: (batch, seq, heads, head_dim), possibly strided views; returns (batch, seq, heads, head_dim).
+
+    q is scaled before the product (the softmax then runs with scale 1): in fp16 an unscaled
+    ``q @ k^T`` overflows (65504) where the scaled scores are representable, and its inf
+    would turn a row into NaN (inf - inf) or into zeros (-inf everywhere reads as "every key
+    masked").  The GEMM accumulates in fp32 and rounds the scaled scores once.
+    """
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    scores = torch.matmul(qh, kh.transpose(-1, -2))
-    probs = masked_softmax(scores, attention_mask, scale)
+    scores = torch.matmul(qh * scale, kh.transpose(-1, -2))
+    probs = masked_softmax(scores, attention_mask, 1.0)
     return torch.matmul(probs, vh).transpose(1, 2)
