@@ -107,7 +107,7 @@ class BertSelfAttention(nn.Module):
         if isinstance(attention_mask, PackedBatch):
             packed = attention_mask
             out = ops.attention_varlen(
-                q, k, v, packed.cu_seqlens, packed.max_seqlen, dropout_p=dropout_p, backend=backend
+                q, k, v, packed.cu_seqlens, packed.max_seqlen, dropout_p=dropout_p, backend=backend, check=False
             )
         else:
             out = ops.attention(q, k, v, attention_mask, dropout_p=dropout_p, backend=backend)

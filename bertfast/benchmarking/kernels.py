@@ -112,7 +112,8 @@ def _bertfast_fn(op: str, backend: str):
 
     def attention_varlen(qkv, cu_seqlens, max_seqlen):
         q, k, v = qkv.unbind(1)
-        return ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, backend=backend)
+        # The offsets are built by the benchmark itself: no host read of them inside the timed call.
+        return ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, backend=backend, check=False)
 
     return attention_varlen
 
