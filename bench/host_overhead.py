@@ -1,0 +1,251 @@
+"""Host time per call of the Triton kernels' entry points, with the GPU launch stubbed out (runs on a CPU).
+
+At small batches the model is bound by the host: each kernel call costs its Python (the
+custom-op round trip, the launcher's checks and allocations, Triton's launch) while the
+GPU waits.  This measures that Python on a machine without a GPU, two ways:
+
+- ``--mode interpret``: ``TRITON_INTERPRET=1`` with the interpreter's launch replaced by a
+  no-op: everything above ``kernel[grid](...)`` (custom op, autograd, launcher), nothing of
+  Triton's own launch path;
+- ``--mode compiled``: Triton's real compiler and launch path against a stand-in driver for
+  an sm_90 GPU (kernels compile to cubins here), with only the lowest level stubbed: the
+  driver's C ``launch`` (triton 3.9; on older tritons the launcher object) and the binary
+  loader.  The stand-in's current-device and current-stream calls are free, so this slightly
+  flatters both Triton's path and ours.  The first call of each case compiles (slow, cached
+  on disk under ~/.triton/cache).
+
+Times are the best over rounds of the mean per call, in microseconds, for the forward
+without autograd (``fwd``), the forward recording autograd (``fwd+grad``) and forward plus
+backward (``fwd+bwd``); ``bwd`` is their difference.  Tensors are small CPU tensors: with the
+launch stubbed, sizes only matter through allocation.
+
+    python bench/host_overhead.py --mode interpret
+    python bench/host_overhead.py --mode compiled
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _parse():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("interpret", "compiled"), default="interpret")
+    parser.add_argument("--calls", type=int, default=300, help="calls per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", default="", help="comma list of case names to run")
+    return parser.parse_args()
+
+
+ARGS = _parse()
+if ARGS.mode == "interpret":
+    os.environ["TRITON_INTERPRET"] = "1"
+else:
+    os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+LAUNCHES = [0]
+
+
+def _stub_interpreter() -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def run(self, *args, **kwargs):
+        LAUNCHES[0] += 1
+
+    InterpretedFunction.run = run
+
+
+def _stand_in_driver() -> None:
+    """An sm_90 CUDA driver whose binary loader and launch do nothing (no GPU needed)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    def launch(*args):
+        LAUNCHES[0] += 1
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return 1, 1, 32, 0, 1024  # module, function, registers, spills, max threads
+
+        def unload_module(self, module):
+            pass
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+    utils = Utils()
+    utils.launch = launch
+
+    launcher_cls = nvidia_driver.CudaLauncher
+    if getattr(nvidia_driver, "PyKernelArg", None) is None:  # the C launcher needs libcuda: stub the launcher
+
+        class launcher_cls:  # noqa: N801
+            def __init__(self, src, metadata):
+                pass
+
+            def __call__(self, *args):
+                LAUNCHES[0] += 1
+
+    class StandIn:
+        def __init__(self):
+            self.utils = utils
+            self.launcher_cls = launcher_cls
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_device_capability(self, device=None):
+            return (9, 0)
+
+        def get_benchmarker(self):
+            return lambda fn, quantiles=None, **kw: [1.0, 1.0, 1.0] if quantiles else 1.0
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def is_active(self):
+            return True
+
+        def map_python_to_cpp_type(self, ty):
+            return nvidia_driver.ty_to_cpp(ty)
+
+    triton.runtime.driver.set_active(StandIn())
+
+
+def _source(fn) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+if ARGS.mode == "interpret":
+    _stub_interpreter()
+else:
+    _stand_in_driver()
+
+from bertfast.kernels import attention as attn  # noqa: E402
+from bertfast.kernels import bias_gelu as gelu  # noqa: E402
+from bertfast.kernels import layernorm as ln  # noqa: E402
+
+DTYPE = torch.float32 if ARGS.mode == "interpret" else torch.bfloat16
+
+
+def _inputs(requires_grad: bool):
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(DTYPE).requires_grad_(requires_grad)
+
+    batch, seq, heads, head_dim = 2, 16, 4, 16
+    hidden = heads * head_dim
+    qkv = r(batch, seq, 3, heads, head_dim)
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[1, 11:] = False
+    lengths = torch.tensor([16, 11, 5], dtype=torch.int32)
+    cu = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    total = int(lengths.sum())
+    pqkv = r(total, 3, heads, head_dim)
+    return {
+        "x": r(batch * seq, hidden),
+        "res": r(batch * seq, hidden),
+        "w": r(hidden),
+        "b": r(hidden),
+        "lb": r(hidden),
+        "inter": r(batch * seq, 4 * hidden),
+        "ib": r(4 * hidden),
+        "q": qkv[:, :, 0],
+        "k": qkv[:, :, 1],
+        "v": qkv[:, :, 2],
+        "mask": mask,
+        "pq": pqkv[:, 0],
+        "pk": pqkv[:, 1],
+        "pv": pqkv[:, 2],
+        "cu": cu,
+        "max_seqlen": int(lengths.max()),
+        "scale": head_dim**-0.5,
+    }
+
+
+CASES = {
+    "kernels.layer_norm": lambda t: ln.layer_norm(t["x"], t["w"], t["b"], 1e-12),
+    "kernels.layer_norm+res+lb": lambda t: ln.layer_norm(t["x"], t["w"], t["b"], 1e-12, t["res"], t["lb"]),
+    "kernels.bias_gelu": lambda t: gelu.bias_gelu(t["inter"], t["ib"]),
+    "kernels.attention": lambda t: attn.attention(t["q"], t["k"], t["v"], t["mask"], t["scale"]),
+    "kernels.attention_varlen": lambda t: attn.attention_varlen(
+        t["pq"], t["pk"], t["pv"], t["cu"], t["max_seqlen"], t["scale"]
+    ),
+    "F.layer_norm": lambda t: F.layer_norm(t["x"], (t["x"].shape[-1],), t["w"], t["b"], 1e-12),
+}
+if ARGS.mode == "interpret":  # bertfast.ops runs the Triton backend only on CUDA tensors or in the interpreter
+    import bertfast.ops as ops
+
+    CASES.update(
+        {
+            "ops.layer_norm": lambda t: ops.layer_norm(t["x"], t["w"], t["b"], 1e-12, backend="triton"),
+            "ops.bias_gelu": lambda t: ops.bias_gelu(t["inter"], t["ib"], backend="triton"),
+            "ops.attention": lambda t: ops.attention(t["q"], t["k"], t["v"], t["mask"], backend="triton"),
+        }
+    )
+
+
+def _time(fn, calls: int, rounds: int) -> float:
+    per_call = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+    return min(per_call)
+
+
+def _is_cached(obj) -> bool:
+    return hasattr(obj, "fast_launches") and hasattr(obj, "entries")
+
+
+def main() -> int:
+    only = {name for name in ARGS.only.split(",") if name}
+    plain, grad = _inputs(False), _inputs(True)
+    print(f"triton {triton.__version__}, torch {torch.__version__}, mode {ARGS.mode}, {DTYPE}, µs per call")
+    print(f"{'case':28s} {'fwd':>8s} {'fwd+grad':>9s} {'fwd+bwd':>8s} {'bwd':>8s}")
+    for name, case in CASES.items():
+        if only and name not in only:
+            continue
+        out = case(grad)  # warm-up: compiles, autotunes, fills every cache
+        torch.autograd.backward(out, torch.ones_like(out))
+        with torch.no_grad():
+            case(plain)
+        fwd = _time(lambda case=case: case(plain), ARGS.calls, ARGS.rounds)
+        fwd_grad = _time(lambda case=case: case(grad), ARGS.calls, ARGS.rounds)
+        ones = torch.ones_like(out)
+        fwd_bwd = _time(
+            lambda case=case, ones=ones: torch.autograd.backward(case(grad), ones), ARGS.calls // 2 or 1, ARGS.rounds
+        )
+        print(f"{name:28s} {fwd:8.1f} {fwd_grad:9.1f} {fwd_bwd:8.1f} {fwd_bwd - fwd_grad:8.1f}")
+    cached = sum(
+        launch.fast_launches for module in (ln, gelu, attn) for launch in vars(module).values() if _is_cached(launch)
+    )
+    print(f"(stubbed launches: {LAUNCHES[0]}, of which through a cached binary: {cached})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
