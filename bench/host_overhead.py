@@ -8,8 +8,9 @@ GPU waits.  This measures that Python on a machine without a GPU, two ways:
   no-op: everything above ``kernel[grid](...)`` (custom op, autograd, launcher), nothing of
   Triton's own launch path;
 - ``--mode compiled``: Triton's real compiler and launch path against a stand-in driver for
-  an sm_90 GPU (kernels compile to cubins here), with only the lowest level stubbed: the
-  driver's C ``launch`` (triton 3.9; on older tritons the launcher object) and the binary
+  an sm_90 GPU (``bertfast/benchmarking/standin_driver.py``: kernels compile to cubins here),
+  with only the launcher object stubbed (on a GPU it packs the arguments in C and calls
+  ``cuLaunchKernelEx``: a few microseconds that neither path here pays) and the binary
   loader.  The stand-in's current-device and current-stream calls are free, so this slightly
   flatters both Triton's path and ours.  The first call of each case compiles (slow, cached
   on disk under ~/.triton/cache).
@@ -62,85 +63,13 @@ def _stub_interpreter() -> None:
     InterpretedFunction.run = run
 
 
-def _stand_in_driver() -> None:
-    """An sm_90 CUDA driver whose binary loader and launch do nothing (no GPU needed)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia import driver as nvidia_driver
-
-    def launch(*args):
-        LAUNCHES[0] += 1
-
-    class Utils:
-        def load_binary(self, name, kernel, shared, device):
-            return 1, 1, 32, 0, 1024  # module, function, registers, spills, max threads
-
-        def unload_module(self, module):
-            pass
-
-        def get_device_properties(self, device):
-            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
-
-    utils = Utils()
-    utils.launch = launch
-
-    launcher_cls = nvidia_driver.CudaLauncher
-    if getattr(nvidia_driver, "PyKernelArg", None) is None:  # the C launcher needs libcuda: stub the launcher
-
-        class launcher_cls:  # noqa: N801
-            def __init__(self, src, metadata):
-                pass
-
-            def __call__(self, *args):
-                LAUNCHES[0] += 1
-
-    class StandIn:
-        def __init__(self):
-            self.utils = utils
-            self.launcher_cls = launcher_cls
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_device_capability(self, device=None):
-            return (9, 0)
-
-        def get_benchmarker(self):
-            return lambda fn, quantiles=None, **kw: [1.0, 1.0, 1.0] if quantiles else 1.0
-
-        def get_device_interface(self):
-            return torch.cuda
-
-        def is_active(self):
-            return True
-
-        def map_python_to_cpp_type(self, ty):
-            return nvidia_driver.ty_to_cpp(ty)
-
-    triton.runtime.driver.set_active(StandIn())
-
-
-def _source(fn) -> str:
-    import inspect
-
-    try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
-        return ""
-
-
 if ARGS.mode == "interpret":
     _stub_interpreter()
 else:
-    _stand_in_driver()
+    from bertfast.benchmarking import standin_driver
+
+    standin_driver.install()
+    standin_driver.record_launches(False)
 
 from bertfast.kernels import attention as attn  # noqa: E402
 from bertfast.kernels import bias_gelu as gelu  # noqa: E402
@@ -243,7 +172,8 @@ def main() -> int:
     cached = sum(
         launch.fast_launches for module in (ln, gelu, attn) for launch in vars(module).values() if _is_cached(launch)
     )
-    print(f"(stubbed launches: {LAUNCHES[0]}, of which through a cached binary: {cached})")
+    launches = LAUNCHES[0] if ARGS.mode == "interpret" else standin_driver.launch_count()
+    print(f"(stubbed launches: {launches}, of which through a cached binary: {cached})")
     return 0
 
 
