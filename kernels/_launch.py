@@ -193,12 +193,12 @@ class CachedLaunch:
     ``constexprs`` its ``tl.constexpr`` arguments (which must all come after the runtime ones)
     and launch options; ``grid`` a tuple or a function of the meta-parameters (the constexprs
     and the autotuned config).  ``key`` must determine
-    everything Triton specialises a binary on apart from the tensors' dtypes and 16-byte
-    alignment (added here): the constexprs, the integer arguments' values (``== 1``,
+    everything Triton specialises a binary on apart from the pointers' 16-byte alignment (added
+    here): the tensors' dtypes, the constexprs, the integer arguments' values (``== 1``,
     divisibility by 16, 32 or 64 bits), the autotuning key and the grid.  Floats never
     specialise.
 
-    The first launch for a key (and device, dtypes, alignment) goes through Triton's normal
+    The first launch for a key (and device and alignment) goes through Triton's normal
     path (``kernel[grid](...)``: autotuning, compiling, caching), which returns the compiled
     kernel; later ones call that kernel's launcher with the same arguments Triton's path
     would pass it.  Anything unknown (the interpreter, launch hooks, an older or newer API)
@@ -228,7 +228,7 @@ class CachedLaunch:
         if self.enabled and self.n_pointers is not None:
             active = driver.active
             device = active.get_current_device()
-            full_key = (device, key, *[(t.dtype, t.data_ptr() & 15) for t in args[: self.n_pointers]])
+            full_key = (device, key, *[t.data_ptr() & 15 for t in args[: self.n_pointers]])
             entry = self.entries.get(full_key)
             if entry is not None and _launch_hooks_idle():
                 run, function, metadata, grid0, grid1, grid2, tail = entry
@@ -251,7 +251,7 @@ class CachedLaunch:
                     n += 1
                 self.n_pointers = n
                 device = driver.active.get_current_device()
-                full_key = (device, key, *[(t.dtype, t.data_ptr() & 15) for t in args[:n]])
+                full_key = (device, key, *[t.data_ptr() & 15 for t in args[:n]])
             if not _launch_hooks_idle():
                 return
             function, metadata = compiled.function, compiled.packed_metadata

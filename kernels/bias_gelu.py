@@ -242,7 +242,7 @@ def _plan(x: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor | None, directio
 
 
 def _forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    key = (tensor_key(x), tensor_key(bias))
+    key = (tensor_key(x), tensor_key(bias), _config_for)  # _config_for: a test may replace it
     plan = _FWD_PLANS.get(key)
     if plan is None:
         plan = _FWD_PLANS.put(key, _plan(x, bias, None, "forward"))
@@ -260,7 +260,7 @@ def _forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (tensor_key(dy), tensor_key(x), tensor_key(bias))
+    key = (tensor_key(dy), tensor_key(x), tensor_key(bias), _config_for)
     plan = _BWD_PLANS.get(key)
     if plan is None:
         plan = _BWD_PLANS.put(key, _plan(x, bias, dy, "backward"))

@@ -393,7 +393,8 @@ def _check_inputs(x, weight, residual, linear_bias) -> None:
 
 
 # Launch decisions per (shapes, strides, dtypes, devices, flags): the checks above pass once per
-# key, then every call with that key reuses the tile shape, grid and row strides.
+# key, then every call with that key reuses the tile shape, grid and row strides.  The keys name
+# ``_config_for`` too, so a test that replaces it gets fresh plans.
 _FWD_PLANS = PlanCache()
 _BWD_PLANS = PlanCache()
 _fwd_launch = CachedLaunch(globals(), "_layer_norm_fwd_kernel")
@@ -460,7 +461,7 @@ def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=No
     dropout_p, seed_value = dropout_args(dropout_p, seed)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    key = (*map(tensor_key, (x, weight, bias, residual, linear_bias)), dropout_p > 0.0)
+    key = (*map(tensor_key, (x, weight, bias, residual, linear_bias)), dropout_p > 0.0, _config_for)
     plan = _FWD_PLANS.get(key)
     if plan is None:
         plan = _FWD_PLANS.put(key, _forward_plan(x, weight, bias, residual, linear_bias, dropout_p > 0.0))
@@ -539,7 +540,7 @@ def _backward_plan(dy, x, weight, mean, rstd, residual, linear_bias, has_dropout
 
 def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, dropout_p=0.0, seed=None):
     dropout_p, seed_value = dropout_args(dropout_p, seed)
-    key = (*map(tensor_key, (dy, x, weight, mean, rstd, residual, linear_bias)), dropout_p > 0.0)
+    key = (*map(tensor_key, (dy, x, weight, mean, rstd, residual, linear_bias)), dropout_p > 0.0, _config_for)
     plan = _BWD_PLANS.get(key)
     if plan is None:
         plan = _BWD_PLANS.put(key, _backward_plan(dy, x, weight, mean, rstd, residual, linear_bias, dropout_p > 0.0))
@@ -552,7 +553,7 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, drop
     # With dropout the residual's gradient is no longer x's: a second output (else an empty one).
     dresidual = torch.empty(x.shape if plan.separate_dresidual else (0,), dtype=x.dtype, device=x.device)
     # Every group writes its whole row of partial sums, so the buffers need no zeroing.
-    partial = torch.empty((n_partials, num_groups, n_cols), dtype=torch.float32, device=x.device)
+    partials = torch.empty((n_partials, num_groups, n_cols), dtype=torch.float32, device=x.device).unbind(0)
     if n_rows > 0:
         x_stride, dy_stride, res_stride = plan.x_stride, plan.dy_stride, plan.res_stride
         if x_stride is None:
@@ -577,9 +578,9 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, drop
                     rstd,
                     dx,
                     dresidual if plan.separate_dresidual else dx,  # written only with dropout and a residual
-                    partial[0],
-                    partial[1],
-                    partial[n_partials - 1],  # dlinear_bias: written only when HAS_LINEAR_BIAS
+                    partials[0],
+                    partials[1],
+                    partials[-1],  # dlinear_bias: written only when HAS_LINEAR_BIAS
                     n_rows,
                     n_cols,
                     dy_stride,
@@ -593,10 +594,10 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, drop
             )
     # Fixed-order reduction of the per-group partial sums: deterministic.  One sum per
     # gradient, so the returned tensors do not alias one another.
-    dweight = partial[0].sum(dim=0).to(weight.dtype)
-    dbias = partial[1].sum(dim=0).to(bias_dtype)
+    dweight = partials[0].sum(dim=0).to(weight.dtype)
+    dbias = partials[1].sum(dim=0).to(bias_dtype)
     if linear_bias is not None:
-        dlinear_bias = partial[2].sum(dim=0).to(linear_bias.dtype)
+        dlinear_bias = partials[2].sum(dim=0).to(linear_bias.dtype)
     else:
         dlinear_bias = x.new_empty((0,))
     return dx, dweight, dbias, dlinear_bias, dresidual
