@@ -11,8 +11,10 @@ GPU waits.  This measures that Python on a machine without a GPU, two ways:
   an sm_90 GPU (``bertfast/benchmarking/standin_driver.py``: kernels compile to cubins here),
   with only the launcher object stubbed (on a GPU it packs the arguments in C and calls
   ``cuLaunchKernelEx``: a few microseconds that neither path here pays) and the binary
-  loader.  The stand-in's current-device and current-stream calls are free, so this slightly
-  flatters both Triton's path and ours.  The first call of each case compiles (slow, cached
+  loader.  With ``--real-launcher`` (triton 3.9) Triton's launcher and its C ``launch`` run
+  too, against a stub libcuda whose ``cuLaunchKernelEx`` does nothing: the lowest level.  The
+  stand-in's current-device and current-stream calls are free, so this slightly flatters
+  both Triton's path and ours.  The first call of each case compiles (slow, cached
   on disk under ~/.triton/cache).
 
 Times are the best over rounds of the mean per call, in microseconds, for the forward
@@ -38,6 +40,11 @@ def _parse():
     parser.add_argument("--calls", type=int, default=300, help="calls per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--only", default="", help="comma list of case names to run")
+    parser.add_argument(
+        "--real-launcher",
+        action="store_true",
+        help="compiled mode: Triton's own launcher and C launch against a stub libcuda (triton 3.9, needs cc)",
+    )
     return parser.parse_args()
 
 
@@ -68,7 +75,7 @@ if ARGS.mode == "interpret":
 else:
     from bertfast.benchmarking import standin_driver
 
-    standin_driver.install()
+    standin_driver.install(real_launcher=ARGS.real_launcher)
     standin_driver.record_launches(False)
 
 from bertfast.kernels import attention as attn  # noqa: E402
@@ -153,7 +160,8 @@ def _is_cached(obj) -> bool:
 def main() -> int:
     only = {name for name in ARGS.only.split(",") if name}
     plain, grad = _inputs(False), _inputs(True)
-    print(f"triton {triton.__version__}, torch {torch.__version__}, mode {ARGS.mode}, {DTYPE}, µs per call")
+    mode = ARGS.mode + (" (real launcher, stub libcuda)" if ARGS.real_launcher else "")
+    print(f"triton {triton.__version__}, torch {torch.__version__}, mode {mode}, {DTYPE}, µs per call")
     print(f"{'case':28s} {'fwd':>8s} {'fwd+grad':>9s} {'fwd+bwd':>8s} {'bwd':>8s}")
     for name, case in CASES.items():
         if only and name not in only:

@@ -6,6 +6,11 @@ to the launcher object, which records each call instead of launching.  The binar
 a no-op and autotuning times every config the same (so only the chosen config compiles).
 Tensors are CPU tensors of the GPU dtypes; nothing reads or writes them.
 
+``install(real_launcher=True)`` (triton 3.9, needs a C compiler) goes one level lower: Triton's
+own launcher runs, with its C ``launch`` (argument packing, pointer checks, launch hooks), built
+against a stub ``libcuda.so.1`` whose functions, ``cuLaunchKernelEx`` included, return success
+and do nothing (it counts the launches).
+
 Used by ``bench/host_overhead.py`` (host time of a launch) and the tests of the cached launch.
 Install it before the kernels first run and without ``TRITON_INTERPRET`` set.
 """
@@ -25,10 +30,6 @@ def record_launches(enabled: bool = True) -> None:
 class _State:
     record = True
     count = 0
-
-
-def launch_count() -> int:
-    return _State.count
 
 
 class StubLauncher:
@@ -93,10 +94,63 @@ class StandInDriver:
         return True
 
 
-def install(capability: int = 90) -> StandInDriver:
-    """Make a :class:`StandInDriver` Triton's active driver; returns it."""
+_CUDA_STUBS = (
+    "cuCtxGetCurrent cuCtxGetDevice cuCtxGetLimit cuCtxSetCurrent cuCtxSetLimit cuDeviceGet cuDeviceGetAttribute "
+    "cuDevicePrimaryCtxRetain cuDriverGetVersion cuFuncGetAttribute cuFuncSetAttribute cuFuncSetCacheConfig "
+    "cuGetErrorString cuModuleGetFunction cuModuleLoadData cuModuleUnload cuPointerGetAttribute "
+    "cuPointerGetAttributes cuStreamIsCapturing cuOccupancyMaxActiveClusters cuTensorMapEncodeTiled "
+    "cuTensorMapEncodeIm2col"
+).split()
+_STUB_LIBCUDA = None
+
+
+def _stub_libcuda():
+    """Build and load a ``libcuda.so.1`` whose functions succeed and do nothing; ``cuLaunchKernelEx`` counts."""
+    global _STUB_LIBCUDA
+    if _STUB_LIBCUDA is None:
+        import ctypes
+        import os
+        import subprocess
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="bertfast-stub-libcuda-")
+        source = os.path.join(folder, "stub.c")
+        with open(source, "w") as f:
+            f.write("int launches = 0;\nint cuLaunchKernelEx(void) { launches++; return 0; }\n")
+            f.writelines(f"int {name}(void) {{ return 0; }}\n" for name in _CUDA_STUBS)
+        library = os.path.join(folder, "libcuda.so.1")
+        subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", library, source], check=True)
+        os.symlink("libcuda.so.1", os.path.join(folder, "libcuda.so"))
+        _STUB_LIBCUDA = ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)  # dlopen("libcuda.so.1") finds it now
+        os.environ["TRITON_LIBCUDA_PATH"] = folder
+    return _STUB_LIBCUDA
+
+
+def install(capability: int = 90, real_launcher: bool = False) -> StandInDriver:
+    """Make a :class:`StandInDriver` Triton's active driver; returns it.
+
+    ``real_launcher``: Triton's own launcher and C launch against a stub libcuda (see above).
+    """
     import triton
 
     driver = StandInDriver(capability)
+    if real_launcher:
+        from triton.backends.nvidia import driver as nvidia
+
+        library = _stub_libcuda()
+        real = nvidia.CudaUtils()  # compiles Triton's driver.c against the stub
+        driver.utils.launch = real.launch
+        driver.utils.build_signature_metadata = real.build_signature_metadata
+        driver.launcher_cls = nvidia.CudaLauncher
+        driver.stub_libcuda = library
     triton.runtime.driver.set_active(driver)
     return driver
+
+
+def launch_count() -> int:
+    """Launches so far: recorded by :class:`StubLauncher`, or counted by the stub ``cuLaunchKernelEx``."""
+    if _STUB_LIBCUDA is not None:
+        import ctypes
+
+        return ctypes.c_int.in_dll(_STUB_LIBCUDA, "launches").value + _State.count
+    return _State.count
