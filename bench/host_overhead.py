@@ -143,6 +143,34 @@ if ARGS.mode == "interpret":  # bertfast.ops runs the Triton backend only on CUD
     )
 
 
+def _backward_cases(t):
+    """The backward launchers and their custom ops, called directly: ``{name: (launcher call, op call)}``."""
+    x, w, b, res, lb = t["x"], t["w"], t["b"], t["res"], t["lb"]
+    _, mean, rstd = ln._forward(x, w, b, 1e-12, res, lb)
+    q, k, v, mask = t["q"], t["k"], t["v"], t["mask"]
+    out, lse = attn._forward(q, k, v, mask, None, 0, t["scale"])
+    pq, pk, pv, cu, max_seqlen = t["pq"], t["pk"], t["pv"], t["cu"], t["max_seqlen"]
+    pout, plse = attn._forward(pq, pk, pv, None, cu, max_seqlen, t["scale"])
+    dy, dh, do, dpo = torch.ones_like(x), torch.ones_like(t["inter"]), torch.ones_like(out), torch.ones_like(pout)
+    ops = torch.ops.bertfast
+    ln_args = (dy, x, w, mean, rstd, res, lb, b.dtype)
+    gelu_args = (dh, t["inter"], t["ib"])
+    attn_args = (do, q, k, v, out, lse, mask, t["scale"])
+    varlen_args = (dpo, pq, pk, pv, pout, plse, cu, max_seqlen, t["scale"])
+    return {
+        "layer_norm_bwd+res+lb": (lambda: ln._backward(*ln_args), lambda: ops.layer_norm_bwd(*ln_args)),
+        "bias_gelu_bwd": (lambda: gelu._backward(*gelu_args), lambda: ops.bias_gelu_bwd(*gelu_args)),
+        "attention_bwd": (
+            lambda: attn._backward(*attn_args[:7], None, 0, t["scale"]),
+            lambda: ops.attention_bwd(*attn_args),
+        ),
+        "attention_varlen_bwd": (
+            lambda: attn._backward(*varlen_args[:6], None, *varlen_args[6:]),
+            lambda: ops.attention_varlen_bwd(*varlen_args),
+        ),
+    }
+
+
 def _time(fn, calls: int, rounds: int) -> float:
     per_call = []
     for _ in range(rounds):
@@ -177,6 +205,14 @@ def main() -> int:
             lambda case=case, ones=ones: torch.autograd.backward(case(grad), ones), ARGS.calls // 2 or 1, ARGS.rounds
         )
         print(f"{name:28s} {fwd:8.1f} {fwd_grad:9.1f} {fwd_bwd:8.1f} {fwd_bwd - fwd_grad:8.1f}")
+    # The bwd column above includes autograd's engine (F.layer_norm's row shows its share); the
+    # backward launchers alone, and through their custom ops, are steadier numbers.
+    print(f"{'backward, called directly':28s} {'launcher':>8s} {'op':>9s}")
+    for name, (launcher, op) in _backward_cases(plain).items():
+        if only and name not in only:
+            continue
+        launcher(), op()
+        print(f"{name:28s} {_time(launcher, ARGS.calls, ARGS.rounds):8.1f} {_time(op, ARGS.calls, ARGS.rounds):9.1f}")
     cached = sum(
         launch.fast_launches for module in (ln, gelu, attn) for launch in vars(module).values() if _is_cached(launch)
     )
