@@ -202,7 +202,8 @@ class CachedLaunch:
     path (``kernel[grid](...)``: autotuning, compiling, caching), which returns the compiled
     kernel; later ones call that kernel's launcher with the same arguments Triton's path
     would pass it.  Anything unknown (the interpreter, launch hooks, an older or newer API)
-    leaves Triton's path in charge.
+    leaves Triton's path in charge.  Triton settings changed at run time (``knobs`` such as
+    debug or instrumentation) reach only keys launched afterwards for the first time.
     """
 
     def __init__(self, namespace: dict, name: str):
@@ -254,9 +255,10 @@ class CachedLaunch:
                 full_key = (device, key, *[t.data_ptr() & 15 for t in args[:n]])
             if not _launch_hooks_idle():
                 return
-            function, metadata = compiled.function, compiled.packed_metadata
-            run = compiled.run
-            if function is None or not callable(run) or getattr(self.jit, "pre_run_hooks", None):
+            function = getattr(compiled, "function", None)  # None: e.g. an asynchronous compile
+            metadata = getattr(compiled, "packed_metadata", None)
+            run = getattr(compiled, "run", None) if function is not None else None
+            if function is None or metadata is None or not callable(run) or getattr(self.jit, "pre_run_hooks", None):
                 return
             meta = dict(constexprs)
             best = getattr(self.kernel, "best_config", None)

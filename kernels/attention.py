@@ -915,11 +915,11 @@ def attention_varlen(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Softmax attention over packed ``(total_tokens, heads, head_dim)`` sequences delimited by ``cu_seqlens``."""
-    key = (tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(cu_seqlens))
-    if key not in _CHECKED:  # the checks depend only on the key: once per key
+    key = (tensor_key(q), tensor_key(k), tensor_key(v))
+    if key not in _CHECKED:  # these checks depend only on the key: once per key
         _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
-        _check_cu_seqlens(cu_seqlens, q)
         _CHECKED.put(key, True)
+    _check_cu_seqlens(cu_seqlens, q)  # every call: cheap, and checks of its values must not be cached
     max_seqlen = int(max_seqlen)
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
