@@ -88,13 +88,14 @@ def next_power_of_2(n: int) -> int:
 def eager_fast_path(*tensors) -> bool:
     """Whether an entry point may run its launcher directly instead of through its custom op.
 
-    True in plain eager mode: not compiling, no torch-dispatch or torch-function mode, no
-    functorch transform, and every tensor (``None`` allowed) a plain ``torch.Tensor`` or
+    True in plain eager mode: not compiling or jit-tracing, no torch-dispatch or torch-function
+    mode, no functorch transform, and every tensor (``None`` allowed) a plain ``torch.Tensor`` or
     ``nn.Parameter``.  Everywhere else the custom op (with its fake and autograd
     registrations) is what runs, as torch.compile, FakeTensorMode and the like need.
     """
     if (
         torch.compiler.is_compiling()
+        or torch._C._get_tracing_state() is not None  # torch.jit.trace records the custom op
         or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._functorch.peek_interpreter_stack() is not None

@@ -161,6 +161,13 @@ def test_dispatch_modes_and_fake_tensors_take_the_custom_ops():
         assert y.shape == (2, 3, 64)
 
 
+def test_jit_trace_records_the_custom_op():
+    x, bias = torch.randn(3, 16, device=DEVICE), torch.randn(16, device=DEVICE)
+    traced = torch.jit.trace(lambda x, bias: bias_gelu.bias_gelu(x, bias), (x, bias))
+    assert "bertfast::bias_gelu_fwd" in str(traced.graph)
+    assert torch.equal(traced(x, bias), bias_gelu.bias_gelu(x, bias))
+
+
 def test_torch_compile_traces_the_custom_ops():
     """Under torch.compile(fullgraph=True) the entry points put their custom ops in the graph."""
     graphs = []
