@@ -89,8 +89,8 @@ def eager_fast_path(*tensors) -> bool:
     """Whether an entry point may run its launcher directly instead of through its custom op.
 
     True in plain eager mode: not compiling or jit-tracing, no torch-dispatch or torch-function
-    mode, no functorch transform, and every tensor (``None`` allowed) a plain ``torch.Tensor`` or
-    ``nn.Parameter``.  Everywhere else the custom op (with its fake and autograd
+    mode, no functorch transform, every tensor (``None`` allowed) a plain ``torch.Tensor`` or
+    ``nn.Parameter``, the first not on the meta device.  Everywhere else the custom op (with its fake and autograd
     registrations) is what runs, as torch.compile, FakeTensorMode and the like need.
     """
     if (
@@ -104,7 +104,7 @@ def eager_fast_path(*tensors) -> bool:
     for t in tensors:
         if t is not None and type(t) not in _PLAIN_TENSOR_TYPES:
             return False
-    return True
+    return not tensors[0].is_meta  # meta tensors: the op's fake kernel gives the shapes
 
 
 def needs_grad(*tensors) -> bool:

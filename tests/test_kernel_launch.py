@@ -155,6 +155,9 @@ def test_dispatch_modes_and_fake_tensors_take_the_custom_ops():
     assert "bertfast.bias_gelu_fwd.default" in log.ops
     assert torch.equal(y, bias_gelu.bias_gelu(x, bias))
 
+    meta = torch.empty(2, 3, 64, device="meta")
+    assert layernorm.layer_norm(meta, meta[0, 0], meta[0, 0], 1e-5).shape == (2, 3, 64)
+
     with FakeTensorMode() as mode:
         fake_x, fake_w = mode.from_tensor(torch.randn(2, 3, 64)), mode.from_tensor(torch.randn(64))
         y = layernorm.layer_norm(fake_x, fake_w, fake_w, 1e-5)
