@@ -328,17 +328,15 @@ bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_setup_contex
 
 
 class _BiasGeluFunction(torch.autograd.Function):
-    """The eager fast path's autograd: the custom op's forward and backward without the dispatcher."""
+    """The eager fast path's autograd: the custom op's forward, setup_context and backward, no dispatcher."""
 
     @staticmethod
-    def forward(ctx, x, bias):
-        y = _forward(x, bias)
-        ctx.save_for_backward(x, bias)
-        return y
+    def forward(ctx, x, bias):  # the op's setup_context inside (a forward without ctx costs ~20 µs)
+        output = _forward(x, bias)
+        _setup_context(ctx, (x, bias), output)
+        return output
 
-    @staticmethod
-    def backward(ctx, dy):
-        return _bias_gelu_backward(ctx, dy)
+    backward = staticmethod(_bias_gelu_backward)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
