@@ -43,9 +43,9 @@ def draw_seed(dropout_p: float) -> torch.Tensor | None:
 
 def dropout_args(dropout_p: float, seed: torch.Tensor | None) -> tuple[float, int]:
     """(dropout_p, seed) as kernel scalars; (0.0, 0) without dropout."""
-    check_dropout_p(dropout_p)
     if dropout_p == 0.0:
         return 0.0, 0
+    check_dropout_p(dropout_p)
     if seed is None:
         raise ValueError("dropout_p > 0 needs a seed (see draw_seed)")
     if seed.device.type != "cpu" or seed.numel() != 1 or seed.dtype.is_floating_point:

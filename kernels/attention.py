@@ -72,7 +72,19 @@ import triton.language as tl
 
 from ..varlen import check_cu_seqlens
 from ._dropout import check_dropout_p, draw_seed, dropout_args, dropout_keep
-from ._launch import device_guard, interpreting
+from ._launch import (
+    CachedLaunch,
+    PlanCache,
+    cdiv,
+    device_guard,
+    eager_fast_path,
+    int_kind,
+    interpreting,
+    needs_grad,
+    next_launch_key,
+    profiled,
+    tensor_key,
+)
 
 __all__ = ["attention", "attention_varlen", "unsupported"]
 
@@ -533,87 +545,172 @@ def _stats_strides(lse: torch.Tensor, varlen: bool):
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
-    dropout_p, seed_value = dropout_args(dropout_p, seed)
+# Launch decisions per (shapes, strides, dtypes, devices, flags), reused by every call with that key.
+_FWD_PLANS = PlanCache()
+_BWD_PLANS = PlanCache()
+_CHECKED = PlanCache()  # keys of the public entry points' arguments that passed their checks
+_fwd_launch = CachedLaunch(globals(), "_fwd_kernel")
+_delta_launch = CachedLaunch(globals(), "_attn_bwd_delta_kernel")
+_dkdv_launch = CachedLaunch(globals(), "_dkdv_kernel")
+_dq_launch = CachedLaunch(globals(), "_dq_kernel")
+
+
+def _forward_plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, has_dropout):
     varlen = cu_seqlens is not None
     batch, heads, seq_q, seq_k, strides = _layout(q, k, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (heads, q.shape[0]) if varlen else (batch, heads, seq_q)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or batch * seq_q == 0:
-        return out.zero_(), lse.fill_(float("inf"))
+    # The lse is allocated contiguous: (heads, total) varlen, (batch, heads, seq_q) padded.
+    stats_strides = (0, q.shape[0]) if varlen else (heads * seq_q, seq_q)
     has_mask = attention_mask is not None
-    mask = attention_mask.view(torch.uint8) if has_mask else q  # a bool tensor read as bytes, no copy
-    mask_strides = (mask.stride(0), mask.stride(1)) if has_mask else (0, 0)
-    seqlens = cu_seqlens.contiguous() if varlen else q  # q: an unused placeholder pointer when padded
+    empty = q.numel() == 0 or batch * seq_q == 0
+    mask_strides = (attention_mask.stride(0), attention_mask.stride(1)) if has_mask else (0, 0)
+    out_strides = _fresh_strides(q.shape, varlen)
+    ints = (
+        *strides(q), *strides(k), *strides(v), *out_strides, *stats_strides, *mask_strides,
+        heads, seq_q, seq_k, _seq_bucket(max(seq_q, seq_k)),
+    )  # fmt: skip
+    constexprs = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=_head_dim_padded(head_dim),
+        IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
+        **_FIXED_BLOCKS,
+    )  # fmt: skip
 
     def grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+        return (cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+
+    seqlens_contiguous = cu_seqlens.is_contiguous() if varlen else True
+    return (lse_shape, empty, ints, constexprs, grid, seqlens_contiguous, next_launch_key())
+
+
+def _fresh_strides(shape, varlen: bool) -> tuple:
+    """The (batch, seq, head) strides ``_layout`` gives a new contiguous tensor of ``shape`` (as torch.empty makes)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    strides.reverse()
+    return (0, strides[0], strides[1]) if varlen else (strides[0], strides[1], strides[2])
+
+
+def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+    dropout_p, seed_value = dropout_args(dropout_p, seed)
+    key = (*map(tensor_key, (q, k, v, attention_mask, cu_seqlens)), max_seqlen, dropout_p > 0.0)
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = _FWD_PLANS.put(key, _forward_plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, dropout_p > 0.0))
+    lse_shape, empty, ints, constexprs, grid, seqlens_contiguous, launch_key = plan
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if empty:
+        return out.zero_(), lse.fill_(float("inf"))
+    mask = attention_mask.view(torch.uint8) if attention_mask is not None else q  # bool read as bytes, no copy
+    if cu_seqlens is None:
+        seqlens = q  # an unused placeholder pointer when padded
+    else:
+        seqlens = cu_seqlens if seqlens_contiguous else cu_seqlens.contiguous()
 
     with device_guard(q):
-        _fwd_kernel[grid](
-            q, k, v, out, lse, mask, seqlens,
-            float(scale), dropout_p, seed_value,
-            *strides(q), *strides(k), *strides(v), *strides(out),
-            *_stats_strides(lse, varlen),
-            *mask_strides,
-            heads, seq_q, seq_k, _seq_bucket(max(seq_q, seq_k)),
-            HEAD_DIM=head_dim, HEAD_DIM_PADDED=_head_dim_padded(head_dim),
-            IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
-            **_FIXED_BLOCKS,
-        )  # fmt: skip
+        _fwd_launch(
+            (launch_key, int_kind(seed_value)),
+            grid,
+            (q, k, v, out, lse, mask, seqlens, float(scale), dropout_p, seed_value, *ints),
+            constexprs,
+        )
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
-    dropout_p, seed_value = dropout_args(dropout_p, seed)
+def _backward_plan(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, has_dropout):
     varlen = cu_seqlens is not None
-    if grad_out.stride(-1) != 1:  # e.g. an expanded gradient; the kernels want contiguous rows
+    grad_contiguous = grad_out.stride(-1) == 1
+    if not grad_contiguous:  # e.g. an expanded gradient; the kernels want contiguous rows
         grad_out = grad_out.contiguous()
     batch, heads, seq_q, seq_k, strides = _layout(q, k, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if q.numel() == 0 or batch * seq_q == 0 or batch * seq_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
+    empty = q.numel() == 0 or batch * seq_q == 0 or batch * seq_k == 0
     has_mask = attention_mask is not None
-    mask = attention_mask.view(torch.uint8) if has_mask else q
-    mask_strides = (mask.stride(0), mask.stride(1)) if has_mask else (0, 0)
-    seqlens = cu_seqlens.contiguous() if varlen else q
+    mask_strides = (attention_mask.stride(0), attention_mask.stride(1)) if has_mask else (0, 0)
     stats_strides = _stats_strides(lse, varlen)
     head_dim_padded = _head_dim_padded(head_dim)
     shape_args = (heads, seq_q, seq_k, _seq_bucket(max(seq_q, seq_k)))
     consts = dict(
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
-        IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
+        IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
+    )  # fmt: skip
+    dq_strides = _fresh_strides(q.shape, varlen)
+    dkv_strides = _fresh_strides(k.shape, varlen)
+    delta_ints = (*strides(out), *strides(grad_out), *stats_strides, heads, seq_q)
+    dkdv_ints = (
+        *strides(q), *strides(k), *strides(v), *strides(grad_out), *dkv_strides, *dkv_strides,
+        *stats_strides, *mask_strides, *shape_args,
+    )  # fmt: skip
+    dq_ints = (
+        *strides(q), *strides(k), *strides(v), *strides(grad_out), *dq_strides,
+        *stats_strides, *mask_strides, *shape_args,
+    )  # fmt: skip
+    delta_consts = dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, IS_VARLEN=varlen, BLOCK_M=_DELTA_BLOCK_M)
+    delta_grid = (cdiv(seq_q, _DELTA_BLOCK_M), batch * heads)
+
+    def dkdv_grid(meta):
+        return (cdiv(seq_k, meta["BLOCK_N"]), batch * heads)
+
+    def dq_grid(meta):
+        return (cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+
+    seqlens_contiguous = cu_seqlens.is_contiguous() if varlen else True
+    return (
+        grad_contiguous, empty, seqlens_contiguous,
+        (delta_grid, delta_ints, delta_consts),
+        (dkdv_grid, dkdv_ints, {**consts, **_FIXED_BLOCKS}),
+        (dq_grid, dq_ints, {**consts, **_FIXED_BLOCKS}),
+        next_launch_key(),
     )  # fmt: skip
 
+
+def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+    dropout_p, seed_value = dropout_args(dropout_p, seed)
+    tensors = (grad_out, q, k, v, out, lse, attention_mask, cu_seqlens)
+    key = (*map(tensor_key, tensors), max_seqlen, dropout_p > 0.0)
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        plan = _BWD_PLANS.put(
+            key,
+            _backward_plan(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, dropout_p > 0.0),
+        )
+    grad_contiguous, empty, seqlens_contiguous, delta_plan, dkdv_plan, dq_plan, launch_key = plan
+    if not grad_contiguous:
+        grad_out = grad_out.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if empty:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    mask = attention_mask.view(torch.uint8) if attention_mask is not None else q
+    if cu_seqlens is None:
+        seqlens = q
+    else:
+        seqlens = cu_seqlens if seqlens_contiguous else cu_seqlens.contiguous()
+    scale = float(scale)
+    launch_key = (launch_key, int_kind(seed_value))
+
     with device_guard(q):
-        _attn_bwd_delta_kernel[(triton.cdiv(seq_q, _DELTA_BLOCK_M), batch * heads)](
-            out, grad_out, delta, seqlens,
-            *strides(out), *strides(grad_out), *stats_strides,
-            heads, seq_q,
-            HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, IS_VARLEN=varlen, BLOCK_M=_DELTA_BLOCK_M,
-        )  # fmt: skip
-        _dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads)](
-            q, k, v, grad_out, lse, delta, dk, dv, mask, seqlens,
-            float(scale), dropout_p, seed_value,
-            *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dk), *strides(dv),
-            *stats_strides, *mask_strides,
-            *shape_args,
-            **consts, **_FIXED_BLOCKS,
-        )  # fmt: skip
-        _dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)](
-            q, k, v, grad_out, lse, delta, dq, mask, seqlens,
-            float(scale), dropout_p, seed_value,
-            *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dq),
-            *stats_strides, *mask_strides,
-            *shape_args,
-            **consts, **_FIXED_BLOCKS,
-        )  # fmt: skip
+        grid, ints, consts = delta_plan
+        _delta_launch(launch_key, grid, (out, grad_out, delta, seqlens, *ints), consts)
+        grid, ints, consts = dkdv_plan
+        _dkdv_launch(
+            launch_key,
+            grid,
+            (q, k, v, grad_out, lse, delta, dk, dv, mask, seqlens, scale, dropout_p, seed_value, *ints),
+            consts,
+        )
+        grid, ints, consts = dq_plan
+        _dq_launch(
+            launch_key,
+            grid,
+            (q, k, v, grad_out, lse, delta, dq, mask, seqlens, scale, dropout_p, seed_value, *ints),
+            consts,
+        )
     return dq, dk, dv
 
 
@@ -721,9 +818,14 @@ def _setup_padded(ctx, inputs, output):
     ctx.dropout_p = dropout_p
 
 
-def _backward_padded(ctx, grad_out, _grad_lse):
+def _backward_padded(ctx, grad_out, _grad_lse=None):
     q, k, v, out, lse, attention_mask, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, attention_mask, ctx.scale, ctx.dropout_p, seed)
+    args = (grad_out, q, k, v, out, lse, attention_mask, ctx.scale, ctx.dropout_p, seed)
+    if not torch.is_grad_enabled() and eager_fast_path(grad_out, q, k, v, out, attention_mask):
+        with profiled("bertfast::attention_bwd"):
+            dq, dk, dv = _backward(grad_out, q, k, v, out, lse, attention_mask, None, 0, *args[7:])
+    else:  # under torch.compile, a mode or create_graph: the custom op, as before
+        dq, dk, dv = _attention_bwd_op(*args)
     return dq, dk, dv, None, None, None, None
 
 
@@ -737,12 +839,41 @@ def _setup_varlen(ctx, inputs, output):
     ctx.dropout_p = dropout_p
 
 
-def _backward_varlen(ctx, grad_out, _grad_lse):
+def _backward_varlen(ctx, grad_out, _grad_lse=None):
     q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_varlen_bwd_op(
-        grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed
-    )
+    args = (grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
+    if not torch.is_grad_enabled() and eager_fast_path(grad_out, q, k, v, out, cu_seqlens):
+        with profiled("bertfast::attention_varlen_bwd"):
+            dq, dk, dv = _backward(grad_out, q, k, v, out, lse, None, *args[6:])
+    else:  # under torch.compile, a mode or create_graph: the custom op, as before
+        dq, dk, dv = _attention_varlen_bwd_op(*args)
     return dq, dk, dv, None, None, None, None, None
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """The eager fast path's autograd (padded): the custom op's forward, setup_context and backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # the op's arguments; its setup_context inside (a forward without ctx costs ~20 µs)
+        q, k, v, attention_mask, scale, dropout_p, seed = inputs
+        output = _forward(q, k, v, attention_mask, None, 0, scale, dropout_p, seed)
+        _setup_padded(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward_padded)
+
+
+class _AttentionVarlenFunction(torch.autograd.Function):
+    """The eager fast path's autograd (varlen): the custom op's forward, setup_context and backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # the op's arguments; its setup_context inside
+        q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
+        output = _forward(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+        _setup_varlen(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward_varlen)
 
 
 _attention_fwd_op.register_autograd(_backward_padded, setup_context=_setup_padded)
@@ -765,12 +896,23 @@ def attention(
     """Softmax attention over ``(batch, seq, heads, head_dim)`` with an optional bool key-padding mask.
 
     ``dropout_p > 0`` drops attention probabilities with a fresh seed from torch's default generator.
+    In eager mode the launcher runs directly (see ``_launch.eager_fast_path``); otherwise, as under
+    torch.compile, the ``bertfast::attention_fwd`` custom op does.
     """
-    _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
-    _check_mask(attention_mask, k)
+    key = (tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attention_mask))
+    if key not in _CHECKED:  # the checks depend only on the key: once per key
+        _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
+        _check_mask(attention_mask, k)
+        _CHECKED.put(key, True)
     check_dropout_p(dropout_p)
     seed = draw_seed(dropout_p)
-    return _attention_fwd_op(q, k, v, attention_mask, float(scale), float(dropout_p), seed)[0]
+    scale, dropout_p = float(scale), float(dropout_p)
+    if eager_fast_path(q, k, v, attention_mask):
+        with profiled("bertfast::attention_fwd"):
+            if needs_grad(q, k, v):
+                return _AttentionFunction.apply(q, k, v, attention_mask, scale, dropout_p, seed)[0]
+            return _forward(q, k, v, attention_mask, None, 0, scale, dropout_p, seed)[0]
+    return _attention_fwd_op(q, k, v, attention_mask, scale, dropout_p, seed)[0]
 
 
 def attention_varlen(
@@ -790,8 +932,19 @@ def attention_varlen(
     longest sequence (:func:`bertfast.varlen.check_cu_seqlens`).  ``False`` is for callers that
     built or checked the offsets themselves; bad offsets then corrupt memory.
     """
-    _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
+    key = (tensor_key(q), tensor_key(k), tensor_key(v))
+    if key not in _CHECKED:  # these checks depend only on the key: once per key
+        _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
+        _CHECKED.put(key, True)
+    # Every call: the offsets' values must never be judged from a cache.
     _check_cu_seqlens(cu_seqlens, q, max_seqlen, check)
+    max_seqlen = int(max_seqlen)
     check_dropout_p(dropout_p)
     seed = draw_seed(dropout_p)
-    return _attention_varlen_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), seed)[0]
+    scale, dropout_p = float(scale), float(dropout_p)
+    if eager_fast_path(q, k, v, cu_seqlens):
+        with profiled("bertfast::attention_varlen_fwd"):
+            if needs_grad(q, k, v):
+                return _AttentionVarlenFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed)[0]
+            return _forward(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, seed)[0]
+    return _attention_varlen_fwd_op(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed)[0]

@@ -75,7 +75,21 @@ import triton
 import triton.language as tl
 
 from ._dropout import check_dropout_p, draw_seed, dropout_args, dropout_keep
-from ._launch import as_rows, device_guard, interpreting
+from ._launch import (
+    CachedLaunch,
+    PlanCache,
+    as_rows,
+    cdiv,
+    device_guard,
+    eager_fast_path,
+    int_kind,
+    interpreting,
+    needs_grad,
+    next_launch_key,
+    profiled,
+    row_stride,
+    tensor_key,
+)
 
 MAX_HIDDEN = 8192
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -347,27 +361,26 @@ def unsupported(*tensors) -> str | None:
     return None
 
 
-def _vector(name: str, t: torch.Tensor, n_cols: int, device: torch.device) -> torch.Tensor:
+def _vector(name: str, t: torch.Tensor, n_cols: int, device: torch.device) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
     if tuple(t.shape) != (n_cols,):
         raise ValueError(f"{name} must have shape ({n_cols},), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
-    return t.contiguous()
 
 
-def _check_inputs(x, weight, residual, linear_bias):
-    """Validate what forward and backward share; returns contiguous vectors."""
+def _check_inputs(x, weight, residual, linear_bias) -> None:
+    """Validate what forward and backward share."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     reason = unsupported(x)
     if reason is not None:
         raise ValueError(reason)
     n_cols = x.shape[-1]
-    weight = _vector("weight", weight, n_cols, x.device)
+    _vector("weight", weight, n_cols, x.device)
     if linear_bias is not None:
-        linear_bias = _vector("linear_bias", linear_bias, n_cols, x.device)
+        _vector("linear_bias", linear_bias, n_cols, x.device)
         if linear_bias.dtype != x.dtype:
             raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but x has {x.dtype}")
     if residual is not None:
@@ -377,111 +390,214 @@ def _check_inputs(x, weight, residual, linear_bias):
             raise TypeError(f"residual has dtype {residual.dtype} but x has {x.dtype}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-    return weight, linear_bias
+
+
+# Launch decisions per (shapes, strides, dtypes, devices, flags): the checks above pass once per
+# key, then every call with that key reuses the tile shape, grid and row strides.  The keys name
+# ``_config_for`` too, so a test that replaces it gets fresh plans.
+_FWD_PLANS = PlanCache()
+_BWD_PLANS = PlanCache()
+_fwd_launch = CachedLaunch(globals(), "_layer_norm_fwd_kernel")
+_bwd_launch = CachedLaunch(globals(), "_layer_norm_bwd_kernel")
+
+
+class _ForwardPlan(NamedTuple):
+    n_rows: int
+    n_cols: int
+    x_stride: int | None  # the row stride; None: x must be copied into rows first
+    res_stride: int | None  # 0 without a residual; None: copy it
+    contiguous_vectors: bool  # weight, bias and linear_bias need no copy
+    grid: tuple
+    constexprs: dict
+    launch_key: int
+
+
+class _BackwardPlan(NamedTuple):
+    n_rows: int
+    n_cols: int
+    x_stride: int | None
+    dy_stride: int | None
+    res_stride: int | None
+    contiguous_inputs: bool  # weight, linear_bias, mean and rstd need no copy
+    num_groups: int
+    n_partials: int
+    separate_dresidual: bool
+    tiles_per_group: int
+    constexprs: dict
+    launch_key: int
+
+
+def _constexprs(cfg: LaunchConfig, residual, linear_bias, has_dropout: bool) -> dict:
+    return dict(
+        HAS_RESIDUAL=residual is not None,
+        HAS_LINEAR_BIAS=linear_bias is not None,
+        HAS_DROPOUT=has_dropout,
+        ROWS=cfg.rows,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+    )
+
+
+def _forward_plan(x, weight, bias, residual, linear_bias, has_dropout: bool) -> _ForwardPlan:
+    _check_inputs(x, weight, residual, linear_bias)
+    _vector("bias", bias, x.shape[-1], x.device)
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // n_cols
+    vectors = [t for t in (weight, bias, linear_bias) if t is not None]
+    cfg = _config_for(x, n_rows, n_cols, "forward")
+    return _ForwardPlan(
+        n_rows,
+        n_cols,
+        row_stride(x),
+        row_stride(residual) if residual is not None else 0,
+        all(t.is_contiguous() for t in vectors),
+        (cfg.num_groups,),
+        _constexprs(cfg, residual, linear_bias, has_dropout),
+        next_launch_key(),
+    )
 
 
 def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=None):
     dropout_p, seed_value = dropout_args(dropout_p, seed)
-    weight, linear_bias = _check_inputs(x, weight, residual, linear_bias)
-    bias = _vector("bias", bias, x.shape[-1], x.device)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    x2d = as_rows(x)
-    n_rows, n_cols = x2d.shape
-    res2d = as_rows(residual) if residual is not None else None
+    key = (*map(tensor_key, (x, weight, bias, residual, linear_bias)), dropout_p > 0.0, _config_for)
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = _FWD_PLANS.put(key, _forward_plan(x, weight, bias, residual, linear_bias, dropout_p > 0.0))
+    n_rows = plan.n_rows
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, mean, rstd
-    cfg = _config_for(x, n_rows, n_cols, "forward")
+    if not plan.contiguous_vectors:
+        weight, bias = weight.contiguous(), bias.contiguous()
+        linear_bias = linear_bias.contiguous() if linear_bias is not None else None
+    # x and the residual go to the kernel as they are (a pointer and a row stride) unless
+    # their rows cannot be addressed with one stride.
+    x_stride = plan.x_stride
+    if x_stride is None:
+        x, x_stride = as_rows(x), plan.n_cols
+    res_stride = plan.res_stride
+    if residual is None:
+        residual = x  # never read when HAS_RESIDUAL is False
+    elif res_stride is None:
+        residual, res_stride = as_rows(residual), plan.n_cols
     with device_guard(x):
-        _layer_norm_fwd_kernel[(cfg.num_groups,)](
-            x2d,
-            res2d if res2d is not None else x2d,  # never read when HAS_RESIDUAL is False
-            linear_bias if linear_bias is not None else weight,
-            weight,
-            bias,
-            y,
-            mean,
-            rstd,
-            n_rows,
-            n_cols,
-            x2d.stride(0),
-            res2d.stride(0) if res2d is not None else 0,
-            eps,
-            dropout_p,
-            seed_value,
-            HAS_RESIDUAL=res2d is not None,
-            HAS_LINEAR_BIAS=linear_bias is not None,
-            HAS_DROPOUT=dropout_p > 0.0,
-            ROWS=cfg.rows,
-            BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps,
+        _fwd_launch(
+            (plan.launch_key, int_kind(seed_value)),
+            plan.grid,
+            (
+                x,
+                residual,
+                linear_bias if linear_bias is not None else weight,
+                weight,
+                bias,
+                y,
+                mean,
+                rstd,
+                n_rows,
+                plan.n_cols,
+                x_stride,
+                res_stride,
+                eps,
+                dropout_p,
+                seed_value,
+            ),
+            plan.constexprs,
         )
     return y, mean, rstd
 
 
-def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, dropout_p=0.0, seed=None):
-    dropout_p, seed_value = dropout_args(dropout_p, seed)
-    weight, linear_bias = _check_inputs(x, weight, residual, linear_bias)
+def _backward_plan(dy, x, weight, mean, rstd, residual, linear_bias, has_dropout: bool) -> _BackwardPlan:
+    _check_inputs(x, weight, residual, linear_bias)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    x2d = as_rows(x)
-    dy2d = as_rows(dy)
-    res2d = as_rows(residual) if residual is not None else None
-    n_rows, n_cols = x2d.shape
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // n_cols
     for name, stat in (("mean", mean), ("rstd", rstd)):
         if stat.dtype != torch.float32 or tuple(stat.shape) != (n_rows,):
             raise ValueError(f"{name} must be float32 of shape ({n_rows},), got {stat.dtype} {tuple(stat.shape)}")
-    mean, rstd = mean.contiguous(), rstd.contiguous()
+    cfg = _config_for(x, n_rows, n_cols, "backward")
+    num_groups = cfg.num_groups
+    inputs = [t for t in (weight, linear_bias, mean, rstd) if t is not None]
+    return _BackwardPlan(
+        n_rows,
+        n_cols,
+        row_stride(x),
+        row_stride(dy),
+        row_stride(residual) if residual is not None else 0,
+        all(t.is_contiguous() for t in inputs),
+        num_groups,
+        3 if linear_bias is not None else 2,
+        has_dropout and residual is not None,
+        cdiv(cdiv(n_rows, cfg.rows), num_groups) if n_rows > 0 else 0,
+        _constexprs(cfg, residual, linear_bias, has_dropout),
+        next_launch_key(),
+    )
+
+
+def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, dropout_p=0.0, seed=None):
+    dropout_p, seed_value = dropout_args(dropout_p, seed)
+    key = (*map(tensor_key, (dy, x, weight, mean, rstd, residual, linear_bias)), dropout_p > 0.0, _config_for)
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        plan = _BWD_PLANS.put(key, _backward_plan(dy, x, weight, mean, rstd, residual, linear_bias, dropout_p > 0.0))
+    if not plan.contiguous_inputs:
+        weight, mean, rstd = weight.contiguous(), mean.contiguous(), rstd.contiguous()
+        linear_bias = linear_bias.contiguous() if linear_bias is not None else None
+    n_rows, n_cols, num_groups, n_partials = plan.n_rows, plan.n_cols, plan.num_groups, plan.n_partials
 
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     # With dropout the residual's gradient is no longer x's: a second output (else an empty one).
-    separate_dresidual = dropout_p > 0.0 and residual is not None
-    dresidual = torch.empty(x.shape if separate_dresidual else (0,), dtype=x.dtype, device=x.device)
-    cfg = _config_for(x, n_rows, n_cols, "backward")
-    num_groups = cfg.num_groups
+    dresidual = torch.empty(x.shape if plan.separate_dresidual else (0,), dtype=x.dtype, device=x.device)
     # Every group writes its whole row of partial sums, so the buffers need no zeroing.
-    n_partials = 3 if linear_bias is not None else 2
-    partial = torch.empty((n_partials, num_groups, n_cols), dtype=torch.float32, device=x.device)
+    partials = torch.empty((n_partials, num_groups, n_cols), dtype=torch.float32, device=x.device).unbind(0)
     if n_rows > 0:
-        tiles_per_group = triton.cdiv(triton.cdiv(n_rows, cfg.rows), num_groups)
+        x_stride, dy_stride, res_stride = plan.x_stride, plan.dy_stride, plan.res_stride
+        if x_stride is None:
+            x, x_stride = as_rows(x), n_cols
+        if dy_stride is None:
+            dy, dy_stride = as_rows(dy), n_cols
+        if residual is None:
+            residual = x
+        elif res_stride is None:
+            residual, res_stride = as_rows(residual), n_cols
         with device_guard(x):
-            _layer_norm_bwd_kernel[(num_groups,)](
-                dy2d,
-                x2d,
-                res2d if res2d is not None else x2d,
-                linear_bias if linear_bias is not None else weight,
-                weight,
-                mean,
-                rstd,
-                dx,
-                dresidual if separate_dresidual else dx,  # written only with dropout and a residual
-                partial[0],
-                partial[1],
-                partial[n_partials - 1],  # dlinear_bias: written only when HAS_LINEAR_BIAS
-                n_rows,
-                n_cols,
-                dy2d.stride(0),
-                x2d.stride(0),
-                res2d.stride(0) if res2d is not None else 0,
-                tiles_per_group,
-                dropout_p,
-                seed_value,
-                HAS_RESIDUAL=res2d is not None,
-                HAS_LINEAR_BIAS=linear_bias is not None,
-                HAS_DROPOUT=dropout_p > 0.0,
-                ROWS=cfg.rows,
-                BLOCK_N=cfg.block_n,
-                num_warps=cfg.num_warps,
+            _bwd_launch(
+                (plan.launch_key, int_kind(seed_value)),
+                (num_groups,),
+                (
+                    dy,
+                    x,
+                    residual,
+                    linear_bias if linear_bias is not None else weight,
+                    weight,
+                    mean,
+                    rstd,
+                    dx,
+                    dresidual if plan.separate_dresidual else dx,  # written only with dropout and a residual
+                    partials[0],
+                    partials[1],
+                    partials[-1],  # dlinear_bias: written only when HAS_LINEAR_BIAS
+                    n_rows,
+                    n_cols,
+                    dy_stride,
+                    x_stride,
+                    res_stride,
+                    plan.tiles_per_group,
+                    dropout_p,
+                    seed_value,
+                ),
+                plan.constexprs,
             )
     # Fixed-order reduction of the per-group partial sums: deterministic.  One sum per
     # gradient, so the returned tensors do not alias one another.
-    dweight = partial[0].sum(dim=0).to(weight.dtype)
-    dbias = partial[1].sum(dim=0).to(bias_dtype)
+    dweight = partials[0].sum(dim=0).to(weight.dtype)
+    dbias = partials[1].sum(dim=0).to(bias_dtype)
     if linear_bias is not None:
-        dlinear_bias = partial[2].sum(dim=0).to(linear_bias.dtype)
+        dlinear_bias = partials[2].sum(dim=0).to(linear_bias.dtype)
     else:
         dlinear_bias = x.new_empty((0,))
     return dx, dweight, dbias, dlinear_bias, dresidual
@@ -559,11 +675,14 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+def _layer_norm_backward(ctx, dy, _dmean=None, _drstd=None):
     x, weight, mean, rstd, residual, linear_bias, seed = ctx.saved_tensors
-    dx, dweight, dbias, dlinear_bias, dresidual = torch.ops.bertfast.layer_norm_bwd(
-        dy, x, weight, mean, rstd, residual, linear_bias, ctx.bias_dtype, ctx.dropout_p, seed
-    )
+    args = (dy, x, weight, mean, rstd, residual, linear_bias, ctx.bias_dtype, ctx.dropout_p, seed)
+    if not torch.is_grad_enabled() and eager_fast_path(dy, x, weight, residual, linear_bias):
+        with profiled("bertfast::layer_norm_bwd"):
+            dx, dweight, dbias, dlinear_bias, dresidual = _backward(*args)
+    else:  # under torch.compile, a mode or create_graph: the custom op, as before
+        dx, dweight, dbias, dlinear_bias, dresidual = torch.ops.bertfast.layer_norm_bwd(*args)
     if residual is None:
         dresidual = None
     elif ctx.dropout_p == 0.0:
@@ -575,13 +694,31 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_setup_context)
 
 
+class _LayerNormFunction(torch.autograd.Function):
+    """The eager fast path's autograd: the custom op's forward, setup_context and backward, no dispatcher."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # the op's arguments; the op's setup_context (a forward without ctx costs ~20 µs)
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_layer_norm_backward)
+
+
 def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0) -> torch.Tensor:
     """``LayerNorm(dropout(x + linear_bias) + residual)`` over the last dimension, differentiable.
 
     ``dropout_p > 0`` drops elements of ``x + linear_bias`` with a fresh seed from torch's default generator.
+    In eager mode the launcher runs directly (see ``_launch.eager_fast_path``); otherwise, as under
+    torch.compile, the ``bertfast::layer_norm_fwd`` custom op does.
     """
     check_dropout_p(dropout_p)
     seed = draw_seed(dropout_p)
-    return torch.ops.bertfast.layer_norm_fwd(
-        x, weight, bias, float(eps), residual, linear_bias, float(dropout_p), seed
-    )[0]
+    eps, dropout_p = float(eps), float(dropout_p)
+    if eager_fast_path(x, weight, bias, residual, linear_bias):
+        with profiled("bertfast::layer_norm_fwd"):
+            if needs_grad(x, weight, bias, residual, linear_bias):
+                return _LayerNormFunction.apply(x, weight, bias, eps, residual, linear_bias, dropout_p, seed)[0]
+            return _forward(x, weight, bias, eps, residual, linear_bias, dropout_p, seed)[0]
+    return torch.ops.bertfast.layer_norm_fwd(x, weight, bias, eps, residual, linear_bias, dropout_p, seed)[0]
