@@ -58,6 +58,16 @@ def validate_backend_name(name: str | None) -> str:
     return name
 
 
+def check_backend(name: str | None) -> str:
+    """Validate a model's backend name; an explicit backend must be able to run here at all."""
+    name = validate_backend_name(name)
+    if name != "auto":
+        reason = backend_availability(name)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {name!r} is unavailable: {reason}")
+    return name
+
+
 _LOADED: dict[str, tuple[object | None, str | None]] = {}
 
 
