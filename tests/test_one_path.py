@@ -1,0 +1,62 @@
+"""Native and patched models run one layer path (bertfast.layers): same numbers, padding-free, lean on the host."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import bertfast  # noqa: E402
+from bertfast.benchmarking import host_overhead  # noqa: E402
+
+from .helpers import ragged_batch, small_config  # noqa: E402
+
+
+def native_and_patched(**overrides):
+    config = small_config(**overrides)
+    native = bertfast.BertModel(config, backend="reference").eval()
+    hf = transformers.BertModel(transformers.BertConfig(**config.to_dict(), attn_implementation="eager")).eval()
+    hf.load_state_dict(native.state_dict())
+    bertfast.patch(hf, backend="reference")
+    return native, hf
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_native_and_patched_give_the_same_numbers(autocast):
+    native, patched = native_and_patched()
+    ids, types, mask = ragged_batch(native.config, [9, 4, 7], 9)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = native(ids, mask, types, output_hidden_states=True)
+        theirs = patched(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+    assert ours.last_hidden_state.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(ours.last_hidden_state, theirs.last_hidden_state)
+    assert torch.equal(ours.pooler_output, theirs.pooler_output)
+    assert all(torch.equal(a, b) for a, b in zip(ours.hidden_states, theirs.hidden_states))
+
+
+def _matmul_flops(forward) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward()
+    counts = counter.get_flop_counts()["Global"]
+    return sum(v for op, v in counts.items() if "mm" in str(op))  # the GEMMs: mm, addmm, bmm
+
+
+def test_padding_free_matmul_flops_near_the_real_token_share():
+    native, patched = native_and_patched()
+    lengths, seq = [16, 5, 3, 4], 16
+    ids, types, mask = ragged_batch(native.config, lengths, seq)
+    share = sum(lengths) / (len(lengths) * seq)
+    padded = _matmul_flops(lambda: native.set_unpad(False)(ids, mask, types))
+    native.set_unpad("auto")
+    for forward in (lambda: native(ids, mask, types), lambda: patched(input_ids=ids, attention_mask=mask)):
+        ratio = _matmul_flops(forward) / padded
+        assert ratio <= share * 1.15, f"{ratio:.2f} of the padded FLOPs for a real-token share of {share:.2f}"
+
+
+def test_host_overhead_row_runs():
+    """The benchmark row itself (bertfast.benchmarking.host_overhead); nothing is timed against a bound here."""
+    row = host_overhead.run(rounds=1, shape={"layers": 2})
+    assert set(row["ms"]) == {"bertfast", "hf-sdpa-patched", "hf-sdpa"}
+    assert all(ms > 0 for ms in row["ms"].values())
+    assert all(row["aten_ops"][name] > 0 and row["python_calls"][name] > 0 for name in row["ms"])
