@@ -43,6 +43,7 @@ variable-length attention reads the offsets to loop over sequences in Python.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -289,11 +290,70 @@ def _dense_residual_layer_norm(block, h, residual, ops: Plan):
     return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual, dense.bias)
 
 
+class _Adjacent(torch.autograd.Function):
+    """``cat(parts)`` without a copy, for parts laid out back to back in one storage; the backward splits."""
+
+    @staticmethod
+    def forward(ctx, *parts):
+        first = parts[0]
+        ctx.sizes = [p.shape[0] for p in parts]
+        shape = (sum(ctx.sizes), *first.shape[1:])
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape, first.stride())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.split(ctx.sizes)
+
+
+def _adjacent(parts) -> bool:
+    first = parts[0]
+    if not first.is_contiguous():
+        return False
+    end = first.data_ptr() + first.numel() * first.element_size()
+    for p in parts[1:]:
+        if p.data_ptr() != end or not p.is_contiguous() or p.dtype != first.dtype or p.device != first.device:
+            return False
+        end += p.numel() * p.element_size()
+    return True
+
+
+def fuse_qkv_storage(sa) -> None:
+    """Lay Wq, Wk, Wv (and their biases) back to back in one storage, so the fused QKV GEMM reads them
+    in place.  The parameters stay three (Hugging Face's names and state_dict); only their storage moves."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            params = [getattr(getattr(sa, part), name) for part in ("query", "key", "value")]
+            if not _adjacent(params):
+                fused = torch.cat(params)
+                for p, view in zip(params, fused.split([p.shape[0] for p in params])):
+                    p.data = view
+
+
+# Fused copies for modules whose parameters are not adjacent (patched transformers models), in eval only,
+# keyed by the parameters' addresses and versions so an in-place update invalidates them.
+_FUSED_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fused(sa, name: str):
+    params = [getattr(getattr(sa, part), name) for part in ("query", "key", "value")]
+    if torch.compiler.is_compiling():
+        return torch.cat(params)
+    if _adjacent(params):
+        return _Adjacent.apply(*params)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return torch.cat(params)
+    key = tuple((p.data_ptr(), p._version) for p in params)
+    cached = _FUSED_CACHE.setdefault(sa, {}).get(name)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat(params))
+        _FUSED_CACHE[sa][name] = cached
+    return cached[1]
+
+
 def qkv_projection(sa, x):
-    """``x @ [Wq; Wk; Wv]^T + [bq; bk; bv]`` as one GEMM."""
-    weight = torch.cat((sa.query.weight, sa.key.weight, sa.value.weight))
-    bias = torch.cat((sa.query.bias, sa.key.bias, sa.value.bias))
-    return F.linear(x, weight, bias)
+    """``x @ [Wq; Wk; Wv]^T + [bq; bk; bv]`` as one GEMM, with no copy of the weights per forward when
+    they are adjacent in memory (native models) or, in eval, a cached fused copy (patched models)."""
+    return F.linear(x, _fused(sa, "weight"), _fused(sa, "bias"))
 
 
 def layer(module, x, mask, ops: Plan):

@@ -19,7 +19,9 @@ What changes, and what does not
   ``(batch, seq)`` padding mask is still visible (Hugging Face expands it to 4-D inside).
 - every ``BertPredictionHeadTransform`` (the MLM heads): :func:`bertfast.layers.head_transform`.
 
-Parameters are used in place (no copies, names unchanged), so ``state_dict``,
+Parameters are used in place (no copies, names unchanged; only without gradients, e.g.
+under ``torch.no_grad()``, a fused copy of each layer's Wq/Wk/Wv is kept and refreshed when
+they change, so the QKV GEMM does not concatenate them per forward), so ``state_dict``,
 ``save_pretrained``, optimizers and weight tying keep working; outputs keep Hugging Face's
 types (``return_dict=False`` gives tuples); gradients flow to every parameter;
 ``train()``/``eval()`` switch dropout (hidden and attention dropout, fused into the ops on

@@ -60,3 +60,39 @@ def test_host_overhead_row_runs():
     assert set(row["ms"]) == {"bertfast", "hf-sdpa-patched", "hf-sdpa"}
     assert all(ms > 0 for ms in row["ms"].values())
     assert all(row["aten_ops"][name] > 0 and row["python_calls"][name] > 0 for name in row["ms"])
+
+
+def _cat_count(forward) -> int:
+    return host_overhead.count_aten_ops(forward)[1].get("aten.cat", 0)
+
+
+def test_no_weight_concatenation_per_layer_in_an_eval_forward():
+    native, patched = native_and_patched()
+    ids, types, mask = ragged_batch(native.config, [6, 6], 6)
+    with torch.no_grad():  # without gradients, the patched model fuses once, then reuses
+        patched(input_ids=ids, attention_mask=mask)
+    for forward in (lambda: native(ids, mask, types), lambda: patched(input_ids=ids, attention_mask=mask)):
+        assert _cat_count(forward) == 0
+    # an in-place update of a weight is seen by the next forward
+    with torch.no_grad():
+        for model in (native, patched):
+            model.encoder.layer[0].attention.self.value.weight.mul_(2)
+    with torch.no_grad():
+        after_native = native(ids, mask, types).last_hidden_state
+        after_patched = patched(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        assert torch.equal(after_native, after_patched)
+
+
+def test_fused_qkv_storage_survives_to_and_round_trips_the_state_dict(tmp_path):
+    native, _ = native_and_patched()
+    sa = native.encoder.layer[0].attention.self
+    native.to(torch.float64)
+    assert sa.key.weight.data_ptr() == sa.query.weight.data_ptr() + sa.query.weight.numel() * 8
+    state = {k: v.clone() for k, v in native.state_dict().items()}
+    native.save_pretrained(tmp_path)
+    again = bertfast.BertModel.from_pretrained(tmp_path, backend="reference", dtype=torch.float64)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
+    ids, types, mask = ragged_batch(native.config, [5, 2], 5)
+    native.train()
+    native(ids, mask, types).last_hidden_state.sum().backward()
+    assert all(getattr(sa, part).weight.grad is not None for part in ("query", "key", "value"))
