@@ -61,7 +61,15 @@ from .padding import PackedBatch, pack_mask, pad, unpad
 class Plan:
     """The backend function of each op for one forward (``None``: no backend can run it)."""
 
-    __slots__ = ("attention", "attention_varlen", "bias_gelu", "embedding_layer_norm", "layer_norm")
+    __slots__ = (
+        "attention",
+        "attention_qkv",
+        "attention_varlen",
+        "attention_varlen_qkv",
+        "bias_gelu",
+        "embedding_layer_norm",
+        "layer_norm",
+    )
 
     def __init__(self, **functions: Callable | None):
         for name in self.__slots__:
@@ -127,6 +135,9 @@ def plan(
         functions["attention"] = _resolve("attention", backend, (probe, probe, probe), p)
         varlen = probe[0]
         functions["attention_varlen"] = _resolve("attention_varlen", backend, (varlen, varlen, varlen), p, True)
+        # Packed-QKV variants (one gradient buffer for q, k and v), where the backend has them.
+        functions["attention_qkv"] = _resolve("attention_qkv", backend, (probe, probe, probe), p, True)
+        functions["attention_varlen_qkv"] = _resolve("attention_varlen_qkv", backend, (varlen, varlen, varlen), p, True)
     result = Plan(**functions)
     _PLANS[key] = result
     return result
@@ -305,9 +316,14 @@ class _Adjacent(torch.autograd.Function):
         return grad.split(ctx.sizes)
 
 
+def _plain(parts) -> bool:
+    """Plain tensors (not DTensor or other subclasses, whose storage is not theirs to lay out)."""
+    return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in parts)
+
+
 def _adjacent(parts) -> bool:
     first = parts[0]
-    if not first.is_contiguous():
+    if not _plain(parts) or not first.is_contiguous():
         return False
     end = first.data_ptr() + first.numel() * first.element_size()
     for p in parts[1:]:
@@ -323,7 +339,7 @@ def fuse_qkv_storage(sa) -> None:
     with torch.no_grad():
         for name in ("weight", "bias"):
             params = [getattr(getattr(sa, part), name) for part in ("query", "key", "value")]
-            if not _adjacent(params):
+            if _plain(params) and not _adjacent(params):
                 fused = torch.cat(params)
                 for p, view in zip(params, fused.split([p.shape[0] for p in params])):
                     p.data = view
@@ -360,13 +376,18 @@ def layer(module, x, mask, ops: Plan):
     """One post-LN encoder layer.  ``mask``: ``None``, a bool ``(batch, seq)`` mask, or a PackedBatch."""
     sa = module.attention.self
     heads, head_dim = sa.num_attention_heads, sa.attention_head_size
-    q, k, v = qkv_projection(sa, x).unflatten(-1, (3, heads, head_dim)).unbind(-3)
+    qkv = qkv_projection(sa, x).unflatten(-1, (3, heads, head_dim))
     extra = {"dropout_p": sa.dropout.p} if sa.dropout.training and sa.dropout.p > 0.0 else {}
     scale = head_dim**-0.5
     if isinstance(mask, PackedBatch):
-        a = ops.attention_varlen(q, k, v, mask.cu_seqlens, mask.max_seqlen, scale, **extra)
+        if ops.attention_varlen_qkv is not None:
+            a = ops.attention_varlen_qkv(qkv, mask.cu_seqlens, mask.max_seqlen, scale, **extra)
+        else:
+            a = ops.attention_varlen(*qkv.unbind(-3), mask.cu_seqlens, mask.max_seqlen, scale, **extra)
+    elif ops.attention_qkv is not None:
+        a = ops.attention_qkv(qkv, mask, scale, **extra)
     else:
-        a = ops.attention(q, k, v, mask, scale, **extra)
+        a = ops.attention(*qkv.unbind(-3), mask, scale, **extra)
     x = _dense_residual_layer_norm(module.attention.output, a.flatten(-2), x, ops)
     dense = module.intermediate.dense
     h = ops.bias_gelu(F.linear(x, dense.weight), dense.bias)
@@ -474,8 +495,10 @@ def encode(
         x = embed(bert.embeddings, input_ids, token_type_ids, position_ids, inputs_embeds, ops, dtype)
     states = [x] if output_hidden_states else None
     for module in bert.encoder.layer:
+        # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
+        step = module if getattr(module, "runs_bertfast_layer", False) else functools.partial(layer, module)
         checkpoint = _checkpoint_function(bert, module)
-        x = layer(module, x, mask, ops) if checkpoint is None else checkpoint(layer, module, x, mask, ops)
+        x = step(x, mask, ops) if checkpoint is None else checkpoint(step, x, mask, ops)
         if states is not None:
             states.append(x)
     packed_x = None

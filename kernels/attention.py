@@ -560,16 +560,22 @@ def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+def _backward(
+    grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None, dqkv=None
+):
+    """``(dq, dk, dv)``; with ``dqkv`` (``(..., 3, heads, head_dim)``) they are written into its three slices."""
     dropout_p, seed_value = dropout_args(dropout_p, seed)
     varlen = cu_seqlens is not None
     if grad_out.stride(-1) != 1:  # e.g. an expanded gradient; the kernels want contiguous rows
         grad_out = grad_out.contiguous()
     batch, heads, seq_q, seq_k, strides = _layout(q, k, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if dqkv is not None:
+        dq, dk, dv = dqkv.unbind(-3)
+    else:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or batch * seq_q == 0 or batch * seq_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
@@ -743,6 +749,82 @@ _attention_fwd_op.register_autograd(_backward_padded, setup_context=_setup_padde
 _attention_varlen_fwd_op.register_autograd(_backward_varlen, setup_context=_setup_varlen)
 
 
+# Packed QKV: q, k, v are the ``(..., 3, heads, head_dim)`` output of one projection, passed as one
+# tensor.  The backward writes dq, dk, dv into one buffer of that shape, which is the projection
+# output's gradient itself: autograd does not stack three gradients again.
+
+
+@torch.library.custom_op("bertfast::attention_qkv_fwd", mutates_args=())
+def _attention_qkv_fwd_op(
+    qkv: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (``cu_seqlens`` None) or varlen attention forward on packed QKV: (out, lse)."""
+    q, k, v = qkv.unbind(-3)
+    return _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+
+
+@_attention_qkv_fwd_op.register_fake
+def _(qkv, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+    q = qkv.select(-3, 0)
+    if cu_seqlens is None:
+        batch, seq_q, heads, _ = q.shape
+        lse_shape = (batch, heads, seq_q)
+    else:
+        total, heads, _ = q.shape
+        lse_shape = (heads, total)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("bertfast::attention_qkv_bwd", mutates_args=())
+def _attention_qkv_bwd_op(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Packed-QKV attention backward: dqkv, ``qkv``'s shape, contiguous."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    q, k, v = qkv.unbind(-3)
+    _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, dqkv)
+    return dqkv
+
+
+@_attention_qkv_bwd_op.register_fake
+def _(grad_out, qkv, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_qkv(ctx, inputs, output):
+    qkv, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse, attention_mask, cu_seqlens, seed)
+    ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
+
+
+def _backward_qkv(ctx, grad_out, _grad_lse):
+    qkv, out, lse, attention_mask, cu_seqlens, seed = ctx.saved_tensors
+    dqkv = _attention_qkv_bwd_op(
+        grad_out, qkv, out, lse, attention_mask, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed
+    )
+    return dqkv, None, None, None, None, None, None
+
+
+_attention_qkv_fwd_op.register_autograd(_backward_qkv, setup_context=_setup_qkv)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry points (called by bertfast.ops.triton_backend)
 # ----------------------------------------------------------------------------------------------
@@ -784,3 +866,29 @@ def attention_varlen(
     check_dropout_p(dropout_p)
     seed = draw_seed(dropout_p)
     return _attention_varlen_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), seed)[0]
+
+
+def attention_qkv(
+    qkv: torch.Tensor, attention_mask: torch.Tensor | None, scale: float, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """:func:`attention` of ``qkv``: ``(batch, seq, 3, heads, head_dim)``; its gradient is one buffer."""
+    q, k, v = qkv.unbind(-3)
+    _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
+    _check_mask(attention_mask, k)
+    check_dropout_p(dropout_p)
+    seed = draw_seed(dropout_p)
+    return _attention_qkv_fwd_op(qkv, attention_mask, None, 0, float(scale), float(dropout_p), seed)[0]
+
+
+def attention_varlen_qkv(
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """:func:`attention_varlen` of ``qkv``: ``(total_tokens, 3, heads, head_dim)``; its gradient is one buffer."""
+    q, k, v = qkv.unbind(-3)
+    _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
+    _check_cu_seqlens(cu_seqlens, q)
+    if int(max_seqlen) < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    check_dropout_p(dropout_p)
+    seed = draw_seed(dropout_p)
+    return _attention_qkv_fwd_op(qkv, None, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), seed)[0]

@@ -96,3 +96,17 @@ def test_fused_qkv_storage_survives_to_and_round_trips_the_state_dict(tmp_path):
     native.train()
     native(ids, mask, types).last_hidden_state.sum().backward()
     assert all(getattr(sa, part).weight.grad is not None for part in ("query", "key", "value"))
+
+
+@pytest.mark.skipif(bertfast.ops.backend_availability("triton") is not None, reason="needs the Triton backend")
+def test_training_step_neither_concatenates_weights_nor_stacks_qkv_gradients():
+    config = small_config(num_hidden_layers=1)
+    model = bertfast.BertModel(config, backend="triton").train()
+    ids, types, mask = ragged_batch(config, [5, 3], 5)
+    with host_overhead._CountOps() as forward_ops:
+        out = model(ids, mask, types).last_hidden_state
+    with host_overhead._CountOps() as backward_ops:
+        out.square().sum().backward()
+    assert forward_ops.names.get("aten.cat", 0) == 0, forward_ops.names
+    assert not {"aten.cat", "aten.stack"} & set(backward_ops.names), backward_ops.names
+    assert model.encoder.layer[0].attention.self.value.weight.grad is not None

@@ -43,6 +43,8 @@ OPS = ("layer_norm", "bias_gelu", "attention", "attention_varlen", "embedding_la
 _DROPOUT_CAPABILITY = {
     "attention": ("SUPPORTS_ATTENTION_DROPOUT", "attention-probability dropout"),
     "attention_varlen": ("SUPPORTS_ATTENTION_DROPOUT", "attention-probability dropout"),
+    "attention_qkv": ("SUPPORTS_ATTENTION_DROPOUT", "attention-probability dropout"),
+    "attention_varlen_qkv": ("SUPPORTS_ATTENTION_DROPOUT", "attention-probability dropout"),
     "layer_norm": ("SUPPORTS_HIDDEN_DROPOUT", "hidden dropout fused into layer_norm"),
 }
 

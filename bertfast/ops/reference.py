@@ -47,9 +47,6 @@ def bias_gelu(x, bias):
 
 def _masked_softmax_attention(q, k, v, keep, scale, dropout_p=0.0):
     """q, k, v: (batch, heads, seq, dim); keep: (batch, seq_k) bool or None."""
-    if keep is None and dropout_p == 0.0:
-        # The same softmax attention in one ATen op (PyTorch's math in fp64, its fused CPU kernel otherwise).
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if keep is None:
         probs = torch.softmax(scores, dim=-1)
@@ -80,7 +77,10 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
         if end == start:
             continue
         qs, ks, vs = (t[start:end].to(ct).transpose(0, 1) for t in (q, k, v))
-        out[start:end] = _masked_softmax_attention(qs, ks, vs, None, scale, dropout_p).transpose(0, 1).to(q.dtype)
+        probs = torch.softmax(torch.matmul(qs, ks.transpose(-1, -2)) * scale, dim=-1)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, dropout_p)
+        out[start:end] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
     return out
 
 
