@@ -301,33 +301,36 @@ def _dense_residual_layer_norm(block, h, residual, ops: Plan):
     return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual, dense.bias)
 
 
+def _view_of_adjacent(parts):
+    """One tensor over ``parts`` laid out back to back in one storage (no copy)."""
+    first = parts[0]
+    shape = (parts[0].shape[0] + parts[1].shape[0] + parts[2].shape[0], *first.shape[1:])
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape, first.stride())
+
+
 class _Adjacent(torch.autograd.Function):
     """``cat(parts)`` without a copy, for parts laid out back to back in one storage; the backward splits."""
 
     @staticmethod
     def forward(ctx, *parts):
-        first = parts[0]
         ctx.sizes = [p.shape[0] for p in parts]
-        shape = (sum(ctx.sizes), *first.shape[1:])
-        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape, first.stride())
+        return _view_of_adjacent(parts)
 
     @staticmethod
     def backward(ctx, grad):
         return grad.split(ctx.sizes)
 
 
-def _plain(parts) -> bool:
-    """Plain tensors (not DTensor or other subclasses, whose storage is not theirs to lay out)."""
-    return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in parts)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _adjacent(parts) -> bool:
+    """Plain tensors (not DTensor or other subclasses, whose storage is not theirs to lay out) of one
+    dtype, contiguous and back to back in memory."""
     first = parts[0]
-    if not _plain(parts) or not first.is_contiguous():
-        return False
-    end = first.data_ptr() + first.numel() * first.element_size()
-    for p in parts[1:]:
-        if p.data_ptr() != end or not p.is_contiguous() or p.dtype != first.dtype or p.device != first.device:
+    end = first.data_ptr()
+    for p in parts:
+        if type(p) not in _PLAIN or p.data_ptr() != end or not p.is_contiguous() or p.dtype != first.dtype:
             return False
         end += p.numel() * p.element_size()
     return True
@@ -339,36 +342,38 @@ def fuse_qkv_storage(sa) -> None:
     with torch.no_grad():
         for name in ("weight", "bias"):
             params = [getattr(getattr(sa, part), name) for part in ("query", "key", "value")]
-            if _plain(params) and not _adjacent(params):
+            if all(type(p) in _PLAIN for p in params) and not _adjacent(params):
                 fused = torch.cat(params)
                 for p, view in zip(params, fused.split([p.shape[0] for p in params])):
                     p.data = view
 
 
-# Fused copies for modules whose parameters are not adjacent (patched transformers models), in eval only,
-# keyed by the parameters' addresses and versions so an in-place update invalidates them.
+# Without gradients, the fused weight of each module is kept: a view when the parameters are adjacent
+# (native models), else a copy (patched transformers models), keyed by the parameters' addresses and
+# versions so that moving or updating them in place makes a new one.
 _FUSED_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _fused(sa, name: str):
-    params = [getattr(getattr(sa, part), name) for part in ("query", "key", "value")]
+    params = (getattr(sa.query, name), getattr(sa.key, name), getattr(sa.value, name))
     if torch.compiler.is_compiling():
         return torch.cat(params)
-    if _adjacent(params):
-        return _Adjacent.apply(*params)
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-        return torch.cat(params)
-    key = tuple((p.data_ptr(), p._version) for p in params)
-    cached = _FUSED_CACHE.setdefault(sa, {}).get(name)
-    if cached is None or cached[0] != key:
-        cached = (key, torch.cat(params))
-        _FUSED_CACHE[sa][name] = cached
-    return cached[1]
+    if torch.is_grad_enabled() and (params[0].requires_grad or params[1].requires_grad or params[2].requires_grad):
+        return _Adjacent.apply(*params) if _adjacent(params) else torch.cat(params)
+    q, k, v = params
+    key = (q.data_ptr(), k.data_ptr(), v.data_ptr(), q._version, k._version, v._version)
+    cache = _FUSED_CACHE.get(sa)
+    if cache is None:
+        cache = _FUSED_CACHE[sa] = {}
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, _view_of_adjacent(params) if _adjacent(params) else torch.cat(params))
+    return hit[1]
 
 
 def qkv_projection(sa, x):
     """``x @ [Wq; Wk; Wv]^T + [bq; bk; bv]`` as one GEMM, with no copy of the weights per forward when
-    they are adjacent in memory (native models) or, in eval, a cached fused copy (patched models)."""
+    they are adjacent in memory (native models) or, without gradients, a kept fused copy (patched models)."""
     return F.linear(x, _fused(sa, "weight"), _fused(sa, "bias"))
 
 

@@ -3,7 +3,7 @@
 A 24-layer BERT at hidden 32 (2 heads, FFN 128) on a ``2 x 8`` batch does almost no
 arithmetic, so on the CPU its forward time is the host's: Python calls, dispatch, checks,
 allocations.  That is the time that bounds a GPU forward at small batches.  This row
-times, side by side in one run (rounds interleaved, median of each):
+times, side by side in one run (rounds interleaved, median of each, one intra-op thread):
 
 - ``bertfast``: ``bertfast.BertModel`` on the ``reference`` backend (eval, ``no_grad``);
 - ``hf-sdpa-patched``: the same weights in ``transformers.BertModel`` after ``bertfast.patch``;
@@ -99,10 +99,8 @@ def build(shape: dict | None = None, seed: int = 0):
     }
 
 
-def run(rounds: int = 30, shape: dict | None = None) -> dict:
-    """The row: median ms per impl, ratios to hf-sdpa, op counts per forward."""
-    forwards = build(shape)
-    times: dict[str, list[float]] = {name: [] for name in forwards}
+def _time(forwards: dict, times: dict, rounds: int) -> None:
+    """Interleaved rounds: each round times every impl once, so a load change hits them alike."""
     with torch.no_grad():
         for forward in forwards.values():  # warm-up
             forward()
@@ -112,6 +110,18 @@ def run(rounds: int = 30, shape: dict | None = None) -> dict:
                 start = time.perf_counter()
                 forward()
                 times[name].append((time.perf_counter() - start) * 1e3)
+
+
+def run(rounds: int = 30, shape: dict | None = None) -> dict:
+    """The row: median ms per impl, ratios to hf-sdpa, op counts per forward."""
+    forwards = build(shape)
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the host path, not intra-op thread wake-ups (noise on a shared machine)
+    try:
+        _time(forwards, times, rounds)
+    finally:
+        torch.set_num_threads(threads)
     ms = {name: statistics.median(t) for name, t in times.items()}
     row = {"shape": dict(SHAPE, **(shape or {})), "rounds": rounds, "ms": ms}
     row["ratio"] = {name: ms[name] / ms["hf-sdpa"] for name in ms}
