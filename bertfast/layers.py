@@ -117,7 +117,10 @@ def plan(
         attention_dropout,
         hidden_dropout,
     )
-    found = _PLANS.get(key)
+    # Under torch.compile the plan is traced, not cached: a guard on the cache's contents would
+    # recompile the graph once the eager cache fills.
+    compiling = torch.compiler.is_compiling()
+    found = None if compiling else _PLANS.get(key)
     if found is not None:
         return found
     x = torch.empty((1, hidden), dtype=dtype, device=like.device)
@@ -139,7 +142,8 @@ def plan(
         functions["attention_qkv"] = _resolve("attention_qkv", backend, (probe, probe, probe), p, True)
         functions["attention_varlen_qkv"] = _resolve("attention_varlen_qkv", backend, (varlen, varlen, varlen), p, True)
     result = Plan(**functions)
-    _PLANS[key] = result
+    if not compiling:
+        _PLANS[key] = result
     return result
 
 

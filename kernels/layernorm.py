@@ -68,6 +68,7 @@ multi-group paths run even on tiny inputs.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -511,7 +512,7 @@ def layer_norm_fwd(
 
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=None):
-    n_rows = x.shape[:-1].numel()
+    n_rows = math.prod(x.shape[:-1])  # not Size.numel(), which would specialize symbolic sizes
     y = x.new_empty(x.shape)
     mean = x.new_empty((n_rows,), dtype=torch.float32)
     rstd = x.new_empty((n_rows,), dtype=torch.float32)

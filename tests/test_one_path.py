@@ -110,3 +110,32 @@ def test_training_step_neither_concatenates_weights_nor_stacks_qkv_gradients():
     assert forward_ops.names.get("aten.cat", 0) == 0, forward_ops.names
     assert not {"aten.cat", "aten.stack"} & set(backward_ops.names), backward_ops.names
     assert model.encoder.layer[0].attention.self.value.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "reference",
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(
+                bertfast.ops.backend_availability("triton") is not None, reason="needs the Triton backend"
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("face", ["native", "patched"])
+def test_dynamic_compile_serves_three_shapes_with_one_graph(face, backend):
+    from torch._dynamo.testing import CompileCounter
+
+    native, patched = native_and_patched(num_hidden_layers=1)
+    model = native.set_backend(backend) if face == "native" else bertfast.patch(patched, backend=backend)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for batch, seq in ((2, 5), (3, 7), (4, 9)):
+            ids = torch.randint(1, native.config.vocab_size, (batch, seq))
+            out = compiled(input_ids=ids, attention_mask=torch.ones_like(ids))
+            assert out.last_hidden_state.shape == (batch, seq, native.config.hidden_size)
+    assert counter.frame_count == 1
