@@ -368,9 +368,8 @@ def _check_inputs(x, weight, residual, linear_bias):
     n_cols = x.shape[-1]
     weight = _vector("weight", weight, n_cols, x.device)
     if linear_bias is not None:
+        # Read in its own dtype (an fp32 bias with bf16 activations under autocast): no cast kernel.
         linear_bias = _vector("linear_bias", linear_bias, n_cols, x.device)
-        if linear_bias.dtype != x.dtype:
-            raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but x has {x.dtype}")
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")

@@ -139,3 +139,24 @@ def test_dynamic_compile_serves_three_shapes_with_one_graph(face, backend):
             out = compiled(input_ids=ids, attention_mask=torch.ones_like(ids))
             assert out.last_hidden_state.shape == (batch, seq, native.config.hidden_size)
     assert counter.frame_count == 1
+
+
+@pytest.mark.skipif(bertfast.ops.backend_availability("triton") is not None, reason="needs the Triton backend")
+def test_triton_layers_take_fp32_parameters_under_autocast():
+    """Under autocast the fused kernels read fp32 biases and LayerNorm parameters with fp16 activations."""
+    config = small_config(num_hidden_layers=1)
+    model = bertfast.BertModel(config, backend="triton").train()
+    reference = bertfast.BertModel(config, backend="reference").train()
+    reference.load_state_dict(model.state_dict())
+    ids, types, mask = ragged_batch(config, [5, 3], 5)
+    outs = []
+    for m in (model, reference):
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = m(ids, mask, types).last_hidden_state
+        out.float().square().sum().backward()
+        outs.append(out)
+    assert outs[0].dtype == torch.float16
+    valid = mask.bool()
+    torch.testing.assert_close(outs[0][valid].float(), outs[1][valid].float(), rtol=2e-2, atol=2e-2)
+    grads = [p.grad for name, p in model.named_parameters() if not name.startswith("pooler.")]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
