@@ -365,6 +365,8 @@ def _fused(sa, name: str):
     if torch.is_grad_enabled() and (params[0].requires_grad or params[1].requires_grad or params[2].requires_grad):
         return _Adjacent.apply(*params) if _adjacent(params) else torch.cat(params)
     q, k, v = params
+    if _capturing(q.device):  # a CUDA graph replays reads of the parameters themselves, never a kept copy
+        return _view_of_adjacent(params) if _adjacent(params) else torch.cat(params)
     key = (q.data_ptr(), k.data_ptr(), v.data_ptr(), q._version, k._version, v._version)
     cache = _FUSED_CACHE.get(sa)
     if cache is None:
