@@ -296,13 +296,19 @@ def embed(emb, input_ids, token_type_ids, position_ids, inputs_embeds, ops: Plan
     return x if x.dtype == dtype else x.to(dtype)
 
 
+# The per-layer functions below read submodules and parameters from ``_modules`` / ``_parameters``
+# directly: ``module.attr`` on an nn.Module is a Python-level ``__getattr__`` call, about 40 per layer.
+
+
 def _dense_residual_layer_norm(block, h, residual, ops: Plan):
     """``LN(dropout(h @ W^T + b) + residual)`` of a BertSelfOutput / BertOutput; bias and dropout fused."""
-    dense, ln, dropout = block.dense, block.LayerNorm, block.dropout
-    y = F.linear(h, dense.weight)
+    modules = block._modules
+    dense, ln, dropout = modules["dense"]._parameters, modules["LayerNorm"], modules["dropout"]
+    lnp = ln._parameters
+    y = F.linear(h, dense["weight"])
     if dropout.training and dropout.p > 0.0:
-        return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual, dense.bias, dropout_p=dropout.p)
-    return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual, dense.bias)
+        return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"], dropout_p=dropout.p)
+    return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"])
 
 
 def _view_of_adjacent(parts):
@@ -359,7 +365,12 @@ _FUSED_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _fused(sa, name: str):
-    params = (getattr(sa.query, name), getattr(sa.key, name), getattr(sa.value, name))
+    modules = sa._modules
+    params = (
+        modules["query"]._parameters[name],
+        modules["key"]._parameters[name],
+        modules["value"]._parameters[name],
+    )
     if torch.compiler.is_compiling():
         return torch.cat(params)
     if torch.is_grad_enabled() and (params[0].requires_grad or params[1].requires_grad or params[2].requires_grad):
@@ -385,10 +396,13 @@ def qkv_projection(sa, x):
 
 def layer(module, x, mask, ops: Plan):
     """One post-LN encoder layer.  ``mask``: ``None``, a bool ``(batch, seq)`` mask, or a PackedBatch."""
-    sa = module.attention.self
+    modules = module._modules
+    attention = modules["attention"]._modules
+    sa = attention["self"]
     heads, head_dim = sa.num_attention_heads, sa.attention_head_size
     qkv = qkv_projection(sa, x).unflatten(-1, (3, heads, head_dim))
-    extra = {"dropout_p": sa.dropout.p} if sa.dropout.training and sa.dropout.p > 0.0 else {}
+    dropout = sa._modules["dropout"]
+    extra = {"dropout_p": dropout.p} if dropout.training and dropout.p > 0.0 else {}
     scale = head_dim**-0.5
     if isinstance(mask, PackedBatch):
         if ops.attention_varlen_qkv is not None:
@@ -399,10 +413,10 @@ def layer(module, x, mask, ops: Plan):
         a = ops.attention_qkv(qkv, mask, scale, **extra)
     else:
         a = ops.attention(*qkv.unbind(-3), mask, scale, **extra)
-    x = _dense_residual_layer_norm(module.attention.output, a.flatten(-2), x, ops)
-    dense = module.intermediate.dense
-    h = ops.bias_gelu(F.linear(x, dense.weight), dense.bias)
-    return _dense_residual_layer_norm(module.output, h, x, ops)
+    x = _dense_residual_layer_norm(attention["output"], a.flatten(-2), x, ops)
+    dense = modules["intermediate"]._modules["dense"]._parameters
+    h = ops.bias_gelu(F.linear(x, dense["weight"]), dense["bias"])
+    return _dense_residual_layer_norm(modules["output"], h, x, ops)
 
 
 def head_transform(transform, x, backend: str):
