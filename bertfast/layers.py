@@ -48,6 +48,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .errors import BackendUnavailable
 from .ops import _dispatch
@@ -300,12 +301,14 @@ def embed(emb, input_ids, token_type_ids, position_ids, inputs_embeds, ops: Plan
 # directly: ``module.attr`` on an nn.Module is a Python-level ``__getattr__`` call, about 40 per layer.
 
 
-def _dense_residual_layer_norm(block, h, residual, ops: Plan):
-    """``LN(dropout(h @ W^T + b) + residual)`` of a BertSelfOutput / BertOutput; bias and dropout fused."""
+def _dense_residual_layer_norm(block, h, residual, ops: Plan, y=None):
+    """``LN(dropout(h @ W^T + b) + residual)`` of a BertSelfOutput / BertOutput; bias and dropout fused.
+    ``y``: ``h @ W^T`` when the caller formed it."""
     modules = block._modules
     dense, ln, dropout = modules["dense"]._parameters, modules["LayerNorm"], modules["dropout"]
     lnp = ln._parameters
-    y = F.linear(h, dense["weight"])
+    if y is None:
+        y = F.linear(h, dense["weight"])
     if dropout.training and dropout.p > 0.0:
         return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"], dropout_p=dropout.p)
     return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"])
@@ -415,8 +418,21 @@ def layer(module, x, mask, ops: Plan):
         a = ops.attention(*qkv.unbind(-3), mask, scale, **extra)
     x = _dense_residual_layer_norm(attention["output"], a.flatten(-2), x, ops)
     dense = modules["intermediate"]._modules["dense"]._parameters
-    h = ops.bias_gelu(F.linear(x, dense["weight"]), dense["bias"])
-    return _dense_residual_layer_norm(modules["output"], h, x, ops)
+    output = modules["output"]
+    h = F.linear(x, dense["weight"])
+    if h.requires_grad and not torch.compiler.is_compiling():
+        # Training: the (tokens, 4 x hidden) GELU output is not kept for the next GEMM's backward;
+        # it is recomputed there from the pre-activation ``h``, which bias-GELU keeps anyway.
+        w = output._modules["dense"]._parameters["weight"]
+        y = torch.utils.checkpoint.checkpoint(
+            _gelu_dense, h, dense["bias"], w, ops, use_reentrant=False, preserve_rng_state=False
+        )
+        return _dense_residual_layer_norm(output, None, x, ops, y)
+    return _dense_residual_layer_norm(output, ops.bias_gelu(h, dense["bias"]), x, ops)
+
+
+def _gelu_dense(h, bias, weight, ops: Plan):
+    return F.linear(ops.bias_gelu(h, bias), weight)
 
 
 def head_transform(transform, x, backend: str):

@@ -160,3 +160,25 @@ def test_triton_layers_take_fp32_parameters_under_autocast():
     torch.testing.assert_close(outs[0][valid].float(), outs[1][valid].float(), rtol=2e-2, atol=2e-2)
     grads = [p.grad for name, p in model.named_parameters() if not name.startswith("pooler.")]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
+def test_training_keeps_one_ffn_activation_per_layer():
+    """The GELU output is recomputed in the backward from the pre-activation: one (tokens, 4h) tensor kept per layer."""
+    config = small_config(num_hidden_layers=2)
+    model = bertfast.BertModel(config, backend="reference").train()
+    ids, types, mask = ragged_batch(config, [6, 4], 6)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params and t.shape[-1] == config.intermediate_size:
+            kept[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, mask, types).last_hidden_state
+    assert len(kept) == config.num_hidden_layers, kept
+    with torch.no_grad():  # the same numbers as the path without recomputation (no dropout here)
+        torch.testing.assert_close(model(ids, mask, types).last_hidden_state, out.detach(), rtol=0, atol=0)
+    out.square().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("pooler."))
