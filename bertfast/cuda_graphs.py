@@ -47,6 +47,41 @@ DEFAULT_SEQ_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
 PER_TOKEN_RANK2_FIELDS = ("start_logits", "end_logits")
 
 
+# Parameter (re)registrations anywhere in the process (``module.weight = Parameter(...)``,
+# ``load_state_dict(assign=True)``): when the count moves, a runner walks its model once again.
+_REGISTRATIONS = [0]
+
+
+def _count_registration(module, name, param) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+class ParameterWatch:
+    """Whether a model's parameters were moved or replaced since the last look, per call without
+    walking the module tree: the addresses of the parameters seen last (one C-level pass), and a
+    full walk only after a parameter was registered somewhere."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        self._registrations = _REGISTRATIONS[0]
+        self._params = tuple(self.model.parameters())
+        self._addresses = tuple(map(torch.Tensor.data_ptr, self._params))
+
+    def changed(self) -> bool:
+        if _REGISTRATIONS[0] != self._registrations:
+            self._registrations = _REGISTRATIONS[0]
+            current = tuple(self.model.parameters())
+            if len(current) != len(self._params) or any(a is not b for a, b in zip(current, self._params)):
+                return True
+        return tuple(map(torch.Tensor.data_ptr, self._params)) != self._addresses
+
+
 def _check_buckets(name: str, buckets) -> tuple[int, ...]:
     values = tuple(buckets)
     if not values or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in values):
@@ -211,7 +246,7 @@ class CUDAGraphRunner:
         self.clone_outputs = bool(clone_outputs)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
-        self._parameter_fingerprint = self._fingerprint()
+        self._parameters_watch = ParameterWatch(model)
 
     # -- checks --------------------------------------------------------------------
     def _model_device(self) -> torch.device:
@@ -225,17 +260,14 @@ class CUDAGraphRunner:
             )
         return device
 
-    def _fingerprint(self) -> tuple:
-        return tuple((p.data_ptr(), p.dtype, p.device) for p in self.model.parameters())
-
     def _check_inputs(self, input_ids, attention_mask, token_type_ids) -> None:
         if self.model.training:
             raise RuntimeError("CUDA graphs here are for inference: call model.eval() first")
-        if self._fingerprint() != self._parameter_fingerprint:
+        if self._parameters_watch.changed():
             # The graphs read parameters at the addresses they were captured with.
             self.reset()
             self._device = self._model_device()
-            self._parameter_fingerprint = self._fingerprint()
+            self._parameters_watch.snapshot()
         check_inputs(input_ids, attention_mask, token_type_ids, self._device)
 
     # -- capture and replay --------------------------------------------------------

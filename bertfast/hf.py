@@ -29,14 +29,14 @@ Two ways to run a transformers BERT on bertfast besides :func:`bertfast.patch`:
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 from torch import nn
 
 from . import ops
-from .config import BertConfig
-from .modeling import check_backend
+from .layers import values_checkable
+from .modeling import SUPPORTED_CLASSES, config_from_hf, convert, from_hf
+from .ops import check_backend
 
 __all__ = [
     "SUPPORTED_CLASSES",
@@ -48,151 +48,9 @@ __all__ = [
     "register_attention",
 ]
 
-# Hugging Face class name -> bertfast class name (the same names).
-SUPPORTED_CLASSES = (
-    "BertModel",
-    "BertForMaskedLM",
-    "BertForPreTraining",
-    "BertForSequenceClassification",
-    "BertForTokenClassification",
-    "BertForQuestionAnswering",
-)
-
-
-# --------------------------------------------------------------------------------------
-# Conversion
-# --------------------------------------------------------------------------------------
-
-
-def config_from_hf(hf_config) -> BertConfig:
-    """A :class:`BertConfig` with the Hugging Face config's fields; unknown ones land in ``extra``.
-
-    Raises ``ValueError`` naming the field when bertfast cannot represent the model.
-    """
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type != "bert":
-        raise ValueError(f"expected a BERT config (model_type 'bert'), got model_type {model_type!r}")
-    data = hf_config.to_dict()
-    act = getattr(hf_config, "hidden_act", None)
-    if not isinstance(act, str):  # a callable activation does not survive to_dict; say so clearly
-        raise ValueError(f"hidden_act {act!r} is not supported; bertfast implements 'gelu' (the erf GELU)")
-    data["num_labels"] = hf_config.num_labels
-    # These only matter to decoders; an encoder config carries them as False.
-    for flag in ("is_decoder", "add_cross_attention"):
-        if getattr(hf_config, flag, False):
-            raise ValueError(f"{flag} is set: bertfast implements the BERT encoder only")
-    try:
-        return BertConfig.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"cannot convert this Hugging Face BERT config: {exc}") from exc
-
-
-def _hf_class_name(hf_model: nn.Module) -> str | None:
-    """The supported Hugging Face class ``hf_model`` is (or derives from), by name."""
-    for klass in type(hf_model).__mro__:
-        if klass.__name__ in SUPPORTED_CLASSES and klass.__module__.startswith("transformers."):
-            return klass.__name__
-    return None
-
-
-def _check_tied_heads(hf_model: nn.Module) -> None:
-    """bertfast always ties the MLM decoder to the word embeddings; refuse a model where they differ."""
-    predictions = getattr(getattr(hf_model, "cls", None), "predictions", None)
-    if predictions is None:
-        return
-    pairs = (
-        ("cls.predictions.decoder.weight", predictions.decoder.weight, hf_model.bert.embeddings.word_embeddings.weight),
-        ("cls.predictions.decoder.bias", predictions.decoder.bias, predictions.bias),
-    )
-    for name, tensor, tied_to in pairs:
-        if tensor is None or tensor is tied_to:
-            continue
-        if tensor.shape != tied_to.shape or not torch.equal(tensor, tied_to):
-            raise ValueError(
-                f"{name} is not tied in this Hugging Face model and differs from the tensor bertfast ties it to; "
-                "bertfast's MLM heads always share the decoder with the word embeddings"
-            )
-
-
-def _check_activations(hf_model: nn.Module) -> None:
-    """The config says "gelu"; refuse a model whose activation modules were replaced since."""
-    from transformers.activations import GELUActivation
-
-    for name, module in hf_model.named_modules():
-        act = getattr(module, "intermediate_act_fn", None) or getattr(module, "transform_act_fn", None)
-        if act is not None and type(act) is not GELUActivation:
-            raise ValueError(f"{name} uses {type(act).__name__}; bertfast implements the erf GELU only")
-
-
-def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
-    """Build bertfast class ``cls`` from the live transformers model ``hf_model`` (weights copied).
-
-    ``cls`` is a bertfast model class, or ``None`` to pick the one named like the Hugging
-    Face class.  ``bertfast.BertModel`` also takes the encoder of any Hugging Face BERT head
-    model (``hf_model.bert``); a head class must match the Hugging Face head.  The result
-    has the Hugging Face model's dtype, device and train/eval mode.
-    """
-    from . import modeling
-    from .loading import map_checkpoint_keys
-
-    if not isinstance(hf_model, nn.Module):
-        raise TypeError(f"hf_model must be a transformers model, got {type(hf_model).__name__}")
-    if isinstance(hf_model, modeling.BertPreTrainedModel):
-        raise TypeError(f"{type(hf_model).__name__} is already a bertfast model")
-    hf_name = _hf_class_name(hf_model)
-    if hf_name is None:
-        raise TypeError(
-            f"{type(hf_model).__name__} is not a supported transformers BERT class; supported: "
-            + ", ".join(SUPPORTED_CLASSES)
-        )
-    if cls is None:
-        cls = getattr(modeling, hf_name)
-    if not (isinstance(cls, type) and issubclass(cls, modeling.BertPreTrainedModel)):
-        raise TypeError(f"cls must be a bertfast model class, got {cls!r}")
-    source = hf_model
-    if issubclass(cls, modeling.BertModel):
-        if hf_name != "BertModel":
-            source = hf_model.bert  # the encoder of a head model
-    elif cls.__name__ != hf_name:
-        raise TypeError(f"cannot build bertfast.{cls.__name__} from a transformers {hf_name}: the heads differ")
-    else:
-        _check_tied_heads(hf_model)
-
-    config = config_from_hf(source.config)
-    _check_activations(source)
-    backend = check_backend(backend)
-    if issubclass(cls, modeling.BertModel):
-        model = cls(config, backend=backend, add_pooling_layer=source.pooler is not None)
-    else:
-        model = cls(config, backend=backend)
-    reference = source.get_input_embeddings().weight
-    dtypes = {p.dtype for p in source.parameters()}
-    if len(dtypes) > 1:
-        warnings.warn(
-            f"the Hugging Face model mixes parameter dtypes {sorted(map(str, dtypes))}; the bertfast model "
-            f"holds every weight in {reference.dtype}",
-            stacklevel=2,
-        )
-    model.to(device=reference.device, dtype=reference.dtype)
-    state = map_checkpoint_keys(source.state_dict(), set(model.state_dict()))
-    model.load_state_dict(state, strict=True)
-    return model.train(hf_model.training)
-
-
-def convert(hf_model: nn.Module, backend: str | None = "auto"):
-    """The bertfast model of the same class as the transformers model ``hf_model``, weights copied."""
-    return from_hf(None, hf_model, backend)
-
-
 # --------------------------------------------------------------------------------------
 # The attention function for transformers' AttentionInterface
 # --------------------------------------------------------------------------------------
-
-
-def _values_checkable() -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def key_padding_mask_from_hf(attention_mask, batch: int, q_len: int, kv_len: int):
@@ -221,7 +79,7 @@ def key_padding_mask_from_hf(attention_mask, batch: int, q_len: int, kv_len: int
             f"the bertfast attention takes a key-padding mask; got a mask of shape {tuple(mask.shape)} "
             f"for batch {batch}, {q_len} queries and {kv_len} keys"
         )
-    checkable = _values_checkable()
+    checkable = values_checkable(mask.device)
     # An expanded view is one row for every query and head by construction: nothing to check.
     broadcast = (mask.shape[1] == 1 or mask.stride(1) == 0) and (mask.shape[2] == 1 or mask.stride(2) == 0)
     if not checkable and (not broadcast or mask.dtype != torch.bool):

@@ -213,5 +213,6 @@ def save_pretrained(model: torch.nn.Module, path) -> None:
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     tied = _tied_keys(model)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied}
+    # Copies: safetensors refuses tensors that share storage (the QKV parameters are laid out back to back).
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in tied}
     save_file(tensors, os.path.join(path, SAFETENSORS), metadata={"format": "pt"})

@@ -109,13 +109,15 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
         acc = _accumulate_dtype(compute_dtype)
         lse = torch.empty(rows.shape[0], dtype=acc, device=rows.device)
         total = torch.zeros((), dtype=acc, device=rows.device)
+        # The decoder (V x H, the largest weight) is cast once per call, not once per chunk.
+        decoder_weight_ct, decoder_bias_ct = decoder_weight.to(compute_dtype), decoder_bias.to(compute_dtype)
         with torch.autocast(device_type, enabled=False):
             for start in range(0, rows.shape[0], chunk_size):
                 stop = min(start + chunk_size, rows.shape[0])
                 t = _transform(
                     rows[start:stop].to(compute_dtype), dense_weight, dense_bias, ln_weight, ln_bias, ln_eps, backend
                 )
-                logits = _chunk_logits(t, decoder_weight, decoder_bias)
+                logits = _chunk_logits(t, decoder_weight_ct, decoder_bias_ct)
                 chunk_lse = torch.logsumexp(logits, dim=-1)
                 lse[start:stop] = chunk_lse
                 target_logits = logits.gather(1, targets[start:stop, None]).squeeze(1)
@@ -144,7 +146,7 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
         grad_transform = [zeros(p) if need else None for p, need in zip(transform_params, need_transform)]
         grad_decoder_weight = zeros(decoder_weight) if need_decoder_weight else None
         grad_decoder_bias = zeros(decoder_bias) if need_decoder_bias else None
-        decoder_weight_ct = decoder_weight.to(ct)
+        decoder_weight_ct, decoder_bias_ct = decoder_weight.to(ct), decoder_bias.to(ct)
         # Leaves for the transform's recomputation: autograd gives their per-chunk gradients.
         param_leaves = [p.detach().requires_grad_(need) for p, need in zip(transform_params, need_transform)]
         wanted_params = [leaf for leaf, need in zip(param_leaves, need_transform) if need]
@@ -157,7 +159,7 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
                     t = _transform(chunk, *param_leaves, ctx.ln_eps, ctx.backend)
                 t_data = t.detach()
                 # dz = g * (softmax(z) - onehot(y)), built in place in the fp32 logits buffer.
-                dz = _chunk_logits(t_data, decoder_weight, decoder_bias)
+                dz = _chunk_logits(t_data, decoder_weight_ct, decoder_bias_ct)
                 dz.sub_(lse[start:stop, None]).exp_()
                 dz[torch.arange(stop - start, device=dz.device), targets[start:stop]] -= 1.0
                 dz.mul_(grad_total)

@@ -1,31 +1,23 @@
-"""BERT (post-LayerNorm encoder) whose compute goes through :mod:`bertfast.ops`.
+"""BERT (post-LayerNorm encoder): the native classes.
 
 Module and parameter names follow ``transformers.BertModel`` exactly, so ``state_dict()``
-keys are Hugging Face's and checkpoints load both ways.  The modules only hold
-parameters; every forward calls ``bertfast.ops`` with the model's backend:
-
-    embeddings   LN(word[ids] + position[pos] + token_type[tt])        ops.embedding_layer_norm
-    per layer    qkv = x @ [Wq; Wk; Wv]^T + b                            one GEMM
-                 a   = attention(q, k, v, key-padding mask)             ops.attention
-                 x   = LN(a @ Wo^T + bo + x)                            GEMM + ops.layer_norm (bias fused)
-                 f   = gelu(x @ Wi^T + bi)                              GEMM + ops.bias_gelu
-                 x   = LN(f @ Wf^T + bf + x)                            GEMM + ops.layer_norm (bias fused)
-    pooler       tanh(x[:, 0] @ Wp^T + bp)
-
-In training with hidden dropout the dense bias is added before the dropout, as in
-Hugging Face: ``LN(dropout(a @ Wo^T + bo) + x)``.
+keys are Hugging Face's and checkpoints load both ways.  The modules only hold parameters;
+the compute is :mod:`bertfast.layers`, the same functions a patched transformers model runs.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import layers
 from .config import BertConfig
-from .errors import BackendUnavailable
 from .mlm_loss import masked_lm_head_loss
+from .ops import check_backend
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -34,31 +26,7 @@ from .outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from .padding import PackedBatch, first_tokens, pack_mask, pad, unpad
-
-
-def check_backend(name: str | None) -> str:
-    """Validate a backend name for a model; an explicit backend must be able to run here."""
-    name = ops.validate_backend_name(name)
-    if name != "auto":
-        reason = ops.backend_availability(name)
-        if reason is not None:
-            raise BackendUnavailable(f"backend {name!r} is unavailable: {reason}")
-    return name
-
-
-def _like(t, ref):
-    """``t`` in ``ref``'s dtype (differentiable; free when the dtypes already agree).
-
-    Under torch.autocast the GEMMs return low precision while the parameters stay fp32, and
-    the fused ops take one dtype.  As autocast does for PyTorch's own ops, bias-GELU runs in
-    the GEMM's dtype and LayerNorm in the parameters' (so the residual stream stays fp32).
-    """
-    return None if t is None else t.to(ref.dtype)
-
-
-def _hidden_dropout_active(module: nn.Module, p: float) -> bool:
-    return module.training and p > 0.0
+from .padding import pad, unpad
 
 
 class BertEmbeddings(nn.Module):
@@ -70,73 +38,31 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids, position_ids, backend):
-        x = ops.embedding_layer_norm(
-            input_ids,
-            position_ids,
-            token_type_ids,
-            self.word_embeddings.weight,
-            self.position_embeddings.weight,
-            self.token_type_embeddings.weight,
-            self.LayerNorm.weight,
-            self.LayerNorm.bias,
-            self.LayerNorm.eps,
-            backend=backend,
-        )
-        return self.dropout(x)
-
 
 class BertSelfAttention(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        self.dropout_prob = config.attention_probs_dropout_prob
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.head_dim
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        layers.fuse_qkv_storage(self)
 
-    def forward(self, x, attention_mask, backend):
-        """``x``: ``(batch, seq, hidden)`` with a bool mask, or packed ``(total, hidden)`` with a PackedBatch."""
-        # One GEMM for q, k and v; the attention op reads them as strided views of its output.
-        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-        qkv = F.linear(x, weight, bias)
-        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        dropout_p = self.dropout_prob if self.training else 0.0
-        if isinstance(attention_mask, PackedBatch):
-            packed = attention_mask
-            out = ops.attention_varlen(
-                q, k, v, packed.cu_seqlens, packed.max_seqlen, dropout_p=dropout_p, backend=backend, check=False
-            )
-        else:
-            out = ops.attention(q, k, v, attention_mask, dropout_p=dropout_p, backend=backend)
-        return out.flatten(-2)
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() give the parameters new storage: lay them back to back again.
+        result = super()._apply(fn, recurse)
+        layers.fuse_qkv_storage(self)
+        return result
 
 
 class _DenseResidualLayerNorm(nn.Module):
-    """LN(dropout(x @ W^T + b) + residual), the bias fused into the LayerNorm when it can be."""
-
     def __init__(self, in_features: int, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, x, residual, backend):
-        ln = self.LayerNorm
-        # The bias and the hidden dropout are both fused: LN(dropout(x @ W^T + b) + residual).
-        h = F.linear(x, self.dense.weight)
-        return ops.layer_norm(
-            _like(h, ln.weight),
-            ln.weight,
-            ln.bias,
-            ln.eps,
-            residual=_like(residual, ln.weight),
-            linear_bias=_like(self.dense.bias, ln.weight),
-            dropout_p=self.dropout.p if _hidden_dropout_active(self, self.dropout.p) else 0.0,
-            backend=backend,
-        )
 
 
 class BertSelfOutput(_DenseResidualLayerNorm):
@@ -150,18 +76,11 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x, attention_mask, backend):
-        return self.output(self.self(x, attention_mask, backend), x, backend)
-
 
 class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x, backend):
-        h = F.linear(x, self.dense.weight)
-        return ops.bias_gelu(h, _like(self.dense.bias, h), backend=backend)
 
 
 class BertOutput(_DenseResidualLayerNorm):
@@ -176,23 +95,17 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x, attention_mask, backend):
-        x = self.attention(x, attention_mask, backend)
-        return self.output(self.intermediate(x, backend), x, backend)
+    runs_bertfast_layer = True  # bertfast.layers.encode calls it as a module (its hooks run)
+
+    def forward(self, x, mask, ops):
+        return layers.layer(self, x, mask, ops)
 
 
 class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
-
-    def forward(self, x, attention_mask, backend, output_hidden_states=False):
-        hidden_states = [x] if output_hidden_states else None
-        for layer in self.layer:
-            x = layer(x, attention_mask, backend)
-            if hidden_states is not None:
-                hidden_states.append(x)
-        return x, (tuple(hidden_states) if hidden_states is not None else None)
+        self.gradient_checkpointing = False
 
 
 class BertPooler(nn.Module):
@@ -200,9 +113,9 @@ class BertPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, first_token):
-        """``first_token``: each sequence's position-0 hidden state, ``(batch, hidden)``."""
-        return torch.tanh(self.dense(first_token))
+    def forward(self, hidden_states):
+        """``tanh(hidden_states[:, 0] @ W^T + b)``, as Hugging Face's pooler."""
+        return torch.tanh(self.dense(hidden_states[:, 0]))
 
 
 class BertPreTrainedModel(nn.Module):
@@ -237,13 +150,12 @@ class BertPreTrainedModel(nn.Module):
         Unpadded, the valid tokens are gathered once before the embedding and every layer
         runs on the packed ``(total_tokens, hidden)`` tensor, so GEMMs, LayerNorm and GELU
         never see padding; the result is scattered back at the end (zeros at padding
-        positions of ``last_hidden_state``; the pooler reads position 0 from the packed
-        tensor; ``packed_last_hidden_state`` and ``packed`` give the packed result and its
-        ``cu_seqlens``).  ``"auto"`` unpads when the mask has padding and the backend has
-        variable-length attention (with attention dropout when training); ``True``
-        unpads whenever a mask is given (and raises if the backend cannot).  Outputs at
-        valid positions equal the padded path.  Never under torch.compile (the packed size
-        depends on the data).
+        positions of ``last_hidden_state``, which the pooler reads; ``packed_last_hidden_state``
+        and ``packed`` give the packed result and its ``cu_seqlens``).  ``"auto"`` unpads
+        when the mask has padding and the backend has variable-length attention (with
+        attention dropout when training); ``True`` unpads whenever a mask is given (and
+        raises if the backend cannot).  Outputs at valid positions equal the padded path.
+        Never under torch.compile or CUDA-graph capture (the packed size depends on the data).
         """
         if mode not in (True, False, "auto"):
             raise ValueError(f"unpad must be True, False or 'auto', got {mode!r}")
@@ -251,6 +163,21 @@ class BertPreTrainedModel(nn.Module):
             if isinstance(module, BertModel):
                 module.unpad = mode
         return self
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each encoder layer in the backward (non-reentrant ``torch.utils.checkpoint`` by default)."""
+        import torch.utils.checkpoint
+
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for module in self.modules():
+            if isinstance(module, BertEncoder):
+                module.gradient_checkpointing = True
+                module._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, BertEncoder):
+                module.gradient_checkpointing = False
 
     def init_weights(self) -> None:
         """Hugging Face's initialisation: N(0, initializer_range), zero biases, unit LayerNorms."""
@@ -288,8 +215,6 @@ class BertPreTrainedModel(nn.Module):
     @classmethod
     def from_hf(cls, hf_model, backend: str | None = "auto"):
         """Build this bertfast class from a live Hugging Face model (weights copied)."""
-        from .hf import from_hf
-
         return from_hf(cls, hf_model, backend)
 
     def save_pretrained(self, path) -> None:
@@ -318,103 +243,38 @@ class BertModel(BertPreTrainedModel):
         self.set_unpad(unpad)
         self.init_weights()
 
-    def _use_unpadded(self, keep, weight) -> bool:
-        if keep is None or self.unpad is False or torch.compiler.is_compiling():
-            return False
-        if self.unpad is True:
-            return True
-        if bool(keep.all()):
-            return False
-        probe = weight.new_empty((1, self.config.num_attention_heads, self.config.head_dim))
-        dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
-        return ops.can_run("attention_varlen", self._backend, (probe, probe, probe), dropout_p=dropout_p)
-
-    def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids):
-        config = self.config
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
-        seq = input_ids.shape[1]
-        if seq > config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {seq} is longer than max_position_embeddings ({config.max_position_embeddings})"
-            )
-        for name, t in (
-            ("attention_mask", attention_mask),
-            ("token_type_ids", token_type_ids),
-            ("position_ids", position_ids),
-        ):
-            if t is None:
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.shape != input_ids.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
-            if t.device != input_ids.device:
-                raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
-            if name != "attention_mask" and (t.dtype.is_floating_point or t.dtype == torch.bool):
-                raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        if torch.compiler.is_compiling() or capturing or input_ids.numel() == 0:
-            return  # range checks read values back to the host: done in eager mode only
-        ranges = [("input_ids", input_ids, config.vocab_size)]
-        if token_type_ids is not None:
-            ranges.append(("token_type_ids", token_type_ids, config.type_vocab_size))
-        if position_ids is not None:
-            ranges.append(("position_ids", position_ids, config.max_position_embeddings))
-        bounds = torch.stack([torch.stack(torch.aminmax(t)).to(torch.int64) for _, t, _ in ranges]).tolist()
-        for (name, _, limit), (low, high) in zip(ranges, bounds):
-            if low < 0 or high >= limit:
-                raise ValueError(f"{name} must be in [0, {limit}); got values in [{low}, {high}]")
-
     def forward(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         token_type_ids=None,
         position_ids=None,
         output_hidden_states: bool = False,
+        inputs_embeds=None,
     ) -> BaseModelOutput:
-        self._check_inputs(input_ids, attention_mask, token_type_ids, position_ids)
-        batch, seq = input_ids.shape
-        device = input_ids.device
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        if position_ids is None:
-            position_ids = torch.arange(seq, device=device).expand(batch, seq)
-        keep = None
-        if attention_mask is not None:
-            keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
-        backend = self._backend
+        batch, seq, _ = layers.check_inputs(
+            self.config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+        )
         if batch == 0 or seq == 0:
             return self._empty_output(batch, seq, output_hidden_states)
-        if self._use_unpadded(keep, self.embeddings.word_embeddings.weight):
-            return self._forward_unpadded(input_ids, token_type_ids, position_ids, keep, output_hidden_states)
-        x = self.embeddings(input_ids, token_type_ids, position_ids, backend)
-        x, hidden_states = self.encoder(x, keep, backend, output_hidden_states)
-        pooled = self.pooler(x[:, 0]) if self.pooler is not None else None
-        return BaseModelOutput(last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states)
-
-    def _forward_unpadded(self, input_ids, token_type_ids, position_ids, keep, output_hidden_states):
-        packed = pack_mask(keep)
-        backend = self._backend
-        # Gather ids, not hidden states: the embedding already runs on valid tokens only.
-        x = self.embeddings(
-            unpad(input_ids, packed), unpad(token_type_ids, packed), unpad(position_ids, packed), backend
+        x, pooled, states, packed, packed_x = layers.encode(
+            self,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states,
+            backend=self._backend,
+            unpad_mode=self.unpad,
+            check=False,
         )
-        x, hidden_states = self.encoder(x, packed, backend, output_hidden_states)
-        pooled = self.pooler(first_tokens(x, packed, keep)) if self.pooler is not None else None
-        if hidden_states is not None:
-            hidden_states = tuple(pad(h, packed) for h in hidden_states)
         return BaseModelOutput(
-            last_hidden_state=pad(x, packed),
+            last_hidden_state=x,
             pooler_output=pooled,
-            hidden_states=hidden_states,
+            hidden_states=tuple(states) if states is not None else None,
             packed=packed,
-            packed_last_hidden_state=x,
+            packed_last_hidden_state=packed_x,
         )
 
     def _empty_output(self, batch, seq, output_hidden_states):
@@ -437,10 +297,7 @@ class BertPredictionHeadTransform(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x, backend):
-        h = F.linear(x, self.dense.weight)
-        h = ops.bias_gelu(h, _like(self.dense.bias, h), backend=backend)
-        ln = self.LayerNorm
-        return ops.layer_norm(_like(h, ln.weight), ln.weight, ln.bias, ln.eps, backend=backend)
+        return layers.head_transform(self, x, backend)
 
 
 class BertLMPredictionHead(nn.Module):
@@ -486,8 +343,8 @@ class _WithEncoder(BertPreTrainedModel):
         super().__init__(config, backend)
         self.bert = BertModel(config, backend=self._backend, add_pooling_layer=add_pooling_layer)
 
-    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states):
-        return self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds):
+        return self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
 
 
 class _TiedMLMMixin:
@@ -529,12 +386,13 @@ class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
 
     def forward(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         token_type_ids=None,
         position_ids=None,
         labels=None,
         output_hidden_states: bool = False,
+        inputs_embeds=None,
         return_logits: bool | None = None,
     ) -> MaskedLMOutput:
         """``labels``: token ids, ``-100`` where no loss is taken.
@@ -547,7 +405,7 @@ class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
         The fused loss reads the labelled count back to the host (a graph break under
         torch.compile); ``return_logits=True`` compiles as one graph.
         """
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         logits, loss = self._logits_and_loss(out, labels, return_logits)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
@@ -560,18 +418,19 @@ class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
 
     def forward(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         token_type_ids=None,
         position_ids=None,
         labels=None,
         next_sentence_label=None,
         output_hidden_states: bool = False,
+        inputs_embeds=None,
         return_logits: bool | None = None,
     ) -> PreTrainingOutput:
         """MLM + NSP.  The loss needs both ``labels`` and ``next_sentence_label`` (as Hugging Face);
         ``prediction_logits`` follow :meth:`BertForMaskedLM.forward`'s ``return_logits`` rule."""
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         with_loss = labels is not None and next_sentence_label is not None
         prediction_logits, mlm_loss = self._logits_and_loss(out, labels if with_loss else None, return_logits)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)
@@ -618,14 +477,15 @@ class BertForSequenceClassification(_WithEncoder):
 
     def forward(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         token_type_ids=None,
         position_ids=None,
         labels=None,
         output_hidden_states: bool = False,
+        inputs_embeds=None,
     ) -> SequenceClassifierOutput:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         logits = self.classifier(self.dropout(out.pooler_output))
         loss = self._loss(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
@@ -641,14 +501,15 @@ class BertForTokenClassification(_WithEncoder):
 
     def forward(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         token_type_ids=None,
         position_ids=None,
         labels=None,
         output_hidden_states: bool = False,
+        inputs_embeds=None,
     ) -> TokenClassifierOutput:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
@@ -665,15 +526,16 @@ class BertForQuestionAnswering(_WithEncoder):
 
     def forward(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         token_type_ids=None,
         position_ids=None,
         start_positions=None,
         end_positions=None,
         output_hidden_states: bool = False,
+        inputs_embeds=None,
     ) -> QuestionAnsweringOutput:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         logits = self.qa_outputs(out.last_hidden_state)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None
@@ -689,3 +551,138 @@ class BertForQuestionAnswering(_WithEncoder):
         return QuestionAnsweringOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states
         )
+
+
+# --------------------------------------------------------------------------------------
+# Conversion from live transformers models
+# --------------------------------------------------------------------------------------
+
+
+# Hugging Face class name -> bertfast class name (the same names).
+SUPPORTED_CLASSES = (
+    "BertModel",
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertForQuestionAnswering",
+)
+
+
+def config_from_hf(hf_config) -> BertConfig:
+    """A :class:`BertConfig` with the Hugging Face config's fields; unknown ones land in ``extra``.
+
+    Raises ``ValueError`` naming the field when bertfast cannot represent the model.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != "bert":
+        raise ValueError(f"expected a BERT config (model_type 'bert'), got model_type {model_type!r}")
+    data = hf_config.to_dict()
+    act = getattr(hf_config, "hidden_act", None)
+    if not isinstance(act, str):  # a callable activation does not survive to_dict; say so clearly
+        raise ValueError(f"hidden_act {act!r} is not supported; bertfast implements 'gelu' (the erf GELU)")
+    data["num_labels"] = hf_config.num_labels
+    # These only matter to decoders; an encoder config carries them as False.
+    for flag in ("is_decoder", "add_cross_attention"):
+        if getattr(hf_config, flag, False):
+            raise ValueError(f"{flag} is set: bertfast implements the BERT encoder only")
+    try:
+        return BertConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"cannot convert this Hugging Face BERT config: {exc}") from exc
+
+
+def _hf_class_name(hf_model: nn.Module) -> str | None:
+    """The supported Hugging Face class ``hf_model`` is (or derives from), by name."""
+    for klass in type(hf_model).__mro__:
+        if klass.__name__ in SUPPORTED_CLASSES and klass.__module__.startswith("transformers."):
+            return klass.__name__
+    return None
+
+
+def _check_tied_heads(hf_model: nn.Module) -> None:
+    """bertfast always ties the MLM decoder to the word embeddings; refuse a model where they differ."""
+    predictions = getattr(getattr(hf_model, "cls", None), "predictions", None)
+    if predictions is None:
+        return
+    pairs = (
+        ("cls.predictions.decoder.weight", predictions.decoder.weight, hf_model.bert.embeddings.word_embeddings.weight),
+        ("cls.predictions.decoder.bias", predictions.decoder.bias, predictions.bias),
+    )
+    for name, tensor, tied_to in pairs:
+        if tensor is None or tensor is tied_to:
+            continue
+        if tensor.shape != tied_to.shape or not torch.equal(tensor, tied_to):
+            raise ValueError(
+                f"{name} is not tied in this Hugging Face model and differs from the tensor bertfast ties it to; "
+                "bertfast's MLM heads always share the decoder with the word embeddings"
+            )
+
+
+def _check_activations(hf_model: nn.Module) -> None:
+    """The config says "gelu"; refuse a model whose activation modules were replaced since."""
+    from transformers.activations import GELUActivation
+
+    for name, module in hf_model.named_modules():
+        act = getattr(module, "intermediate_act_fn", None) or getattr(module, "transform_act_fn", None)
+        if act is not None and type(act) is not GELUActivation:
+            raise ValueError(f"{name} uses {type(act).__name__}; bertfast implements the erf GELU only")
+
+
+def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
+    """Build bertfast class ``cls`` from the live transformers model ``hf_model`` (weights copied).
+
+    ``cls`` is a bertfast model class, or ``None`` to pick the one named like the Hugging
+    Face class.  ``bertfast.BertModel`` also takes the encoder of any Hugging Face BERT head
+    model (``hf_model.bert``); a head class must match the Hugging Face head.  The result
+    has the Hugging Face model's dtype, device and train/eval mode.
+    """
+    from .loading import map_checkpoint_keys
+
+    if not isinstance(hf_model, nn.Module):
+        raise TypeError(f"hf_model must be a transformers model, got {type(hf_model).__name__}")
+    if isinstance(hf_model, BertPreTrainedModel):
+        raise TypeError(f"{type(hf_model).__name__} is already a bertfast model")
+    hf_name = _hf_class_name(hf_model)
+    if hf_name is None:
+        raise TypeError(
+            f"{type(hf_model).__name__} is not a supported transformers BERT class; supported: "
+            + ", ".join(SUPPORTED_CLASSES)
+        )
+    if cls is None:
+        cls = globals()[hf_name]
+    if not (isinstance(cls, type) and issubclass(cls, BertPreTrainedModel)):
+        raise TypeError(f"cls must be a bertfast model class, got {cls!r}")
+    source = hf_model
+    if issubclass(cls, BertModel):
+        if hf_name != "BertModel":
+            source = hf_model.bert  # the encoder of a head model
+    elif cls.__name__ != hf_name:
+        raise TypeError(f"cannot build bertfast.{cls.__name__} from a transformers {hf_name}: the heads differ")
+    else:
+        _check_tied_heads(hf_model)
+
+    config = config_from_hf(source.config)
+    _check_activations(source)
+    backend = check_backend(backend)
+    if issubclass(cls, BertModel):
+        model = cls(config, backend=backend, add_pooling_layer=source.pooler is not None)
+    else:
+        model = cls(config, backend=backend)
+    reference = source.get_input_embeddings().weight
+    dtypes = {p.dtype for p in source.parameters()}
+    if len(dtypes) > 1:
+        warnings.warn(
+            f"the Hugging Face model mixes parameter dtypes {sorted(map(str, dtypes))}; the bertfast model "
+            f"holds every weight in {reference.dtype}",
+            stacklevel=2,
+        )
+    model.to(device=reference.device, dtype=reference.dtype)
+    state = map_checkpoint_keys(source.state_dict(), set(model.state_dict()))
+    model.load_state_dict(state, strict=True)
+    return model.train(hf_model.training)
+
+
+def convert(hf_model: nn.Module, backend: str | None = "auto"):
+    """The bertfast model of the same class as the transformers model ``hf_model``, weights copied."""
+    return from_hf(None, hf_model, backend)

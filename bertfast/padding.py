@@ -31,14 +31,20 @@ class PackedBatch:
         return self.indices.shape[0]
 
 
-def pack_mask(keep: torch.Tensor) -> PackedBatch:
-    """Bookkeeping for a boolean ``(batch, seq)`` mask (True = token). Reads the lengths back to the host."""
+def pack_mask(keep: torch.Tensor, lengths: torch.Tensor | None = None, sizes: tuple | None = None) -> PackedBatch:
+    """Bookkeeping for a boolean ``(batch, seq)`` mask (True = token).
+
+    ``lengths`` (``keep.sum(1)`` as int32) and ``sizes`` (the token count and the longest
+    row, as Python ints) when the caller has them; otherwise they are computed and read back.
+    """
     batch, seq = keep.shape
-    lengths = keep.sum(dim=1, dtype=torch.int32)
-    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=keep.device)
-    torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
-    indices = keep.flatten().nonzero().flatten()
-    max_seqlen = int(lengths.max().item()) if batch else 0
+    if lengths is None:
+        lengths = keep.sum(dim=1, dtype=torch.int32)
+    if sizes is None:
+        sizes = torch.stack((lengths.sum(), lengths.max())).tolist() if batch else (0, 0)
+    total, max_seqlen = sizes
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    indices = torch.nonzero_static(keep.flatten(), size=total).flatten()
     return PackedBatch(indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, batch=batch, seq=seq)
 
 
@@ -52,13 +58,3 @@ def pad(x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
     out = x.new_zeros((packed.batch * packed.seq, *x.shape[1:]))
     out = out.index_copy(0, packed.indices, x)
     return out.unflatten(0, (packed.batch, packed.seq))
-
-
-def first_tokens(x: torch.Tensor, packed: PackedBatch, keep: torch.Tensor) -> torch.Tensor:
-    """Each row's position-0 hidden state from the packed tensor (zeros where position 0 is padding).
-
-    What the pooler reads, gathered without unpacking everything.
-    """
-    rows = packed.cu_seqlens[:-1].clamp(max=max(packed.total - 1, 0)).long()
-    first = x.index_select(0, rows) if packed.total else x.new_zeros((packed.batch, *x.shape[1:]))
-    return first * keep[:, :1].to(x.dtype)

@@ -1,7 +1,7 @@
 """Accelerate a live Hugging Face BERT model in place: ``patch`` and ``unpatch``.
 
     model = transformers.BertForSequenceClassification.from_pretrained(...)
-    bertfast.patch(model)            # this instance now computes through bertfast.ops
+    bertfast.patch(model)            # this instance now computes through bertfast.layers
     ...
     bertfast.unpatch(model)          # back to Hugging Face's own forward, exactly
 
@@ -11,35 +11,29 @@ What changes, and what does not
 (never a class attribute, so other instances and the ``transformers`` module are untouched;
 ``copy.deepcopy`` and pickling carry the patch along):
 
-- the ``BertModel`` (``model`` itself or ``model.bert``): one function runs the embeddings,
-  every encoder layer and the pooler, reading the model's own parameters::
-
-      embeddings   LN(word[ids] + position[pos] + token_type[tt])        ops.embedding_layer_norm
-      per layer    qkv = x @ [Wq; Wk; Wv]^T + b      one GEMM; q, k, v are strided views of qkv
-                   a   = attention(q, k, v, key-padding mask)           ops.attention
-                   x   = LN(a @ Wo^T + bo + x)                           GEMM + ops.layer_norm (bias fused)
-                   f   = gelu(x @ Wi^T + bi)                             GEMM + ops.bias_gelu
-                   x   = LN(f @ Wf^T + bf + x)                           GEMM + ops.layer_norm (bias fused)
-      pooler       the model's own pooler module
-
+- the ``BertModel`` (``model`` itself or ``model.bert``): :func:`bertfast.layers.encode` runs
+  the embeddings, every encoder layer and the model's own pooler module, reading the
+  model's own parameters: the same code, numbers and mixed-precision policy as bertfast's
+  native classes (see :mod:`bertfast.layers`), padding-free by default (``unpad="auto"``).
   It is patched at the ``BertModel`` level because that is where the user's 2-D
   ``(batch, seq)`` padding mask is still visible (Hugging Face expands it to 4-D inside).
-- every ``BertPredictionHeadTransform`` (the MLM heads): ``LN(gelu(x @ W^T + b))`` through
-  ``ops.bias_gelu`` and ``ops.layer_norm``.
+- every ``BertPredictionHeadTransform`` (the MLM heads): :func:`bertfast.layers.head_transform`.
 
-Parameters are used in place (no copies, names unchanged), so ``state_dict``,
+Parameters are used in place (no copies, names unchanged; only without gradients, e.g.
+under ``torch.no_grad()``, a fused copy of each layer's Wq/Wk/Wv is kept and refreshed when
+they change, so the QKV GEMM does not concatenate them per forward), so ``state_dict``,
 ``save_pretrained``, optimizers and weight tying keep working; outputs keep Hugging Face's
 types (``return_dict=False`` gives tuples); gradients flow to every parameter;
-``train()``/``eval()`` switch dropout (hidden dropout as in Hugging Face, attention dropout
-through ``ops.attention(dropout_p=...)``, which only the reference backend implements, so
-``backend="auto"`` picks it for attention while training with attention dropout and an
-explicit ``backend="triton"`` raises ``BackendUnavailable`` then); fp32, fp16 and bf16 work,
-and so does ``torch.autocast`` (the layers then run in the autocast dtype, weights cast per
-call as autocast does for GEMMs, LayerNorm statistics in fp32, the residual stream in the
-autocast dtype where Hugging Face keeps it in fp32);
-``output_hidden_states`` (a flag, or in transformers 5 an index or list of indices) works;
-``inputs_embeds`` works; gradient checkpointing (``model.gradient_checkpointing_enable()``)
-is honoured; ``chunk_size_feed_forward`` is ignored (chunking does not change the result).
+``train()``/``eval()`` switch dropout (hidden and attention dropout, fused into the ops on
+backends that declare them; ``backend="auto"`` picks such a backend, an explicit one
+without raises ``BackendUnavailable``); fp32, fp16 and bf16 work, and so does
+``torch.autocast`` (activations, the residual stream included, in the autocast dtype,
+where Hugging Face keeps the residual stream in fp32); ``output_hidden_states`` (a flag,
+or in transformers 5 an index or list of indices, laid out as the installed transformers
+does) works; ``inputs_embeds`` works; gradient checkpointing
+(``model.gradient_checkpointing_enable()``) is honoured; ``chunk_size_feed_forward`` is
+ignored (chunking does not change the result).  Padding-free runs give zeros at padding
+positions of ``last_hidden_state`` (Hugging Face gives values that depend on nothing).
 
 Outputs at padding positions: a padded query still attends to the valid keys, exactly as
 in Hugging Face, so only rows whose mask is all zeros differ (bertfast gives them zero
@@ -70,21 +64,19 @@ of range.  The value checks read a few numbers back to the host; they are skippe
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .modeling import check_backend
+from . import layers
+from .ops import check_backend
 
 __all__ = ["PatchError", "PatchWarning", "is_patched", "patch", "unpatch"]
 
-# The instance attribute holding the backend on every patched module.
+# The instance attributes holding the backend on every patched module, and the padding-free mode.
 _BACKEND_ATTR = "_bertfast_backend"
+_UNPAD_ATTR = "_bertfast_unpad"
 
 # Whether the installed transformers predates its output-capturing refactor of BERT (set by
 # patch()).  Before it, return_dict=False gives ``(sequence_output, pooled_output_or_None,
@@ -261,15 +253,8 @@ def _head_transform_reason(transform: nn.Module, config) -> str | None:
 # --------------------------------------------------------------------------------------
 
 
-def _compiling_or_capturing() -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _check_call(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, kwargs):
-    """Argument checks of the patched BertModel.forward; returns (batch, seq, device)."""
-    config = self.config
+def _check_kwargs(kwargs) -> None:
+    """The keyword arguments transformers' BertModel.forward takes that bertfast does not run."""
     for name in ("head_mask", "encoder_hidden_states", "encoder_attention_mask", "past_key_values"):
         if kwargs.pop(name, None) is not None:
             raise NotImplementedError(
@@ -280,144 +265,29 @@ def _check_call(self, input_ids, attention_mask, token_type_ids, position_ids, i
     unknown = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
     if unknown:
         raise TypeError(f"bertfast-patched BertModel.forward got unsupported arguments: {unknown}")
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    if input_ids is not None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
-        batch, seq = input_ids.shape
-        device = input_ids.device
-    else:
-        if inputs_embeds.dim() != 3:
-            raise ValueError(f"inputs_embeds must have shape (batch, seq, hidden), got {tuple(inputs_embeds.shape)}")
-        batch, seq = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
-    if position_ids is None and seq > config.max_position_embeddings:
-        raise ValueError(
-            f"sequence length {seq} is longer than max_position_embeddings ({config.max_position_embeddings})"
-        )
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-        if attention_mask.dim() != 2:
-            raise NotImplementedError(
-                f"bertfast takes a (batch, seq) key-padding attention_mask, got a {attention_mask.dim()}-D mask of "
-                f"shape {tuple(attention_mask.shape)} (custom 3-D/4-D masks are not supported; unpatch the model)"
-            )
-        if tuple(attention_mask.shape) != (batch, seq):
-            raise ValueError(
-                f"attention_mask must have shape (batch, seq) = {(batch, seq)}, got {tuple(attention_mask.shape)}"
-            )
-    for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
-        if t is None:
-            continue
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-        if t.dim() != 2 or t.shape[1] != seq or t.shape[0] not in (1, batch):
-            raise ValueError(f"{name} must have shape (batch, seq) or (1, seq) with seq={seq}, got {tuple(t.shape)}")
-    if _compiling_or_capturing() or batch * seq == 0:
-        return batch, seq, device
-    # Value checks: each reads back to the host, so eager mode only.
-    if attention_mask is not None and attention_mask.dtype.is_floating_point:
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError(
-                "a floating attention_mask must hold only 0 and 1 (bertfast takes a key-padding mask, not a bias)"
-            )
-    ranges = []
-    if input_ids is not None:
-        ranges.append(("input_ids", input_ids, config.vocab_size))
-    if token_type_ids is not None:
-        ranges.append(("token_type_ids", token_type_ids, config.type_vocab_size))
-    if position_ids is not None:
-        ranges.append(("position_ids", position_ids, config.max_position_embeddings))
-    if ranges:
-        bounds = torch.stack([torch.stack(torch.aminmax(t)).to(torch.int64) for _, t, _ in ranges]).tolist()
-        for (name, _, limit), (low, high) in zip(ranges, bounds):
-            if low < 0 or high >= limit:
-                raise ValueError(f"{name} must be in [0, {limit}); got values in [{low}, {high}]")
-    return batch, seq, device
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A parameter in the compute dtype (under autocast); differentiable, a no-op otherwise."""
-    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+def _selected_hidden_states(states: list, selection) -> tuple:
+    """The hidden states as the installed transformers lays them out for ``output_hidden_states``.
 
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype if autocast is on for ``device``, else None."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-def _autocast_off(device: torch.device, amp_dtype: torch.dtype | None):
-    # Under autocast the patched compute casts explicitly (weights to the autocast dtype, as
-    # autocast would for the GEMMs) and keeps the whole layer in that dtype, so the fused ops
-    # see one dtype; autocast itself is switched off meanwhile.
-    return torch.autocast(device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext()
-
-
-def _dense_residual_layer_norm(block: nn.Module, h, residual, backend, dtype):
-    """``LN(dropout(h @ W^T + b) + residual)`` of a BertSelfOutput/BertOutput block; bias and dropout fused."""
-    dense, ln, dropout = block.dense, block.LayerNorm, block.dropout
-    weight, bias = _cast(dense.weight, dtype), _cast(dense.bias, dtype)
-    ln_weight, ln_bias = _cast(ln.weight, dtype), _cast(ln.bias, dtype)
-    dropout_p = dropout.p if dropout.training else 0.0
-    return ops.layer_norm(
-        F.linear(h, weight),
-        ln_weight,
-        ln_bias,
-        ln.eps,
-        residual=residual,
-        linear_bias=bias,
-        dropout_p=dropout_p,
-        backend=backend,
-    )
-
-
-def _layer_forward(layer: nn.Module, x, keep, backend: str, dtype: torch.dtype | None = None):
-    """One post-LN encoder layer of a transformers BertLayer, through bertfast.ops (``dtype``: autocast's)."""
-    sa = layer.attention.self
-    weight = torch.cat([_cast(m.weight, dtype) for m in (sa.query, sa.key, sa.value)])
-    bias = torch.cat([_cast(m.bias, dtype) for m in (sa.query, sa.key, sa.value)])
-    qkv = F.linear(x, weight, bias)
-    # (batch, seq, 3, heads, head_dim) -> three strided (batch, seq, heads, head_dim) views
-    q, k, v = qkv.unflatten(-1, (3, sa.num_attention_heads, sa.attention_head_size)).unbind(-3)
-    dropout_p = sa.dropout.p if sa.dropout.training else 0.0
-    attended = ops.attention(q, k, v, keep, dropout_p=dropout_p, backend=backend).flatten(-2)
-    x = _dense_residual_layer_norm(layer.attention.output, attended, x, backend, dtype)
-    intermediate = layer.intermediate.dense
-    h = F.linear(x, _cast(intermediate.weight, dtype))
-    h = ops.bias_gelu(h, _cast(intermediate.bias, dtype), backend=backend)
-    return _dense_residual_layer_norm(layer.output, h, x, backend, dtype)
-
-
-def _checkpoint_function(bert: nn.Module, layer: nn.Module):
-    """Hugging Face's gradient-checkpointing function for ``layer`` if it is enabled (and training), else None."""
-    if not layer.training:
-        return None
-    encoder = bert.encoder
-    if getattr(layer, "gradient_checkpointing", False):  # transformers 5: GradientCheckpointingLayer
-        owner = layer
-    elif getattr(encoder, "gradient_checkpointing", False):  # transformers 4
-        owner = encoder
-    else:
-        return None
-    fn = getattr(owner, "_gradient_checkpointing_func", None) or getattr(bert, "_gradient_checkpointing_func", None)
-    if fn is None:
-        import torch.utils.checkpoint
-
-        fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    return fn
-
-
-def _selected_hidden_states(states: list, selection, num_layers: int) -> tuple:
-    """transformers 5 lets ``output_hidden_states`` be an index or a list: others become None."""
+    A flag gives all ``num_layers + 1``.  transformers 5 may select by index: since its
+    ``selected_hidden_states`` helper (5.2x), an int or a list of indices, resolved modulo
+    ``num_layers + 1``, the rest ``None``; before it (5.17), only a list/tuple/set selects,
+    and it indexes the layers' outputs (no embedding output; no negative indices).
+    """
     if isinstance(selection, bool) or _LEGACY_TRANSFORMERS:
         return tuple(states)
-    indices = [selection] if isinstance(selection, int) else list(selection)
-    count = num_layers + 1
-    keep = {i % count for i in indices if -count <= i < count}
+    try:
+        from transformers.utils.output_capturing import selected_hidden_states
+    except ImportError:
+        selected_hidden_states = None
+    if selected_hidden_states is None:
+        if not isinstance(selection, (list, tuple, set)):
+            return tuple(states)
+        keep = set(selection)
+        return tuple(h if i in keep else None for i, h in enumerate(states[1:]))
+    count = len(states)
+    keep = {i % count for i in selected_hidden_states(selection) if -count <= i < count}
     return tuple(h if i in keep else None for i, h in enumerate(states))
 
 
@@ -434,7 +304,7 @@ def _patched_bert_model_forward(
     return_dict=None,
     **kwargs,
 ):
-    """transformers ``BertModel.forward`` computed through bertfast.ops (see :mod:`bertfast.patching`)."""
+    """transformers ``BertModel.forward`` computed by :mod:`bertfast.layers` (see :mod:`bertfast.patching`)."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
     config = self.config
@@ -449,58 +319,20 @@ def _patched_bert_model_forward(
         output_hidden_states = getattr(config, "output_hidden_states", False)
     if return_dict is None:
         return_dict = getattr(config, "return_dict", True) and not getattr(config, "torchscript", False)
-    batch, seq, device = _check_call(
-        self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dict(kwargs)
-    )
-    backend = getattr(self, _BACKEND_ATTR)
-    if position_ids is None:
-        position_ids = torch.arange(seq, device=device)[None, :]
-    position_ids = position_ids.expand(batch, seq)
-    if token_type_ids is None:
-        token_type_ids = torch.zeros((batch, seq), dtype=torch.long, device=device)
-    token_type_ids = token_type_ids.expand(batch, seq)
-
-    keep = None
-    if attention_mask is not None:
-        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
-    amp_dtype = _autocast_dtype(device)
+    _check_kwargs(dict(kwargs))
     # As in transformers, a falsy selection (False, 0, []) returns no hidden states.
-    states = [] if output_hidden_states else None
-    with _autocast_off(device, amp_dtype):
-        emb = self.embeddings
-        ln = emb.LayerNorm
-        if inputs_embeds is None:
-            x = ops.embedding_layer_norm(
-                input_ids,
-                position_ids,
-                token_type_ids,
-                emb.word_embeddings.weight,
-                emb.position_embeddings.weight,
-                emb.token_type_embeddings.weight,
-                ln.weight,
-                ln.bias,
-                ln.eps,
-                backend=backend,
-            )
-        else:
-            summed = inputs_embeds + F.embedding(token_type_ids, emb.token_type_embeddings.weight)
-            positions = F.embedding(position_ids, emb.position_embeddings.weight)
-            x = ops.layer_norm(summed, ln.weight, ln.bias, ln.eps, residual=positions, backend=backend)
-        x = _cast(emb.dropout(x), amp_dtype)
-        if states is not None:
-            states.append(x)
-        for layer in self.encoder.layer:
-            checkpoint = _checkpoint_function(self, layer)
-            if checkpoint is None:
-                x = _layer_forward(layer, x, keep, backend, amp_dtype)
-            else:
-                x = checkpoint(_layer_forward, layer, x, keep, backend, amp_dtype)
-            if states is not None:
-                states.append(x)
-    pooled = self.pooler(x) if self.pooler is not None else None
-    hidden_states = None
-    if states is not None:
-        hidden_states = _selected_hidden_states(states, output_hidden_states, len(self.encoder.layer))
+    x, pooled, states, _, _ = layers.encode(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        inputs_embeds,
+        bool(output_hidden_states),
+        backend=getattr(self, _BACKEND_ATTR),
+        unpad_mode=getattr(self, _UNPAD_ATTR, "auto"),
+    )
+    hidden_states = None if states is None else _selected_hidden_states(states, output_hidden_states)
     out = BaseModelOutputWithPoolingAndCrossAttentions(
         last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states
     )
@@ -512,14 +344,8 @@ def _patched_bert_model_forward(
 
 
 def _patched_head_transform_forward(self, hidden_states):
-    """transformers ``BertPredictionHeadTransform.forward``: ``LN(gelu(x @ W^T + b))`` through bertfast.ops."""
-    backend = getattr(self, _BACKEND_ATTR)
-    dense, ln = self.dense, self.LayerNorm
-    dtype = _autocast_dtype(hidden_states.device)
-    with _autocast_off(hidden_states.device, dtype):
-        h = F.linear(_cast(hidden_states, dtype), _cast(dense.weight, dtype))
-        h = ops.bias_gelu(h, _cast(dense.bias, dtype), backend=backend)
-        return ops.layer_norm(h, _cast(ln.weight, dtype), _cast(ln.bias, dtype), ln.eps, backend=backend)
+    """transformers ``BertPredictionHeadTransform.forward``: ``LN(gelu(x @ W^T + b))`` by :mod:`bertfast.layers`."""
+    return layers.head_transform(self, hidden_states, getattr(self, _BACKEND_ATTR))
 
 
 _PATCHED_FORWARDS = (_patched_bert_model_forward, _patched_head_transform_forward)
@@ -542,8 +368,10 @@ def is_patched(model: nn.Module) -> bool:
     return any(_patched_forward_of(m) is not None for m in model.modules())
 
 
-def _set_forward(module: nn.Module, function, backend: str) -> None:
+def _set_forward(module: nn.Module, function, backend: str, unpad=None) -> None:
     setattr(module, _BACKEND_ATTR, backend)
+    if unpad is not None:
+        setattr(module, _UNPAD_ATTR, unpad)
     # A partial of a module-level function, not a bound method: it pickles (by reference to
     # the function) and deep-copies (rebound to the copy) with the module.
     module.forward = functools.partial(function, module)
@@ -555,13 +383,17 @@ def _refuse(message: str, strict: bool) -> None:
     warnings.warn(message, PatchWarning, stacklevel=3)
 
 
-def patch(model: nn.Module, backend: str | None = "auto", strict: bool = False) -> nn.Module:
-    """Make this transformers BERT model instance compute through :mod:`bertfast.ops`; returns ``model``.
+def patch(
+    model: nn.Module, backend: str | None = "auto", strict: bool = False, unpad: bool | str = "auto"
+) -> nn.Module:
+    """Make this transformers BERT model instance compute through :mod:`bertfast.layers`; returns ``model``.
 
     ``model``: a transformers ``BertModel`` or any ``BertFor...`` model (its ``.bert`` is
     patched, and the MLM heads' transform when present).  ``backend``: ``"auto"``,
     ``"reference"``, ``"triton"`` or ``"ext"``, as for bertfast models; an explicit backend
-    must be available here.  Patching a patched model just switches its backend.
+    must be available here.  ``unpad``: padding-free mode, as
+    :meth:`bertfast.BertModel.set_unpad`.  Patching a patched model just switches its
+    backend and mode.
 
     What is supported, and the errors and warnings for what is not, are listed in the
     module docstring of :mod:`bertfast.patching`.  When the model cannot be patched it is
@@ -569,6 +401,8 @@ def patch(model: nn.Module, backend: str | None = "auto", strict: bool = False) 
     """
     global _LEGACY_TRANSFORMERS
     backend = check_backend(backend)
+    if unpad not in (True, False, "auto"):
+        raise ValueError(f"unpad must be True, False or 'auto', got {unpad!r}")
     modeling_bert = _transformers_bert()
     # The refactored forward is wrapped by functools.wraps-based decorators; the legacy one is not.
     _LEGACY_TRANSFORMERS = not hasattr(modeling_bert.BertModel.forward, "__wrapped__")
@@ -577,6 +411,7 @@ def patch(model: nn.Module, backend: str | None = "auto", strict: bool = False) 
         for module in model.modules():
             if _patched_forward_of(module) is not None:
                 setattr(module, _BACKEND_ATTR, backend)
+        setattr(bert, _UNPAD_ATTR, unpad)
         return model
     reason = _bert_model_reason(bert)
     if reason is not None:
@@ -591,7 +426,7 @@ def patch(model: nn.Module, backend: str | None = "auto", strict: bool = False) 
                 _refuse(f"bertfast.patch left {name} ({type(module).__name__}) unpatched: {reason}", strict)
                 continue
             transforms.append(module)
-    _set_forward(bert, _patched_bert_model_forward, backend)
+    _set_forward(bert, _patched_bert_model_forward, backend, unpad)
     for module in transforms:
         _set_forward(module, _patched_head_transform_forward, backend)
     return model
@@ -602,6 +437,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if _patched_forward_of(module) is not None:
             del module.forward
-            if _BACKEND_ATTR in module.__dict__:
-                delattr(module, _BACKEND_ATTR)
+            for attr in (_BACKEND_ATTR, _UNPAD_ATTR):
+                if attr in module.__dict__:
+                    delattr(module, attr)
     return model

@@ -620,7 +620,7 @@ def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0
     return out, lse
 
 
-def _backward_plan(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, has_dropout):
+def _backward_plan(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, has_dropout, dqkv=None):
     varlen = cu_seqlens is not None
     grad_contiguous = grad_out.stride(-1) == 1
     if not grad_contiguous:  # e.g. an expanded gradient; the kernels want contiguous rows
@@ -637,11 +637,14 @@ def _backward_plan(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
         IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
     )  # fmt: skip
-    dq_strides = _fresh_strides(q.shape, varlen)
-    dkv_strides = _fresh_strides(k.shape, varlen)
+    if dqkv is None:
+        dq_strides = _fresh_strides(q.shape, varlen)
+        dk_strides = dv_strides = _fresh_strides(k.shape, varlen)
+    else:  # the three slices of one (..., 3, heads, head_dim) buffer
+        dq_strides, dk_strides, dv_strides = map(strides, dqkv.unbind(-3))
     delta_ints = (*strides(out), *strides(grad_out), *stats_strides, heads, seq_q)
     dkdv_ints = (
-        *strides(q), *strides(k), *strides(v), *strides(grad_out), *dkv_strides, *dkv_strides,
+        *strides(q), *strides(k), *strides(v), *strides(grad_out), *dk_strides, *dv_strides,
         *stats_strides, *mask_strides, *shape_args,
     )  # fmt: skip
     dq_ints = (
@@ -667,22 +670,28 @@ def _backward_plan(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_
     )  # fmt: skip
 
 
-def _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+def _backward(
+    grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None, dqkv=None
+):
+    """``(dq, dk, dv)``; with ``dqkv`` (``(..., 3, heads, head_dim)``) they are written into its three slices."""
     dropout_p, seed_value = dropout_args(dropout_p, seed)
-    tensors = (grad_out, q, k, v, out, lse, attention_mask, cu_seqlens)
+    tensors = (grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, dqkv)
     key = (*map(tensor_key, tensors), max_seqlen, dropout_p > 0.0)
     plan = _BWD_PLANS.get(key)
     if plan is None:
         plan = _BWD_PLANS.put(
             key,
-            _backward_plan(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, dropout_p > 0.0),
+            _backward_plan(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, dropout_p > 0.0, dqkv),
         )
     grad_contiguous, empty, seqlens_contiguous, delta_plan, dkdv_plan, dq_plan, launch_key = plan
     if not grad_contiguous:
         grad_out = grad_out.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if dqkv is not None:
+        dq, dk, dv = dqkv.unbind(-3)
+    else:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if empty:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
@@ -880,6 +889,111 @@ _attention_fwd_op.register_autograd(_backward_padded, setup_context=_setup_padde
 _attention_varlen_fwd_op.register_autograd(_backward_varlen, setup_context=_setup_varlen)
 
 
+# Packed QKV: q, k, v are the ``(..., 3, heads, head_dim)`` output of one projection, passed as one
+# tensor.  The backward writes dq, dk, dv into one buffer of that shape, which is the projection
+# output's gradient itself: autograd does not stack three gradients again.
+
+
+@torch.library.custom_op("bertfast::attention_qkv_fwd", mutates_args=())
+def _attention_qkv_fwd_op(
+    qkv: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (``cu_seqlens`` None) or varlen attention forward on packed QKV: (out, lse)."""
+    q, k, v = qkv.unbind(-3)
+    return _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+
+
+@_attention_qkv_fwd_op.register_fake
+def _(qkv, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+    q = qkv.select(-3, 0)
+    if cu_seqlens is None:
+        batch, seq_q, heads, _ = q.shape
+        lse_shape = (batch, heads, seq_q)
+    else:
+        total, heads, _ = q.shape
+        lse_shape = (heads, total)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("bertfast::attention_qkv_bwd", mutates_args=())
+def _attention_qkv_bwd_op(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Packed-QKV attention backward: dqkv, ``qkv``'s shape, contiguous."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    q, k, v = qkv.unbind(-3)
+    _backward(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, dqkv)
+    return dqkv
+
+
+@_attention_qkv_bwd_op.register_fake
+def _(grad_out, qkv, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_qkv(ctx, inputs, output):
+    qkv, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse, attention_mask, cu_seqlens, seed)
+    ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
+
+
+def _backward_qkv(ctx, grad_out, _grad_lse=None):
+    qkv, out, lse, attention_mask, cu_seqlens, seed = ctx.saved_tensors
+    args = (grad_out, qkv, out, lse, attention_mask, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
+    if not torch.is_grad_enabled() and eager_fast_path(grad_out, qkv, out, attention_mask, cu_seqlens):
+        with profiled("bertfast::attention_qkv_bwd"):
+            dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+            _backward(grad_out, *qkv.unbind(-3), *args[2:], dqkv)
+    else:  # under torch.compile, a mode or create_graph: the custom op
+        dqkv = _attention_qkv_bwd_op(*args)
+    return dqkv, None, None, None, None, None, None
+
+
+class _AttentionQKVFunction(torch.autograd.Function):
+    """The eager fast path's autograd (packed QKV, padded or varlen): the custom op's pieces."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        qkv, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
+        output = _forward(*qkv.unbind(-3), attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+        _setup_qkv(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward_qkv)
+
+
+_attention_qkv_fwd_op.register_autograd(_backward_qkv, setup_context=_setup_qkv)
+
+
+def _attention_qkv(qkv, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+    """Packed-QKV attention: the launcher directly in eager mode, else the custom op."""
+    if eager_fast_path(qkv, attention_mask, cu_seqlens):
+        with profiled("bertfast::attention_qkv_fwd"):
+            if needs_grad(qkv):
+                return _AttentionQKVFunction.apply(qkv, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)[
+                    0
+                ]
+            return _forward(*qkv.unbind(-3), attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)[0]
+    return _attention_qkv_fwd_op(qkv, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry points (called by bertfast.ops.triton_backend)
 # ----------------------------------------------------------------------------------------------
@@ -948,3 +1062,35 @@ def attention_varlen(
                 return _AttentionVarlenFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed)[0]
             return _forward(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, seed)[0]
     return _attention_varlen_fwd_op(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed)[0]
+
+
+def attention_qkv(
+    qkv: torch.Tensor, attention_mask: torch.Tensor | None, scale: float, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """:func:`attention` of ``qkv``: ``(batch, seq, 3, heads, head_dim)``; its gradient is one buffer."""
+    q, k, v = qkv.unbind(-3)
+    _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
+    _check_mask(attention_mask, k)
+    check_dropout_p(dropout_p)
+    seed = draw_seed(dropout_p)
+    return _attention_qkv(qkv, attention_mask, None, 0, float(scale), float(dropout_p), seed)
+
+
+def attention_varlen_qkv(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float = 0.0,
+    check: bool = True,
+) -> torch.Tensor:
+    """:func:`attention_varlen` of ``qkv``: ``(total_tokens, 3, heads, head_dim)``; its gradient is one buffer.
+
+    ``check``: as in :func:`attention_varlen`.
+    """
+    q, k, v = qkv.unbind(-3)
+    _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
+    _check_cu_seqlens(cu_seqlens, q, max_seqlen, check)
+    check_dropout_p(dropout_p)
+    seed = draw_seed(dropout_p)
+    return _attention_qkv(qkv, None, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), seed)

@@ -185,8 +185,7 @@ def _check_inputs(x: torch.Tensor, bias: torch.Tensor) -> None:
         raise TypeError(reason)
     if tuple(bias.shape) != (x.shape[-1],):
         raise ValueError(f"bias must have shape ({x.shape[-1]},) (x.shape[-1]), got {tuple(bias.shape)}")
-    if bias.dtype != x.dtype:
-        raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
+    # bias may have another supported dtype (fp32 with bf16 activations under autocast): read as fp32.
     if bias.device != x.device:
         raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
 

@@ -68,6 +68,7 @@ multi-group paths run even on tiny inputs.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -380,9 +381,8 @@ def _check_inputs(x, weight, residual, linear_bias) -> None:
     n_cols = x.shape[-1]
     _vector("weight", weight, n_cols, x.device)
     if linear_bias is not None:
+        # Read in its own dtype (an fp32 bias with bf16 activations under autocast): no cast kernel.
         _vector("linear_bias", linear_bias, n_cols, x.device)
-        if linear_bias.dtype != x.dtype:
-            raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but x has {x.dtype}")
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
@@ -627,7 +627,7 @@ def layer_norm_fwd(
 
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=None):
-    n_rows = x.shape[:-1].numel()
+    n_rows = math.prod(x.shape[:-1])  # not Size.numel(), which would specialize symbolic sizes
     y = x.new_empty(x.shape)
     mean = x.new_empty((n_rows,), dtype=torch.float32)
     rstd = x.new_empty((n_rows,), dtype=torch.float32)

@@ -199,3 +199,24 @@ def test_runner_recaptures_after_parameters_move_and_refuses_training():
     model.train()
     with pytest.raises(RuntimeError, match="eval"):
         runner(ids, mask, types)
+
+
+def test_parameter_watch_sees_moves_and_replacements_without_walking_per_call():
+    from bertfast.cuda_graphs import ParameterWatch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    watch = ParameterWatch(model)
+    assert not watch.changed()
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # in place: the graphs read it where it is
+    assert not watch.changed()
+    model.to(torch.float64)  # new storage for every parameter
+    assert watch.changed()
+    watch.snapshot()
+    model[1].weight = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))  # a new Parameter object
+    assert watch.changed()
+    watch.snapshot()
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert watch.changed()
+    watch.snapshot()
+    assert not watch.changed()

@@ -491,3 +491,30 @@ def test_argument_checks_name_the_argument():
         kernel.attention(q, k, v[:, :3], None, 1.0)
     with pytest.raises(TypeError, match="cu_seqlens"):
         kernel.attention_varlen(q[0], k[0], v[0], torch.tensor([0, 4], device=DEVICE), 4, 1.0)
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_packed_qkv_gives_the_same_output_and_one_gradient_buffer(layout):
+    """attention_qkv / attention_varlen_qkv: the unpacked kernels' numbers, dq/dk/dv written into one buffer."""
+    gen = torch.Generator().manual_seed(3)
+    heads, head_dim, scale = 2, 16, 0.25
+    if layout == "padded":
+        qkv = fused_qkv((2, 7), heads, head_dim, torch.float32, gen).unflatten(-1, (3, heads, head_dim))
+        mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3], device=DEVICE)
+        packed_fn = lambda t: kernel.attention_qkv(t, mask, scale)  # noqa: E731
+        unpacked_fn = lambda t: kernel.attention(*t.unbind(-3), mask, scale)  # noqa: E731
+    else:
+        qkv = fused_qkv((9,), heads, head_dim, torch.float32, gen).unflatten(-1, (3, heads, head_dim))
+        cu_seqlens = torch.tensor([0, 6, 9], dtype=torch.int32, device=DEVICE)
+        packed_fn = lambda t: kernel.attention_varlen_qkv(t, cu_seqlens, 6, scale)  # noqa: E731
+        unpacked_fn = lambda t: kernel.attention_varlen(*t.unbind(-3), cu_seqlens, 6, scale)  # noqa: E731
+    grad_out = torch.randn(qkv.select(-3, 0).shape, generator=gen).to(DEVICE)
+    results = []
+    for fn in (packed_fn, unpacked_fn):
+        leaf = qkv.detach().clone().requires_grad_(True)
+        out = fn(leaf)
+        out.backward(grad_out)
+        results.append((out.detach(), leaf.grad))
+    (out_packed, grad_packed), (out_unpacked, grad_unpacked) = results
+    assert torch.equal(out_packed, out_unpacked)
+    assert torch.equal(grad_packed, grad_unpacked)

@@ -43,6 +43,8 @@ OPS = ("layer_norm", "bias_gelu", "attention", "attention_varlen", "embedding_la
 _DROPOUT_CAPABILITY = {
     "attention": ("SUPPORTS_ATTENTION_DROPOUT", "attention-probability dropout"),
     "attention_varlen": ("SUPPORTS_ATTENTION_DROPOUT", "attention-probability dropout"),
+    "attention_qkv": ("SUPPORTS_ATTENTION_DROPOUT", "attention-probability dropout"),
+    "attention_varlen_qkv": ("SUPPORTS_ATTENTION_DROPOUT", "attention-probability dropout"),
     "layer_norm": ("SUPPORTS_HIDDEN_DROPOUT", "hidden dropout fused into layer_norm"),
 }
 
@@ -55,6 +57,16 @@ def validate_backend_name(name: str | None) -> str:
         raise TypeError(f"backend must be a string or None, got {type(name).__name__}")
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def check_backend(name: str | None) -> str:
+    """Validate a model's backend name; an explicit backend must be able to run here at all."""
+    name = validate_backend_name(name)
+    if name != "auto":
+        reason = backend_availability(name)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {name!r} is unavailable: {reason}")
     return name
 
 

@@ -214,6 +214,8 @@ _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm
 
 
 def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None):
+    if linear_bias is not None:
+        linear_bias = linear_bias.to(x.dtype)  # the C++ kernels take one dtype
     y, _mean, _rstd = _layer_norm_op(x, weight.to(x.dtype), bias.to(x.dtype), residual, linear_bias, float(eps))
     return y
 

@@ -46,7 +46,7 @@ def unsupported(op: str, *tensors, **meta) -> str | None:
     reason = _device_reason(first)
     if reason is not None:
         return reason
-    if op in ("attention", "attention_varlen"):
+    if op.startswith("attention"):
         from ..kernels import attention as kernel
     elif op == "bias_gelu":
         from ..kernels import bias_gelu as kernel
@@ -97,3 +97,15 @@ def embedding_layer_norm(
     words = words + torch.nn.functional.embedding(token_type_ids, token_type_embeddings)
     positions = torch.nn.functional.embedding(position_ids, position_embeddings)
     return layer_norm(words, weight, bias, eps, residual=positions)
+
+
+def attention_qkv(qkv, attention_mask, scale, dropout_p=0.0):
+    from ..kernels.attention import attention_qkv as kernel
+
+    return kernel(qkv, attention_mask, scale, dropout_p)
+
+
+def attention_varlen_qkv(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
+    from ..kernels.attention import attention_varlen_qkv as kernel
+
+    return kernel(qkv, cu_seqlens, max_seqlen, scale, dropout_p)

@@ -1,0 +1,552 @@
+"""BERT's compute, written once: embeddings, encoder layers, pooler and MLM head transform.
+
+Every face of the product runs these functions: the native classes (:mod:`bertfast.modeling`)
+and patched transformers instances (:mod:`bertfast.patching`).  Both have Hugging Face's
+attribute names (``embeddings.word_embeddings``, ``encoder.layer[i].attention.self.query``,
+``pooler.dense``, ...), so one function walks either module tree::
+
+    embeddings   LN(word[ids] + position[pos] + token_type[tt])      embedding_layer_norm
+    per layer    qkv = x @ Wqkv^T + bqkv       one GEMM; q, k, v are strided views of qkv
+                 a   = attention(q, k, v, key-padding mask or packed offsets)
+                 x   = LN(dropout(a @ Wo^T + bo) + x)                 GEMM + layer_norm (bias, dropout fused)
+                 f   = gelu(x @ Wi^T + bi)                             GEMM + bias_gelu
+                 x   = LN(dropout(f @ Wf^T + bf) + x)                 GEMM + layer_norm (bias, dropout fused)
+    pooler       tanh(x[:, 0] @ Wp^T + bp)       the model's own pooler module
+    MLM head     LN(gelu(x @ Wt^T + bt))                               GEMM + bias_gelu + layer_norm
+
+Dispatch is resolved once per forward: :func:`plan` picks, from the model's sizes, dtypes,
+device and dropout, the backend function of every op (cached), and the layers call those
+functions directly.  Arguments are validated once, at the model's boundary
+(:func:`check_inputs`); the ops' own checks in :mod:`bertfast.ops` are for callers outside
+the model.
+
+Mixed precision (one policy, chosen by the bytes it moves).  The compute dtype is autocast's
+when autocast is on, else the parameters'.  Activations (the residual stream included) are
+kept in the compute dtype: under bf16 autocast each layer reads and writes 2-byte
+activations, never 4-byte ones, and no cast kernel runs between ops.  The GEMMs run under
+autocast as PyTorch's own do (it casts, and caches, the weights).  The fused ops read their
+small parameters (LayerNorm weight and bias, the dense biases fused into LayerNorm and
+bias-GELU) in their own dtype and keep every statistic and accumulator in fp32; their
+outputs have the activations' dtype.  The one cast per forward is the embedding output
+(fp32 tables) into the compute dtype.
+
+Padding-free execution (``unpad``, ``"auto"`` by default): the valid tokens are gathered once
+before the embedding and every layer runs on the packed ``(total_tokens, hidden)`` tensor.
+
+Host synchronisations: an eager forward reads back one small tensor, once, holding the
+ids' value ranges (the boundary check) and the packed batch's token count and longest
+row (the packed size and the attention grid depend on them).  None under ``torch.compile``
+or CUDA-graph capture (no range checks; the padded path).  The reference backend's
+variable-length attention reads the offsets to loop over sequences in Python.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from .errors import BackendUnavailable
+from .ops import _dispatch
+from .padding import PackedBatch, pack_mask, pad, unpad
+
+# --------------------------------------------------------------------------------------
+# The plan: every op's backend function, chosen once
+# --------------------------------------------------------------------------------------
+
+
+class Plan:
+    """The backend function of each op for one forward (``None``: no backend can run it)."""
+
+    __slots__ = (
+        "attention",
+        "attention_qkv",
+        "attention_varlen",
+        "attention_varlen_qkv",
+        "bias_gelu",
+        "embedding_layer_norm",
+        "layer_norm",
+    )
+
+    def __init__(self, **functions: Callable | None):
+        for name in self.__slots__:
+            setattr(self, name, functions.get(name))
+
+
+_PLANS: dict[tuple, Plan] = {}
+
+
+def _resolve(op: str, backend: str, tensors, dropout_p: float, optional: bool = False):
+    try:
+        module = _dispatch.resolve(op, backend, tensors, dropout_p=dropout_p)
+    except BackendUnavailable:
+        if optional:
+            return None
+        raise
+    return getattr(module, op)
+
+
+def plan(
+    backend: str,
+    like: torch.Tensor,
+    dtype: torch.dtype,
+    hidden: int,
+    intermediate: int,
+    heads: int = 0,
+    head_dim: int = 0,
+    attention_dropout: bool = False,
+    hidden_dropout: bool = False,
+) -> Plan:
+    """The ops for activations of ``dtype`` on ``like``'s device with parameters of ``like``'s dtype.
+
+    ``heads == 0``: no attention (a head transform).  Cached by every argument that can
+    change a backend's answer.
+    """
+    key = (
+        backend,
+        like.device,
+        like.dtype,
+        dtype,
+        hidden,
+        intermediate,
+        heads,
+        head_dim,
+        attention_dropout,
+        hidden_dropout,
+    )
+    # Under torch.compile the plan is traced, not cached: a guard on the cache's contents would
+    # recompile the graph once the eager cache fills.
+    compiling = torch.compiler.is_compiling()
+    found = None if compiling else _PLANS.get(key)
+    if found is not None:
+        return found
+    x = torch.empty((1, hidden), dtype=dtype, device=like.device)
+    vector = torch.empty((hidden,), dtype=like.dtype, device=like.device)
+    ffn = torch.empty((1, intermediate), dtype=dtype, device=like.device)
+    functions = {
+        "layer_norm": _resolve("layer_norm", backend, (x, vector, vector), 0.5 if hidden_dropout else 0.0),
+        "bias_gelu": _resolve("bias_gelu", backend, (ffn, ffn[0].to(like.dtype)), 0.0),
+    }
+    if heads:
+        table = torch.empty((1, hidden), dtype=like.dtype, device=like.device)
+        functions["embedding_layer_norm"] = _resolve("embedding_layer_norm", backend, (table, vector, vector), 0.0)
+        p = 0.5 if attention_dropout else 0.0
+        probe = torch.empty((1, 1, heads, head_dim), dtype=dtype, device=like.device)
+        functions["attention"] = _resolve("attention", backend, (probe, probe, probe), p)
+        varlen = probe[0]
+        functions["attention_varlen"] = _resolve("attention_varlen", backend, (varlen, varlen, varlen), p, True)
+        # Packed-QKV variants (one gradient buffer for q, k and v), where the backend has them.
+        functions["attention_qkv"] = _resolve("attention_qkv", backend, (probe, probe, probe), p, True)
+        functions["attention_varlen_qkv"] = _resolve("attention_varlen_qkv", backend, (varlen, varlen, varlen), p, True)
+    result = Plan(**functions)
+    if not compiling:
+        _PLANS[key] = result
+    return result
+
+
+def compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+    """Autocast's dtype when autocast is on for ``device``, else the parameters'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return param_dtype
+
+
+def _encoder_plan(bert, backend: str, dtype: torch.dtype) -> Plan:
+    config = bert.config
+    layers = bert.encoder.layer
+    sa = layers[0].attention.self if len(layers) else None
+    attention_dropout = hidden_dropout = False
+    if bert.training:  # the modules' own dropout rates (users may change them after building)
+        attention_dropout = any(layer.attention.self.dropout.p > 0 for layer in layers)
+        hidden_dropout = any(layer.output.dropout.p > 0 or layer.attention.output.dropout.p > 0 for layer in layers)
+    return plan(
+        backend,
+        bert.embeddings.word_embeddings.weight,
+        dtype,
+        config.hidden_size,
+        config.intermediate_size,
+        sa.num_attention_heads if sa is not None else config.num_attention_heads,
+        sa.attention_head_size if sa is not None else config.hidden_size // config.num_attention_heads,
+        attention_dropout,
+        hidden_dropout,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Checks at the boundary
+# --------------------------------------------------------------------------------------
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def values_checkable(device: torch.device) -> bool:
+    """Whether reading values back to the host is allowed (eager mode, not capturing a CUDA graph)."""
+    return not (torch.compiler.is_compiling() or _capturing(device))
+
+
+def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=None):
+    """Shapes and dtypes of a forward's inputs (no host sync); returns ``(batch, seq, device)``."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        device = input_ids.device
+    else:
+        if inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must have shape (batch, seq, hidden), got {tuple(inputs_embeds.shape)}")
+        batch, seq = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+    if position_ids is None and seq > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {seq} is longer than max_position_embeddings ({config.max_position_embeddings})"
+        )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dim() != 2:
+            raise NotImplementedError(
+                f"bertfast takes a (batch, seq) key-padding attention_mask, got a {attention_mask.dim()}-D mask of "
+                f"shape {tuple(attention_mask.shape)} (custom 3-D/4-D masks are not supported)"
+            )
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input is {(batch, seq)}")
+        if attention_mask.device != device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but the input is on {device}")
+    for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        if t.dim() != 2 or t.shape[1] != seq or t.shape[0] not in (1, batch):
+            raise ValueError(f"{name} must have shape (batch, seq) or (1, seq) with seq={seq}, got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {device}")
+    return batch, seq, device
+
+
+def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, keep, lengths):
+    """The forward's one host read: the ids' ranges (raising if out of range) and the packed sizes.
+
+    Returns ``(total_tokens, longest_row)`` when ``lengths`` is given, else ``None``.
+    """
+    ranges = []
+    if input_ids is not None:
+        ranges.append(("input_ids", input_ids, config.vocab_size))
+    if token_type_ids is not None:
+        ranges.append(("token_type_ids", token_type_ids, config.type_vocab_size))
+    if position_ids is not None:
+        ranges.append(("position_ids", position_ids, config.max_position_embeddings))
+    parts = [torch.stack(torch.aminmax(t)).to(torch.int64) for _, t, _ in ranges]
+    float_mask = attention_mask is not None and attention_mask.dtype.is_floating_point
+    if float_mask:
+        parts.append(((attention_mask == 0) | (attention_mask == 1)).all().to(torch.int64).expand(2))
+    if lengths is not None:
+        parts.append(torch.stack((lengths.sum(), lengths.max())).to(torch.int64))
+    if not parts:
+        return None
+    values = torch.stack(parts).tolist()
+    for (name, _, limit), (low, high) in zip(ranges, values):
+        if low < 0 or high >= limit:
+            raise ValueError(f"{name} must be in [0, {limit}); got values in [{low}, {high}]")
+    if float_mask and not values[len(ranges)][0]:
+        raise ValueError(
+            "a floating attention_mask must hold only 0 and 1 (bertfast takes a key-padding mask, not a bias)"
+        )
+    return tuple(values[-1]) if lengths is not None else None
+
+
+# --------------------------------------------------------------------------------------
+# The modules' compute
+# --------------------------------------------------------------------------------------
+
+
+def embed(emb, input_ids, token_type_ids, position_ids, inputs_embeds, ops: Plan, dtype):
+    """``dropout(LN(word[ids] (or inputs_embeds) + position[pos] + token_type[tt])))`` in ``dtype``."""
+    ln = emb.LayerNorm
+    if inputs_embeds is None:
+        x = ops.embedding_layer_norm(
+            input_ids,
+            position_ids,
+            token_type_ids,
+            emb.word_embeddings.weight,
+            emb.position_embeddings.weight,
+            emb.token_type_embeddings.weight,
+            ln.weight,
+            ln.bias,
+            ln.eps,
+        )
+    else:
+        summed = inputs_embeds + F.embedding(token_type_ids, emb.token_type_embeddings.weight)
+        positions = F.embedding(position_ids, emb.position_embeddings.weight).to(summed.dtype)
+        x = ops.layer_norm(summed, ln.weight, ln.bias, ln.eps, positions, None)
+    x = emb.dropout(x)
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+# The per-layer functions below read submodules and parameters from ``_modules`` / ``_parameters``
+# directly: ``module.attr`` on an nn.Module is a Python-level ``__getattr__`` call, about 40 per layer.
+
+
+def _dense_residual_layer_norm(block, h, residual, ops: Plan, y=None):
+    """``LN(dropout(h @ W^T + b) + residual)`` of a BertSelfOutput / BertOutput; bias and dropout fused.
+    ``y``: ``h @ W^T`` when the caller formed it."""
+    modules = block._modules
+    dense, ln, dropout = modules["dense"]._parameters, modules["LayerNorm"], modules["dropout"]
+    lnp = ln._parameters
+    if y is None:
+        y = F.linear(h, dense["weight"])
+    if dropout.training and dropout.p > 0.0:
+        return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"], dropout_p=dropout.p)
+    return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"])
+
+
+def _view_of_adjacent(parts):
+    """One tensor over ``parts`` laid out back to back in one storage (no copy)."""
+    first = parts[0]
+    shape = (parts[0].shape[0] + parts[1].shape[0] + parts[2].shape[0], *first.shape[1:])
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape, first.stride())
+
+
+class _Adjacent(torch.autograd.Function):
+    """``cat(parts)`` without a copy, for parts laid out back to back in one storage; the backward splits."""
+
+    @staticmethod
+    def forward(ctx, *parts):
+        ctx.sizes = [p.shape[0] for p in parts]
+        return _view_of_adjacent(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.split(ctx.sizes)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _adjacent(parts) -> bool:
+    """Plain tensors (not DTensor or other subclasses, whose storage is not theirs to lay out) of one
+    dtype, contiguous and back to back in memory."""
+    first = parts[0]
+    end = first.data_ptr()
+    for p in parts:
+        if type(p) not in _PLAIN or p.data_ptr() != end or not p.is_contiguous() or p.dtype != first.dtype:
+            return False
+        end += p.numel() * p.element_size()
+    return True
+
+
+def fuse_qkv_storage(sa) -> None:
+    """Lay Wq, Wk, Wv (and their biases) back to back in one storage, so the fused QKV GEMM reads them
+    in place.  The parameters stay three (Hugging Face's names and state_dict); only their storage moves."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            params = [getattr(getattr(sa, part), name) for part in ("query", "key", "value")]
+            if all(type(p) in _PLAIN for p in params) and not _adjacent(params):
+                fused = torch.cat(params)
+                for p, view in zip(params, fused.split([p.shape[0] for p in params])):
+                    p.data = view
+
+
+# Without gradients, the fused weight of each module is kept: a view when the parameters are adjacent
+# (native models), else a copy (patched transformers models), keyed by the parameters' addresses and
+# versions so that moving or updating them in place makes a new one.
+_FUSED_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fused(sa, name: str):
+    modules = sa._modules
+    params = (
+        modules["query"]._parameters[name],
+        modules["key"]._parameters[name],
+        modules["value"]._parameters[name],
+    )
+    if torch.compiler.is_compiling():
+        return torch.cat(params)
+    if torch.is_grad_enabled() and (params[0].requires_grad or params[1].requires_grad or params[2].requires_grad):
+        return _Adjacent.apply(*params) if _adjacent(params) else torch.cat(params)
+    q, k, v = params
+    if _capturing(q.device):  # a CUDA graph replays reads of the parameters themselves, never a kept copy
+        return _view_of_adjacent(params) if _adjacent(params) else torch.cat(params)
+    key = (q.data_ptr(), k.data_ptr(), v.data_ptr(), q._version, k._version, v._version)
+    cache = _FUSED_CACHE.get(sa)
+    if cache is None:
+        cache = _FUSED_CACHE[sa] = {}
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, _view_of_adjacent(params) if _adjacent(params) else torch.cat(params))
+    return hit[1]
+
+
+def qkv_projection(sa, x):
+    """``x @ [Wq; Wk; Wv]^T + [bq; bk; bv]`` as one GEMM, with no copy of the weights per forward when
+    they are adjacent in memory (native models) or, without gradients, a kept fused copy (patched models)."""
+    return F.linear(x, _fused(sa, "weight"), _fused(sa, "bias"))
+
+
+def layer(module, x, mask, ops: Plan):
+    """One post-LN encoder layer.  ``mask``: ``None``, a bool ``(batch, seq)`` mask, or a PackedBatch."""
+    modules = module._modules
+    attention = modules["attention"]._modules
+    sa = attention["self"]
+    heads, head_dim = sa.num_attention_heads, sa.attention_head_size
+    qkv = qkv_projection(sa, x).unflatten(-1, (3, heads, head_dim))
+    dropout = sa._modules["dropout"]
+    extra = {"dropout_p": dropout.p} if dropout.training and dropout.p > 0.0 else {}
+    scale = head_dim**-0.5
+    if isinstance(mask, PackedBatch):
+        if ops.attention_varlen_qkv is not None:
+            a = ops.attention_varlen_qkv(qkv, mask.cu_seqlens, mask.max_seqlen, scale, **extra)
+        else:
+            a = ops.attention_varlen(*qkv.unbind(-3), mask.cu_seqlens, mask.max_seqlen, scale, **extra)
+    elif ops.attention_qkv is not None:
+        a = ops.attention_qkv(qkv, mask, scale, **extra)
+    else:
+        a = ops.attention(*qkv.unbind(-3), mask, scale, **extra)
+    x = _dense_residual_layer_norm(attention["output"], a.flatten(-2), x, ops)
+    dense = modules["intermediate"]._modules["dense"]._parameters
+    output = modules["output"]
+    h = F.linear(x, dense["weight"])
+    if h.requires_grad and not torch.compiler.is_compiling():
+        # Training: the (tokens, 4 x hidden) GELU output is not kept for the next GEMM's backward;
+        # it is recomputed there from the pre-activation ``h``, which bias-GELU keeps anyway.
+        w = output._modules["dense"]._parameters["weight"]
+        y = torch.utils.checkpoint.checkpoint(
+            _gelu_dense, h, dense["bias"], w, ops, use_reentrant=False, preserve_rng_state=False
+        )
+        return _dense_residual_layer_norm(output, None, x, ops, y)
+    return _dense_residual_layer_norm(output, ops.bias_gelu(h, dense["bias"]), x, ops)
+
+
+def _gelu_dense(h, bias, weight, ops: Plan):
+    return F.linear(ops.bias_gelu(h, bias), weight)
+
+
+def head_transform(transform, x, backend: str):
+    """``LN(gelu(x @ W^T + b))`` of a BertPredictionHeadTransform, in the compute dtype."""
+    dense, ln = transform.dense, transform.LayerNorm
+    dtype = compute_dtype(x.device, dense.weight.dtype)
+    hidden = dense.weight.shape[0]
+    ops = plan(backend, dense.weight, dtype, hidden, hidden)
+    h = F.linear(x, dense.weight)
+    h = ops.bias_gelu(h if h.dtype == dtype else h.to(dtype), dense.bias)
+    return ops.layer_norm(h, ln.weight, ln.bias, ln.eps, None, None)
+
+
+def _checkpoint_function(bert, module):
+    """The gradient-checkpointing function for ``module`` if it is enabled (and training), else None.
+
+    transformers 5 sets it on each layer (GradientCheckpointingLayer), transformers 4 and
+    bertfast's own classes on the encoder.
+    """
+    if not module.training:
+        return None
+    if getattr(module, "gradient_checkpointing", False):
+        owner = module
+    elif getattr(bert.encoder, "gradient_checkpointing", False):
+        owner = bert.encoder
+    else:
+        return None
+    fn = getattr(owner, "_gradient_checkpointing_func", None) or getattr(bert, "_gradient_checkpointing_func", None)
+    return fn or functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+
+# --------------------------------------------------------------------------------------
+# The whole encoder
+# --------------------------------------------------------------------------------------
+
+
+def encode(
+    bert,
+    input_ids=None,
+    attention_mask=None,
+    token_type_ids=None,
+    position_ids=None,
+    inputs_embeds=None,
+    output_hidden_states=False,
+    *,
+    backend: str = "auto",
+    unpad_mode: bool | str = "auto",
+    check: bool = True,
+):
+    """Embeddings, every encoder layer and the pooler of ``bert`` (native or transformers).
+
+    Returns ``(last_hidden_state, pooled or None, hidden_states list or None, packed or None,
+    packed_last_hidden_state or None)``.  ``check``: run :func:`check_inputs` (callers that
+    checked already pass False).
+    """
+    config = bert.config
+    if check:
+        batch, seq, device = check_inputs(
+            config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+        )
+    else:
+        shaped = input_ids if input_ids is not None else inputs_embeds
+        batch, seq, device = shaped.shape[0], shaped.shape[1], shaped.device
+    weight = bert.embeddings.word_embeddings.weight
+    dtype = compute_dtype(device, weight.dtype)
+    ops = _encoder_plan(bert, backend, dtype)
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=device)[None, :]
+    position_ids = position_ids.expand(batch, seq)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros((batch, seq), dtype=torch.long, device=device)
+    token_type_ids = token_type_ids.expand(batch, seq)
+
+    keep = None
+    if attention_mask is not None:
+        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    eager = values_checkable(device) and batch * seq > 0
+    may_unpad = keep is not None and unpad_mode is not False and eager
+    if may_unpad and ops.attention_varlen is None:
+        if unpad_mode is True:
+            raise BackendUnavailable(f"unpad=True, but backend {backend!r} has no variable-length attention here")
+        may_unpad = False
+    lengths = keep.sum(dim=1, dtype=torch.int32) if may_unpad else None
+    sizes = None
+    if eager:
+        sizes = _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, keep, lengths)
+    packed = None
+    if sizes is not None:
+        total = sizes[0]
+        if unpad_mode is True or total < batch * seq:
+            packed = pack_mask(keep, lengths, sizes)
+        else:
+            keep = None  # no padding: the dense path needs no mask
+    if packed is not None:
+        mask = packed
+        ids = unpad(input_ids, packed) if input_ids is not None else None
+        embeds = unpad(inputs_embeds, packed) if inputs_embeds is not None else None
+        x = embed(bert.embeddings, ids, unpad(token_type_ids, packed), unpad(position_ids, packed), embeds, ops, dtype)
+    else:
+        mask = keep
+        x = embed(bert.embeddings, input_ids, token_type_ids, position_ids, inputs_embeds, ops, dtype)
+    states = [x] if output_hidden_states else None
+    for module in bert.encoder.layer:
+        # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
+        step = module if getattr(module, "runs_bertfast_layer", False) else functools.partial(layer, module)
+        checkpoint = _checkpoint_function(bert, module)
+        x = step(x, mask, ops) if checkpoint is None else checkpoint(step, x, mask, ops)
+        if states is not None:
+            states.append(x)
+    packed_x = None
+    if packed is not None:
+        packed_x = x
+        x = pad(x, packed)
+        if states is not None:
+            states = [pad(h, packed) for h in states]
+    pooled = bert.pooler(x) if bert.pooler is not None else None
+    return x, pooled, states, packed, packed_x
