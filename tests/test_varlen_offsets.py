@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bertfast.kernels import attention as kernel
 
+import bertfast
 import bertfast.ops
 from bertfast.numerics import assert_close
 from bertfast.varlen import check_cu_seqlens
 
-from .helpers import triton_device
+from .helpers import small_config, triton_device
 
 HEADS, HEAD_DIM, TOTAL = 2, 16, 10
 GOOD = ([0, 4, 10], 6)
@@ -91,3 +93,20 @@ def test_check_cu_seqlens_accepts_the_edge_cases():
     check_cu_seqlens(torch.tensor([0, 0, 3, 3], dtype=torch.int32), 3, 3)  # empty sequences
     with pytest.raises(ValueError, match="at least one offset"):
         check_cu_seqlens(torch.tensor([], dtype=torch.int32), 0, 0)
+
+
+def test_the_model_never_reads_its_own_offsets_back_per_layer(monkeypatch):
+    """The padding-free model built cu_seqlens itself: no per-layer host read (a GPU sync each) to check them."""
+    reads = []
+    for module in (bertfast.ops, kernel):
+        monkeypatch.setattr(module, "check_cu_seqlens", lambda *args: reads.append(args))
+    device = triton_device()
+    model = bertfast.BertModel(small_config(num_hidden_layers=2), backend="triton").to(device).eval()
+    ids = torch.randint(1, 50, (2, 9)).to(device)
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5]).to(device)
+    out = model(ids, mask)
+    assert out.packed is not None, "the padded batch should run padding-free"
+    assert reads == []
+    bertfast.ops.attention_varlen(*(out.packed_last_hidden_state.new_zeros(3, 2, 8) for _ in range(3)),
+                                  torch.tensor([0, 3], dtype=torch.int32, device=device), 3)  # fmt: skip
+    assert len(reads) == 1  # a direct caller's offsets are checked
