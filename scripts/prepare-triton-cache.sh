@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Compile the first-light kernels (bf16 and fp16, head_dim 64, every kept autotune config; padded,
+# masked and varlen attention with and without dropout; LayerNorm at 1024 and bias-GELU at 4096)
+# for sm_90 under triton 3.6, the GPU machine's, into a Triton cache OUTDIR to carry there.
+# On the GPU machine, before the first kernel runs:
+#   python scripts/triton-cache.py relocate OUTDIR && python scripts/triton-cache.py verify OUTDIR
+#   export TRITON_CACHE_DIR=OUTDIR
+# See scripts/triton-cache.py for what the cache key is made of and why it should hit.
+set -euo pipefail
+out=${1:?usage: scripts/prepare-triton-cache.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+scripts/setup-env.sh >/dev/null
+overlay=$(scripts/triton-overlay.sh)
+env -u TRITON_INTERPRET PYTHONPATH="$overlay" nice .venv/bin/python scripts/triton-cache.py prepare "$out"
