@@ -420,11 +420,46 @@ def _configs(shapes):
     ]
 
 
-# (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages).  Configs that exceed shared memory
-# for a head size are dropped by the autotuner.
+# (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages).  Not every config suits every key: see _DROPPED.
 _FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 4)])
 _DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2)])
 _DQ_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)])
+
+# Configs the autotuner never tries, per (kernel, target sm, operand bits, padded head size, dropout):
+# each spills registers, or needs more shared memory than the target has (sm_90: 227 KiB, sm_80:
+# 163 KiB), in at least one layout (padded, masked, varlen) under triton 3.6 or 3.9.  Read from the
+# compiled binaries (kernels/RESOURCES.md, `make gpu-resources`);
+# `scripts/gpu-compile-check.py --suggest-pruning RESULTS.json...` prints this table from them.
+_DROPPED: dict[tuple, list[tuple[int, int, int, int]]] = {}
+
+
+def _target_sm() -> int | None:
+    """The compute capability Triton compiles for (90 for sm_90), or None off NVIDIA."""
+    target = triton.runtime.driver.active.get_current_target()
+    return target.arch if target.backend == "cuda" and isinstance(target.arch, int) else None
+
+
+def kept_configs(kernel: str, configs, *, fp32: bool, head_dim_padded: int, dropout: bool, sm: int | None):
+    """The configs of ``kernel`` ("fwd", "dkdv", "dq") the autotuner may try for this key."""
+    if sm is None:
+        return list(configs)
+    table_sm = 90 if sm >= 90 else 80  # Ada and Ampere share sm_80's table; Blackwell sm_90's
+    dropped = set(_DROPPED.get((kernel, table_sm, 32 if fp32 else 16, head_dim_padded, bool(dropout)), ()))
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    return [c for c in configs if shape(c) not in dropped]
+
+
+def _pruner(kernel: str):
+    """An autotune ``early_config_prune`` hook: the launch's dtype and constexprs pick the key."""
+
+    def prune(configs, named_args, **kwargs):
+        return kept_configs(
+            kernel, configs, fp32=named_args["Q"].dtype == torch.float32,
+            head_dim_padded=kwargs["HEAD_DIM_PADDED"], dropout=kwargs["HAS_DROPOUT"], sm=_target_sm(),
+        )  # fmt: skip
+
+    return prune
+
 
 # The interpreter runs one fixed config (autotuning there would run them all).  The test shapes
 # still span several query and key blocks, and BLOCK_M != BLOCK_N so swapped block sizes fail.
@@ -435,9 +470,15 @@ if _INTERPRET:
     _fwd_kernel, _dkdv_kernel, _dq_kernel = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
     _FIXED_BLOCKS = _INTERPRETER_BLOCKS
 else:
-    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_AUTOTUNE_KEY)(_attn_fwd_kernel)
-    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dkdv_kernel)
-    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dq_kernel)
+    _fwd_kernel = triton.autotune(
+        _FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")}
+    )(_attn_fwd_kernel)
+    _dkdv_kernel = triton.autotune(
+        _DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")}
+    )(_attn_bwd_dkdv_kernel)
+    _dq_kernel = triton.autotune(
+        _DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")}
+    )(_attn_bwd_dq_kernel)
     _FIXED_BLOCKS = {}
 
 

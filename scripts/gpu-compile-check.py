@@ -405,7 +405,7 @@ def plan_variant(arch: int, variant: Variant, pruned: bool, triton_version: str)
 # ------------------------------------------------------------------------------------------------
 
 
-def cuda_rows(arch: int, cache_dir: Path) -> list[dict]:
+def cuda_rows(arch: int, cache_dir: Path, jobs: int = 1) -> list[dict]:
     """nvcc -cubin each csrc/cuda/*.cu for sm_<arch>; one row per kernel function."""
     nvcc = shutil.which("nvcc")
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -413,38 +413,39 @@ def cuda_rows(arch: int, cache_dir: Path) -> list[dict]:
         return []
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     headers = "".join(p.read_text() for p in sorted((ROOT / "csrc" / "cuda").glob("*.*")))
-    rows = []
-    for source in sources:
+
+    def one(source: Path) -> list[dict]:
         key = hashlib.sha256(f"{TOOL_VERSION}|{version}|{arch}|{source.name}|{headers}".encode()).hexdigest()[:32]
         path = cache_dir / f"cuda-{key}.json"
         if path.exists():
-            rows += json.loads(path.read_text())
-            continue
+            return json.loads(path.read_text())
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / "k.cubin"
             cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", str(source), "-o", str(cubin)]
             result = subprocess.run(["nice", *cmd], capture_output=True, text=True)
             if result.returncode != 0:
-                found = [dict(kernel=source.name, variant="", config="", error=result.stderr.strip()[-300:])]
-            else:
-                found = [
-                    dict(
-                        kernel=f"{source.name}:{_demangle(name)}",
-                        variant="",
-                        config="",
-                        error=None,
-                        reg=u["REG"],
-                        stack=u["STACK"],
-                        local=u["LOCAL"],
-                        static_shared=u["SHARED"],
-                        shared=0,
-                    )  # fmt: skip
-                    for name, u in sorted(resource_usage(cubin.read_bytes()).items())
-                ]
-        for row in found:
-            row.update(arch=arch, op="cuda", kept=True)
+                return [dict(kernel=source.name, variant="", config="", error=result.stderr.strip()[-300:])]
+            found = [
+                dict(
+                    kernel=f"{source.name}:{_demangle(name)}",
+                    variant="",
+                    config="",
+                    error=None,
+                    reg=u["REG"],
+                    stack=u["STACK"],
+                    local=u["LOCAL"],
+                    static_shared=u["SHARED"],
+                    shared=0,
+                )  # fmt: skip
+                for name, u in sorted(resource_usage(cubin.read_bytes()).items())
+            ]
         path.write_text(json.dumps(found))
-        rows += found
+        return found
+
+    with cf.ThreadPoolExecutor(jobs) as pool:
+        rows = [row for found in pool.map(one, sources) for row in found]
+    for row in rows:
+        row.update(arch=arch, op="cuda", kept=True, shape=None)
     return rows
 
 
@@ -461,12 +462,29 @@ def _demangle(name: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+# Spills that no launch config can remove, each with its reason: reported as "known" in the table and
+# not failed on.  Keep this short; each entry is a kernel to restructure.
+KNOWN_SPILLS = {
+    ("_layer_norm_bwd_kernel", "N=8192", "dropout"): (
+        "the backward keeps a whole 8192-column row (h, dy, xhat, dh, the keep mask, three gradient "
+        "accumulators) in registers: it spills at 8, 16 and 32 warps; a column-split backward would not"
+    ),
+}
+
+
+def known_spill(row: dict) -> str | None:
+    for (kernel, *words), reason in KNOWN_SPILLS.items():
+        if row.get("kernel") == kernel and all(w in row.get("variant", "").split() for w in words):
+            return reason
+    return None
+
+
 def status(row: dict) -> str:
     if row.get("error"):
         return "ERROR"
     problems = []
     if row["stack"] or row["local"]:
-        problems.append("spills")
+        problems.append("spills (known)" if known_spill(row) else "spills")
     if row["shared"] + row["static_shared"] > SHARED_LIMIT[row["arch"]]:
         problems.append("shared>limit")
     if problems:
@@ -520,14 +538,14 @@ def run_matrix(archs, subset, jobs, cache_dir: Path, all_configs=False, log=lamb
                 triton=triton.__version__, v=dataclasses.asdict(job.variant),
             )  # fmt: skip
         rows += planned
-        rows += cuda_rows(arch, cache_dir)
+        rows += cuda_rows(arch, cache_dir, jobs)
     for r in rows:
         r["status"] = status(r)
     return rows
 
 
 def failures(rows) -> list[dict]:
-    return [r for r in rows if r["kept"] and not r["status"].startswith("ok")]
+    return [r for r in rows if r["kept"] and not r["status"].startswith("ok") and r["status"] != "spills (known)"]
 
 
 def source_digest() -> str:
@@ -537,8 +555,15 @@ def source_digest() -> str:
     so only a change that can change a binary makes the committed table stale."""
     import triton
 
-    _worker_init(90, os.environ.get("TRITON_CACHE_DIR", str(DEFAULT_CACHE / "triton")))
     h = hashlib.sha256()
+    for arch in sorted(SHARED_LIMIT):  # what the autotuner keeps depends on the target
+        _worker_init(arch, os.environ.get("TRITON_CACHE_DIR", str(DEFAULT_CACHE / "triton")))
+        for v in variants("full"):
+            for launch in launches_of(v):
+                configs, kept = _configs(launch)
+                constexprs = {k: val for k, val in launch.kwargs.items() if not hasattr(val, "data_ptr")}
+                h.update(repr((arch, v, _jit_fn(launch.kernel).__name__, sorted(constexprs.items()))).encode())
+                h.update(repr([(config_text(c, launch.kwargs), i in kept) for i, c in enumerate(configs)]).encode())
     import bertfast.kernels as kernels
 
     for path in sorted((ROOT / "kernels").glob("*.py")):
@@ -546,12 +571,6 @@ def source_digest() -> str:
         for name, value in sorted(vars(module).items()):
             if isinstance(value, triton.runtime.JITFunction):
                 h.update(f"{path.stem}.{name}\0{value.src}\0".encode())
-    for v in variants("full"):
-        for launch in launches_of(v):
-            configs, kept = _configs(launch)
-            constexprs = {k: val for k, val in launch.kwargs.items() if not hasattr(val, "data_ptr")}
-            h.update(repr((v, _jit_fn(launch.kernel).__name__, sorted(constexprs.items()))).encode())
-            h.update(repr([(config_text(c, launch.kwargs), i in kept) for i, c in enumerate(configs)]).encode())
     for path in sorted((ROOT / "csrc" / "cuda").glob("*.*")):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
@@ -570,6 +589,10 @@ def render_table(rows, archs, triton_version: str) -> str:
         "163 KiB).",
         "",
         f"sources: {source_digest()} · triton {triton_version} · targets: {', '.join(f'sm_{a}' for a in archs)}",
+        "",
+        "Known spills, reported and not failed on (`KNOWN_SPILLS` in scripts/gpu-compile-check.py):",
+        "",
+        *[f"- `{kernel}` [{' '.join(words)}]: {reason}." for (kernel, *words), reason in KNOWN_SPILLS.items()],
         "",
     ]
     for arch in archs:
