@@ -277,9 +277,12 @@ def _configs(launch: Launch):
         at.nargs = dict(zip(at.arg_names, launch.args))
         try:
             kept = at.prune_configs(dict(launch.kwargs))
+            # The configs declared for this launch (e.g. for its dtype); the rest are not listed.
+            declared = getattr(at.early_config_prune, "candidates", lambda configs, nargs, **kw: configs)
+            configs = list(declared(at.configs, at.nargs, **launch.kwargs))
         finally:
             at.nargs = None
-        return list(at.configs), [i for i, c in enumerate(at.configs) if c in kept]
+        return configs, [i for i, c in enumerate(configs) if c in kept]
     return [None], [0]
 
 
