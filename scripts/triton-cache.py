@@ -155,6 +155,7 @@ def prepare(outdir: Path, libtriton_sha256: str | None, only: str | None = None)
         "triton_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
         "libtriton_sha256": sha,
         "ptxas": _ptxas_version(),
+        "options": _default_options(),
         "kernels": len(list(outdir.glob("*/*.cubin"))),
     }
     (outdir / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -190,6 +191,21 @@ def _first_light_launches(check, variant):
         shapes = ATTENTION_SHAPES["varlen" if variant.layout == "varlen" else "padded"]
         return [launch for lengths in shapes for launch in check.launches_of(variant, lengths=lengths)]
     return [launch for rows in ROW_COUNTS for launch in check.launches_of(variant, rows=rows)]
+
+
+def _default_options() -> dict:
+    """The compile options every key hashes, as this Triton sets them (environment knobs included)."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    # As JITFunction.run passes them: the environment's debug and instrumentation knobs.
+    knobs_set = {"debug": knobs.runtime.debug, "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    options = dict(make_backend(GPUTarget("cuda", ARCH, 32)).parse_options(knobs_set).__dict__)
+    options["extern_libs"] = [
+        (name, hashlib.sha256(Path(path).read_bytes()).hexdigest()) for name, path in options["extern_libs"]
+    ]
+    return json.loads(json.dumps(options, default=str))
 
 
 def _ptxas_version() -> str:
@@ -239,6 +255,10 @@ def verify(cache_dir: Path) -> int:
         problems.append("triton_key() differs (another wheel: Python version or build)")
     if _ptxas_version() != manifest["ptxas"]:
         problems.append(f"ptxas {_ptxas_version()!r}, the cache was made with {manifest['ptxas']!r}")
+    options = _default_options()
+    if options != manifest["options"]:
+        changed = {k: (v, manifest["options"].get(k)) for k, v in options.items() if manifest["options"].get(k) != v}
+        problems.append(f"compile options differ (here, cache): {changed}")
     env = get_cache_invalidating_env_vars()
     if env:
         problems.append(f"cache-invalidating environment variables are set: {env}")
