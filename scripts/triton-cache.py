@@ -64,7 +64,9 @@ def _triton_key_with(libtriton_sha256: str) -> str:
     """``triton.runtime.cache.triton_key()`` as computed with another ``libtriton.so``."""
     import triton.runtime.cache as cache
 
-    here = cache.triton_key()
+    original = getattr(cache, "_unpatched_triton_key", cache.triton_key)
+    cache._unpatched_triton_key = original
+    here = original()
     lib = Path(cache.__file__).parents[1] / "_C" / "libtriton.so"
     ours = hashlib.sha256(lib.read_bytes()).hexdigest()
     assert here.count(ours) == 1, "triton_key() no longer hashes libtriton.so as expected"
@@ -91,11 +93,13 @@ def first_light_variants(check):
 
 # Shapes of first light: padded batches 32 x 128 and 8 x 512; packed (varlen) batches whose
 # token count and longest sequence are or are not multiples of 16 (Triton specialises on that).
+# Varlen: longest sequence 128 with 206 tokens, 100 with 161, 128 with 256 (a full batch packed).
+# LayerNorm and bias-GELU: 4096 rows (32 x 128, 8 x 512) and 2931 (a packed batch).
 ATTENTION_SHAPES = {
     "padded": [[128] * 32, [512] * 8],
-    "varlen": [[128, 77, 1], [128, 64, 64], [100, 60], [100, 12]],
+    "varlen": [[128, 77, 1], [100, 61], [128, 128]],
 }
-ROW_COUNTS = (4096, 2931, 16384, 1000)
+ROW_COUNTS = (4096, 2931)
 
 
 def _setup(cache_dir: Path, libtriton_sha256: str | None):
@@ -114,26 +118,40 @@ def _setup(cache_dir: Path, libtriton_sha256: str | None):
     key = None
     if libtriton_sha256:
         key = _triton_key_with(libtriton_sha256)
-        cache.triton_key.cache_clear()
         cache.triton_key = lambda: key  # get_cache_key reads it from this module
     if not torch.cuda.is_available():
         check.install_stand_in(ARCH)
     return check, key
 
 
-def _warm_all(check, only=None) -> int:
-
+def _warm(args) -> int:
+    """In a worker: compile the given first-light variants into the cache (every kept config)."""
+    cache_dir, libtriton_sha256, indices = args
+    check, _ = _setup(Path(cache_dir), libtriton_sha256)
+    variants = first_light_variants(check)
     n = 0
-    for variant in first_light_variants(check):
-        if only and variant.op != only:
-            continue
-        for launch in _first_light_launches(check, variant):
+    for i in indices:
+        for launch in _first_light_launches(check, variants[i]):
             kernels = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
             n += len(kernels) if isinstance(kernels, list) else 1
     return n
 
 
-def prepare(outdir: Path, libtriton_sha256: str | None, only: str | None = None) -> int:
+def _warm_all(check, cache_dir: Path, libtriton_sha256, only=None, jobs: int = 1) -> int:
+    """Compile every first-light variant (``only``: one op), spread over ``jobs`` processes."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    indices = [i for i, v in enumerate(first_light_variants(check)) if not only or v.op == only]
+    # Attention variants first and dealt round-robin: they are the slow ones.
+    parts = [indices[k::jobs] for k in range(jobs)]
+    if jobs == 1:
+        return _warm((str(cache_dir), libtriton_sha256, indices))
+    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return sum(pool.map(_warm, [(str(cache_dir), libtriton_sha256, part) for part in parts]))
+
+
+def prepare(outdir: Path, libtriton_sha256: str | None, only: str | None = None, jobs: int = 1) -> int:
     import triton
 
     outdir = outdir.resolve()
@@ -145,7 +163,7 @@ def prepare(outdir: Path, libtriton_sha256: str | None, only: str | None = None)
         return 2
     check, key = _setup(outdir, sha)
     start = time.time()
-    compiled = _warm_all(check, only)
+    compiled = _warm_all(check, outdir, sha, only, jobs)
     _strip(outdir)
     manifest = {
         "triton": triton.__version__,
@@ -180,7 +198,13 @@ def hits(cache_dir: Path, libtriton_sha256: str | None, only: str | None = None)
 
     triton.knobs.compilation.listener = listener
     start = time.time()
-    _warm_all(check, only)
+    _warm(
+        (
+            str(cache_dir.resolve()),
+            libtriton_sha256,
+            [i for i, v in enumerate(first_light_variants(check)) if not only or v.op == only],
+        )
+    )
     print(f"{seen['hit']} cache hits, {seen['miss']} misses ({time.time() - start:.1f} s)")
     return 1 if seen["miss"] else 0
 
@@ -277,9 +301,10 @@ def main(argv=None) -> int:
     parser.add_argument("dir", type=Path)
     parser.add_argument("--libtriton-sha256", help="sha256 of the GPU machine's triton/_C/libtriton.so")
     parser.add_argument("--only", choices=("attention", "layernorm", "bias_gelu"), help="one op (for testing)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        return prepare(args.dir, args.libtriton_sha256, args.only)
+        return prepare(args.dir, args.libtriton_sha256, args.only, args.jobs)
     if args.command == "hits":
         return hits(args.dir, args.libtriton_sha256, args.only)
     if args.command == "relocate":
