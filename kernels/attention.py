@@ -443,7 +443,25 @@ _CONFIGS = {
 # 163 KiB), in at least one layout (padded, masked, varlen) under triton 3.6 or 3.9.  Read from the
 # compiled binaries (kernels/RESOURCES.md, `make gpu-resources`);
 # `scripts/gpu-compile-check.py --suggest-pruning RESULTS.json...` prints this table from them.
-_DROPPED: dict[tuple, list[tuple[int, int, int, int]]] = {}
+# _CHECKED_SM: the targets whose binaries the table was made from.
+_CHECKED_SM = (90,)
+_DROPPED: dict[tuple, list[tuple[int, int, int, int]]] = {
+    ("dkdv", 90, 16, 64, True): [(64, 128, 8, 2), (64, 64, 4, 3)],
+    ("dkdv", 90, 16, 128, False): [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
+    ("dkdv", 90, 16, 128, True): [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
+    ("dkdv", 90, 32, 32, True): [(16, 32, 8, 2)],
+    ("dkdv", 90, 32, 128, False): [(32, 32, 8, 2)],
+    ("dq", 90, 16, 128, True): [(64, 64, 4, 3)],
+    ("fwd", 90, 16, 32, True): [(128, 64, 4, 3)],
+    ("fwd", 90, 16, 64, True): [(128, 128, 8, 3), (128, 64, 4, 3)],
+    ("fwd", 90, 16, 128, False): [(128, 128, 8, 3), (128, 64, 4, 3)],
+    ("fwd", 90, 16, 128, True): [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    ("fwd", 90, 32, 32, True): [(64, 32, 4, 4)],
+    ("fwd", 90, 32, 64, False): [(64, 32, 4, 4)],
+    ("fwd", 90, 32, 64, True): [(64, 32, 4, 4)],
+    ("fwd", 90, 32, 128, False): [(64, 32, 4, 4), (16, 32, 4, 2)],
+    ("fwd", 90, 32, 128, True): [(64, 32, 4, 4), (16, 32, 4, 2)],
+}
 
 
 def _target_sm() -> int | None:
@@ -473,7 +491,8 @@ def kept_configs(kernel: str, configs, *, fp32: bool, head_dim_padded: int, drop
     candidates = candidate_configs(kernel, configs, fp32=fp32)
     if sm is None:
         return candidates
-    table_sm = 90 if sm >= 90 else 80  # Ada and Ampere share sm_80's table; Blackwell sm_90's
+    # Ada and Ampere use sm_80's table, Hopper and later sm_90's; a target not yet checked, sm_90's.
+    table_sm = 80 if sm < 90 and 80 in _CHECKED_SM else 90
     dropped = set(_DROPPED.get((kernel, table_sm, 32 if fp32 else 16, head_dim_padded, bool(dropout)), ()))
     return [c for c in candidates if _shape(c) not in dropped] or candidates[-1:]
 
@@ -496,7 +515,7 @@ def _pruner(kernel: str):
 
 def _autotuned(kernel: str, fn):
     """``fn`` autotuned over every width's configs; the pruning hook picks those of the launch's key."""
-    configs = [c for width in _CONFIGS[kernel].values() for c in width]
+    configs = list({_shape(c): c for width in _CONFIGS[kernel].values() for c in width}.values())
     return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(kernel)})(fn)
 
 

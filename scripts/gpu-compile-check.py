@@ -474,6 +474,9 @@ KNOWN_SPILLS = {
         "fp32 forward would not.  The autotuner keeps the smallest config"
     ),
     ("_attn_fwd_kernel", "float32", "d=128"): "as at d=80",
+    ("_layer_norm_bwd_kernel", "float32", "N=8192"): (
+        "as with dropout: a whole 8192-column fp32 row per program; 16 bytes of stack with a bias"
+    ),
     ("_layer_norm_bwd_kernel", "N=8192", "dropout"): (
         "the backward keeps a whole 8192-column row (h, dy, xhat, dh, the keep mask, three gradient "
         "accumulators) in registers: it spills at 8, 16 and 32 warps; a column-split backward would not"
@@ -651,7 +654,7 @@ def suggest_pruning(paths) -> str:
             bad = dropped.setdefault(key, set())
             if not status(r).startswith("ok"):
                 bad.add(tuple(r["shape"]))
-    lines = ["_DROPPED = {"]
+    lines = [f"_CHECKED_SM = {tuple(sorted({key[1] for key in dropped}))}", "_DROPPED = {"]
     for key in sorted(dropped):
         if dropped[key]:
             lines.append(f"    {key!r}: {sorted(dropped[key], reverse=True)!r},")
