@@ -442,9 +442,8 @@ _CONFIGS = {
 # each spills registers, or needs more shared memory than the target has (sm_90: 227 KiB, sm_80:
 # 163 KiB), in at least one layout (padded, masked, varlen) under triton 3.6 or 3.9.  Read from the
 # compiled binaries (kernels/RESOURCES.md, `make gpu-resources`);
-# `scripts/gpu-compile-check.py --suggest-pruning RESULTS.json...` prints this table from them.
-# _CHECKED_SM: the targets whose binaries the table was made from.
-_CHECKED_SM = (90,)
+# `scripts/gpu-compile-check.py --suggest-pruning RESULTS.json...` prints this table from them.  A
+# target before sm_90 drops sm_90's entries too (sm_80's list only what spills there in addition).
 _DROPPED: dict[tuple, list[tuple[int, int, int, int]]] = {
     ("dkdv", 90, 16, 64, True): [(64, 128, 8, 2), (64, 64, 4, 3)],
     ("dkdv", 90, 16, 128, False): [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
@@ -491,9 +490,9 @@ def kept_configs(kernel: str, configs, *, fp32: bool, head_dim_padded: int, drop
     candidates = candidate_configs(kernel, configs, fp32=fp32)
     if sm is None:
         return candidates
-    # Ada and Ampere use sm_80's table, Hopper and later sm_90's; a target not yet checked, sm_90's.
-    table_sm = 80 if sm < 90 and 80 in _CHECKED_SM else 90
-    dropped = set(_DROPPED.get((kernel, table_sm, 32 if fp32 else 16, head_dim_padded, bool(dropout)), ()))
+    # Hopper and later drop sm_90's entries; Ampere and Ada those and sm_80's own.
+    key = (32 if fp32 else 16, head_dim_padded, bool(dropout))
+    dropped = {*_DROPPED.get((kernel, 90, *key), ()), *(_DROPPED.get((kernel, 80, *key), ()) if sm < 90 else ())}
     return [c for c in candidates if _shape(c) not in dropped] or candidates[-1:]
 
 

@@ -505,6 +505,7 @@ def status(row: dict) -> str:
 
 
 def run_matrix(archs, subset, jobs, cache_dir: Path, all_configs=False, log=lambda *a: print(*a, flush=True)):
+    """Compile (or read from the cache) every binary of ``subset`` (a name, or {arch: name}) per target."""
     import triton
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -512,10 +513,11 @@ def run_matrix(archs, subset, jobs, cache_dir: Path, all_configs=False, log=lamb
     rows: list[dict] = []
     for arch in archs:
         _worker_init(arch, triton_cache)
+        name = subset[arch] if isinstance(subset, dict) else subset
         planned = [
             r
-            for v in variants(subset)
-            for r in plan_variant(arch, v, all_configs or SUBSETS[subset]["pruned"], triton.__version__)
+            for v in variants(name)
+            for r in plan_variant(arch, v, all_configs or SUBSETS[name]["pruned"], triton.__version__)
         ]
         todo = {}
         for r in planned:
@@ -588,7 +590,7 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def render_table(rows, archs, triton_version: str) -> str:
+def render_table(rows, archs, triton_version: str, subsets: dict) -> str:
     lines = [
         "# Resource usage of the GPU kernels (generated)",
         "",
@@ -600,7 +602,8 @@ def render_table(rows, archs, triton_version: str) -> str:
         "Every kept row must be ok: no spill, shared memory within the device's limit (sm_90: 227 KiB, sm_80: "
         "163 KiB).",
         "",
-        f"sources: {source_digest()} · triton {triton_version} · targets: {', '.join(f'sm_{a}' for a in archs)}",
+        f"sources: {source_digest()} · triton {triton_version} · targets: "
+        + ", ".join(f"sm_{a} ({subsets[a]} matrix)" for a in archs),
         "",
         "Known spills, reported and not failed on (`KNOWN_SPILLS` in scripts/gpu-compile-check.py):",
         "",
@@ -654,10 +657,11 @@ def suggest_pruning(paths) -> str:
             bad = dropped.setdefault(key, set())
             if not status(r).startswith("ok"):
                 bad.add(tuple(r["shape"]))
-    lines = [f"_CHECKED_SM = {tuple(sorted({key[1] for key in dropped}))}", "_DROPPED = {"]
+    lines = ["_DROPPED = {"]
     for key in sorted(dropped):
-        if dropped[key]:
-            lines.append(f"    {key!r}: {sorted(dropped[key], reverse=True)!r},")
+        extra = dropped[key] - (dropped.get((key[0], 90, *key[2:]), set()) if key[1] < 90 else set())
+        if extra:  # a target before sm_90 lists only what it drops beyond sm_90's entry
+            lines.append(f"    {key!r}: {sorted(extra, reverse=True)!r},")
     lines.append("}")
     return "\n".join(lines)
 
@@ -668,6 +672,7 @@ def main(argv=None) -> int:
         "--arch", type=int, action="append", choices=sorted(SHARED_LIMIT), help="target (90; repeatable)"
     )
     parser.add_argument("--subset", choices=sorted(SUBSETS), default="full")
+    parser.add_argument("--arch-subset", action="append", metavar="ARCH=SUBSET", help="another subset for one target")
     parser.add_argument("--all-configs", action="store_true", help="compile pruned configs too (as --subset full does)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -698,11 +703,17 @@ def main(argv=None) -> int:
         print(f"{args.check_table} matches the kernel sources ({m.group(1)})")
         return 0
     start = time.time()
-    rows = run_matrix(archs, args.subset, args.jobs, args.cache, all_configs=args.all_configs)
+    subsets = {arch: args.subset for arch in archs}
+    for item in args.arch_subset or []:
+        arch, _, name = item.partition("=")
+        if int(arch) not in subsets or name not in SUBSETS:
+            parser.error(f"--arch-subset {item}: want ARCH=SUBSET for a given --arch and one of {sorted(SUBSETS)}")
+        subsets[int(arch)] = name
+    rows = run_matrix(archs, subsets, args.jobs, args.cache, all_configs=args.all_configs)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
     if args.write_table:
-        args.write_table.write_text(render_table(rows, archs, triton.__version__))
+        args.write_table.write_text(render_table(rows, archs, triton.__version__, subsets))
         print(f"wrote {args.write_table}")
     bad = failures(rows)
     pruned_bad = [r for r in rows if not r["kept"] and not r["status"].startswith("ok")]
