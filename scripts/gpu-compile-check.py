@@ -5,16 +5,18 @@ Each kernel is reached through the project's own launchers, called with CPU tens
 GPU dtypes while Triton's driver is replaced by a stand-in for an NVIDIA target (sm_90 by
 default); the launch is intercepted and compiled instead (``JITFunction.warmup``).  So the
 compiled binaries are exactly those a GPU would run for the same shapes: same constexprs,
-same specialisations.  An autotuned kernel is compiled at every config it declares; the
-configs its ``prune_configs_by`` hook keeps for the launch are the ones the autotuner can
-pick ("kept"), the others are compiled for the record ("pruned").  The CUDA kernels of
-csrc/cuda are compiled with nvcc to cubin for the same targets.
+same specialisations.  An autotuned kernel is compiled at every config it declares for the
+launch (the attention kernels declare one list per operand width); the configs its
+``prune_configs_by`` hook keeps are the ones the autotuner can pick ("kept"), the others are
+compiled for the record ("pruned").  The CUDA kernels of csrc/cuda are compiled with nvcc to
+cubin for the same targets.
 
 From each cubin, ``cuobjdump --dump-resource-usage`` gives registers, stack and local memory
 (spills) and static shared memory; Triton's metadata gives the dynamic shared memory.
 
 Fails (exit 1) on a compile error, on shared memory above the device's per-block limit
-(sm_90: 227 KiB, sm_80: 163 KiB), or on a spill, in any kept config.  Results are cached per
+(sm_90: 227 KiB, sm_80: 163 KiB), or on a spill, in any kept config (but the KNOWN_SPILLS,
+which are reported).  Results are cached per
 binary under ``build/gpu-compile-cache`` (key: the kernel's Triton cache key, which hashes
 its source and everything it calls, the launch's arguments and config, the Triton version
 and the target), so a rerun on unchanged kernels is instant.
@@ -23,6 +25,8 @@ and the target), so a rerun on unchanged kernels is instant.
     scripts/gpu-compile-check.py --subset ci           # what CI compiles (see SUBSETS)
     scripts/gpu-compile-check.py --arch 80 --arch 90 --write-table kernels/RESOURCES.md
     scripts/gpu-compile-check.py --check-table kernels/RESOURCES.md   # is the table current?
+    scripts/gpu-compile-check.py --subset full --all-configs --json R.json   # then:
+    scripts/gpu-compile-check.py --suggest-pruning R.json ...         # _DROPPED for attention.py
 
 Must run without ``TRITON_INTERPRET`` (the kernels would be imported for the interpreter).
 """
