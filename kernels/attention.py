@@ -434,11 +434,120 @@ def _configs(shapes):
     ]
 
 
-# (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages).  Configs that exceed shared memory
-# for a head size are dropped by the autotuner.
-_FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 4)])
-_DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2)])
-_DQ_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)])
+# (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages), per operand width: 16-bit operands go
+# through tensor cores; fp32 ("ieee") ones through FMAs, which hold whole operand rows per thread,
+# so fp32 gets small tiles and more warps.  Not every config suits every key: see _DROPPED.
+_CONFIGS = {
+    "fwd": {
+        16: _configs([(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 4)]),
+        32: _configs([(64, 32, 4, 4), (16, 32, 4, 2)]),
+    },
+    "dkdv": {
+        16: _configs([(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2)]),
+        32: _configs([(32, 32, 8, 2), (16, 32, 8, 2)]),
+    },
+    "dq": {
+        16: _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)]),
+        32: _configs([(64, 32, 8, 2), (32, 32, 8, 2)]),
+    },
+}
+
+# Configs the autotuner never tries, per (kernel, target sm, operand bits, padded head size, dropout):
+# each spills registers, or needs more shared memory than the target has (sm_90: 227 KiB, sm_80:
+# 163 KiB), in at least one layout (padded, masked, varlen) under triton 3.6 or 3.9.  Read from the
+# compiled binaries (kernels/RESOURCES.md, `make gpu-resources`);
+# `scripts/gpu-compile-check.py --suggest-pruning RESULTS.json...` prints this table from them.  A
+# target before sm_90 drops sm_90's entries too (sm_80's list only what spills there in addition).
+_DROPPED: dict[tuple, list[tuple[int, int, int, int]]] = {
+    ("dkdv", 80, 16, 32, True): [(64, 64, 4, 3)],
+    ("dkdv", 80, 16, 64, False): [(64, 128, 8, 2), (64, 64, 4, 3)],
+    ("dkdv", 80, 16, 64, True): [(32, 64, 4, 3)],
+    ("dkdv", 80, 16, 128, False): [(32, 128, 8, 3)],
+    ("dkdv", 80, 16, 128, True): [(32, 128, 8, 3)],
+    ("dkdv", 80, 32, 32, False): [(32, 32, 8, 2), (16, 32, 8, 2)],
+    ("dkdv", 80, 32, 32, True): [(32, 32, 8, 2)],
+    ("dkdv", 80, 32, 128, False): [(16, 32, 8, 2)],
+    ("dkdv", 80, 32, 128, True): [(32, 32, 8, 2)],
+    ("dkdv", 90, 16, 64, True): [(64, 128, 8, 2), (64, 64, 4, 3)],
+    ("dkdv", 90, 16, 128, False): [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
+    ("dkdv", 90, 16, 128, True): [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
+    ("dkdv", 90, 32, 32, True): [(16, 32, 8, 2)],
+    ("dkdv", 90, 32, 128, False): [(32, 32, 8, 2)],
+    ("dq", 80, 16, 64, True): [(64, 64, 4, 3)],
+    ("dq", 80, 16, 128, False): [(128, 64, 8, 2), (64, 64, 4, 3)],
+    ("dq", 80, 16, 128, True): [(128, 64, 8, 2)],
+    ("dq", 80, 32, 32, True): [(64, 32, 8, 2)],
+    ("dq", 80, 32, 128, False): [(64, 32, 8, 2)],
+    ("dq", 80, 32, 128, True): [(64, 32, 8, 2), (32, 32, 8, 2)],
+    ("dq", 90, 16, 128, True): [(64, 64, 4, 3)],
+    ("fwd", 80, 16, 64, False): [(128, 128, 8, 3)],
+    ("fwd", 80, 16, 128, True): [(128, 64, 8, 3)],
+    ("fwd", 90, 16, 32, True): [(128, 64, 4, 3)],
+    ("fwd", 90, 16, 64, True): [(128, 128, 8, 3), (128, 64, 4, 3)],
+    ("fwd", 90, 16, 128, False): [(128, 128, 8, 3), (128, 64, 4, 3)],
+    ("fwd", 90, 16, 128, True): [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    ("fwd", 90, 32, 32, True): [(64, 32, 4, 4)],
+    ("fwd", 90, 32, 64, False): [(64, 32, 4, 4)],
+    ("fwd", 90, 32, 64, True): [(64, 32, 4, 4)],
+    ("fwd", 90, 32, 128, False): [(64, 32, 4, 4), (16, 32, 4, 2)],
+    ("fwd", 90, 32, 128, True): [(64, 32, 4, 4), (16, 32, 4, 2)],
+}
+
+
+def _target_sm() -> int | None:
+    """The compute capability Triton compiles for (90 for sm_90), or None off NVIDIA (or with no GPU)."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except RuntimeError:  # no active driver
+        return None
+    return target.arch if target.backend == "cuda" and isinstance(target.arch, int) else None
+
+
+def _shape(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def candidate_configs(kernel: str, configs, *, fp32: bool):
+    """The configs of ``kernel`` ("fwd", "dkdv", "dq") declared for this operand width."""
+    declared = {_shape(c) for c in _CONFIGS[kernel][32 if fp32 else 16]}
+    return [c for c in configs if _shape(c) in declared]
+
+
+def kept_configs(kernel: str, configs, *, fp32: bool, head_dim_padded: int, dropout: bool, sm: int | None):
+    """The configs the autotuner may try for this key: the width's own, less those dropped for the key.
+
+    If every one is dropped (a key no config serves without spilling), the last (smallest) is kept.
+    """
+    candidates = candidate_configs(kernel, configs, fp32=fp32)
+    if sm is None:
+        return candidates
+    # Hopper and later drop sm_90's entries; Ampere and Ada those and sm_80's own.
+    key = (32 if fp32 else 16, head_dim_padded, bool(dropout))
+    dropped = {*_DROPPED.get((kernel, 90, *key), ()), *(_DROPPED.get((kernel, 80, *key), ()) if sm < 90 else ())}
+    return [c for c in candidates if _shape(c) not in dropped] or candidates[-1:]
+
+
+def _pruner(kernel: str):
+    """An autotune ``early_config_prune`` hook: the launch's dtype and constexprs pick the key."""
+
+    def prune(configs, named_args, **kwargs):
+        return kept_configs(
+            kernel, configs, fp32=named_args["Q"].dtype == torch.float32,
+            head_dim_padded=kwargs["HEAD_DIM_PADDED"], dropout=kwargs["HAS_DROPOUT"], sm=_target_sm(),
+        )  # fmt: skip
+
+    # What the compile check lists as "pruned" for a launch: the width's configs it did not keep.
+    prune.candidates = lambda configs, named_args, **kwargs: candidate_configs(
+        kernel, configs, fp32=named_args["Q"].dtype == torch.float32
+    )
+    return prune
+
+
+def _autotuned(kernel: str, fn):
+    """``fn`` autotuned over every width's configs; the pruning hook picks those of the launch's key."""
+    configs = list({_shape(c): c for width in _CONFIGS[kernel].values() for c in width}.values())
+    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(kernel)})(fn)
+
 
 # The interpreter runs one fixed config (autotuning there would run them all).  The test shapes
 # still span several query and key blocks, and BLOCK_M != BLOCK_N so swapped block sizes fail.
@@ -449,9 +558,9 @@ if _INTERPRET:
     _fwd_kernel, _dkdv_kernel, _dq_kernel = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
     _FIXED_BLOCKS = _INTERPRETER_BLOCKS
 else:
-    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_AUTOTUNE_KEY)(_attn_fwd_kernel)
-    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dkdv_kernel)
-    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dq_kernel)
+    _fwd_kernel = _autotuned("fwd", _attn_fwd_kernel)
+    _dkdv_kernel = _autotuned("dkdv", _attn_bwd_dkdv_kernel)
+    _dq_kernel = _autotuned("dq", _attn_bwd_dq_kernel)
     _FIXED_BLOCKS = {}
 
 
