@@ -339,11 +339,16 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _adjacent(parts) -> bool:
     """Plain tensors (not DTensor or other subclasses, whose storage is not theirs to lay out) of one
-    dtype, contiguous and back to back in memory."""
+    dtype, contiguous and back to back in one storage.  Back to back in memory is not enough: separate
+    allocations can sit side by side (the CUDA caching allocator packs them), and a view of one storage
+    that runs into the next reads memory that storage does not own."""
     first = parts[0]
+    storage = first.untyped_storage().data_ptr()
     end = first.data_ptr()
     for p in parts:
         if type(p) not in _PLAIN or p.data_ptr() != end or not p.is_contiguous() or p.dtype != first.dtype:
+            return False
+        if p.untyped_storage().data_ptr() != storage:
             return False
         end += p.numel() * p.element_size()
     return True

@@ -43,8 +43,13 @@ def pack_mask(keep: torch.Tensor, lengths: torch.Tensor | None = None, sizes: tu
     if sizes is None:
         sizes = torch.stack((lengths.sum(), lengths.max())).tolist() if batch else (0, 0)
     total, max_seqlen = sizes
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    indices = torch.nonzero_static(keep.flatten(), size=total).flatten()
+    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=keep.device)
+    torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
+    # nonzero() and not nonzero_static(size=total): the sizes were read back already, so its sync costs
+    # nothing more, and its length is checked against them.
+    indices = keep.flatten().nonzero().flatten()
+    if indices.shape[0] != total:
+        raise RuntimeError(f"the mask holds {indices.shape[0]} tokens but its lengths sum to {total}")
     return PackedBatch(indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, batch=batch, seq=seq)
 
 

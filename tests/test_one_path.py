@@ -182,3 +182,18 @@ def test_training_keeps_one_ffn_activation_per_layer():
         torch.testing.assert_close(model(ids, mask, types).last_hidden_state, out.detach(), rtol=0, atol=0)
     out.square().sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("pooler."))
+
+
+def test_parameters_side_by_side_in_separate_storages_are_not_adjacent():
+    """Separate allocations that happen to touch (as the CUDA caching allocator packs them) must be fused
+    by copying: a view of the first storage would run into memory it does not own."""
+    from bertfast import layers
+
+    block = torch.randn(3 * 8)
+    views = [block[8 * i : 8 * (i + 1)].view(4, 2) for i in range(3)]  # one storage, back to back
+    assert layers._adjacent(views)
+    memory = bytearray(3 * 8 * 4)
+    separate = [torch.frombuffer(memory, dtype=torch.float32, offset=32 * i, count=8).view(4, 2) for i in range(3)]
+    assert [t.data_ptr() - separate[0].data_ptr() for t in separate] == [0, 32, 64]  # touching in memory
+    assert len({t.untyped_storage().data_ptr() for t in separate}) == 3  # ... but three storages
+    assert not layers._adjacent(separate)
