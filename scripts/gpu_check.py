@@ -512,18 +512,19 @@ class Check:
                 stage["reason"] = f"missing: {', '.join(missing)}"
                 return "failed"
             return "ok"
-        # The extension's tests on their own: a crash in one of them (a segfault ends the process) must not
-        # cost the rest of the suite its results.
+        # The extension's tests on their own, first (they are short): a crash in one of them (a segfault ends
+        # the process) must not cost the rest of the suite its results.  -v: each verdict reaches the log as it
+        # happens, so a run stopped at the budget still names what failed (its JUnit report never comes).
         status = "ok"
         for name, selection in (
-            ("tests", ["tests", "--ignore=tests/test_ext_ops.py"]),
             ("ext tests", ["tests/test_ext_ops.py"]),
+            ("tests", ["tests", "--ignore=tests/test_ext_ops.py"]),
         ):
             if self.left_s() - MARGIN_S < 20:
                 stage["numbers"][name] = "not run: out of time"
                 continue
             xml = self.work / f"{name.replace(' ', '-')}.xml"
-            command = [self.python, "-m", "pytest", *selection, "-m", "not gpu_smoke", "-q", "-rfEs"]
+            command = [self.python, "-m", "pytest", *selection, "-m", "not gpu_smoke", "-v", "-rfEs"]
             command += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
             rc = self.run(stage, name, command, self.left_s() - MARGIN_S)
             stage["numbers"][name] = _junit_counts(xml) if xml.exists() else {"exit": rc, "junit": "none (crashed?)"}

@@ -1060,3 +1060,30 @@ def test_gpu_check_plan_on_a_gpu_budget(tmp_path, monkeypatch, budget, skipped):
         assert timeouts["bench"] >= 220 and timeouts["sanitizer"] >= 60
         assert timeouts["smoke"] <= budget - 220 - 60  # the bench and sanitizer estimates are kept back
     assert len(list((tmp_path / "out").iterdir())) <= 8
+
+
+def test_first_light_records_a_row_with_a_nan_error_as_failed_and_goes_on(tmp_path, monkeypatch):
+    """A NaN max error (a wrong output) fails its row, keeps its time in the reason, and costs no other row."""
+    from bertfast.benchmarking import firstlight, schema
+    from bertfast.benchmarking.timing import Timing
+
+    light = firstlight.FirstLight(tiny=True, budget_s=100, results=str(tmp_path))
+    first, second = light.identities("forward 2x13")[:2]
+    errors = iter([float("nan"), 0.01])
+
+    def fake_case(case, plan, peaks=None):
+        return schema.make_row(
+            **{k: v for k, v in identity.items() if k in ("name", "impl", "dtype", "batch", "seq")},
+            timing=Timing.from_samples([7.84, 7.9, 8.0]),
+            max_error=next(errors),
+        )
+
+    monkeypatch.setattr(firstlight, "run_case", fake_case)
+    identity = first
+    assert light.case(first, lambda: None, None) is None
+    identity = second
+    assert light.case(second, lambda: None, None) is not None
+    assert len(light.rows) == 1 and len(light.failed) == 1
+    assert "max_error" in light.failed[0] and "timed 7.900 ms" in light.failed[0]
+    assert light.skipped[-1]["reason"].startswith("failed: not a valid result")
+    assert schema.row_problems(light.rows[0]) == []

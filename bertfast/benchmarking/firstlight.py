@@ -53,7 +53,7 @@ from .cases import Skip, run_case, skip_row_for
 from .device import environment, measure_peaks
 from .kernels import kernel_case
 from .models import ModelBench
-from .schema import new_result, write_result
+from .schema import new_result, row_problems, write_result
 from .shapes import (
     LENGTH_DISTRIBUTIONS,
     PADDING_DISTRIBUTION,
@@ -198,10 +198,19 @@ class FirstLight:
             self.failed.append(f"{what}: {detail[:300]}")
             self.skipped.append(skip_row_for(reason=f"failed: {detail[:500]}", **identity))
             return None
+        timing = f"{row['median_ms']:.3f} ms (p20-p80 {row['p20_ms']:.3f}-{row['p80_ms']:.3f}, {row['rounds']} rounds)"
+        problems = row_problems(row)
+        if problems:  # e.g. a NaN max error: the output was wrong, so its time is no result
+            what = f"{identity['name']} {identity['impl']} {identity['dtype']} {identity['batch']}x{identity['seq']}"
+            detail = f"not a valid result ({'; '.join(problems)}); timed {timing}"
+            print(f"[firstlight] FAILED {what}: {detail}", flush=True)
+            self.failed.append(f"{what}: {detail[:300]}")
+            self.skipped.append(skip_row_for(reason=f"failed: {detail[:500]}", **identity))
+            return None
         print(
             f"[firstlight] {row['name']} {row['impl']} {row['dtype']} {row['batch']}x{row['seq']}"
             + (f" {row['lengths']}" if row.get("lengths") else "")
-            + f": {row['median_ms']:.3f} ms (p20-p80 {row['p20_ms']:.3f}-{row['p80_ms']:.3f}, {row['rounds']} rounds)",
+            + f": {timing}",
             flush=True,
         )
         self.rows.append(row)

@@ -214,6 +214,17 @@ def problems_in(data) -> list[str]:
     return problems
 
 
+def row_problems(row: dict) -> list[str]:
+    """How one result row departs from the schema (empty when it is valid): e.g. a NaN ``max_error``,
+    which means the implementation's output was not finite.  Callers record such a row as failed
+    instead of losing the whole result file to it."""
+    problems: list[str] = []
+    _check_object(row, "row", ROW_FIELDS, OPTIONAL_ROW_FIELDS, problems)
+    if not problems:
+        _row_consistency(row, "row", problems)
+    return problems
+
+
 def validate(data, source: str = "result") -> dict:
     """Return ``data`` if it follows the schema, else raise :class:`ResultSchemaError`."""
     problems = problems_in(data)
