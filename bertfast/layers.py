@@ -208,6 +208,9 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
             raise ValueError(f"inputs_embeds must have shape (batch, seq, hidden), got {tuple(inputs_embeds.shape)}")
         batch, seq = inputs_embeds.shape[:2]
         device = inputs_embeds.device
+    if batch == 0 or seq == 0:
+        # Hugging Face fails on it too; an empty forward would return the heads' biases as logits.
+        raise ValueError(f"empty input: batch {batch} x sequence length {seq}; a forward needs at least one token")
     if position_ids is None and seq > config.max_position_embeddings:
         raise ValueError(
             f"sequence length {seq} is longer than max_position_embeddings ({config.max_position_embeddings})"

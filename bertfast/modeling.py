@@ -252,11 +252,7 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states: bool = False,
         inputs_embeds=None,
     ) -> BaseModelOutput:
-        batch, seq, _ = layers.check_inputs(
-            self.config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
-        )
-        if batch == 0 or seq == 0:
-            return self._empty_output(batch, seq, output_hidden_states)
+        layers.check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         x, pooled, states, packed, packed_x = layers.encode(
             self,
             input_ids,
@@ -276,13 +272,6 @@ class BertModel(BertPreTrainedModel):
             packed=packed,
             packed_last_hidden_state=packed_x,
         )
-
-    def _empty_output(self, batch, seq, output_hidden_states):
-        weight = self.embeddings.word_embeddings.weight
-        hidden = weight.new_zeros(batch, seq, self.config.hidden_size)
-        pooled = weight.new_zeros(batch, self.config.hidden_size) if self.pooler is not None else None
-        states = (hidden,) * (self.config.num_hidden_layers + 1) if output_hidden_states else None
-        return BaseModelOutput(last_hidden_state=hidden, pooler_output=pooled, hidden_states=states)
 
 
 # --------------------------------------------------------------------------------------

@@ -77,12 +77,19 @@ def test_padding_never_influences_valid_positions():
     torch.testing.assert_close(base.last_hidden_state[:2], alone.last_hidden_state, rtol=1e-6, atol=1e-6)
 
 
-def test_empty_batch_gives_empty_result():
+@pytest.mark.parametrize("shape", [(0, 7), (2, 0)], ids=["no-sequence", "no-token"])
+def test_empty_input_is_refused(shape):
+    """As in Hugging Face: no silent output (an empty sequence would give the classifier's bias as logits)."""
     config = small_config()
-    model = bertfast.BertModel(config).eval()
-    out = model(torch.zeros(0, 7, dtype=torch.long))
-    assert out.last_hidden_state.shape == (0, 7, config.hidden_size)
-    assert out.pooler_output.shape == (0, config.hidden_size)
+    ids = torch.zeros(shape, dtype=torch.long)
+    for model in (bertfast.BertModel(config).eval(), bertfast.BertForSequenceClassification(config).eval()):
+        with pytest.raises(ValueError, match="empty input"):
+            model(ids)
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.BertConfig(**config.to_dict())
+    patched = bertfast.patch(transformers.BertForSequenceClassification(hf_config).eval(), backend="reference")
+    with pytest.raises(ValueError, match="empty input"):
+        patched(input_ids=ids)
 
 
 def _hf_head_inputs(config, kind, batch, seq):
