@@ -1087,3 +1087,30 @@ def test_first_light_records_a_row_with_a_nan_error_as_failed_and_goes_on(tmp_pa
     assert "max_error" in light.failed[0] and "timed 7.900 ms" in light.failed[0]
     assert light.skipped[-1]["reason"].startswith("failed: not a valid result")
     assert schema.row_problems(light.rows[0]) == []
+
+
+def test_bench_command_errors_come_first_and_in_one_line(tmp_path, capsys, monkeypatch):
+    """A corrupt checkpoint and an unwritable --save say so at once; a run that timed no bertfast fails."""
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text('{"model_type": "bert", "hidden_size": 32, "num_attention_heads": 2}')
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert command.run(_bench_args("--checkpoint", str(corrupt), "--plain", "--cpu")) == 2
+    out = capsys.readouterr().out
+    assert f"error: cannot build the checkpoint '{corrupt}'" in out and "Traceback" not in out
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    timed = []
+    monkeypatch.setattr(command, "run_case", lambda *a, **k: timed.append(a))
+    assert command.run(_bench_args("--model", "tiny", "--save", str(blocker / "results"), "--plain", "--cpu")) == 2
+    assert "error: --save" in capsys.readouterr().out and timed == []
+    monkeypatch.undo()
+
+    # triton cannot run CPU tensors without the interpreter here: nothing of bertfast is timed
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    status = command.run(
+        _bench_args("--model", "tiny", "--batch", "1", "--seq", "8", "--backends", "triton", "--plain", "--cpu")
+    )
+    out = capsys.readouterr().out
+    assert status == 1 and "no bertfast implementation was timed" in out

@@ -22,6 +22,8 @@ Without a GPU it says so and runs a reduced benchmark on the CPU (BERT-small unl
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 import torch
@@ -32,7 +34,7 @@ from .cases import Skip, run_case, skip_row_for, unavailable
 from .device import DTYPES, device_name, environment, measure_peaks
 from .display import Display
 from .models import HF_IMPLS, ModelBench, backend_of
-from .schema import new_result, write_result
+from .schema import new_result, row_problems, write_result
 from .shapes import PADDING_DISTRIBUTION, ModelShape, bert_large_config, tiny_config
 from .suite import timing_description
 from .timing import GPU_PLAN, QUICK_GPU_PLAN, TimingPlan
@@ -173,6 +175,11 @@ def run(args) -> int:
         display.line(f"error: --batch and --seq must be positive, got {batch} and {seq}")
         return 2
     plan = (QUICK_GPU_PLAN if args.quick else GPU_PLAN) if cuda else CPU_PLAN
+    if args.save:  # before anything runs: a folder that cannot take the result must not cost the benchmark
+        reason = _unwritable(args.save)
+        if reason is not None:
+            display.line(f"error: --save {args.save!r}: {reason}")
+            return 2
 
     began = time.perf_counter()
     try:
@@ -180,8 +187,9 @@ def run(args) -> int:
             models = ModelBench(device=device, checkpoint=args.checkpoint)
         else:
             models = ModelBench(MODELS[args.model or ("bert-large" if cuda else "bert-small")](), device)
-    except (OSError, ValueError) as exc:
-        display.line(f"error: cannot build the model: {exc}")
+    except Exception as exc:  # a corrupt or foreign checkpoint: one line naming it, not a traceback
+        what = f"the checkpoint {args.checkpoint!r}" if args.checkpoint else "the model"
+        display.line(f"error: cannot build {what}: {type(exc).__name__}: {exc}")
         return 2
     config = models.config
     if seq > config.max_position_embeddings:
@@ -232,6 +240,12 @@ def run(args) -> int:
                 skipped_rows.append(skip_row_for(f"{models.label}-{kind}", impl, dtype, batch, seq, str(exc)))
                 progress.done(f"{kind} {impl}: skipped ({exc})")
                 continue
+            problems = row_problems(row)
+            if problems:  # e.g. a NaN error: the output was wrong, so its time is no result
+                reason = f"failed: not a valid result ({'; '.join(problems)})"
+                skipped_rows.append(skip_row_for(f"{models.label}-{kind}", impl, dtype, batch, seq, reason))
+                progress.done(f"{kind} {impl}: FAILED, {reason}")
+                continue
             rows.append(row)
             progress.done(f"{kind} {impl}: {row['median_ms']:.2f} ms, {row['seq_per_s']:.1f} seq/s")
 
@@ -253,7 +267,25 @@ def run(args) -> int:
         path = write_result(new_result(environment(device), peaks, rows, skipped_rows, setup), args.save)
         display.line(f"results written to {path}")
     display.line(f"done in {time.perf_counter() - began:.1f} s")
+    timed_ours = [r for r in rows if backend_of(r["impl"]) is not None]
+    if not timed_ours:
+        display.line("error: no bertfast implementation was timed (see Skipped)", style="bold red")
+        return 1
+    if any(r["reason"].startswith("failed:") for r in skipped_rows):
+        display.line("error: some rows failed (see Skipped)", style="bold red")
+        return 1
     return 0
+
+
+def _unwritable(folder: str) -> str | None:
+    """Why a result file cannot be written under ``folder`` (created if missing), or None."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or exc})"
+    return None
 
 
 def _print_rows(display: Display, label: str, kind: str, rows: list[dict]) -> None:
