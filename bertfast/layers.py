@@ -241,10 +241,11 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
     return batch, seq, device
 
 
-def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, keep, lengths):
+def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, keep, lengths, lead_padded=None):
     """The forward's one host read: the ids' ranges (raising if out of range) and the packed sizes.
 
-    Returns ``(total_tokens, longest_row)`` when ``lengths`` is given, else ``None``.
+    Returns ``(total_tokens, longest_row, any_first_token_padded)`` when ``lengths`` is given, else
+    ``None``; the last is read only when ``lead_padded`` (a bool scalar tensor) is given, else False.
     """
     ranges = []
     if input_ids is not None:
@@ -257,6 +258,8 @@ def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, 
     float_mask = attention_mask is not None and attention_mask.dtype.is_floating_point
     if float_mask:
         parts.append(((attention_mask == 0) | (attention_mask == 1)).all().to(torch.int64).expand(2))
+    if lead_padded is not None:
+        parts.append(lead_padded.to(torch.int64).expand(2))
     if lengths is not None:
         parts.append(torch.stack((lengths.sum(), lengths.max())).to(torch.int64))
     if not parts:
@@ -269,7 +272,9 @@ def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, 
         raise ValueError(
             "a floating attention_mask must hold only 0 and 1 (bertfast takes a key-padding mask, not a bias)"
         )
-    return tuple(values[-1]) if lengths is not None else None
+    if lengths is None:
+        return None
+    return (*values[-1], bool(values[-2][0]) if lead_padded is not None else False)
 
 
 # --------------------------------------------------------------------------------------
@@ -524,14 +529,24 @@ def encode(
             raise BackendUnavailable(f"unpad=True, but backend {backend!r} has no variable-length attention here")
         may_unpad = False
     lengths = keep.sum(dim=1, dtype=torch.int32) if may_unpad else None
+    # The pooler reads position 0 of every row, which the packed path computes only where it is a token
+    # (rows that are all padding have no meaningful pooled output either way).
+    pools = may_unpad and getattr(bert, "pooler", None) is not None
+    lead_padded = (~keep[:, 0] & keep.any(dim=1)).any() if pools else None
     sizes = None
     if eager:
-        sizes = _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, keep, lengths)
+        sizes = _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, keep, lengths, lead_padded)
     packed = None
     if sizes is not None:
-        total = sizes[0]
-        if unpad_mode is True or total < batch * seq:
-            packed = pack_mask(keep, lengths, sizes)
+        total, longest, left_padded = sizes
+        if left_padded:  # left padding: position 0 is padding in some row, so the pooled output needs it computed
+            if unpad_mode is True:
+                raise ValueError(
+                    "unpad=True, but some row starts with padding (left padding): the pooler reads position 0, "
+                    "which a padding-free forward never computes; use unpad='auto' (it runs such batches padded)"
+                )
+        elif unpad_mode is True or total < batch * seq:
+            packed = pack_mask(keep, lengths, (total, longest))
         else:
             keep = None  # no padding: the dense path needs no mask
     if packed is not None:

@@ -74,3 +74,35 @@ def test_gradients_through_the_unpadded_model():
 def test_unpad_setting_is_validated():
     with pytest.raises(ValueError, match="unpad"):
         bertfast.BertModel(small_config(), unpad="yes")
+
+
+def test_left_padding_pools_what_hugging_face_pools():
+    """Left padding puts padding at position 0, which the pooler reads: such a batch runs padded, so the pooled
+    output, the classifier's logits and the encoder's gradient are Hugging Face's (padding-free they were not)."""
+    transformers = pytest.importorskip("transformers")
+    config = small_config(num_labels=3)
+    hf = transformers.BertForSequenceClassification(transformers.BertConfig(**config.to_dict())).eval()
+    ours = bertfast.BertForSequenceClassification(config, backend="reference").eval()
+    ours.load_state_dict(hf.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, config.vocab_size, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[2, 6:] = 0  # right padding in the same batch
+    labels = torch.tensor([0, 2, 1])
+    theirs = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    mine = ours(ids, mask, labels=labels)
+    assert rel_error(mine.logits, theirs.logits) <= MODEL_FP32_REL_TOL
+    mine.loss.backward()
+    theirs.loss.backward()
+    for name, p in ours.bert.embeddings.named_parameters():
+        expected = dict(hf.bert.embeddings.named_parameters())[name].grad
+        assert rel_error(p.grad, expected) <= 1e-4, name
+    # Right padding alone still runs padding-free; unpad=True cannot pool a left-padded row and says so.
+    right = torch.ones(2, 9, dtype=torch.long)
+    right[1, 5:] = 0
+    assert ours.bert(ids[:2], right).packed is not None
+    assert ours.bert(ids, mask).packed is None
+    ours.set_unpad(True)
+    with pytest.raises(ValueError, match="left padding"):
+        ours(ids, mask)
