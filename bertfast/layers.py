@@ -510,6 +510,11 @@ def encode(
         shaped = input_ids if input_ids is not None else inputs_embeds
         batch, seq, device = shaped.shape[0], shaped.shape[1], shaped.device
     weight = bert.embeddings.word_embeddings.weight
+    if weight.device != device:
+        raise ValueError(
+            f"the model is on {weight.device} but its inputs are on {device}: move the inputs (or the model) "
+            "to one device"
+        )
     dtype = compute_dtype(device, weight.dtype)
     ops = _encoder_plan(bert, backend, dtype)
     if position_ids is None:

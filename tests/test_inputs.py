@@ -158,3 +158,17 @@ def test_nan_at_a_masked_key_reaches_valid_queries_as_documented():
     v[0, 3] = float("nan")  # a padded position's value row
     out = ops.attention(q, k, v, mask, backend="reference")
     assert out.isnan().all()
+
+
+@pytest.mark.parametrize("where", ["inputs", "model"])
+def test_a_device_mismatch_is_named_in_the_users_terms(where):
+    model = bertfast.BertModel(small_config(), backend="reference").eval()
+    ids = torch.randint(1, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    if where == "inputs":
+        ids, mask = ids.to("meta"), mask.to("meta")
+    else:
+        model = model.to("meta")
+    with pytest.raises(ValueError, match="the model is on .* but its inputs are on"):
+        model(ids, mask)
