@@ -7,9 +7,9 @@ torch, ...), so the "ext" backend can report it instead of failing at import tim
 
 from __future__ import annotations
 
-import functools
 import importlib
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -21,18 +21,42 @@ REBUILD_HINT = (
 )
 
 
-@functools.cache
-def _load() -> tuple[ModuleType | None, str | None]:
+class Facts(NamedTuple):
+    """What the loaded extension was built with, as plain values (read once, at load)."""
+
+    has_cuda: bool
+    cuda_archs: str
+    cuda_max_row_elements: int
+
+
+# A plain global rather than functools.cache: torch.compile reads a global, but traces into (and
+# breaks on the import inside) a cached function.
+_LOADED: tuple[ModuleType | None, str | None, Facts | None] | None = None
+
+
+def _import() -> tuple[ModuleType | None, str | None, Facts | None]:
     try:
         module = importlib.import_module("bertfast._C")
     except Exception as exc:  # ImportError, or an undefined symbol after a torch upgrade
-        return None, f"bertfast._C is not built or does not load ({type(exc).__name__}: {exc}); {REBUILD_HINT}"
+        reason = f"bertfast._C is not built or does not load ({type(exc).__name__}: {exc}); {REBUILD_HINT}"
+        return None, reason, None
     built_with = module.built_with_torch()
     if built_with != torch.__version__:
-        return None, f"bertfast._C was built against torch {built_with} but torch {torch.__version__} is running; " + (
-            REBUILD_HINT
-        )
-    return module, None
+        reason = f"bertfast._C was built against torch {built_with} but torch {torch.__version__} is running; "
+        return None, reason + REBUILD_HINT, None
+    return module, None, Facts(module.has_cuda(), module.cuda_archs(), module.cuda_max_row_elements())
+
+
+def _load() -> tuple[ModuleType | None, str | None, Facts | None]:
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = _import()
+    return _LOADED
+
+
+def facts() -> Facts | None:
+    """The loaded extension's build facts, or ``None`` when it cannot be used."""
+    return _load()[2]
 
 
 def extension() -> ModuleType | None:
@@ -47,7 +71,7 @@ def unavailable_reason() -> str | None:
 
 def require() -> ModuleType:
     """The loaded :mod:`bertfast._C`; raises :class:`BackendUnavailable` with the reason otherwise."""
-    module, reason = _load()
+    module, reason, _ = _load()
     if module is None:
         raise BackendUnavailable(reason)
     return module
@@ -55,7 +79,7 @@ def require() -> ModuleType:
 
 def build_info() -> dict[str, object]:
     """What the extension contains (for environment reports): built, CUDA kernels, archs, versions."""
-    module, reason = _load()
+    module, reason, _ = _load()
     if module is None:
         return {"built": False, "reason": reason}
     return {

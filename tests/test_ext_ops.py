@@ -556,6 +556,25 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(g_compiled, g_eager)
 
 
+def test_a_model_on_ext_compiles_as_one_graph():
+    """Resolving the backend reads the extension's build facts as plain values: no import or C call is traced."""
+    import bertfast
+
+    from .helpers import small_config
+
+    model = bertfast.BertModel(small_config(), backend="ext").eval()
+    ids = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(ids, mask).last_hidden_state
+        eager = model.set_unpad(False)(ids, mask).last_hidden_state
+    keep = mask.bool()
+    torch.testing.assert_close(out[keep], eager[keep])
+
+
 # ------------------------------------------------------------------------------------------------
 # The bindings' argument checks name the argument
 # ------------------------------------------------------------------------------------------------

@@ -72,17 +72,17 @@ def _row_length(op: str, tensors) -> tuple[str, int] | None:
 
 
 def unsupported(op: str, *tensors, **meta) -> str | None:
-    C = _ext.extension()
-    if C is None:
+    built = _ext.facts()  # plain values: torch.compile traces this check without a call into the extension
+    if built is None:
         return _ext.unavailable_reason()
     device = tensors[0].device
     if device.type == "cuda":
-        if not C.has_cuda():
+        if not built.has_cuda:
             return (
                 "bertfast._C was built without CUDA kernels; rebuild it where torch has CUDA and nvcc is found "
                 "(BERTFAST_CUDA=1 pip install -e . --no-build-isolation)"
             )
-        reason = _arch_reason(C.cuda_archs(), torch.cuda.get_device_capability(device))
+        reason = _arch_reason(built.cuda_archs, torch.cuda.get_device_capability(device))
         if reason is not None:
             return reason
         dtypes, where = _CUDA_DTYPES, "CUDA kernels"
@@ -94,8 +94,8 @@ def unsupported(op: str, *tensors, **meta) -> str | None:
         if t.dtype not in dtypes:
             return f"the ext {where} take {', '.join(str(d).replace('torch.', '') for d in dtypes)}; got {t.dtype}"
     row = _row_length(op, tensors)
-    if device.type == "cuda" and row is not None and row[1] > C.cuda_max_row_elements():
-        return f"the ext CUDA kernels take a {row[0]} of at most {C.cuda_max_row_elements()}, got {row[1]}"
+    if device.type == "cuda" and row is not None and row[1] > built.cuda_max_row_elements:
+        return f"the ext CUDA kernels take a {row[0]} of at most {built.cuda_max_row_elements}, got {row[1]}"
     return None
 
 
