@@ -291,6 +291,30 @@ def _selected_hidden_states(states: list, selection) -> tuple:
     return tuple(h if i in keep else None for i, h in enumerate(states))
 
 
+_LAYER_LINEARS = (
+    ("attention", "self", "query"),
+    ("attention", "self", "key"),
+    ("attention", "self", "value"),
+    ("attention", "output", "dense"),
+    ("intermediate", "dense"),
+    ("output", "dense"),
+)
+
+
+def _replaced_since_patch(bert: nn.Module) -> str | None:
+    """A layer's linear module that is no longer a plain ``nn.Linear`` (e.g. a LoRA wrapper added after
+    ``patch``), which the fused path would silently skip; ``None`` when all are plain.  Cheap: six type
+    checks per layer."""
+    for i, layer in enumerate(bert.encoder._modules["layer"]):
+        for path in _LAYER_LINEARS:
+            module = layer
+            for part in path:
+                module = module._modules[part]
+            if type(module) is not nn.Linear:
+                return f"encoder.layer.{i}.{'.'.join(path)} is now of type {type(module).__name__}"
+    return None
+
+
 def _patched_bert_model_forward(
     self,
     input_ids=None,
@@ -320,6 +344,13 @@ def _patched_bert_model_forward(
     if return_dict is None:
         return_dict = getattr(config, "return_dict", True) and not getattr(config, "torchscript", False)
     _check_kwargs(dict(kwargs))
+    replaced = _replaced_since_patch(self)
+    if replaced is not None:
+        raise PatchError(
+            f"{replaced}, not the plain torch.nn.Linear bertfast.patch found: the patched forward would ignore "
+            "what wraps it (an adapter such as LoRA added after patching?). Call bertfast.unpatch(model) first; "
+            "patch only models whose linear layers are plain"
+        )
     # As in transformers, a falsy selection (False, 0, []) returns no hidden states.
     x, pooled, states, _, _ = layers.encode(
         self,

@@ -538,3 +538,28 @@ def test_patch_refuses_what_is_not_a_transformers_bert():
         patch(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="before torch.compile"):
         patch(torch.compile(make_hf("BertModel"), backend="eager"))
+
+
+def test_a_layer_wrapped_after_patch_is_refused_not_ignored():
+    """An adapter (LoRA's lora.Linear wraps its base layer the same way) added after patch must not be skipped."""
+    import transformers
+
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = bertfast.patch(transformers.BertModel(config).eval(), backend="reference")
+    ids = torch.randint(1, 50, (2, 6))
+    model(input_ids=ids)  # plain layers: fine
+
+    class Adapter(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer, self.delta = base, torch.nn.Linear(32, 32, bias=False)
+
+        def forward(self, x):
+            return self.base_layer(x) + self.delta(x)
+
+    sa = model.encoder.layer[1].attention.self
+    sa.value = Adapter(sa.value)
+    with pytest.raises(bertfast.PatchError, match=r"encoder.layer.1.attention.self.value is now of type Adapter"):
+        model(input_ids=ids)
+    bertfast.unpatch(model)
+    assert model(input_ids=ids).last_hidden_state.isfinite().all()  # unpatched, transformers runs the adapter
