@@ -302,7 +302,21 @@ def embed(emb, input_ids, token_type_ids, position_ids, inputs_embeds, ops: Plan
         positions = F.embedding(position_ids, emb.position_embeddings.weight).to(summed.dtype)
         x = ops.layer_norm(summed, ln.weight, ln.bias, ln.eps, positions, None)
     x = emb.dropout(x)
+    if not x.requires_grad and torch.is_grad_enabled() and wants_input_grads(emb._modules["word_embeddings"]):
+        # What transformers' enable_input_require_grads hook does to the word embeddings' output (this path
+        # never calls that module): with frozen embeddings, reentrant checkpointing needs an input that
+        # requires grad, or every encoder gradient is silently None.
+        x.requires_grad_(True)
     return x if x.dtype == dtype else x.to(dtype)
+
+
+INPUT_GRADS_HOOK = "make_inputs_require_grads"  # transformers' PreTrainedModel.enable_input_require_grads
+
+
+def wants_input_grads(word_embeddings) -> bool:
+    """Whether transformers' input-requires-grad hook is on this embedding (it makes its output require grad)."""
+    hooks = word_embeddings._forward_hooks
+    return bool(hooks) and any(getattr(h, "__name__", "") == INPUT_GRADS_HOOK for h in hooks.values())
 
 
 # The per-layer functions below read submodules and parameters from ``_modules`` / ``_parameters``

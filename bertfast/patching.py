@@ -124,9 +124,10 @@ def _base_model(model: nn.Module, modeling_bert) -> nn.Module:
 
 
 def _is_hf_output_capturing_hook(hook) -> bool:
-    # transformers 5 installs these lazily on BertLayer/BertSelfAttention to collect
-    # hidden states and attentions; they are inactive unless its own forward runs.
-    return getattr(hook, "__name__", "") == "output_capturing_hook"
+    # transformers 5 installs these lazily on BertLayer/BertSelfAttention to collect hidden states and
+    # attentions; they are inactive unless its own forward runs.  Its input-requires-grad hook (gradient
+    # checkpointing with frozen embeddings) is honoured by bertfast.layers.embed itself.
+    return getattr(hook, "__name__", "") in ("output_capturing_hook", layers.INPUT_GRADS_HOOK)
 
 
 def _foreign_call_machinery(module: nn.Module) -> str | None:

@@ -563,3 +563,44 @@ def test_a_layer_wrapped_after_patch_is_refused_not_ignored():
         model(input_ids=ids)
     bertfast.unpatch(model)
     assert model(input_ids=ids).last_hidden_state.isfinite().all()  # unpatched, transformers runs the adapter
+
+
+@pytest.mark.parametrize("order", ["checkpointing-then-patch", "patch-then-checkpointing"])
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_with_frozen_embeddings_in_either_order(order, reentrant):
+    """transformers' input-requires-grad hook is honoured: patching works after checkpointing is enabled, and
+    with frozen embeddings and reentrant checkpointing the encoder still gets Hugging Face's gradients."""
+    import transformers
+
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ours = transformers.BertForSequenceClassification(config).train()
+    theirs = copy.deepcopy(ours)
+    checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+    for model in (ours, theirs):
+        model.bert.embeddings.requires_grad_(False)
+    if order == "checkpointing-then-patch":
+        ours.gradient_checkpointing_enable(**checkpointing)
+        bertfast.patch(ours, backend="reference", strict=True)
+    else:
+        bertfast.patch(ours, backend="reference", strict=True)
+        ours.gradient_checkpointing_enable(**checkpointing)
+    theirs.gradient_checkpointing_enable(**checkpointing)
+    ids = torch.randint(1, 50, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    labels = torch.tensor([0, 1])
+    ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    theirs(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    expected = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        if expected[name].grad is None:
+            assert p.grad is None, name
+            continue
+        assert p.grad is not None, f"{name} got no gradient"
+        if name.endswith("key.bias"):  # its exact gradient is zero (softmax ignores a shift): rounding only
+            assert p.grad.abs().max() < 1e-10, name
+            continue
+        assert rel_error(p.grad, expected[name].grad) <= FP32_REL_TOL["backward"], name
