@@ -507,15 +507,22 @@ def encode(
     *,
     backend: str = "auto",
     unpad_mode: bool | str = "auto",
+    check: bool = True,
 ):
-    """Embeddings, every encoder layer and the pooler of ``bert`` (native or transformers), after
-    :func:`check_inputs`.
+    """Embeddings, every encoder layer and the pooler of ``bert`` (native or transformers).
 
     Returns ``(last_hidden_state, pooled or None, hidden_states list or None, packed or None,
-    packed_last_hidden_state or None)``.
+    packed_last_hidden_state or None)``.  ``check``: run :func:`check_inputs` (callers that
+    checked already pass False).
     """
     config = bert.config
-    batch, seq, device = check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+    if check:
+        batch, seq, device = check_inputs(
+            config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+        )
+    else:
+        shaped = input_ids if input_ids is not None else inputs_embeds
+        batch, seq, device = shaped.shape[0], shaped.shape[1], shaped.device
     weight = bert.embeddings.word_embeddings.weight
     if weight.device != device:
         raise ValueError(
