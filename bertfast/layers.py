@@ -340,7 +340,11 @@ def _view_of_adjacent(parts):
     """One tensor over ``parts`` laid out back to back in one storage (no copy)."""
     first = parts[0]
     shape = (parts[0].shape[0] + parts[1].shape[0] + parts[2].shape[0], *first.shape[1:])
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape, first.stride())
+    storage = first.untyped_storage()
+    if (first.storage_offset() + shape[0] * first.stride(0)) * first.element_size() > storage.nbytes():
+        # set_ would grow the storage: reallocate it (moving the first part) and read uninitialised memory
+        raise RuntimeError("the fused QKV view runs past the first part's storage: the parts are not one storage")
+    return first.new_empty(0).set_(storage, first.storage_offset(), shape, first.stride())
 
 
 class _Adjacent(torch.autograd.Function):
@@ -389,9 +393,18 @@ def fuse_qkv_storage(sa) -> None:
 
 
 # Without gradients, the fused weight of each module is kept: a view when the parameters are adjacent
-# (native models), else a copy (patched transformers models), keyed by the parameters' addresses and
-# versions so that moving or updating them in place makes a new one.
+# (native models), else a copy (patched transformers models).  It is reused only for the very same
+# tensors (held weakly: an address alone is not enough, a freed tensor's address is soon handed to a
+# new one) at the same address (``.data =`` moves a parameter) and version (in-place updates).
 _FUSED_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _same_tensors(kept, params) -> bool:
+    refs, addresses, versions = kept
+    return all(
+        ref() is p and p.data_ptr() == address and p._version == version
+        for ref, address, version, p in zip(refs, addresses, versions, params)
+    )
 
 
 def _fused(sa, name: str):
@@ -408,13 +421,13 @@ def _fused(sa, name: str):
     q, k, v = params
     if _capturing(q.device):  # a CUDA graph replays reads of the parameters themselves, never a kept copy
         return _view_of_adjacent(params) if _adjacent(params) else torch.cat(params)
-    key = (q.data_ptr(), k.data_ptr(), v.data_ptr(), q._version, k._version, v._version)
     cache = _FUSED_CACHE.get(sa)
     if cache is None:
         cache = _FUSED_CACHE[sa] = {}
     hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        hit = cache[name] = (key, _view_of_adjacent(params) if _adjacent(params) else torch.cat(params))
+    if hit is None or not _same_tensors(hit[0], params):
+        kept = (tuple(map(weakref.ref, params)), tuple(p.data_ptr() for p in params), tuple(p._version for p in params))
+        hit = cache[name] = (kept, _view_of_adjacent(params) if _adjacent(params) else torch.cat(params))
     return hit[1]
 
 

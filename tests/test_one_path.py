@@ -197,3 +197,40 @@ def test_parameters_side_by_side_in_separate_storages_are_not_adjacent():
     assert [t.data_ptr() - separate[0].data_ptr() for t in separate] == [0, 32, 64]  # touching in memory
     assert len({t.untyped_storage().data_ptr() for t in separate}) == 3  # ... but three storages
     assert not layers._adjacent(separate)
+    # A view over them would make set_ grow the first storage: move it and read uninitialised memory.
+    alone = [torch.randn(8).view(4, 2) for _ in range(3)]
+    address = alone[0].data_ptr()
+    with pytest.raises(RuntimeError, match="not one storage"):
+        layers._view_of_adjacent(alone)
+    assert alone[0].data_ptr() == address and alone[0].untyped_storage().nbytes() == 8 * 4
+
+
+def test_kept_fused_weight_is_not_reused_for_new_tensors_at_a_freed_address():
+    """Without gradients the fused QKV weight is kept between forwards.  New parameter tensors at the
+    address and version of earlier ones (an allocator hands freed addresses back, as repeated
+    ``functional_call`` over fresh tensors meets) are new weights, not a hit."""
+    import copy
+
+    from torch.func import functional_call
+
+    native, _ = native_and_patched(num_hidden_layers=1)
+    ids, types, mask = ragged_batch(native.config, [5, 3], 5)
+    names = [f"encoder.layer.0.attention.self.{part}.weight" for part in ("query", "key", "value")]
+    memory = bytearray(sum(native.get_parameter(n).numel() for n in names) * 4)
+
+    def weights_at_one_address(scale):
+        weights, offset = {}, 0
+        for name in names:
+            p = native.get_parameter(name)
+            weights[name] = torch.frombuffer(memory, dtype=torch.float32, offset=offset, count=p.numel()).view(p.shape)
+            weights[name].copy_(p.detach() * scale)
+            offset += p.numel() * 4
+        return weights
+
+    with torch.no_grad():
+        for scale in (1.0, 0.5):
+            out = functional_call(native, weights_at_one_address(scale), (ids, mask, types)).last_hidden_state
+            expected = copy.deepcopy(native)
+            for name in names:
+                expected.get_parameter(name).mul_(scale)
+            torch.testing.assert_close(out, expected(ids, mask, types).last_hidden_state, rtol=0, atol=0)
