@@ -16,6 +16,7 @@ from torch import nn
 
 from . import layers
 from .config import BertConfig
+from .head_losses import ignore_padding_labels, span_logits, span_loss
 from .mlm_loss import masked_lm_head_loss
 from .ops import check_backend
 from .outputs import (
@@ -344,20 +345,20 @@ class _TiedMLMMixin:
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
 
-    def _logits_and_loss(self, encoded, labels, return_logits):
+    def _logits_and_loss(self, encoded, labels, attention_mask, return_logits):
         """``(vocabulary logits or None, MLM loss or None)`` of the MLM head over ``encoded``.
 
         By default the logits are skipped only where nobody reads them: training with labels.
         Then the loss is fused and chunked on the labelled rows and no ``(tokens x vocab)``
         logits are ever formed; otherwise it is taken from the logits.  Padding-free runs
-        compute on the packed rows: logits on real tokens only (zeros at padding), the loss
-        over real tokens only (labels at padding positions are ignored).
+        compute on the packed rows: logits on real tokens only (zeros at padding).  Either way
+        labels at padding positions are ignored (:mod:`bertfast.head_losses`).
         """
         want_logits = (labels is None or not self.training) if return_logits is None else bool(return_logits)
         packed = encoded.packed
         hidden = encoded.last_hidden_state if packed is None else encoded.packed_last_hidden_state
-        if labels is not None and packed is not None:
-            labels = unpad(labels, packed)
+        if labels is not None:
+            labels = ignore_padding_labels(labels, attention_mask) if packed is None else unpad(labels, packed)
         if not want_logits:
             if labels is None:
                 return None, None
@@ -395,7 +396,7 @@ class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
         torch.compile); ``return_logits=True`` compiles as one graph.
         """
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
-        logits, loss = self._logits_and_loss(out, labels, return_logits)
+        logits, loss = self._logits_and_loss(out, labels, attention_mask, return_logits)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
@@ -421,7 +422,8 @@ class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
         ``prediction_logits`` follow :meth:`BertForMaskedLM.forward`'s ``return_logits`` rule."""
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         with_loss = labels is not None and next_sentence_label is not None
-        prediction_logits, mlm_loss = self._logits_and_loss(out, labels if with_loss else None, return_logits)
+        mlm_labels = labels if with_loss else None
+        prediction_logits, mlm_loss = self._logits_and_loss(out, mlm_labels, attention_mask, return_logits)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)
         loss = None
         if with_loss:
@@ -501,7 +503,8 @@ class BertForTokenClassification(_WithEncoder):
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
-        if labels is not None:
+        if labels is not None:  # labels at padding positions are ignored (bertfast.head_losses)
+            labels = ignore_padding_labels(labels, attention_mask)
             loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1), ignore_index=-100)
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
@@ -526,17 +529,11 @@ class BertForQuestionAnswering(_WithEncoder):
     ) -> QuestionAnsweringOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         logits = self.qa_outputs(out.last_hidden_state)
-        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        # Padding is out of the span softmax (bertfast.head_losses): the same loss on every path.
+        start_logits, end_logits = (span_logits(t.squeeze(-1), attention_mask) for t in logits.unbind(-1))
         loss = None
         if start_positions is not None and end_positions is not None:
-            # As in Hugging Face: positions outside the sequence are clamped and ignored.
-            ignored = start_logits.shape[1]
-            start = start_positions.reshape(-1).clamp(0, ignored)
-            end = end_positions.reshape(-1).clamp(0, ignored)
-            loss = (
-                F.cross_entropy(start_logits.float(), start, ignore_index=ignored)
-                + F.cross_entropy(end_logits.float(), end, ignore_index=ignored)
-            ) / 2
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions, attention_mask)
         return QuestionAnsweringOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states
         )

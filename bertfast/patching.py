@@ -7,7 +7,7 @@
 
 What changes, and what does not
 -------------------------------
-``patch`` sets an instance attribute ``forward`` on two kinds of submodule of *this* model
+``patch`` sets an instance attribute ``forward`` on these modules of *this* model
 (never a class attribute, so other instances and the ``transformers`` module are untouched;
 ``copy.deepcopy`` and pickling carry the patch along):
 
@@ -18,6 +18,9 @@ What changes, and what does not
   It is patched at the ``BertModel`` level because that is where the user's 2-D
   ``(batch, seq)`` padding mask is still visible (Hugging Face expands it to 4-D inside).
 - every ``BertPredictionHeadTransform`` (the MLM heads): :func:`bertfast.layers.head_transform`.
+- the head model itself when its loss reads token positions (masked LM, pre-training, token
+  classification, question answering): its own forward runs, with padding kept out of the loss
+  as in bertfast's native heads (:mod:`bertfast.head_losses`).
 
 Parameters are used in place (no copies, names unchanged; only without gradients, e.g.
 under ``torch.no_grad()``, a fused copy of each layer's Wq/Wk/Wv is kept and refreshed when
@@ -65,11 +68,12 @@ of range.  The value checks read a few numbers back to the host; they are skippe
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 from torch import nn
 
-from . import layers
+from . import head_losses, layers
 from .ops import check_backend
 
 __all__ = ["PatchError", "PatchWarning", "is_patched", "patch", "unpatch"]
@@ -380,7 +384,34 @@ def _patched_head_transform_forward(self, hidden_states):
     return layers.head_transform(self, hidden_states, getattr(self, _BACKEND_ATTR))
 
 
-_PATCHED_FORWARDS = (_patched_bert_model_forward, _patched_head_transform_forward)
+# The heads whose loss reads token positions; their loss keeps padding out (bertfast.head_losses).
+_TOKEN_LABEL_HEADS = ("ForMaskedLM", "ForPreTraining", "ForTokenClassification")
+_SPAN_HEADS = ("ForQuestionAnswering",)
+
+
+def _patched_head_model_forward(self, *args, **kwargs):
+    """The head model's own forward, with padding kept out of its loss as in bertfast's native heads."""
+    call = inspect.signature(type(self).forward).bind(self, *args, **kwargs)
+    arguments = call.arguments
+    extra = arguments.pop(next(k for k, p in call.signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
+    arguments.pop("self")
+    mask = arguments.get("attention_mask")
+    if type(self).__name__.endswith(_TOKEN_LABEL_HEADS):
+        arguments["labels"] = head_losses.ignore_padding_labels(arguments.get("labels"), mask)
+        return type(self).forward(self, **arguments, **extra)
+    start, end = arguments.pop("start_positions", None), arguments.pop("end_positions", None)
+    return_dict = arguments.pop("return_dict", extra.pop("return_dict", None))
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    out = type(self).forward(self, **arguments, **extra, return_dict=True)
+    out.start_logits = head_losses.span_logits(out.start_logits, mask)
+    out.end_logits = head_losses.span_logits(out.end_logits, mask)
+    if start is not None and end is not None:
+        out = type(out)(loss=head_losses.span_loss(out.start_logits, out.end_logits, start, end, mask), **out)
+    return out if return_dict else out.to_tuple()
+
+
+_PATCHED_FORWARDS = (_patched_bert_model_forward, _patched_head_transform_forward, _patched_head_model_forward)
 
 
 def _patched_forward_of(module: nn.Module):
@@ -461,6 +492,8 @@ def patch(
     _set_forward(bert, _patched_bert_model_forward, backend, unpad)
     for module in transforms:
         _set_forward(module, _patched_head_transform_forward, backend)
+    if model is not bert and type(model).__name__.endswith(_TOKEN_LABEL_HEADS + _SPAN_HEADS):
+        _set_forward(model, _patched_head_model_forward, backend)
     return model
 
 

@@ -5,6 +5,7 @@ import torch
 import transformers
 
 import bertfast
+from bertfast import head_losses
 from bertfast.numerics import MODEL_FP32_REL_TOL, rel_error
 
 from .helpers import ODD_CONFIGS, hf_twin, ragged_batch, small_config
@@ -125,13 +126,23 @@ def _hf_head_inputs(config, kind, batch, seq):
 )
 def test_heads_match_hugging_face(kind):
     config = small_config(num_labels=2 if kind == "BertForQuestionAnswering" else 3)
-    # Hugging Face computes padding positions too (and its QA loss reads them): compare padded.
+    # Hugging Face computes padding positions too: compare padded.  Its losses read padding, bertfast's
+    # do not (bertfast.head_losses): Hugging Face gets labels without any at padding, and its span logits
+    # and loss are taken with padding masked out.
     model = getattr(bertfast, kind)(config, backend="reference").eval().set_unpad(False)
     hf = hf_twin(model)
     ids, types, mask = ragged_batch(config, [11, 6, 9], seq=11)
     labels = _hf_head_inputs(config, kind, 3, 11)
     ours = model(ids, mask, types, **labels)
+    if "labels" in labels and labels["labels"].dim() == 2:
+        labels["labels"] = head_losses.ignore_padding_labels(labels["labels"], mask)
     theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, **labels)
+    if kind == "BertForQuestionAnswering":
+        for key in ("start_logits", "end_logits"):
+            theirs[key] = head_losses.span_logits(theirs[key], mask)
+        theirs["loss"] = head_losses.span_loss(
+            theirs.start_logits, theirs.end_logits, labels["start_positions"], labels["end_positions"], mask
+        )
     assert type(ours).__name__.replace("PreTrainingOutput", "BertForPreTrainingOutput") in (
         type(theirs).__name__,
         type(theirs).__name__.replace("QuestionAnsweringModelOutput", "QuestionAnsweringOutput"),

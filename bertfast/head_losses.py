@@ -1,0 +1,59 @@
+"""The heads' losses at padding: one rule for every face, backend, ``unpad`` mode and ``torch.compile``.
+
+Padding is not part of a sequence.  A padding-free forward never computes hidden states there
+(they read as zeros), a padded one computes values that depend on nothing the model should
+learn from, so a loss that reads them depends on the execution path.  bertfast's heads
+therefore keep padding out of every loss, in native models and in patched transformers models
+alike (where this differs from transformers, which reads padding positions, the difference
+is only there):
+
+- token-level labels (masked LM, pre-training's MLM part, token classification): a label at a
+  padding position is ignored, as ``-100`` is;
+- question answering: the span softmax runs over the sequence's tokens only (start and end
+  logits at padding are the dtype's lowest value, so they get no probability and no
+  gradient), and a start or end position at padding is ignored like one past the end.
+
+``attention_mask`` is the user's ``(batch, seq)`` key-padding mask (nonzero = token), or
+``None`` (no padding: nothing changes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _tokens(attention_mask: torch.Tensor) -> torch.Tensor:
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+
+
+def ignore_padding_labels(labels: torch.Tensor | None, attention_mask: torch.Tensor | None):
+    """``labels`` with ``-100`` at padding positions."""
+    if labels is None or attention_mask is None:
+        return labels
+    return labels.masked_fill(~_tokens(attention_mask).expand_as(labels), IGNORE_INDEX)
+
+
+def span_logits(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Start or end logits ``(batch, seq)`` with padding out of the span softmax."""
+    if attention_mask is None:
+        return logits.contiguous()
+    return logits.masked_fill(~_tokens(attention_mask).expand_as(logits), torch.finfo(logits.dtype).min)
+
+
+def span_loss(start_logits, end_logits, start_positions, end_positions, attention_mask) -> torch.Tensor:
+    """Mean of the start and end cross-entropies over the span logits (:func:`span_logits`, already
+    masked).  As in transformers, positions past the sequence are clamped to it and ignored; a
+    position at padding is ignored too."""
+    seq = start_logits.shape[1]
+    losses = []
+    for logits, positions in ((start_logits, start_positions), (end_logits, end_positions)):
+        positions = positions.reshape(-1).clamp(0, seq)
+        if attention_mask is not None:
+            tokens = F.pad(_tokens(attention_mask).expand(logits.shape[0], seq), (0, 1))  # seq: ignored already
+            at_token = tokens.gather(1, positions[:, None]).squeeze(1)
+            positions = positions.masked_fill(~at_token, seq)
+        losses.append(F.cross_entropy(logits.float(), positions, ignore_index=seq))
+    return (losses[0] + losses[1]) / 2
