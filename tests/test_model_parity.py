@@ -6,7 +6,7 @@ import transformers
 
 import bertfast
 from bertfast import head_losses
-from bertfast.numerics import MODEL_FP32_REL_TOL, rel_error
+from bertfast.numerics import FP32_REL_TOL, MODEL_FP32_REL_TOL, rel_error
 
 from .helpers import ODD_CONFIGS, hf_twin, ragged_batch, small_config
 
@@ -154,11 +154,16 @@ def test_heads_match_hugging_face(kind):
     ours.loss.backward()
     theirs.loss.backward()
     hf_grads = dict(hf.named_parameters())
+    noise = 1e-6 * max(p.grad.abs().max() for p in hf_grads.values() if p.grad is not None)
     for name, p in model.named_parameters():
         assert p.grad is not None, name
-        # key biases get an exactly-zero gradient in exact arithmetic (softmax is shift
-        # invariant): rounding noise there is held to an absolute bound
-        torch.testing.assert_close(p.grad, hf_grads[name].grad, rtol=1e-4, atol=1e-8, msg=name)
+        expected = hf_grads[name].grad
+        if expected.abs().max() <= noise:
+            # Gradients that are zero in exact arithmetic (key biases; the last LayerNorm bias under the
+            # span softmax: softmax is shift invariant) are rounding noise on both sides.
+            assert (p.grad - expected).abs().max() <= noise, name
+        else:  # fused SDPA and Hugging Face's eager attention round differently: the policy's norm bound
+            assert rel_error(p.grad, expected) <= FP32_REL_TOL["backward"], name
 
 
 def test_masked_lm_decoder_is_tied_to_word_embeddings():

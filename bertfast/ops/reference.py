@@ -46,19 +46,24 @@ def bias_gelu(x, bias):
 
 
 def _masked_softmax_attention(q, k, v, keep, scale, dropout_p=0.0):
-    """q, k, v: (batch, heads, seq, dim); keep: (batch, seq_k) bool or None."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if keep is None:
-        probs = torch.softmax(scores, dim=-1)
-    else:
-        keep = keep[:, None, None, :]
-        scores = scores.masked_fill(~keep, float("-inf"))
-        # A query with no valid key: softmax of all -inf is NaN; define its output as zero.
+    """q, k, v: (batch, heads, seq, dim); keep: (batch, seq_k) bool or None.
+
+    A query with no valid key gets zero output.  Without dropout this is one call of PyTorch's
+    fused SDPA (its fastest CPU attention; fp32 statistics); such rows then attend to every key,
+    so no NaN reaches the output or the gradients, and are zeroed after."""
+    if keep is not None:
         any_valid = keep.any(dim=-1, keepdim=True)
-        probs = torch.softmax(scores.masked_fill(~any_valid, 0.0), dim=-1) * any_valid
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, dropout_p)
-    return torch.matmul(probs, v)
+        keep = (keep | ~any_valid)[:, None, None, :]
+        any_valid = any_valid[:, None, :, None]
+    if dropout_p == 0.0:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+        return out if keep is None else out * any_valid
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
+    out = torch.matmul(probs, v)
+    return out if keep is None else out * any_valid
 
 
 def attention(q, k, v, attention_mask, scale, dropout_p=0.0):
@@ -71,16 +76,13 @@ def attention(q, k, v, attention_mask, scale, dropout_p=0.0):
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
     """Per-sequence attention: each packed sequence attends only within itself."""
     ct = _compute_dtype(q.dtype)
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)  # rows outside every sequence (offsets short of the tokens) read 0, not garbage
     offsets = cu_seqlens.tolist()
     for start, end in zip(offsets[:-1], offsets[1:]):
         if end == start:
             continue
         qs, ks, vs = (t[start:end].to(ct).transpose(0, 1) for t in (q, k, v))
-        probs = torch.softmax(torch.matmul(qs, ks.transpose(-1, -2)) * scale, dim=-1)
-        if dropout_p > 0.0:
-            probs = F.dropout(probs, dropout_p)
-        out[start:end] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
+        out[start:end] = _masked_softmax_attention(qs, ks, vs, None, scale, dropout_p).transpose(0, 1).to(q.dtype)
     return out
 
 
