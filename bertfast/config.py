@@ -119,6 +119,32 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    # -- what transformers reads from any model's config (Trainer, pipelines) ------
+    model_type = "bert"
+
+    @property
+    def return_dict(self) -> bool:
+        return self.extra.get("return_dict", True)
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        stored = self.extra.get("id2label")
+        if isinstance(stored, dict):  # JSON keys are strings
+            return {int(k): v for k, v in stored.items()}
+        return {i: f"LABEL_{i}" for i in range(self.num_labels)}
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {label: i for i, label in self.id2label.items()}
+
+    @property
+    def name_or_path(self) -> str:
+        return self.extra.get("_name_or_path", "")
+
     # -- (de)serialisation ---------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BertConfig:

@@ -43,10 +43,12 @@ def span_logits(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return logits.masked_fill(~_tokens(attention_mask).expand_as(logits), torch.finfo(logits.dtype).min)
 
 
-def span_loss(start_logits, end_logits, start_positions, end_positions, attention_mask) -> torch.Tensor:
+def span_loss(
+    start_logits, end_logits, start_positions, end_positions, attention_mask, num_items_in_batch=None
+) -> torch.Tensor:
     """Mean of the start and end cross-entropies over the span logits (:func:`span_logits`, already
     masked).  As in transformers, positions past the sequence are clamped to it and ignored; a
-    position at padding is ignored too."""
+    position at padding is ignored too.  ``num_items_in_batch``: each is a sum divided by it."""
     seq = start_logits.shape[1]
     losses = []
     for logits, positions in ((start_logits, start_positions), (end_logits, end_positions)):
@@ -55,5 +57,9 @@ def span_loss(start_logits, end_logits, start_positions, end_positions, attentio
             tokens = F.pad(_tokens(attention_mask).expand(logits.shape[0], seq), (0, 1))  # seq: ignored already
             at_token = tokens.gather(1, positions[:, None]).squeeze(1)
             positions = positions.masked_fill(~at_token, seq)
-        losses.append(F.cross_entropy(logits.float(), positions, ignore_index=seq))
+        if num_items_in_batch is None:
+            losses.append(F.cross_entropy(logits.float(), positions, ignore_index=seq))
+        else:
+            total = F.cross_entropy(logits.float(), positions, ignore_index=seq, reduction="sum")
+            losses.append(total / num_items_in_batch)
     return (losses[0] + losses[1]) / 2

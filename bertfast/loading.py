@@ -199,8 +199,11 @@ def load_pretrained(cls, path, backend="auto", dtype=None, device=None, strict=F
     return model.eval()
 
 
-def save_pretrained(model: torch.nn.Module, path) -> None:
-    """``config.json`` + ``model.safetensors``; a tied tensor is stored once, under its first name."""
+def save_pretrained(model: torch.nn.Module, path, state_dict: dict | None = None) -> None:
+    """``config.json`` + ``model.safetensors``; a tied tensor is stored once, under its first name.
+
+    ``state_dict``: the tensors to write under the model's names (default: the model's own).
+    """
     from safetensors.torch import save_file
 
     path = os.fspath(path)
@@ -214,5 +217,6 @@ def save_pretrained(model: torch.nn.Module, path) -> None:
         json.dump(config, f, indent=2, sort_keys=True)
     tied = _tied_keys(model)
     # Copies: safetensors refuses tensors that share storage (the QKV parameters are laid out back to back).
-    tensors = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in tied}
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if k not in tied}
     save_file(tensors, os.path.join(path, SAFETENSORS), metadata={"format": "pt"})

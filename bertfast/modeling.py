@@ -8,6 +8,7 @@ the compute is :mod:`bertfast.layers`, the same functions a patched transformers
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from . import layers
 from .config import BertConfig
+from .forward_kwargs import check_forward_kwargs
 from .head_losses import ignore_padding_labels, span_logits, span_loss
 from .mlm_loss import masked_lm_head_loss
 from .ops import check_backend
@@ -119,11 +121,67 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(hidden_states[:, 0]))
 
 
+def transformers_forward(forward):
+    """Give a native ``forward`` the calling conventions transformers' Trainer and pipelines use.
+
+    ``return_dict=False`` returns a tuple (``None`` follows ``config.return_dict``);
+    ``output_attentions=True`` raises (the fused attention never forms the probabilities);
+    other keywords go through :func:`bertfast.forward_kwargs.check_forward_kwargs`, so what
+    cannot change the result (``use_cache``...) is accepted and anything else is refused.
+    ``num_items_in_batch`` reaches the forwards that take it (those with a loss).
+    """
+    own_keywords = frozenset(inspect.signature(forward).parameters)
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, return_dict=None, output_attentions=None, **kwargs):
+        if output_attentions:
+            raise NotImplementedError(
+                "output_attentions=True is not supported by bertfast models (the fused attention never forms "
+                "the probability matrix)"
+            )
+        extra = {k: kwargs.pop(k) for k in [k for k in kwargs if k not in own_keywords]}
+        if extra:
+            check_forward_kwargs(extra, f"bertfast.{type(self).__name__}", hint="see bertfast.forward_kwargs")
+        out = forward(self, *args, **kwargs)
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        return out if return_dict else out.to_tuple()
+
+    return wrapper
+
+
+def _normalized_loss(loss_fn, prediction, target, num_items_in_batch, **kwargs):
+    """``loss_fn``'s mean; given ``num_items_in_batch``, its sum divided by that count instead.
+
+    Under gradient accumulation transformers' Trainer counts the items (labels other than
+    -100) of every micro-batch of an optimizer step and does not divide the loss by the
+    number of micro-batches itself, so the step's loss is the mean over all of its items.
+    """
+    if num_items_in_batch is None:
+        return loss_fn(prediction, target, **kwargs)
+    total = loss_fn(prediction, target, reduction="sum", **kwargs)
+    return total / _on_device(num_items_in_batch, total)
+
+
+def _on_device(count, like: torch.Tensor):
+    return count.to(like.device) if isinstance(count, torch.Tensor) else count
+
+
 class BertPreTrainedModel(nn.Module):
-    """Shared by every model class: config, backend, weight init, loading."""
+    """Shared by every model class: config, backend, weight init, loading.
+
+    It also offers the part of transformers' ``PreTrainedModel`` that Trainer and pipelines
+    use: ``device``, ``dtype``, ``get_input_embeddings``, ``resize_token_embeddings``,
+    gradient checkpointing, ``save_pretrained(state_dict=...)`` and forwards that take
+    transformers' keywords (:func:`transformers_forward`).
+    """
 
     # Checkpoint keys of every class but BertModel start with this prefix.
     base_model_prefix = "bert"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    # Trainer then passes num_items_in_batch; the heads normalise their loss by it.
+    accepts_loss_kwargs = True
 
     def __init__(self, config: BertConfig, backend: str | None = "auto"):
         super().__init__()
@@ -136,6 +194,58 @@ class BertPreTrainedModel(nn.Module):
     @property
     def backend(self) -> str:
         return self._backend
+
+    @property
+    def device(self) -> torch.device:
+        return self.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.get_input_embeddings().weight.dtype
+
+    @property
+    def base_model(self) -> BertModel:
+        return self if isinstance(self, BertModel) else self.bert
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.base_model.embeddings.word_embeddings = embeddings
+        self.tie_weights()
+
+    def get_output_embeddings(self):
+        return None
+
+    def tie_weights(self) -> None:
+        """Nothing to tie but in the masked-LM heads."""
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None) -> nn.Embedding:
+        """Grow or shrink the vocabulary, as transformers does: kept rows unchanged, new rows drawn
+        N(0, initializer_range), the MLM decoder (tied) and its bias resized with them; updates
+        ``config.vocab_size``.  ``None`` returns the embedding unchanged."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None or new_num_tokens == old.num_embeddings:
+            return old
+        if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or new_num_tokens <= 0:
+            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
+        padding_idx = old.padding_idx if old.padding_idx is not None and old.padding_idx < new_num_tokens else None
+        new = nn.Embedding(new_num_tokens, old.embedding_dim, padding_idx=padding_idx)
+        new.to(device=old.weight.device, dtype=old.weight.dtype)
+        kept = min(old.num_embeddings, new_num_tokens)
+        with torch.no_grad():
+            nn.init.normal_(new.weight, mean=0.0, std=self.config.initializer_range)
+            new.weight[:kept] = old.weight[:kept]
+        self.config.vocab_size = new_num_tokens
+        self.base_model.config.vocab_size = new_num_tokens
+        output = self.get_output_embeddings()
+        if output is not None:
+            bias = torch.zeros(new_num_tokens, device=output.bias.device, dtype=output.bias.dtype)
+            bias[:kept] = output.bias.detach()[:kept]
+            self._set_decoder_bias(nn.Parameter(bias))
+            output.out_features = new_num_tokens
+        self.set_input_embeddings(new)
+        return new
 
     def set_backend(self, name: str | None) -> BertPreTrainedModel:
         """Switch the backend of a built model ("auto", "reference", "triton", "ext")."""
@@ -180,6 +290,10 @@ class BertPreTrainedModel(nn.Module):
             if isinstance(module, BertEncoder):
                 module.gradient_checkpointing = False
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules() if isinstance(m, BertEncoder))
+
     def init_weights(self) -> None:
         """Hugging Face's initialisation: N(0, initializer_range), zero biases, unit LayerNorms."""
         std = self.config.initializer_range
@@ -196,8 +310,7 @@ class BertPreTrainedModel(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        if hasattr(self, "tie_weights"):
-            self.tie_weights()
+        self.tie_weights()
 
     @classmethod
     def from_pretrained(cls, path, backend: str | None = "auto", dtype=None, device=None, strict: bool = False):
@@ -218,11 +331,16 @@ class BertPreTrainedModel(nn.Module):
         """Build this bertfast class from a live Hugging Face model (weights copied)."""
         return from_hf(cls, hf_model, backend)
 
-    def save_pretrained(self, path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` in Hugging Face's format (tied tensors once)."""
+    def save_pretrained(self, path, state_dict: dict | None = None, is_main_process: bool = True) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in Hugging Face's format (tied tensors once).
+
+        ``state_dict`` (default: the model's) and ``is_main_process`` (only it writes) as
+        transformers' ``save_pretrained``, which Trainer calls with them.
+        """
         from .loading import save_pretrained
 
-        save_pretrained(self, path)
+        if is_main_process:
+            save_pretrained(self, path, state_dict)
 
 
 class BertModel(BertPreTrainedModel):
@@ -244,6 +362,7 @@ class BertModel(BertPreTrainedModel):
         self.set_unpad(unpad)
         self.init_weights()
 
+    @transformers_forward
     def forward(
         self,
         input_ids=None,
@@ -319,10 +438,13 @@ class BertPreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
-def _mlm_loss(logits, labels):
-    """Mean cross-entropy over the labelled tokens, 0 (not NaN) when there are none, as the fused loss."""
+def _mlm_loss(logits, labels, num_items_in_batch=None):
+    """Mean cross-entropy over the labelled tokens, 0 (not NaN) when there are none, as the fused loss;
+    given ``num_items_in_batch``, the sum divided by it."""
     labels = labels.reshape(-1)
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=-100, reduction="sum")
+    if num_items_in_batch is not None:
+        return total / _on_device(num_items_in_batch, total)
     return total / (labels != -100).sum().clamp_min(1)
 
 
@@ -334,7 +456,8 @@ class _WithEncoder(BertPreTrainedModel):
         self.bert = BertModel(config, backend=self._backend, add_pooling_layer=add_pooling_layer)
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds):
-        return self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
+        args = (input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
+        return self.bert(*args, return_dict=True)
 
 
 class _TiedMLMMixin:
@@ -345,14 +468,19 @@ class _TiedMLMMixin:
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
 
-    def _logits_and_loss(self, encoded, labels, attention_mask, return_logits):
+    def _set_decoder_bias(self, bias: nn.Parameter) -> None:
+        self.cls.predictions.bias = bias
+        self.cls.predictions.decoder.bias = bias
+
+    def _logits_and_loss(self, encoded, labels, attention_mask, return_logits, num_items_in_batch=None):
         """``(vocabulary logits or None, MLM loss or None)`` of the MLM head over ``encoded``.
 
         By default the logits are skipped only where nobody reads them: training with labels.
         Then the loss is fused and chunked on the labelled rows and no ``(tokens x vocab)``
         logits are ever formed; otherwise it is taken from the logits.  Padding-free runs
         compute on the packed rows: logits on real tokens only (zeros at padding).  Either way
-        labels at padding positions are ignored (:mod:`bertfast.head_losses`).
+        labels at padding positions are ignored (:mod:`bertfast.head_losses`).  ``num_items_in_batch``:
+        the loss is the sum over labelled tokens divided by it (see :func:`_normalized_loss`).
         """
         want_logits = (labels is None or not self.training) if return_logits is None else bool(return_logits)
         packed = encoded.packed
@@ -362,9 +490,12 @@ class _TiedMLMMixin:
         if not want_logits:
             if labels is None:
                 return None, None
-            return None, masked_lm_head_loss(self.cls.predictions, hidden, labels, backend=self._backend)
+            if num_items_in_batch is None:
+                return None, masked_lm_head_loss(self.cls.predictions, hidden, labels, backend=self._backend)
+            total = masked_lm_head_loss(self.cls.predictions, hidden, labels, reduction="sum", backend=self._backend)
+            return None, total / _on_device(num_items_in_batch, total)
         logits = self.cls.predictions(hidden, self._backend)
-        loss = None if labels is None else _mlm_loss(logits, labels)
+        loss = None if labels is None else _mlm_loss(logits, labels, num_items_in_batch)
         return (logits if packed is None else pad(logits, packed)), loss
 
 
@@ -374,6 +505,7 @@ class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
         self.cls = BertOnlyMLMHead(config)
         self.init_weights()
 
+    @transformers_forward
     def forward(
         self,
         input_ids=None,
@@ -384,6 +516,7 @@ class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
         output_hidden_states: bool = False,
         inputs_embeds=None,
         return_logits: bool | None = None,
+        num_items_in_batch=None,
     ) -> MaskedLMOutput:
         """``labels``: token ids, ``-100`` where no loss is taken.
 
@@ -396,16 +529,21 @@ class BertForMaskedLM(_TiedMLMMixin, _WithEncoder):
         torch.compile); ``return_logits=True`` compiles as one graph.
         """
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
-        logits, loss = self._logits_and_loss(out, labels, attention_mask, return_logits)
+        logits, loss = self._logits_and_loss(out, labels, attention_mask, return_logits, num_items_in_batch)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
 class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
+    # Its loss adds a per-sequence NSP mean to the per-token MLM loss: no one count normalises both,
+    # so Trainer keeps dividing by the accumulation steps itself.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: BertConfig, backend: str | None = "auto"):
         super().__init__(config, backend, add_pooling_layer=True)
         self.cls = BertPreTrainingHeads(config)
         self.init_weights()
 
+    @transformers_forward
     def forward(
         self,
         input_ids=None,
@@ -417,9 +555,15 @@ class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
         output_hidden_states: bool = False,
         inputs_embeds=None,
         return_logits: bool | None = None,
+        num_items_in_batch=None,
     ) -> PreTrainingOutput:
         """MLM + NSP.  The loss needs both ``labels`` and ``next_sentence_label`` (as Hugging Face);
         ``prediction_logits`` follow :meth:`BertForMaskedLM.forward`'s ``return_logits`` rule."""
+        if num_items_in_batch is not None:
+            raise ValueError(
+                "BertForPreTraining cannot normalise its loss by num_items_in_batch: the loss adds a per-sequence "
+                "next-sentence loss to the per-token masked-LM loss"
+            )
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         with_loss = labels is not None and next_sentence_label is not None
         mlm_labels = labels if with_loss else None
@@ -448,7 +592,7 @@ class BertForSequenceClassification(_WithEncoder):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
-    def _loss(self, logits, labels):
+    def _loss(self, logits, labels, num_items):
         """Hugging Face's rule: regression, single-label or multi-label by problem_type/labels."""
         problem = self.config.problem_type
         if problem is None:
@@ -460,12 +604,14 @@ class BertForSequenceClassification(_WithEncoder):
                 problem = "multi_label_classification"
         if problem == "regression":
             if self.num_labels == 1:
-                return F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
-            return F.mse_loss(logits.float(), labels.float())
+                return _normalized_loss(F.mse_loss, logits.squeeze().float(), labels.squeeze().float(), num_items)
+            return _normalized_loss(F.mse_loss, logits.float(), labels.float(), num_items)
         if problem == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            flat_logits = logits.view(-1, self.num_labels).float()
+            return _normalized_loss(F.cross_entropy, flat_logits, labels.view(-1), num_items)
+        return _normalized_loss(F.binary_cross_entropy_with_logits, logits.float(), labels.float(), num_items)
 
+    @transformers_forward
     def forward(
         self,
         input_ids=None,
@@ -475,10 +621,11 @@ class BertForSequenceClassification(_WithEncoder):
         labels=None,
         output_hidden_states: bool = False,
         inputs_embeds=None,
+        num_items_in_batch=None,
     ) -> SequenceClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         logits = self.classifier(self.dropout(out.pooler_output))
-        loss = self._loss(logits, labels) if labels is not None else None
+        loss = self._loss(logits, labels, num_items_in_batch) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
@@ -490,6 +637,7 @@ class BertForTokenClassification(_WithEncoder):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
+    @transformers_forward
     def forward(
         self,
         input_ids=None,
@@ -499,13 +647,19 @@ class BertForTokenClassification(_WithEncoder):
         labels=None,
         output_hidden_states: bool = False,
         inputs_embeds=None,
+        num_items_in_batch=None,
     ) -> TokenClassifierOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:  # labels at padding positions are ignored (bertfast.head_losses)
-            labels = ignore_padding_labels(labels, attention_mask)
-            loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1), ignore_index=-100)
+            loss = _normalized_loss(
+                F.cross_entropy,
+                logits.view(-1, self.num_labels).float(),
+                ignore_padding_labels(labels, attention_mask).view(-1),
+                num_items_in_batch,
+                ignore_index=-100,
+            )
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
@@ -516,6 +670,7 @@ class BertForQuestionAnswering(_WithEncoder):
         self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
+    @transformers_forward
     def forward(
         self,
         input_ids=None,
@@ -526,6 +681,7 @@ class BertForQuestionAnswering(_WithEncoder):
         end_positions=None,
         output_hidden_states: bool = False,
         inputs_embeds=None,
+        num_items_in_batch=None,
     ) -> QuestionAnsweringOutput:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
         logits = self.qa_outputs(out.last_hidden_state)
@@ -533,7 +689,9 @@ class BertForQuestionAnswering(_WithEncoder):
         start_logits, end_logits = (span_logits(t.squeeze(-1), attention_mask) for t in logits.unbind(-1))
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions, attention_mask)
+            loss = span_loss(
+                start_logits, end_logits, start_positions, end_positions, attention_mask, num_items_in_batch
+            )
         return QuestionAnsweringOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states
         )

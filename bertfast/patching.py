@@ -60,7 +60,10 @@ At call time a clear error is raised (never a silently different answer) for
 ``encoder_hidden_states``/``encoder_attention_mask``, ``past_key_values``, an
 ``attention_mask`` that is not a plain ``(batch, seq)`` key-padding mask (3-D or 4-D masks,
 a wrong shape, a floating mask with values other than 0 and 1), an unknown keyword
-argument, a sequence longer than ``max_position_embeddings``, and (in eager mode) ids out
+argument (the keywords transformers passes that cannot change an encoder's result, such as
+Trainer's ``num_items_in_batch``, which the Hugging Face head's loss uses, and ``use_cache``,
+are accepted: :data:`bertfast.forward_kwargs.IGNORED`), a sequence longer than
+``max_position_embeddings``, and (in eager mode) ids out
 of range.  The value checks read a few numbers back to the host; they are skipped under
 ``torch.compile`` and during CUDA-graph capture.
 """
@@ -74,6 +77,7 @@ import warnings
 from torch import nn
 
 from . import head_losses, layers
+from .forward_kwargs import check_forward_kwargs
 from .ops import check_backend
 
 __all__ = ["PatchError", "PatchWarning", "is_patched", "patch", "unpatch"]
@@ -258,20 +262,6 @@ def _head_transform_reason(transform: nn.Module, config) -> str | None:
 # --------------------------------------------------------------------------------------
 
 
-def _check_kwargs(kwargs) -> None:
-    """The keyword arguments transformers' BertModel.forward takes that bertfast does not run."""
-    for name in ("head_mask", "encoder_hidden_states", "encoder_attention_mask", "past_key_values"):
-        if kwargs.pop(name, None) is not None:
-            raise NotImplementedError(
-                f"{name} is not supported by bertfast-patched BERT (an encoder without head masking); "
-                "call bertfast.unpatch(model) to use it"
-            )
-    kwargs.pop("use_cache", None)  # an encoder has no cache; Hugging Face ignores it too
-    unknown = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
-    if unknown:
-        raise TypeError(f"bertfast-patched BertModel.forward got unsupported arguments: {unknown}")
-
-
 def _selected_hidden_states(states: list, selection) -> tuple:
     """The hidden states as the installed transformers lays them out for ``output_hidden_states``.
 
@@ -348,7 +338,7 @@ def _patched_bert_model_forward(
         output_hidden_states = getattr(config, "output_hidden_states", False)
     if return_dict is None:
         return_dict = getattr(config, "return_dict", True) and not getattr(config, "torchscript", False)
-    _check_kwargs(dict(kwargs))
+    check_forward_kwargs(kwargs, "bertfast-patched BERT", hint="call bertfast.unpatch(model) to use it")
     replaced = _replaced_since_patch(self)
     if replaced is not None:
         raise PatchError(
