@@ -43,6 +43,7 @@ def report() -> dict[str, object]:
         "GPU": gpu_description(),
         "backends": backends,
         "capabilities": {name: _capabilities(name) for name in BACKENDS},
+        "auto picks": _auto_choices(),
         "extension": _extension_info(),
     }
 
@@ -51,6 +52,34 @@ def _capabilities(name: str) -> str:
     """``"ops: ...; dropout in: ..."``: what the backend declares (whether or not it runs here)."""
     declared = backend_capabilities(name)
     return f"ops: {', '.join(declared['ops']) or '-'}; dropout in: {', '.join(declared['dropout']) or '-'}"
+
+
+def _module(path: str):
+    try:
+        return importlib.import_module(path)
+    except Exception:  # an unavailable backend: it picked nothing
+        return None
+
+
+def _auto_choices() -> dict[str, str]:
+    """What ``backend="auto"`` runs, per device here, for a BERT-large layer in that device's usual dtype."""
+    from .layers import Plan, plan
+
+    choices = {}
+    devices = {"cpu": torch.float32, **({"cuda": torch.bfloat16} if torch.cuda.is_available() else {})}
+    for device, dtype in devices.items():
+        like = torch.empty(0, device=device)
+        ops = plan("auto", like, dtype, 1024, 4096, heads=16, head_dim=64)
+        by_backend: dict[str, list[str]] = {}
+        for op in Plan.__slots__:
+            function = getattr(ops, op)
+            if function is not None:
+                name = next(n for n, path in BACKENDS.items() if getattr(_module(path), op, None) is function)
+                by_backend.setdefault(name, []).append(op)
+        choices[f"{device} ({dtype})".replace("torch.", "")] = "; ".join(
+            f"{name}: {', '.join(found)}" for name, found in by_backend.items()
+        )
+    return choices
 
 
 def _extension_info() -> dict[str, object]:

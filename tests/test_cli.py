@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import bertfast
 from bertfast.cli import main
 
 
@@ -45,6 +46,25 @@ def test_info_lists_what_each_backend_declares(capsys):
     )
     assert capabilities["triton"].endswith("dropout in: layer_norm, attention, attention_varlen")
     assert "attention_varlen" not in capabilities["ext"] and capabilities["ext"].endswith("dropout in: -")
+
+
+def test_info_says_what_auto_picks(capsys, monkeypatch):
+    """Per device, the backend ``auto`` runs for each op of a BERT-large layer, as the model's plan resolves it."""
+    from bertfast.ops import _dispatch
+
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["auto picks"]["cpu (float32)"] == (
+        "reference: attention, attention_varlen, bias_gelu, embedding_layer_norm, layer_norm"
+    )
+    # Were ext first on the CPU, info would say so: it reads the dispatcher, not a fixed list.
+    monkeypatch.setitem(_dispatch.AUTO_ORDER, "cpu", ("ext", "reference"))
+    monkeypatch.setattr("bertfast.layers._PLANS", {})
+    assert main(["info", "--json"]) == 0
+    picks = json.loads(capsys.readouterr().out)["auto picks"]["cpu (float32)"]
+    if bertfast.ops.backend_availability("ext") is None:
+        assert picks.startswith(
+            "ext: attention, bias_gelu, embedding_layer_norm, layer_norm; reference: attention_varlen"
+        )
 
 
 def test_version(capsys):
