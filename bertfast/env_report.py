@@ -61,25 +61,29 @@ def _module(path: str):
         return None
 
 
-def _auto_choices() -> dict[str, str]:
-    """What ``backend="auto"`` runs, per device here, for a BERT-large layer in that device's usual dtype."""
+def auto_backends(device: str, dtype: torch.dtype) -> dict[str, list[str]]:
+    """``{backend: [ops]}``: what ``backend="auto"`` runs on ``device`` for a BERT-large layer in ``dtype``."""
     from .layers import Plan, plan
 
-    choices = {}
+    ops = plan("auto", torch.empty(0, device=device), dtype, 1024, 4096, heads=16, head_dim=64)
+    by_backend: dict[str, list[str]] = {}
+    for op in Plan.__slots__:
+        function = getattr(ops, op)
+        if function is not None:
+            name = next(n for n, path in BACKENDS.items() if getattr(_module(path), op, None) is function)
+            by_backend.setdefault(name, []).append(op)
+    return by_backend
+
+
+def _auto_choices() -> dict[str, str]:
+    """Per device here, in its usual dtype: which backend ``auto`` runs for which op."""
     devices = {"cpu": torch.float32, **({"cuda": torch.bfloat16} if torch.cuda.is_available() else {})}
-    for device, dtype in devices.items():
-        like = torch.empty(0, device=device)
-        ops = plan("auto", like, dtype, 1024, 4096, heads=16, head_dim=64)
-        by_backend: dict[str, list[str]] = {}
-        for op in Plan.__slots__:
-            function = getattr(ops, op)
-            if function is not None:
-                name = next(n for n, path in BACKENDS.items() if getattr(_module(path), op, None) is function)
-                by_backend.setdefault(name, []).append(op)
-        choices[f"{device} ({dtype})".replace("torch.", "")] = "; ".join(
-            f"{name}: {', '.join(found)}" for name, found in by_backend.items()
+    return {
+        f"{device} ({str(dtype).removeprefix('torch.')})": "; ".join(
+            f"{name}: {', '.join(found)}" for name, found in auto_backends(device, dtype).items()
         )
-    return choices
+        for device, dtype in devices.items()
+    }
 
 
 def _extension_info() -> dict[str, object]:

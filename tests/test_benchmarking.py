@@ -4,6 +4,7 @@ Everything here runs on the CPU; the GPU paths share the same code (see bench/).
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -53,13 +54,20 @@ ENV = {
 # --- formulas --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def counted_matmuls():
+    """A FLOP counter with SDPA on its math backend: the fused CPU kernel's products are not counted."""
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        yield counter
+
+
 def test_bert_forward_flops_match_counted_matmuls():
     # FFN width deliberately not 4h, so the general formula is what is checked.
     config = shapes.tiny_config(hidden_size=48, intermediate_size=80, num_attention_heads=3)
     model = BertModel(config, backend="reference").eval()
     batch, seq = 3, 11
     ids = torch.randint(1, config.vocab_size, (batch, seq))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), counted_matmuls() as counter:
         model(ids)
     pooler = 2 * batch * config.hidden_size**2  # left out of the formula on purpose
     expected = formulas.bert_forward_flops(
@@ -85,7 +93,7 @@ def test_varlen_flops_count_each_sequence_at_its_own_length():
 def test_attention_flops_match_counted_matmuls():
     b, s, h, d = 2, 13, 3, 16
     q, k, v = torch.randn(3, b, s, h, d).unbind(0)
-    with FlopCounterMode(display=False) as counter:
+    with counted_matmuls() as counter:
         reference.attention(q, k, v, torch.ones(b, s, dtype=torch.bool), d**-0.5)
     assert counter.get_total_flops() == formulas.attention_flops(b, h, s, d)
     assert formulas.attention_flops(b, h, s, d, "bwd") == 2.5 * formulas.attention_flops(b, h, s, d)
@@ -1114,3 +1122,24 @@ def test_bench_command_errors_come_first_and_in_one_line(tmp_path, capsys, monke
     )
     out = capsys.readouterr().out
     assert status == 1 and "no bertfast implementation was timed" in out
+
+
+def test_bench_command_says_what_ran_and_checks_the_timed_batch(capsys, monkeypatch):
+    """auto is named with the backend it resolved to, the drop-in (patched) path is timed, interpreter
+    timings are marked, and the check runs at the batch that is timed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = ("--model", "tiny", "--batch", "2", "--seq", "8", "--backends", "auto,triton", "--plain", "--cpu")
+    assert command.run(_bench_args(*args)) == 0
+    out = capsys.readouterr().out
+    assert "Check against the float32 reference (2 x 8, real tokens)" in out
+    assert "bertfast (auto -> reference)" in out and "hf-sdpa-patched (auto -> reference)" in out
+    assert "bertfast-triton [Triton interpreter]" in out
+
+
+def test_bench_command_warns_when_the_rounds_spread_too_wide():
+    rows = [
+        {"impl": "bertfast", "name": "bert-tiny-fwd", "median_ms": 1.0, "p20_ms": 0.95, "p80_ms": 1.05},
+        {"impl": "hf-sdpa", "name": "bert-tiny-fwd", "median_ms": 1.0, "p20_ms": 0.7, "p80_ms": 1.3},
+    ]
+    warnings = command._spread_warnings(rows, {"hf-sdpa": "hf-sdpa"})
+    assert len(warnings) == 1 and "hf-sdpa (fwd)" in warnings[0] and "60%" in warnings[0]

@@ -52,6 +52,7 @@ MODELS = {
     "tiny": tiny_config,
 }
 BASELINE = "hf-sdpa"
+DROP_IN = "hf-sdpa-patched"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,8 +97,48 @@ def _impls(args) -> list[str]:
         if impl not in impls:
             impls.append(impl)
     if args.baselines:
-        impls += list(HF_IMPLS)
+        # The drop-in path most users take: Hugging Face's model after bertfast.patch (backend auto).
+        impls += [DROP_IN] if "bertfast" in impls else []
+        impls += HF_IMPLS
     return impls
+
+
+def _is_ours(impl: str) -> bool:
+    return backend_of(impl) is not None or impl == DROP_IN
+
+
+def _labels(impls: list[str], device: torch.device, dtype: str) -> dict[str, str]:
+    """What each row ran: ``auto`` with the backend it resolved to; interpreter timings marked as such."""
+    from ..env_report import auto_backends
+    from ..ops import triton_backend
+
+    resolved = auto_backends(device.type, DTYPES[dtype])
+    auto = "auto -> " + (", ".join(sorted(resolved, key=lambda name: -len(resolved[name]))) or "nothing")
+    labels = {}
+    for impl in impls:
+        backend = "auto" if impl == DROP_IN else backend_of(impl)
+        runs = set(resolved) if backend == "auto" else {backend}
+        label = f"{impl} ({auto})" if backend == "auto" else impl
+        if "triton" in runs and device.type == "cpu" and triton_backend.interpreter_on():
+            label += " [Triton interpreter]"
+        labels[impl] = label
+    return labels
+
+
+# A row whose p20-p80 spread is wider than this share of its median gives no readable ratio.
+WIDE_SPREAD = 0.25
+
+
+def _spread_warnings(rows: list[dict], labels: dict[str, str]) -> list[str]:
+    warnings = []
+    for r in rows:
+        spread = (r["p80_ms"] - r["p20_ms"]) / r["median_ms"]
+        if spread > WIDE_SPREAD:
+            warnings.append(
+                f"warning: {labels.get(r['impl'], r['impl'])} ({r['name'].rsplit('-', 1)[-1]}): the rounds spread "
+                f"over {spread:.0%} of the median (p20-p80); ratios against it are not readable"
+            )
+    return warnings
 
 
 def _fmt(value, spec: str) -> str:
@@ -135,7 +176,7 @@ def _check(models: ModelBench, impls: list[str], dtype: str, shape: ModelShape, 
     for impl, (out, ref) in outputs.items():
         max_error = (out.float() - ref).abs().max().item()
         rel = rel_error(out.float(), ref)
-        ours = backend_of(impl) is not None
+        ours = _is_ours(impl)
         if lowp_bound is None:
             ok = bool(rel <= MODEL_FP32_REL_TOL)
             bound = f"rel <= {MODEL_FP32_REL_TOL:.0e}"
@@ -210,13 +251,13 @@ def run(args) -> int:
             skipped[impl] = reason
     runnable = [impl for impl in impls if impl not in skipped]
 
-    # 1. correctness, before anything is timed
-    check_shape = ModelShape(2, min(seq, 64))  # two sequences, the second one padded
-    checks = _check(models, runnable, dtype, check_shape, skipped)
+    # 1. correctness, before anything is timed, at the batch that is timed
+    labels = _labels(runnable, device, dtype)
+    checks = _check(models, runnable, dtype, shape, skipped)
     display.table(
-        f"Check against the float32 reference ({check_shape.batch} x {check_shape.seq}, real tokens)",
+        f"Check against the float32 reference ({shape.batch} x {shape.seq}, real tokens)",
         ("impl", "max abs error", "rel error", "bound", "verdict"),
-        [(c.impl, f"{c.max_error:.3e}", f"{c.rel:.3e}", c.bound, c.verdict) for c in checks],
+        [(labels[c.impl], f"{c.max_error:.3e}", f"{c.rel:.3e}", c.bound, c.verdict) for c in checks],
     )
     failed = [c.impl for c in checks if c.ok is False]
     if failed:
@@ -250,7 +291,9 @@ def run(args) -> int:
             progress.done(f"{kind} {impl}: {row['median_ms']:.2f} ms, {row['seq_per_s']:.1f} seq/s")
 
     for kind in ("fwd", "train"):
-        _print_rows(display, models.label, kind, [r for r in rows if r["name"].endswith(f"-{kind}")])
+        _print_rows(display, models.label, kind, [r for r in rows if r["name"].endswith(f"-{kind}")], labels)
+    for warning in _spread_warnings(rows, labels):
+        display.line(warning, style="yellow")
     for impl, reason in skipped.items():
         for kind in ("fwd", "train") if args.train else ("fwd",):
             skipped_rows.append(skip_row_for(f"{models.label}-{kind}", impl, dtype, batch, seq, reason))
@@ -267,7 +310,7 @@ def run(args) -> int:
         path = write_result(new_result(environment(device), peaks, rows, skipped_rows, setup), args.save)
         display.line(f"results written to {path}")
     display.line(f"done in {time.perf_counter() - began:.1f} s")
-    timed_ours = [r for r in rows if backend_of(r["impl"]) is not None]
+    timed_ours = [r for r in rows if _is_ours(r["impl"])]
     if not timed_ours:
         display.line("error: no bertfast implementation was timed (see Skipped)", style="bold red")
         return 1
@@ -288,7 +331,7 @@ def _unwritable(folder: str) -> str | None:
     return None
 
 
-def _print_rows(display: Display, label: str, kind: str, rows: list[dict]) -> None:
+def _print_rows(display: Display, label: str, kind: str, rows: list[dict], labels: dict[str, str]) -> None:
     if not rows:
         return
     baseline = next((r for r in rows if r["impl"] == BASELINE), None)
@@ -297,7 +340,7 @@ def _print_rows(display: Display, label: str, kind: str, rows: list[dict]) -> No
         speedup = baseline["median_ms"] / r["median_ms"] if baseline else None
         table.append(
             (
-                r["impl"],
+                labels.get(r["impl"], r["impl"]),
                 _fmt(r["median_ms"], ".2f"),
                 f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
                 _fmt(r["seq_per_s"], ".1f"),
