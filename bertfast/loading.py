@@ -199,14 +199,8 @@ def load_pretrained(cls, path, backend="auto", dtype=None, device=None, strict=F
     return model.eval()
 
 
-def save_pretrained(model: torch.nn.Module, path, state_dict: dict | None = None) -> None:
-    """``config.json`` + ``model.safetensors``; a tied tensor is stored once, under its first name.
-
-    ``state_dict``: the tensors to write under the model's names (default: the model's own).
-    """
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
+def save_config(model: torch.nn.Module, path) -> None:
+    """``path/config.json`` as transformers writes it: the architecture and the weights' dtype included."""
     os.makedirs(path, exist_ok=True)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
@@ -215,6 +209,17 @@ def save_pretrained(model: torch.nn.Module, path, state_dict: dict | None = None
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+
+
+def save_pretrained(model: torch.nn.Module, path, state_dict: dict | None = None) -> None:
+    """``config.json`` + ``model.safetensors``; a tied tensor is stored once, under its first name.
+
+    ``state_dict``: the tensors to write under the model's names (default: the model's own).
+    """
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    save_config(model, path)
     tied = _tied_keys(model)
     # Copies: safetensors refuses tensors that share storage (the QKV parameters are laid out back to back).
     state = model.state_dict() if state_dict is None else state_dict

@@ -22,6 +22,8 @@ from .helpers import minilm_path
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from bertfast.trainer import CheckpointConfig  # noqa: E402
+
 VOCAB, SEQ, EXAMPLES = 100, 8, 16
 
 
@@ -156,17 +158,23 @@ def test_native_checkpoint_and_resume(tmp_path):
     _trainer(resumed, tmp_path / "run", steps=4).train(resume_from_checkpoint=str(checkpoint))
     _assert_same_parameters(resumed, uninterrupted)
 
-    # The checkpoint holds the model under Hugging Face's names: both libraries load it.
+    # save_pretrained's folder, and a Trainer checkpoint with CheckpointConfig, load in both libraries.
     saved = tmp_path / "saved"
     first.save_pretrained(saved)
-    assert os.path.isfile(saved / "config.json")
+    with_config = bertfast.from_hf(hf)
+    trainer = _trainer(with_config, tmp_path / "cb", steps=2, save_strategy="steps", save_steps=2)
+    trainer.add_callback(CheckpointConfig())
+    trainer.train()
     inputs = {"input_ids": torch.randint(1, VOCAB, (2, SEQ)), "attention_mask": torch.ones(2, SEQ, dtype=torch.long)}
-    expected = first.eval()(**inputs).logits
-    loaded_hf = transformers.AutoModelForSequenceClassification.from_pretrained(saved).eval()
-    loaded_native = bertfast.BertForSequenceClassification.from_pretrained(saved)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded_hf(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(loaded_native(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+    for folder, model in ((saved, first), (tmp_path / "cb" / "checkpoint-2", with_config)):
+        assert os.path.isfile(folder / "config.json")
+        expected = model.eval()(**inputs).logits
+        loaded_hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        loaded_native = bertfast.BertForSequenceClassification.from_pretrained(folder)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded_hf(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(loaded_native(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+    assert not os.path.isfile(checkpoint / "config.json"), "without the callback Trainer writes none"
 
 
 @pytest.fixture(scope="module")
