@@ -22,9 +22,11 @@ What changes, and what does not
   classification, question answering): its own forward runs, with padding kept out of the loss
   as in bertfast's native heads (:mod:`bertfast.head_losses`).
 
-Parameters are used in place (no copies, names unchanged; only without gradients, e.g.
-under ``torch.no_grad()``, a fused copy of each layer's Wq/Wk/Wv is kept and refreshed when
-they change, so the QKV GEMM does not concatenate them per forward), so ``state_dict``,
+Parameters are used in place (no copies; the same objects and names: ``patch`` only moves each
+layer's Wq, Wk, Wv, and their biases, back to back into one storage, values unchanged, so the
+QKV GEMM reads them in place instead of concatenating them per forward; after a later
+``.to()`` splits them, a forward concatenates them with gradients and keeps a fused copy
+without), so ``state_dict``,
 ``save_pretrained``, optimizers and weight tying keep working; outputs keep Hugging Face's
 types (``return_dict=False`` gives tuples); gradients flow to every parameter;
 ``train()``/``eval()`` switch dropout (hidden and attention dropout, fused into the ops on
@@ -480,6 +482,8 @@ def patch(
                 continue
             transforms.append(module)
     _set_forward(bert, _patched_bert_model_forward, backend, unpad)
+    for layer in bert.encoder.layer:  # the QKV GEMM then reads them in place, in training too
+        layers.fuse_qkv_storage(layer.attention.self)
     for module in transforms:
         _set_forward(module, _patched_head_transform_forward, backend)
     if model is not bert and type(model).__name__.endswith(_TOKEN_LABEL_HEADS + _SPAN_HEADS):

@@ -234,3 +234,19 @@ def test_kept_fused_weight_is_not_reused_for_new_tensors_at_a_freed_address():
             for name in names:
                 expected.get_parameter(name).mul_(scale)
             torch.testing.assert_close(out, expected(ids, mask, types).last_hidden_state, rtol=0, atol=0)
+
+
+def test_patched_training_step_concatenates_no_weights(tmp_path):
+    """patch lays each layer's Wq, Wk, Wv back to back in one storage: no aten.cat per forward in training,
+    and the model still saves and reloads in transformers."""
+    _, patched = native_and_patched(num_hidden_layers=2)
+    ids, types, mask = ragged_batch(patched.config, [5, 3], 5)
+    patched.train()
+    with host_overhead._CountOps() as forward_ops:
+        out = patched(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert forward_ops.names.get("aten.cat", 0) == 0, forward_ops.names
+    out.square().sum().backward()
+    assert all(p.grad is not None for n, p in patched.named_parameters() if "attention.self" in n)
+    patched.save_pretrained(tmp_path)  # parameters sharing one storage are still saved one by one
+    again = transformers.BertModel.from_pretrained(tmp_path)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in patched.state_dict().items())
