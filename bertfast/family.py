@@ -1,0 +1,196 @@
+"""The BERT family: models whose encoder is BERT's math under other names or position ids.
+
+RoBERTa, XLM-RoBERTa and CamemBERT are BERT with position ids counted over real tokens only
+(offset by ``pad_token_id + 1``, read from the input ids) and usually one token type; ELECTRA
+whose ``embedding_size`` equals ``hidden_size`` is BERT; DistilBERT is BERT without token
+types, under its own module names.  :mod:`bertfast.layers` computes them all with the same
+functions, reading each layer's modules through :func:`layer_parts` and the position-id rule
+through :func:`default_position_ids`; nothing here computes a layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class LayerParts(NamedTuple):
+    """One post-LN encoder layer's modules, whatever their names."""
+
+    attention: nn.Module  # the module holding Wq, Wk, Wv (key of the fused-QKV cache)
+    query: nn.Module
+    key: nn.Module
+    value: nn.Module
+    attention_dropout: nn.Module
+    attention_dense: nn.Module
+    attention_norm: nn.Module
+    attention_output_dropout: nn.Module | None  # DistilBERT has no dropout after its attention projection
+    intermediate: nn.Module
+    activation: nn.Module
+    output_dense: nn.Module
+    output_norm: nn.Module
+    output_dropout: nn.Module
+    heads: int
+    head_dim: int
+
+
+# Both read ``_modules`` directly: ``module.attr`` is a Python-level ``__getattr__`` call, and these run
+# once per layer and forward.
+
+
+def bert_layer_parts(layer: nn.Module) -> LayerParts:
+    """``attention.self.{query,key,value}``, ``attention.output``, ``intermediate``, ``output``: BERT's names
+    (RoBERTa's and ELECTRA's too)."""
+    modules = layer._modules
+    attention = modules["attention"]._modules
+    sa = attention["self"]
+    qkv = sa._modules
+    attention_output = attention["output"]._modules
+    intermediate = modules["intermediate"]._modules
+    output = modules["output"]._modules
+    return LayerParts(
+        sa,
+        qkv["query"],
+        qkv["key"],
+        qkv["value"],
+        qkv["dropout"],
+        attention_output["dense"],
+        attention_output["LayerNorm"],
+        attention_output["dropout"],
+        intermediate["dense"],
+        intermediate.get("intermediate_act_fn"),
+        output["dense"],
+        output["LayerNorm"],
+        output["dropout"],
+        sa.num_attention_heads,
+        sa.attention_head_size,
+    )
+
+
+def distilbert_layer_parts(layer: nn.Module) -> LayerParts:
+    """``attention.{q,k,v,out}_lin``, ``sa_layer_norm``, ``ffn.lin1/lin2``, ``output_layer_norm`` (DistilBERT)."""
+    modules = layer._modules
+    sa = modules["attention"]
+    query, key, value, dropout, out = map(sa._modules.__getitem__, ("q_lin", "k_lin", "v_lin", "dropout", "out_lin"))
+    ffn = modules["ffn"]._modules
+    ffn_parts = (ffn["lin1"], ffn.get("activation"), ffn["lin2"], modules["output_layer_norm"], ffn["dropout"])
+    heads = (sa.n_heads, sa.attention_head_size)
+    return LayerParts(sa, query, key, value, dropout, out, modules["sa_layer_norm"], None, *ffn_parts, *heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a transformers model family names differently from BERT."""
+
+    model_types: tuple[str, ...]  # its configs' ``model_type``
+    module: str  # transformers.models.<module>.modeling_<module>
+    prefix: str  # classes' name prefix: ``{prefix}Model``, ``{prefix}PreTrainedModel``
+    base_attr: str  # the encoder's attribute in head models (its checkpoint key prefix)
+    encoder_attr: str  # the module holding ``.layer``
+    layer_parts: object  # LayerParts of one layer
+    activation_field: str = "hidden_act"
+    positions_count_real_tokens: bool = False
+    output: str = "BaseModelOutputWithPoolingAndCrossAttentions"  # the base model's output class
+
+
+BERT = Family(("bert",), "bert", "Bert", "bert", "encoder", bert_layer_parts)
+_ROBERTA_STYLE = dict(base_attr="roberta", encoder_attr="encoder", layer_parts=bert_layer_parts)
+FAMILIES = (
+    BERT,
+    Family(("roberta",), "roberta", "Roberta", positions_count_real_tokens=True, **_ROBERTA_STYLE),
+    Family(("xlm-roberta",), "xlm_roberta", "XLMRoberta", positions_count_real_tokens=True, **_ROBERTA_STYLE),
+    Family(("camembert",), "camembert", "Camembert", positions_count_real_tokens=True, **_ROBERTA_STYLE),
+    Family(
+        ("electra",),
+        "electra",
+        "Electra",
+        "electra",
+        "encoder",
+        bert_layer_parts,
+        output="BaseModelOutputWithPastAndCrossAttentions",
+    ),
+    Family(
+        ("distilbert",),
+        "distilbert",
+        "DistilBert",
+        "distilbert",
+        "transformer",
+        distilbert_layer_parts,
+        activation_field="activation",
+        output="BaseModelOutput",
+    ),
+)
+_BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+
+def family_of_config(config) -> Family | None:
+    """The family of a transformers config (by ``model_type``), or None."""
+    return _BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+
+
+def encoder_module(bert: nn.Module) -> nn.Module:
+    """The module holding a base model's layers: ``encoder`` (DistilBERT: ``transformer``)."""
+    modules = bert._modules
+    encoder = modules.get("encoder")
+    return encoder if encoder is not None else modules["transformer"]
+
+
+def encoder_layers(bert: nn.Module):
+    """The encoder layers of a base model of any family (``encoder.layer`` or ``transformer.layer``)."""
+    return encoder_module(bert)._modules["layer"]
+
+
+def layer_parts_function(bert: nn.Module):
+    """The :class:`LayerParts` reader for ``bert``'s layers."""
+    return distilbert_layer_parts if "transformer" in bert._modules else bert_layer_parts
+
+
+def modeling_module(family: Family):
+    try:
+        return importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
+    except ImportError as exc:  # transformers is an optional dependency
+        raise ImportError("bertfast.patch needs transformers (pip install 'transformers>=4.48')") from exc
+
+
+def find_base_model(model: nn.Module) -> tuple[nn.Module, Family] | None:
+    """The family base model inside ``model`` (``model`` itself or its ``.bert``/``.roberta``/... attribute)."""
+    for family in FAMILIES:
+        modeling = modeling_module(family)
+        base_class = getattr(modeling, f"{family.prefix}Model")
+        if isinstance(model, base_class):
+            return model, family
+        pretrained = getattr(modeling, f"{family.prefix}PreTrainedModel")
+        base = getattr(model, family.base_attr, None)
+        if isinstance(model, pretrained) and isinstance(base, base_class):
+            return base, family
+    return None
+
+
+def positions_count_real_tokens(config) -> bool:
+    """Whether position ids count real tokens from ``pad_token_id + 1`` (RoBERTa style): a native
+    config's ``positions_from_input_ids``, or a transformers config of a RoBERTa-style family."""
+    if getattr(config, "positions_from_input_ids", False):
+        return True
+    family = family_of_config(config)
+    return family is not None and family.positions_count_real_tokens
+
+
+def default_position_ids(config, input_ids, seq: int, device) -> torch.Tensor:
+    """The position ids a model computes when none are given, from the padded ``input_ids``.
+
+    BERT: ``0 .. seq-1``.  RoBERTa style: real tokens (ids other than ``pad_token_id``) count from
+    ``pad_token_id + 1`` and padding tokens get ``pad_token_id``, as transformers'
+    ``create_position_ids_from_input_ids``; from ``inputs_embeds`` (no ids to tell padding) every
+    position counts.  Computed before the batch is packed, so left padding shifts nothing.
+    """
+    if not positions_count_real_tokens(config):
+        return torch.arange(seq, device=device)[None, :]
+    padding_idx = config.pad_token_id
+    if input_ids is None:
+        return torch.arange(padding_idx + 1, seq + padding_idx + 1, device=device)[None, :]
+    real = input_ids.ne(padding_idx)
+    return torch.cumsum(real, dim=1) * real + padding_idx

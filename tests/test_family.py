@@ -1,0 +1,158 @@
+"""The BERT family (RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT) through the one layer path."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import bertfast  # noqa: E402
+from bertfast.numerics import MODEL_FP32_REL_TOL, rel_error  # noqa: E402
+from bertfast.patching import PatchError  # noqa: E402
+
+from .test_one_path import _matmul_flops  # noqa: E402
+
+SIZES = dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=70)
+DROPOUT_OFF = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+ROBERTA_STYLE = dict(SIZES, **DROPOUT_OFF, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1)
+
+# family: (transformers class prefix, config class, config fields)
+FAMILIES = {
+    "roberta": ("Roberta", "RobertaConfig", ROBERTA_STYLE),
+    "xlm-roberta": ("XLMRoberta", "XLMRobertaConfig", ROBERTA_STYLE),
+    "camembert": ("Camembert", "CamembertConfig", ROBERTA_STYLE),
+    "electra": ("Electra", "ElectraConfig", dict(SIZES, **DROPOUT_OFF, embedding_size=48, max_position_embeddings=40)),
+    "distilbert": (
+        "DistilBert",
+        "DistilBertConfig",
+        dict(vocab_size=101, dim=48, n_layers=2, n_heads=3, hidden_dim=70, dropout=0.0, attention_dropout=0.0),
+    ),
+}
+HEADS = {
+    "roberta": ["Model", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"],
+    "electra": [
+        "Model",
+        "ForSequenceClassification",
+        "ForTokenClassification",
+        "ForQuestionAnswering",
+        "ForMaskedLM",
+        "ForPreTraining",
+    ],
+    "distilbert": [
+        "Model",
+        "ForSequenceClassification",
+        "ForTokenClassification",
+        "ForQuestionAnswering",
+        "ForMaskedLM",
+    ],
+}
+HEADS["xlm-roberta"] = HEADS["camembert"] = HEADS["roberta"]
+CASES = [(family, head) for family in FAMILIES for head in HEADS[family]]
+
+
+def hf_config(family: str, **overrides):
+    _, config_class, fields = FAMILIES[family]
+    return getattr(transformers, config_class)(**{**fields, **overrides}, attn_implementation="eager")
+
+
+def hf_model(family: str, head: str, **overrides):
+    prefix = FAMILIES[family][0]
+    num_labels = 2 if head == "ForQuestionAnswering" else 3
+    torch.manual_seed(0)
+    return getattr(transformers, prefix + head)(hf_config(family, num_labels=num_labels, **overrides)).eval()
+
+
+def batch(config, lengths, seq, left=False, seed=0):
+    """Ids of real tokens (never the padding id) and ``pad_token_id`` at padding, as a tokenizer gives."""
+    g = torch.Generator().manual_seed(seed)
+    pad_id = config.pad_token_id
+    ids = torch.randint(pad_id + 1, config.vocab_size, (len(lengths), seq), generator=g)
+    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    if left:
+        mask = mask.flip(1)
+    return ids.masked_fill(mask == 0, pad_id), mask
+
+
+def labels_for(head, config, mask, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rows, seq = mask.shape
+    if head in ("ForMaskedLM", "ForTokenClassification", "ForPreTraining"):
+        classes = {"ForMaskedLM": config.vocab_size, "ForPreTraining": 2}.get(head, config.num_labels)
+        return {"labels": torch.randint(0, classes, (rows, seq), generator=g).masked_fill(mask == 0, -100)}
+    if head == "ForSequenceClassification":
+        return {"labels": torch.randint(0, config.num_labels, (rows,), generator=g)}
+    if head == "ForQuestionAnswering":
+        first = (mask == 0).long().sum(1) * (mask[:, 0] == 0).long()  # left padding: real tokens start later
+        return {"start_positions": first, "end_positions": first + mask.sum(1) - 1}
+    return {}
+
+
+def per_token(value, mask):
+    return value[mask.bool()] if value.dim() >= 2 and tuple(value.shape[:2]) == tuple(mask.shape) else value
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+@pytest.mark.parametrize("family, head", CASES)
+def test_patched_matches_transformers_at_real_tokens(family, head, left):
+    reference = hf_model(family, head)
+    # The question-answering loss takes a softmax over padding positions too, whose hidden states are
+    # zeros padding-free: that head runs padded (as for BERT in test_patching).
+    unpad = False if head == "ForQuestionAnswering" else "auto"
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True, unpad=unpad)
+    config = reference.config
+    ids, mask = batch(config, [9, 4, 7], 9, left=left)
+    labels = labels_for(head, config, mask)
+    ours = model(input_ids=ids, attention_mask=mask, **labels)
+    theirs = reference(input_ids=ids, attention_mask=mask, **labels)
+    assert type(ours) is type(theirs) and list(ours.keys()) == list(theirs.keys())
+    for key in theirs.keys():
+        if theirs[key] is None or not isinstance(theirs[key], torch.Tensor):
+            continue
+        err = rel_error(per_token(ours[key], mask), per_token(theirs[key], mask))
+        assert err <= MODEL_FP32_REL_TOL, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_family_runs_padding_free(family):
+    reference = hf_model(family, "Model")
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True)
+    lengths, seq = [16, 5, 3, 4], 16
+    ids, mask = batch(reference.config, lengths, seq)
+    share = sum(lengths) / (len(lengths) * seq)
+    padded = _matmul_flops(lambda: reference(input_ids=ids, attention_mask=mask))
+    ratio = _matmul_flops(lambda: model(input_ids=ids, attention_mask=mask)) / padded
+    assert ratio <= share * 1.15, f"{ratio:.2f} of the padded FLOPs for a real-token share of {share:.2f}"
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_patched_family_trains_like_transformers(family):
+    """Gradients of every parameter equal transformers' (a loss on real tokens only)."""
+    reference = hf_model(family, "ForTokenClassification")
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True)
+    ids, mask = batch(reference.config, [9, 4, 7], 9, left=True)
+    labels = labels_for("ForTokenClassification", reference.config, mask)
+    for m in (model, reference):
+        m(input_ids=ids, attention_mask=mask, **labels).loss.backward()
+    reference_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if name.endswith(("key.bias", "k_lin.bias")):  # softmax is shift invariant: both are rounding noise
+            continue
+        assert rel_error(p.grad, reference_params[name].grad) <= 1e-4, name
+
+
+def test_roberta_positions_count_real_tokens_from_inputs_embeds_too():
+    reference = hf_model("roberta", "Model")
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True)
+    ids, mask = batch(reference.config, [6, 3], 6, left=True)
+    embeds = reference.embeddings.word_embeddings(ids)
+    ours = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    theirs = reference(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    assert rel_error(per_token(ours, mask), per_token(theirs, mask)) <= MODEL_FP32_REL_TOL
+
+
+def test_electra_with_a_projected_embedding_is_refused_clearly():
+    model = hf_model("electra", "ForSequenceClassification", embedding_size=32)
+    with pytest.raises(PatchError, match=r"embedding_size \(32\) differs from hidden_size \(48\)"):
+        bertfast.patch(model, strict=True)
+    assert not bertfast.is_patched(model)
