@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+from .family import bert_config_fields
+
 SUPPORTED_ACTIVATIONS = ("gelu",)  # the exact erf GELU, as Hugging Face's "gelu"
 SUPPORTED_POSITION_EMBEDDINGS = ("absolute",)
 
@@ -41,6 +43,9 @@ class BertConfig:
     classifier_dropout: float | None = None
     num_labels: int = 2
     problem_type: str | None = None
+    # RoBERTa's rule (also XLM-RoBERTa's and CamemBERT's): default position ids count real tokens
+    # (input ids other than pad_token_id) from pad_token_id + 1, padding gets pad_token_id.
+    positions_from_input_ids: bool = False
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +93,12 @@ class BertConfig:
                 f"BertConfig.pad_token_id must be None or an integer in [0, vocab_size={self.vocab_size}), "
                 f"got {self.pad_token_id!r}"
             )
+        if not isinstance(self.positions_from_input_ids, bool):
+            raise ValueError(
+                f"BertConfig.positions_from_input_ids must be true or false, got {self.positions_from_input_ids!r}"
+            )
+        if self.positions_from_input_ids and self.pad_token_id is None:
+            raise ValueError("BertConfig.positions_from_input_ids needs a pad_token_id (positions count from it)")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads ({self.num_attention_heads})"
@@ -122,10 +133,8 @@ class BertConfig:
     # -- (de)serialisation ---------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BertConfig:
-        data = dict(data)
-        model_type = data.pop("model_type", "bert")
-        if model_type != "bert":
-            raise ValueError(f"expected a BERT config (model_type 'bert'), got model_type {model_type!r}")
+        # RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA and DistilBERT configs become BERT's fields.
+        data = bert_config_fields(data)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if "num_labels" not in data and isinstance(data.get("id2label"), dict):
             data["num_labels"] = len(data["id2label"])
@@ -156,6 +165,8 @@ class BertConfig:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         data = {**self.extra, **data, "model_type": "bert"}
+        if not self.positions_from_input_ids:
+            del data["positions_from_input_ids"]  # BERT's own configs stay exactly transformers' fields
         return data
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

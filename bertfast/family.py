@@ -194,3 +194,138 @@ def default_position_ids(config, input_ids, seq: int, device) -> torch.Tensor:
         return torch.arange(padding_idx + 1, seq + padding_idx + 1, device=device)[None, :]
     real = input_ids.ne(padding_idx)
     return torch.cumsum(real, dim=1) * real + padding_idx
+
+
+# --------------------------------------------------------------------------------------
+# The native side: a family checkpoint as bertfast's BERT classes
+# --------------------------------------------------------------------------------------
+
+_DISTILBERT_FIELDS = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "hidden_dim": "intermediate_size",
+    "activation": "hidden_act",
+    "dropout": "hidden_dropout_prob",
+    "attention_dropout": "attention_probs_dropout_prob",
+}
+
+
+def bert_config_fields(data: dict) -> dict:
+    """A family ``config.json``'s fields under :class:`bertfast.BertConfig`'s names, ``model_type`` removed.
+
+    RoBERTa style sets ``positions_from_input_ids``; DistilBERT's fields are renamed and it gets one
+    token type (a zero row) and its fixed LayerNorm eps; an ELECTRA whose ``embedding_size`` is not
+    ``hidden_size`` raises ``ValueError``.
+    """
+    data = dict(data)
+    model_type = data.pop("model_type", "bert")
+    family = _BY_MODEL_TYPE.get(model_type)
+    if family is None:
+        raise ValueError(
+            f"expected a config of the BERT family (model_type one of {sorted(_BY_MODEL_TYPE)}), got {model_type!r}"
+        )
+    if family.positions_count_real_tokens:
+        data["positions_from_input_ids"] = True
+    if model_type == "electra":
+        hidden = data.get("hidden_size")
+        if data.get("embedding_size", hidden) != hidden:
+            raise ValueError(
+                f"ELECTRA's embedding_size ({data['embedding_size']}) differs from hidden_size ({hidden}): its "
+                "embeddings_project layer is not BERT's; bertfast runs ELECTRA only with embedding_size == hidden_size"
+            )
+    if model_type == "distilbert":
+        for name, bert_name in _DISTILBERT_FIELDS.items():
+            if name in data:
+                data[bert_name] = data.pop(name)
+        data.update(type_vocab_size=1, layer_norm_eps=1e-12)  # DistilBERT's LayerNorms use a fixed 1e-12
+    return data
+
+
+# Heads whose math is BERT's own (the same modules under other names), by class-name suffix.
+NATIVE_HEADS = ("Model", "ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering")
+# Family heads without a native class, and why; bertfast.patch runs them (patched encoder, transformers' head).
+_OTHER_HEADS = {
+    "ForSequenceClassification": "its classification head is not BERT's pooler + classifier",
+    "ForMultipleChoice": "its multiple-choice head is not BERT's",
+    "ForPreTraining": "ELECTRA's discriminator head has no native class",
+    "ForCausalLM": "bertfast implements the encoder, not a decoder",
+}
+_NOT_NATIVE = {
+    ("distilbert", "ForQuestionAnswering"): "DistilBERT's question-answering head applies a dropout BERT's does not"
+}
+
+
+def native_class_name(class_name: str) -> tuple[str, Family] | None:
+    """``("Bert<head>", family)`` for a transformers class of the BERT family whose head is BERT's; None for a
+    class that is not of the family.  Raises ``TypeError`` naming a family head with no native class."""
+    for family in FAMILIES:
+        if not class_name.startswith(family.prefix):
+            continue
+        head = class_name[len(family.prefix) :]
+        reason = _NOT_NATIVE.get((family.model_types[0], head)) or _OTHER_HEADS.get(head)
+        if reason is not None and family is not BERT:
+            raise TypeError(
+                f"transformers {class_name} has no bertfast native class ({reason}); bertfast.patch(model) runs it "
+                "(a patched encoder under transformers' own head)"
+            )
+        if head in NATIVE_HEADS or family is BERT:
+            return "Bert" + head, family
+    return None
+
+
+# Checkpoint names of each family -> bertfast's BERT names (substring renames, in order).
+_ROBERTA_KEYS = (
+    ("roberta.", "bert."),
+    ("lm_head.dense.", "cls.predictions.transform.dense."),
+    ("lm_head.layer_norm.", "cls.predictions.transform.LayerNorm."),
+    ("lm_head.decoder.", "cls.predictions.decoder."),
+    ("lm_head.bias", "cls.predictions.bias"),
+)
+_KEY_RENAMES = {
+    "roberta": _ROBERTA_KEYS,
+    "xlm-roberta": _ROBERTA_KEYS,
+    "camembert": _ROBERTA_KEYS,
+    "electra": (
+        ("electra.", "bert."),
+        ("generator_predictions.dense.", "cls.predictions.transform.dense."),
+        ("generator_predictions.LayerNorm.", "cls.predictions.transform.LayerNorm."),
+        ("generator_lm_head.weight", "cls.predictions.decoder.weight"),
+        ("generator_lm_head.bias", "cls.predictions.bias"),
+    ),
+    "distilbert": (
+        ("distilbert.", "bert."),
+        ("transformer.layer.", "encoder.layer."),
+        (".attention.q_lin.", ".attention.self.query."),
+        (".attention.k_lin.", ".attention.self.key."),
+        (".attention.v_lin.", ".attention.self.value."),
+        (".attention.out_lin.", ".attention.output.dense."),
+        (".sa_layer_norm.", ".attention.output.LayerNorm."),
+        (".ffn.lin1.", ".intermediate.dense."),
+        (".ffn.lin2.", ".output.dense."),
+        (".output_layer_norm.", ".output.LayerNorm."),
+        ("vocab_transform.", "cls.predictions.transform.dense."),
+        ("vocab_layer_norm.", "cls.predictions.transform.LayerNorm."),
+        ("vocab_projector.weight", "cls.predictions.decoder.weight"),
+        ("vocab_projector.bias", "cls.predictions.bias"),
+    ),
+}
+
+
+def bert_state_dict(state: dict, model_type: str) -> dict:
+    """A family checkpoint's tensors under bertfast's BERT names (BERT's own pass through).
+
+    DistilBERT has no token types: the one-row type table BERT's embedding reads is zeros."""
+    renames = _KEY_RENAMES.get(model_type)
+    if not renames:
+        return state
+    renamed = {}
+    for key, tensor in state.items():
+        for old, new in renames:
+            key = key.replace(old, new, 1)
+        renamed[key] = tensor
+    if model_type == "distilbert":
+        word = next((t for k, t in renamed.items() if k.endswith("embeddings.word_embeddings.weight")), None)
+        if word is not None:
+            renamed["embeddings.token_type_embeddings.weight"] = word.new_zeros((1, word.shape[1]))
+    return renamed

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import layers
+from . import family, layers
 from .config import BertConfig
 from .mlm_loss import masked_lm_head_loss
 from .ops import check_backend
@@ -563,13 +563,11 @@ def config_from_hf(hf_config) -> BertConfig:
 
     Raises ``ValueError`` naming the field when bertfast cannot represent the model.
     """
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type != "bert":
-        raise ValueError(f"expected a BERT config (model_type 'bert'), got model_type {model_type!r}")
     data = hf_config.to_dict()
-    act = getattr(hf_config, "hidden_act", None)
+    field = (family.family_of_config(hf_config) or family.BERT).activation_field
+    act = getattr(hf_config, field, None)
     if not isinstance(act, str):  # a callable activation does not survive to_dict; say so clearly
-        raise ValueError(f"hidden_act {act!r} is not supported; bertfast implements 'gelu' (the erf GELU)")
+        raise ValueError(f"{field} {act!r} is not supported; bertfast implements 'gelu' (the erf GELU)")
     data["num_labels"] = hf_config.num_labels
     # These only matter to decoders; an encoder config carries them as False.
     for flag in ("is_decoder", "add_cross_attention"):
@@ -582,10 +580,14 @@ def config_from_hf(hf_config) -> BertConfig:
 
 
 def _hf_class_name(hf_model: nn.Module) -> str | None:
-    """The supported Hugging Face class ``hf_model`` is (or derives from), by name."""
+    """The bertfast class name of the supported Hugging Face class ``hf_model`` is (or derives from): the
+    same name for BERT, ``Bert<head>`` for its family's (``RobertaForMaskedLM`` -> ``BertForMaskedLM``)."""
     for klass in type(hf_model).__mro__:
-        if klass.__name__ in SUPPORTED_CLASSES and klass.__module__.startswith("transformers."):
-            return klass.__name__
+        if not klass.__module__.startswith("transformers."):
+            continue
+        native = family.native_class_name(klass.__name__)
+        if native is not None and native[0] in SUPPORTED_CLASSES:
+            return native[0]
     return None
 
 
@@ -626,7 +628,7 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
     model (``hf_model.bert``); a head class must match the Hugging Face head.  The result
     has the Hugging Face model's dtype, device and train/eval mode.
     """
-    from .loading import map_checkpoint_keys
+    from .loading import load_state_dict_checked, map_checkpoint_keys
 
     if not isinstance(hf_model, nn.Module):
         raise TypeError(f"hf_model must be a transformers model, got {type(hf_model).__name__}")
@@ -643,19 +645,21 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
     if not (isinstance(cls, type) and issubclass(cls, BertPreTrainedModel)):
         raise TypeError(f"cls must be a bertfast model class, got {cls!r}")
     source = hf_model
+    model_type = getattr(hf_model.config, "model_type", "bert")
+    base_attr = (family.family_of_config(hf_model.config) or family.BERT).base_attr
     if issubclass(cls, BertModel):
         if hf_name != "BertModel":
-            source = hf_model.bert  # the encoder of a head model
+            source = getattr(hf_model, base_attr)  # the encoder of a head model
     elif cls.__name__ != hf_name:
         raise TypeError(f"cannot build bertfast.{cls.__name__} from a transformers {hf_name}: the heads differ")
-    else:
+    elif model_type == "bert":
         _check_tied_heads(hf_model)
 
     config = config_from_hf(source.config)
     _check_activations(source)
     backend = check_backend(backend)
     if issubclass(cls, BertModel):
-        model = cls(config, backend=backend, add_pooling_layer=source.pooler is not None)
+        model = cls(config, backend=backend, add_pooling_layer=getattr(source, "pooler", None) is not None)
     else:
         model = cls(config, backend=backend)
     reference = source.get_input_embeddings().weight
@@ -667,8 +671,11 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
             stacklevel=2,
         )
     model.to(device=reference.device, dtype=reference.dtype)
-    state = map_checkpoint_keys(source.state_dict(), set(model.state_dict()))
-    model.load_state_dict(state, strict=True)
+    if model_type == "bert":
+        state = map_checkpoint_keys(source.state_dict(), set(model.state_dict()))
+        model.load_state_dict(state, strict=True)
+    else:  # renamed keys, and MLM heads that store one of a tied pair: the checked loader handles both
+        load_state_dict_checked(model, source.state_dict(), True, model_type)
     return model.train(hf_model.training)
 
 

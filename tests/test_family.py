@@ -156,3 +156,79 @@ def test_electra_with_a_projected_embedding_is_refused_clearly():
     with pytest.raises(PatchError, match=r"embedding_size \(32\) differs from hidden_size \(48\)"):
         bertfast.patch(model, strict=True)
     assert not bertfast.is_patched(model)
+
+
+# --------------------------------------------------------------------------------------
+# Native classes built from family models (from_hf) and checkpoints (from_pretrained)
+# --------------------------------------------------------------------------------------
+
+NATIVE_CASES = [
+    (family, head)
+    for family in FAMILIES
+    for head in ("Model", "ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering")
+    if (family, head) != ("distilbert", "ForQuestionAnswering")
+]
+
+
+def assert_native_matches(model, reference, left):
+    config = reference.config
+    ids, mask = batch(config, [9, 4, 7], 9, left=left)
+    head = type(model).__name__.removeprefix("Bert")
+    labels = labels_for(head, config, mask)
+    ours = model(input_ids=ids, attention_mask=mask, **labels)
+    theirs = reference(input_ids=ids, attention_mask=mask, **labels)
+    for key in ("last_hidden_state", "logits", "start_logits", "end_logits", "loss"):
+        if key in theirs and theirs[key] is not None:
+            err = rel_error(per_token(ours[key], mask), per_token(theirs[key], mask))
+            assert err <= MODEL_FP32_REL_TOL, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+@pytest.mark.parametrize("family, head", NATIVE_CASES)
+def test_from_hf_matches_transformers(family, head, left):
+    reference = hf_model(family, head)
+    model = bertfast.from_hf(reference, backend="reference")
+    assert type(model).__name__ == "Bert" + head
+    if head == "ForQuestionAnswering":  # its loss reads padding positions (see above)
+        model.set_unpad(False)
+    assert_native_matches(model, reference, left)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_from_pretrained_reads_family_checkpoints(family, tmp_path):
+    reference = hf_model(family, "ForMaskedLM")
+    reference.save_pretrained(tmp_path)
+    model = bertfast.BertForMaskedLM.from_pretrained(tmp_path, backend="reference", strict=True)
+    assert_native_matches(model, reference, left=True)
+    model.save_pretrained(tmp_path / "again")  # bertfast's BERT layout, the position rule in its config
+    again = bertfast.BertForMaskedLM.from_pretrained(tmp_path / "again", backend="reference", strict=True)
+    assert_native_matches(again, reference, left=True)
+
+
+@pytest.mark.parametrize(
+    "family, head, match",
+    [
+        ("roberta", "ForSequenceClassification", "RobertaForSequenceClassification has no bertfast native class"),
+        ("electra", "ForPreTraining", "ElectraForPreTraining has no bertfast native class"),
+        ("distilbert", "ForQuestionAnswering", "DistilBertForQuestionAnswering has no bertfast native class"),
+    ],
+)
+def test_heads_without_a_native_class_are_refused_by_name(family, head, match, tmp_path):
+    reference = hf_model(family, head)
+    with pytest.raises(TypeError, match=match):
+        bertfast.from_hf(reference)
+    reference.save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=match):
+        getattr(bertfast, "Bert" + head.replace("ForPreTraining", "ForMaskedLM")).from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="not in the checkpoint|the model does not use"):  # its own head, no pooler
+        bertfast.BertModel.from_pretrained(tmp_path, backend="reference")  # the encoder alone loads
+
+
+def test_electra_with_a_projected_embedding_is_refused_by_from_hf_and_from_pretrained(tmp_path):
+    reference = hf_model("electra", "Model", embedding_size=32)
+    match = r"embedding_size \(32\) differs from hidden_size \(48\)"
+    with pytest.raises(ValueError, match=match):
+        bertfast.from_hf(reference)
+    reference.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        bertfast.BertModel.from_pretrained(tmp_path)
