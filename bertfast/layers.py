@@ -3,7 +3,9 @@
 Every face of the product runs these functions: the native classes (:mod:`bertfast.modeling`)
 and patched transformers instances (:mod:`bertfast.patching`).  Both have Hugging Face's
 attribute names (``embeddings.word_embeddings``, ``encoder.layer[i].attention.self.query``,
-``pooler.dense``, ...), so one function walks either module tree::
+``pooler.dense``, ...), so one function walks either module tree; the rest of the BERT family
+(RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT) differs only in what
+:mod:`bertfast.family` describes (each layer's module names, the position-id rule, token types)::
 
     embeddings   LN(word[ids] + position[pos] + token_type[tt])      embedding_layer_norm
     per layer    qkv = x @ Wqkv^T + bqkv       one GEMM; q, k, v are strided views of qkv
@@ -168,7 +170,8 @@ def _encoder_plan(bert, backend: str, dtype: torch.dtype, parts_of) -> Plan:
     config = bert.config
     layers = encoder_layers(bert)
     attention_dropout = hidden_dropout = False
-    parts = [parts_of(module) for module in (layers if bert.training else layers[:1])]
+    # In eval only the first layer's sizes matter (a list of one, not a ModuleList slice: that builds a module).
+    parts = [parts_of(module) for module in layers] if bert.training else [parts_of(layers[0])] if len(layers) else []
     if bert.training:  # the modules' own dropout rates (users may change them after building)
         attention_dropout = any(p.attention_dropout.p > 0 for p in parts)
         hidden_dropout = any(

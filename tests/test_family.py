@@ -103,14 +103,15 @@ def test_patched_matches_transformers_at_real_tokens(family, head, left):
     config = reference.config
     ids, mask = batch(config, [9, 4, 7], 9, left=left)
     labels = labels_for(head, config, mask)
-    ours = model(input_ids=ids, attention_mask=mask, **labels)
-    theirs = reference(input_ids=ids, attention_mask=mask, **labels)
+    ours = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **labels)
+    theirs = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True, **labels)
     assert type(ours) is type(theirs) and list(ours.keys()) == list(theirs.keys())
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
     for key in theirs.keys():
-        if theirs[key] is None or not isinstance(theirs[key], torch.Tensor):
-            continue
-        err = rel_error(per_token(ours[key], mask), per_token(theirs[key], mask))
-        assert err <= MODEL_FP32_REL_TOL, f"{key}: relative error {err:.2e}"
+        pairs = zip(ours[key], theirs[key]) if key == "hidden_states" else [(ours[key], theirs[key])]
+        for a, b in pairs:
+            err = rel_error(per_token(a, mask), per_token(b, mask))
+            assert err <= MODEL_FP32_REL_TOL, f"{key}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
