@@ -11,7 +11,9 @@ import bertfast  # noqa: E402
 from bertfast.numerics import MODEL_FP32_REL_TOL, rel_error  # noqa: E402
 from bertfast.patching import PatchError  # noqa: E402
 
+from .helpers import triton_device  # noqa: E402
 from .test_one_path import _matmul_flops  # noqa: E402
+from .test_patching import TRITON  # noqa: E402
 
 SIZES = dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=70)
 DROPOUT_OFF = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -126,15 +128,42 @@ def test_patched_family_runs_padding_free(family):
     assert ratio <= share * 1.15, f"{ratio:.2f} of the padded FLOPs for a real-token share of {share:.2f}"
 
 
-@pytest.mark.parametrize("family", ["roberta", "distilbert"])
-def test_patched_family_trains_like_transformers(family):
-    """Gradients of every parameter equal transformers' (a loss on real tokens only)."""
-    reference = hf_model(family, "ForTokenClassification")
+@pytest.mark.parametrize("backend", ["ext", pytest.param("triton", marks=TRITON)])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_family_on_the_kernel_backends(family, backend):
+    """The fused embedding (DistilBERT: a zero token-type row) and layer kernels; one layer, the interpreter is slow."""
+    layers = {"n_layers": 1} if family == "distilbert" else {"num_hidden_layers": 1}
+    reference = hf_model(family, "ForTokenClassification", **layers)
+    if bertfast.ops.backend_availability(backend) is not None:
+        pytest.skip(bertfast.ops.backend_availability(backend))
+    device = triton_device() if backend == "triton" else "cpu"
+    model = bertfast.patch(copy.deepcopy(reference), backend=backend, strict=True).to(device)
+    ids, mask = batch(reference.config, [6, 3], 6, left=True)
+    ours = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.cpu()
+    theirs = reference(input_ids=ids, attention_mask=mask).logits
+    assert rel_error(per_token(ours, mask), per_token(theirs, mask)) <= MODEL_FP32_REL_TOL
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+@pytest.mark.parametrize("family", ["roberta", "electra", "distilbert"])
+def test_patched_family_trains_like_transformers(family, checkpointing):
+    """In training mode (dropout 0), gradients of every parameter equal transformers' (a loss on real tokens)."""
+    reference = hf_model(family, "ForTokenClassification").train()
     model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True)
     ids, mask = batch(reference.config, [9, 4, 7], 9, left=True)
     labels = labels_for("ForTokenClassification", reference.config, mask)
+    calls = []
+    for m in (model, reference):
+        if checkpointing:  # transformers 5.2x renamed it (the old name warns); 5.17 has the old name only
+            enable = getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable
+            enable()
+    if checkpointing:  # the patched forward calls transformers' checkpointing function once per layer
+        for layer in bertfast.family.encoder_layers(bertfast.family.find_base_model(model)[0]):
+            original = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
     for m in (model, reference):
         m(input_ids=ids, attention_mask=mask, **labels).loss.backward()
+    assert len(calls) == (2 if checkpointing else 0)
     reference_params = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         if name.endswith(("key.bias", "k_lin.bias")):  # softmax is shift invariant: both are rounding noise
