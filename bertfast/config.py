@@ -46,6 +46,8 @@ class BertConfig:
     # RoBERTa's rule (also XLM-RoBERTa's and CamemBERT's): default position ids count real tokens
     # (input ids other than pad_token_id) from pad_token_id + 1, padding gets pad_token_id.
     positions_from_input_ids: bool = False
+    # DistilBERT has no dropout after the attention projection: 0.0 there; None: hidden_dropout_prob, as BERT.
+    attention_output_dropout_prob: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,8 +84,9 @@ class BertConfig:
         # Type checks before any comparison, so a string read from a config.json ("0.1") is named, not a TypeError.
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps"):
             _check_number(name, getattr(self, name))
-        if self.classifier_dropout is not None:
-            _check_number("classifier_dropout", self.classifier_dropout)
+        for name in ("classifier_dropout", "attention_output_dropout_prob"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name))
         if self.pad_token_id is not None and (
             isinstance(self.pad_token_id, bool)
             or not isinstance(self.pad_token_id, int)
@@ -117,8 +120,10 @@ class BertConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"BertConfig.{name} must be in [0, 1), got {p!r}")
-        if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
-            raise ValueError(f"BertConfig.classifier_dropout must be in [0, 1) or None, got {self.classifier_dropout}")
+        for name in ("classifier_dropout", "attention_output_dropout_prob"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 <= p < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1) or None, got {p}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"BertConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
@@ -165,8 +170,11 @@ class BertConfig:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         data = {**self.extra, **data, "model_type": "bert"}
+        # BERT's own configs stay exactly transformers' fields: the family's are written only when set.
         if not self.positions_from_input_ids:
-            del data["positions_from_input_ids"]  # BERT's own configs stay exactly transformers' fields
+            del data["positions_from_input_ids"]
+        if self.attention_output_dropout_prob is None:
+            del data["attention_output_dropout_prob"]
         return data
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

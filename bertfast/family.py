@@ -238,7 +238,8 @@ def bert_config_fields(data: dict) -> dict:
         for name, bert_name in _DISTILBERT_FIELDS.items():
             if name in data:
                 data[bert_name] = data.pop(name)
-        data.update(type_vocab_size=1, layer_norm_eps=1e-12)  # DistilBERT's LayerNorms use a fixed 1e-12
+        # DistilBERT's LayerNorms use a fixed 1e-12; its attention projection is not followed by dropout.
+        data.update(type_vocab_size=1, layer_norm_eps=1e-12, attention_output_dropout_prob=0.0)
     return data
 
 

@@ -58,16 +58,17 @@ class BertSelfAttention(nn.Module):
 
 
 class _DenseResidualLayerNorm(nn.Module):
-    def __init__(self, in_features: int, config: BertConfig):
+    def __init__(self, in_features: int, config: BertConfig, dropout_p: float):
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(dropout_p)
 
 
 class BertSelfOutput(_DenseResidualLayerNorm):
     def __init__(self, config: BertConfig):
-        super().__init__(config.hidden_size, config)
+        p = config.attention_output_dropout_prob
+        super().__init__(config.hidden_size, config, config.hidden_dropout_prob if p is None else p)
 
 
 class BertAttention(nn.Module):
@@ -85,7 +86,7 @@ class BertIntermediate(nn.Module):
 
 class BertOutput(_DenseResidualLayerNorm):
     def __init__(self, config: BertConfig):
-        super().__init__(config.intermediate_size, config)
+        super().__init__(config.intermediate_size, config, config.hidden_dropout_prob)
 
 
 class BertLayer(nn.Module):

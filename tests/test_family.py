@@ -262,3 +262,14 @@ def test_electra_with_a_projected_embedding_is_refused_by_from_hf_and_from_pretr
     reference.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=match):
         bertfast.BertModel.from_pretrained(tmp_path)
+
+
+def test_native_distilbert_keeps_its_dropout_layout(tmp_path):
+    """No dropout after DistilBERT's attention projection; its hidden and attention rates where it has them."""
+    reference = hf_model("distilbert", "ForTokenClassification", dropout=0.2, attention_dropout=0.3)
+    reference.save_pretrained(tmp_path)
+    for model in (bertfast.from_hf(reference), bertfast.BertForTokenClassification.from_pretrained(tmp_path)):
+        for layer in model.bert.encoder.layer:
+            assert layer.attention.output.dropout.p == 0.0
+            assert (layer.output.dropout.p, layer.attention.self.dropout.p) == (0.2, 0.3)
+        assert model.dropout.p == 0.2  # the token classifier's, as DistilBERT's
