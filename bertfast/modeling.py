@@ -564,8 +564,14 @@ def config_from_hf(hf_config) -> BertConfig:
 
     Raises ``ValueError`` naming the field when bertfast cannot represent the model.
     """
+    found = family.family_of_config(hf_config)
+    if found is None:
+        model_type = getattr(hf_config, "model_type", None)
+        raise ValueError(
+            f"expected a config of the BERT family (model_type 'bert', 'roberta', ...), got {model_type!r}"
+        )
     data = hf_config.to_dict()
-    field = (family.family_of_config(hf_config) or family.BERT).activation_field
+    field = found.activation_field
     act = getattr(hf_config, field, None)
     if not isinstance(act, str):  # a callable activation does not survive to_dict; say so clearly
         raise ValueError(f"{field} {act!r} is not supported; bertfast implements 'gelu' (the erf GELU)")
@@ -611,12 +617,19 @@ def _check_tied_heads(hf_model: nn.Module) -> None:
             )
 
 
+# An ``activation`` beside one of these is a GELU of the family's: DistilBERT's FFN (lin1) and MLM head
+# (vocab_transform), ELECTRA's generator head (LayerNorm); the pooler's Tanh has none of them.
+_GELU_BESIDE = ("lin1", "vocab_transform", "LayerNorm")
+
+
 def _check_activations(hf_model: nn.Module) -> None:
     """The config says "gelu"; refuse a model whose activation modules were replaced since."""
     from transformers.activations import GELUActivation
 
     for name, module in hf_model.named_modules():
         act = getattr(module, "intermediate_act_fn", None) or getattr(module, "transform_act_fn", None)
+        if act is None and any(n in module._modules for n in _GELU_BESIDE):
+            act = module._modules.get("activation")
         if act is not None and type(act) is not GELUActivation:
             raise ValueError(f"{name} uses {type(act).__name__}; bertfast implements the erf GELU only")
 
@@ -640,6 +653,7 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
         raise TypeError(
             f"{type(hf_model).__name__} is not a supported transformers BERT class; supported: "
             + ", ".join(SUPPORTED_CLASSES)
+            + ", and the same heads of RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA and DistilBERT (see bertfast.family)"
         )
     if cls is None:
         cls = globals()[hf_name]

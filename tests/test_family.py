@@ -273,3 +273,12 @@ def test_native_distilbert_keeps_its_dropout_layout(tmp_path):
             assert layer.attention.output.dropout.p == 0.0
             assert (layer.output.dropout.p, layer.attention.self.dropout.p) == (0.2, 0.3)
         assert model.dropout.p == 0.2  # the token classifier's, as DistilBERT's
+
+
+def test_from_hf_refuses_a_replaced_family_activation_and_a_foreign_config():
+    model = hf_model("distilbert", "ForMaskedLM")
+    model.distilbert.transformer.layer[1].ffn.activation = torch.nn.ReLU()
+    with pytest.raises(ValueError, match=r"transformer.layer.1.ffn uses ReLU"):
+        bertfast.from_hf(model)
+    with pytest.raises(ValueError, match="expected a config of the BERT family"):
+        bertfast.modeling.config_from_hf(transformers.GPT2Config())
