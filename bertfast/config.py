@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+from .family import bert_config_fields
+
 SUPPORTED_ACTIVATIONS = ("gelu",)  # the exact erf GELU, as Hugging Face's "gelu"
 SUPPORTED_POSITION_EMBEDDINGS = ("absolute",)
 
@@ -41,6 +43,11 @@ class BertConfig:
     classifier_dropout: float | None = None
     num_labels: int = 2
     problem_type: str | None = None
+    # RoBERTa's rule (also XLM-RoBERTa's and CamemBERT's): default position ids count real tokens
+    # (input ids other than pad_token_id) from pad_token_id + 1, padding gets pad_token_id.
+    positions_from_input_ids: bool = False
+    # DistilBERT has no dropout after the attention projection: 0.0 there; None: hidden_dropout_prob, as BERT.
+    attention_output_dropout_prob: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,8 +84,9 @@ class BertConfig:
         # Type checks before any comparison, so a string read from a config.json ("0.1") is named, not a TypeError.
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps"):
             _check_number(name, getattr(self, name))
-        if self.classifier_dropout is not None:
-            _check_number("classifier_dropout", self.classifier_dropout)
+        for name in ("classifier_dropout", "attention_output_dropout_prob"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name))
         if self.pad_token_id is not None and (
             isinstance(self.pad_token_id, bool)
             or not isinstance(self.pad_token_id, int)
@@ -88,6 +96,12 @@ class BertConfig:
                 f"BertConfig.pad_token_id must be None or an integer in [0, vocab_size={self.vocab_size}), "
                 f"got {self.pad_token_id!r}"
             )
+        if not isinstance(self.positions_from_input_ids, bool):
+            raise ValueError(
+                f"BertConfig.positions_from_input_ids must be true or false, got {self.positions_from_input_ids!r}"
+            )
+        if self.positions_from_input_ids and self.pad_token_id is None:
+            raise ValueError("BertConfig.positions_from_input_ids needs a pad_token_id (positions count from it)")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads ({self.num_attention_heads})"
@@ -106,8 +120,10 @@ class BertConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"BertConfig.{name} must be in [0, 1), got {p!r}")
-        if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
-            raise ValueError(f"BertConfig.classifier_dropout must be in [0, 1) or None, got {self.classifier_dropout}")
+        for name in ("classifier_dropout", "attention_output_dropout_prob"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 <= p < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1) or None, got {p}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"BertConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
@@ -148,10 +164,8 @@ class BertConfig:
     # -- (de)serialisation ---------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BertConfig:
-        data = dict(data)
-        model_type = data.pop("model_type", "bert")
-        if model_type != "bert":
-            raise ValueError(f"expected a BERT config (model_type 'bert'), got model_type {model_type!r}")
+        # RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA and DistilBERT configs become BERT's fields.
+        data = bert_config_fields(data)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if "num_labels" not in data and isinstance(data.get("id2label"), dict):
             data["num_labels"] = len(data["id2label"])
@@ -182,6 +196,11 @@ class BertConfig:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         data = {**self.extra, **data, "model_type": "bert"}
+        # BERT's own configs stay exactly transformers' fields: the family's are written only when set.
+        if not self.positions_from_input_ids:
+            del data["positions_from_input_ids"]
+        if self.attention_output_dropout_prob is None:
+            del data["attention_output_dropout_prob"]
         return data
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -6,7 +6,10 @@ Two ways to run a transformers BERT on bertfast besides :func:`bertfast.patch`:
    classes below), or :func:`convert` to pick the class by the Hugging Face class name.  The
    Hugging Face config is mapped field for field to :class:`bertfast.BertConfig` and the
    weights are copied (same names, same dtype and device); the result is a native bertfast
-   model in the Hugging Face model's train/eval mode.  What bertfast cannot represent
+   model in the Hugging Face model's train/eval mode.  RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA
+   and DistilBERT models become the same BERT classes (``RobertaForMaskedLM`` ->
+   ``BertForMaskedLM``; see :mod:`bertfast.family`) where their head is BERT's; other heads
+   raise ``TypeError`` naming them.  What bertfast cannot represent
    (a decoder, relative position embeddings, an activation other than the erf GELU, an MLM
    decoder not tied to the word embeddings) raises ``ValueError``.
 

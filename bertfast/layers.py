@@ -3,7 +3,9 @@
 Every face of the product runs these functions: the native classes (:mod:`bertfast.modeling`)
 and patched transformers instances (:mod:`bertfast.patching`).  Both have Hugging Face's
 attribute names (``embeddings.word_embeddings``, ``encoder.layer[i].attention.self.query``,
-``pooler.dense``, ...), so one function walks either module tree::
+``pooler.dense``, ...), so one function walks either module tree; the rest of the BERT family
+(RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT) differs only in what
+:mod:`bertfast.family` describes (each layer's module names, the position-id rule, token types)::
 
     embeddings   LN(word[ids] + position[pos] + token_type[tt])      embedding_layer_norm
     per layer    qkv = x @ Wqkv^T + bqkv       one GEMM; q, k, v are strided views of qkv
@@ -51,6 +53,14 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .errors import BackendUnavailable
+from .family import (
+    LayerParts,
+    bert_layer_parts,
+    default_position_ids,
+    encoder_layers,
+    encoder_module,
+    layer_parts_function,
+)
 from .ops import _dispatch
 from .padding import PackedBatch, pack_mask, pad, unpad
 
@@ -155,22 +165,32 @@ def compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype
     return param_dtype
 
 
-def _encoder_plan(bert, backend: str, dtype: torch.dtype) -> Plan:
+def _encoder_plan(bert, backend: str, dtype: torch.dtype, parts_of) -> Plan:
+    weight = bert.embeddings.word_embeddings.weight
     config = bert.config
-    layers = bert.encoder.layer
-    sa = layers[0].attention.self if len(layers) else None
+    layers = encoder_layers(bert)
     attention_dropout = hidden_dropout = False
+    # In eval only the first layer's sizes matter (a list of one, not a ModuleList slice: that builds a module).
+    parts = [parts_of(module) for module in layers] if bert.training else [parts_of(layers[0])] if len(layers) else []
     if bert.training:  # the modules' own dropout rates (users may change them after building)
-        attention_dropout = any(layer.attention.self.dropout.p > 0 for layer in layers)
-        hidden_dropout = any(layer.output.dropout.p > 0 or layer.attention.output.dropout.p > 0 for layer in layers)
+        attention_dropout = any(p.attention_dropout.p > 0 for p in parts)
+        hidden_dropout = any(
+            p.output_dropout.p > 0 or (p.attention_output_dropout is not None and p.attention_output_dropout.p > 0)
+            for p in parts
+        )
+    hidden = weight.shape[1]
+    if not parts:
+        heads = config.num_attention_heads
+        return plan(backend, weight, dtype, hidden, hidden, heads, hidden // heads)
+    first = parts[0]
     return plan(
         backend,
-        bert.embeddings.word_embeddings.weight,
+        weight,
         dtype,
-        config.hidden_size,
-        config.intermediate_size,
-        sa.num_attention_heads if sa is not None else config.num_attention_heads,
-        sa.attention_head_size if sa is not None else config.hidden_size // config.num_attention_heads,
+        hidden,
+        first.intermediate.weight.shape[0],
+        first.heads,
+        first.head_dim,
         attention_dropout,
         hidden_dropout,
     )
@@ -251,7 +271,7 @@ def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, 
     if input_ids is not None:
         ranges.append(("input_ids", input_ids, config.vocab_size))
     if token_type_ids is not None:
-        ranges.append(("token_type_ids", token_type_ids, config.type_vocab_size))
+        ranges.append(("token_type_ids", token_type_ids, getattr(config, "type_vocab_size", 1)))
     if position_ids is not None:
         ranges.append(("position_ids", position_ids, config.max_position_embeddings))
     parts = [torch.stack(torch.aminmax(t)).to(torch.int64) for _, t, _ in ranges]
@@ -283,22 +303,27 @@ def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, 
 
 
 def embed(emb, input_ids, token_type_ids, position_ids, inputs_embeds, ops: Plan, dtype):
-    """``dropout(LN(word[ids] (or inputs_embeds) + position[pos] + token_type[tt])))`` in ``dtype``."""
+    """``dropout(LN(word[ids] (or inputs_embeds) + position[pos] + token_type[tt])))`` in ``dtype``.
+
+    Without a token-type table (DistilBERT) the fused op reads a one-row table of zeros."""
     ln = emb.LayerNorm
+    types = emb._modules.get("token_type_embeddings")
+    word = emb.word_embeddings.weight
+    type_table = word.new_zeros((1, word.shape[1])) if types is None else types.weight
     if inputs_embeds is None:
         x = ops.embedding_layer_norm(
             input_ids,
             position_ids,
             token_type_ids,
-            emb.word_embeddings.weight,
+            word,
             emb.position_embeddings.weight,
-            emb.token_type_embeddings.weight,
+            type_table,
             ln.weight,
             ln.bias,
             ln.eps,
         )
     else:
-        summed = inputs_embeds + F.embedding(token_type_ids, emb.token_type_embeddings.weight)
+        summed = inputs_embeds if types is None else inputs_embeds + F.embedding(token_type_ids, type_table)
         positions = F.embedding(position_ids, emb.position_embeddings.weight).to(summed.dtype)
         x = ops.layer_norm(summed, ln.weight, ln.bias, ln.eps, positions, None)
     x = emb.dropout(x)
@@ -309,6 +334,10 @@ def embed(emb, input_ids, token_type_ids, position_ids, inputs_embeds, ops: Plan
         x.requires_grad_(True)
     return x if x.dtype == dtype else x.to(dtype)
 
+
+# Set by bertfast.patch on a base model whose head reads the first token's hidden state (RoBERTa's,
+# ELECTRA's and DistilBERT's sequence classification): like a pooler, it needs position 0 computed.
+FIRST_TOKEN_READ_ATTR = "_bertfast_reads_first_token"
 
 INPUT_GRADS_HOOK = "make_inputs_require_grads"  # transformers' PreTrainedModel.enable_input_require_grads
 
@@ -323,15 +352,14 @@ def wants_input_grads(word_embeddings) -> bool:
 # directly: ``module.attr`` on an nn.Module is a Python-level ``__getattr__`` call, about 40 per layer.
 
 
-def _dense_residual_layer_norm(block, h, residual, ops: Plan, y=None):
-    """``LN(dropout(h @ W^T + b) + residual)`` of a BertSelfOutput / BertOutput; bias and dropout fused.
-    ``y``: ``h @ W^T`` when the caller formed it."""
-    modules = block._modules
-    dense, ln, dropout = modules["dense"]._parameters, modules["LayerNorm"], modules["dropout"]
+def _dense_residual_layer_norm(dense, ln, dropout, h, residual, ops: Plan, y=None):
+    """``LN(dropout(h @ W^T + b) + residual)`` after attention or the FFN; bias and dropout fused.
+    ``dropout``: the module's, or None (none there).  ``y``: ``h @ W^T`` when the caller formed it."""
+    dense = dense._parameters
     lnp = ln._parameters
     if y is None:
         y = F.linear(h, dense["weight"])
-    if dropout.training and dropout.p > 0.0:
+    if dropout is not None and dropout.training and dropout.p > 0.0:
         return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"], dropout_p=dropout.p)
     return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"])
 
@@ -380,12 +408,13 @@ def _adjacent(parts) -> bool:
     return True
 
 
-def fuse_qkv_storage(sa) -> None:
-    """Lay Wq, Wk, Wv (and their biases) back to back in one storage, so the fused QKV GEMM reads them
-    in place.  The parameters stay three (Hugging Face's names and state_dict); only their storage moves."""
+def fuse_qkv_storage(query, key, value) -> None:
+    """Lay Wq, Wk, Wv (and their biases) of the three linear modules back to back in one storage, so the
+    fused QKV GEMM reads them in place.  The parameters stay three (Hugging Face's names and state_dict);
+    only their storage moves."""
     with torch.no_grad():
         for name in ("weight", "bias"):
-            params = [getattr(getattr(sa, part), name) for part in ("query", "key", "value")]
+            params = [getattr(linear, name) for linear in (query, key, value)]
             if all(type(p) in _PLAIN for p in params) and not _adjacent(params):
                 fused = torch.cat(params)
                 for p, view in zip(params, fused.split([p.shape[0] for p in params])):
@@ -407,13 +436,9 @@ def _same_tensors(kept, params) -> bool:
     )
 
 
-def _fused(sa, name: str):
-    modules = sa._modules
-    params = (
-        modules["query"]._parameters[name],
-        modules["key"]._parameters[name],
-        modules["value"]._parameters[name],
-    )
+def _fused(parts: LayerParts, name: str):
+    sa = parts.attention
+    params = (parts.query._parameters[name], parts.key._parameters[name], parts.value._parameters[name])
     if torch.compiler.is_compiling():
         return torch.cat(params)
     if torch.is_grad_enabled() and (params[0].requires_grad or params[1].requires_grad or params[2].requires_grad):
@@ -431,20 +456,19 @@ def _fused(sa, name: str):
     return hit[1]
 
 
-def qkv_projection(sa, x):
+def qkv_projection(parts: LayerParts, x):
     """``x @ [Wq; Wk; Wv]^T + [bq; bk; bv]`` as one GEMM, with no copy of the weights per forward when
     they are adjacent in memory (native models) or, without gradients, a kept fused copy (patched models)."""
-    return F.linear(x, _fused(sa, "weight"), _fused(sa, "bias"))
+    return F.linear(x, _fused(parts, "weight"), _fused(parts, "bias"))
 
 
-def layer(module, x, mask, ops: Plan):
-    """One post-LN encoder layer.  ``mask``: ``None``, a bool ``(batch, seq)`` mask, or a PackedBatch."""
-    modules = module._modules
-    attention = modules["attention"]._modules
-    sa = attention["self"]
-    heads, head_dim = sa.num_attention_heads, sa.attention_head_size
-    qkv = qkv_projection(sa, x).unflatten(-1, (3, heads, head_dim))
-    dropout = sa._modules["dropout"]
+def layer(module, x, mask, ops: Plan, parts_of=bert_layer_parts):
+    """One post-LN encoder layer.  ``mask``: ``None``, a bool ``(batch, seq)`` mask, or a PackedBatch.
+    ``parts_of``: reads the layer's modules (:mod:`bertfast.family`: BERT's names or DistilBERT's)."""
+    parts = parts_of(module)
+    heads, head_dim = parts.heads, parts.head_dim
+    qkv = qkv_projection(parts, x).unflatten(-1, (3, heads, head_dim))
+    dropout = parts.attention_dropout
     extra = {"dropout_p": dropout.p} if dropout.training and dropout.p > 0.0 else {}
     scale = head_dim**-0.5
     if isinstance(mask, PackedBatch):
@@ -456,19 +480,20 @@ def layer(module, x, mask, ops: Plan):
         a = ops.attention_qkv(qkv, mask, scale, **extra)
     else:
         a = ops.attention(*qkv.unbind(-3), mask, scale, **extra)
-    x = _dense_residual_layer_norm(attention["output"], a.flatten(-2), x, ops)
-    dense = modules["intermediate"]._modules["dense"]._parameters
-    output = modules["output"]
+    attention_out = (parts.attention_dense, parts.attention_norm, parts.attention_output_dropout)
+    x = _dense_residual_layer_norm(*attention_out, a.flatten(-2), x, ops)
+    dense = parts.intermediate._parameters
+    output = (parts.output_dense, parts.output_norm, parts.output_dropout)
     h = F.linear(x, dense["weight"])
     if h.requires_grad and not torch.compiler.is_compiling():
         # Training: the (tokens, 4 x hidden) GELU output is not kept for the next GEMM's backward;
         # it is recomputed there from the pre-activation ``h``, which bias-GELU keeps anyway.
-        w = output._modules["dense"]._parameters["weight"]
+        w = parts.output_dense._parameters["weight"]
         y = torch.utils.checkpoint.checkpoint(
             _gelu_dense, h, dense["bias"], w, ops, use_reentrant=False, preserve_rng_state=False
         )
-        return _dense_residual_layer_norm(output, None, x, ops, y)
-    return _dense_residual_layer_norm(output, ops.bias_gelu(h, dense["bias"]), x, ops)
+        return _dense_residual_layer_norm(*output, None, x, ops, y)
+    return _dense_residual_layer_norm(*output, ops.bias_gelu(h, dense["bias"]), x, ops)
 
 
 def _gelu_dense(h, bias, weight, ops: Plan):
@@ -496,8 +521,8 @@ def _checkpoint_function(bert, module):
         return None
     if getattr(module, "gradient_checkpointing", False):
         owner = module
-    elif getattr(bert.encoder, "gradient_checkpointing", False):
-        owner = bert.encoder
+    elif getattr(encoder_module(bert), "gradient_checkpointing", False):
+        owner = encoder_module(bert)
     else:
         return None
     fn = getattr(owner, "_gradient_checkpointing_func", None) or getattr(bert, "_gradient_checkpointing_func", None)
@@ -543,9 +568,9 @@ def encode(
             "to one device"
         )
     dtype = compute_dtype(device, weight.dtype)
-    ops = _encoder_plan(bert, backend, dtype)
-    if position_ids is None:
-        position_ids = torch.arange(seq, device=device)[None, :]
+    ops = _encoder_plan(bert, backend, dtype, layer_parts_function(bert))
+    if position_ids is None:  # from the padded ids, before any packing (RoBERTa counts real tokens only)
+        position_ids = default_position_ids(config, input_ids, seq, device)
     position_ids = position_ids.expand(batch, seq)
     if token_type_ids is None:
         token_type_ids = torch.zeros((batch, seq), dtype=torch.long, device=device)
@@ -561,9 +586,11 @@ def encode(
             raise BackendUnavailable(f"unpad=True, but backend {backend!r} has no variable-length attention here")
         may_unpad = False
     lengths = keep.sum(dim=1, dtype=torch.int32) if may_unpad else None
-    # The pooler reads position 0 of every row, which the packed path computes only where it is a token
-    # (rows that are all padding have no meaningful pooled output either way).
-    pools = may_unpad and getattr(bert, "pooler", None) is not None
+    # The pooler (or a head that reads the first token, see bertfast.patching) reads position 0 of every
+    # row, which the packed path computes only where it is a token (rows that are all padding have no
+    # meaningful pooled output either way).
+    pooler = bert._modules.get("pooler")
+    pools = may_unpad and (pooler is not None or getattr(bert, FIRST_TOKEN_READ_ATTR, False))
     lead_padded = (~keep[:, 0] & keep.any(dim=1)).any() if pools else None
     sizes = None
     if eager:
@@ -574,8 +601,9 @@ def encode(
         if left_padded:  # left padding: position 0 is padding in some row, so the pooled output needs it computed
             if unpad_mode is True:
                 raise ValueError(
-                    "unpad=True, but some row starts with padding (left padding): the pooler reads position 0, "
-                    "which a padding-free forward never computes; use unpad='auto' (it runs such batches padded)"
+                    "unpad=True, but some row starts with padding (left padding): the pooler (or a head reading "
+                    "the first token) reads position 0, which a padding-free forward never computes; use "
+                    "unpad='auto' (it runs such batches padded)"
                 )
         elif unpad_mode is True or total < batch * seq:
             packed = pack_mask(keep, lengths, (total, longest))
@@ -590,9 +618,11 @@ def encode(
         mask = keep
         x = embed(bert.embeddings, input_ids, token_type_ids, position_ids, inputs_embeds, ops, dtype)
     states = [x] if output_hidden_states else None
-    for module in bert.encoder.layer:
+    parts_of = layer_parts_function(bert)
+    for module in encoder_layers(bert):
         # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
-        step = module if getattr(module, "runs_bertfast_layer", False) else functools.partial(layer, module)
+        native = getattr(module, "runs_bertfast_layer", False)
+        step = module if native else functools.partial(layer, module, parts_of=parts_of)
         checkpoint = _checkpoint_function(bert, module)
         x = step(x, mask, ops) if checkpoint is None else checkpoint(step, x, mask, ops)
         if states is not None:
@@ -603,5 +633,5 @@ def encode(
         x = pad(x, packed)
         if states is not None:
             states = [pad(h, packed) for h in states]
-    pooled = bert.pooler(x) if bert.pooler is not None else None
+    pooled = pooler(x) if pooler is not None else None
     return x, pooled, states, packed, packed_x

@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from . import family
 from .config import BertConfig
 
 SAFETENSORS = "model.safetensors"
@@ -89,12 +90,17 @@ def normalize_key(key: str) -> str:
     return key
 
 
-def map_checkpoint_keys(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Rename checkpoint keys to the model's: legacy names, with or without the ``bert.`` prefix.
+def map_checkpoint_keys(
+    state: dict[str, torch.Tensor], model_keys: set[str], model_type: str = "bert"
+) -> dict[str, torch.Tensor]:
+    """Rename checkpoint keys to the model's: legacy names, with or without the ``bert.`` prefix, and
+    the names of ``model_type``'s family (``roberta.``, ``electra.``, ``distilbert.``, ...: see
+    :func:`bertfast.family.bert_state_dict`).
 
     Two stored names that land on one model key (``bert.X`` and ``X``, or ``gamma`` and
     ``weight``) must hold equal tensors: which one to load would otherwise be a guess.
     """
+    state = family.bert_state_dict(state, model_type)
     model_has_prefix = any(k.startswith("bert.") for k in model_keys)
     mapped: dict[str, torch.Tensor] = {}
     stored_as: dict[str, str] = {}
@@ -154,10 +160,13 @@ def _check_ties(model: torch.nn.Module, state: dict[str, torch.Tensor], tied: di
                 )
 
 
-def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool) -> LoadingInfo:
-    """Copy ``state`` into ``model``, naming every missing, unexpected or mis-shaped tensor."""
+def load_state_dict_checked(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool, model_type: str = "bert"
+) -> LoadingInfo:
+    """Copy ``state`` (a checkpoint of ``model_type``'s family) into ``model``, naming every missing,
+    unexpected or mis-shaped tensor."""
     model_state = model.state_dict()
-    state = map_checkpoint_keys(state, set(model_state))
+    state = map_checkpoint_keys(state, set(model_state), model_type)
     tied = _tied_keys(model)
     _check_ties(model, state, tied)
     missing = sorted(k for k in model_state if k not in state and k not in tied)
@@ -190,9 +199,14 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
 def load_pretrained(cls, path, backend="auto", dtype=None, device=None, strict=False):
     path = os.fspath(path)
     config = BertConfig.from_pretrained(path)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type", "bert")
+    if cls.__name__ != "BertModel":
+        for architecture in config.extra.get("architectures") or ():
+            family.native_class_name(architecture)  # raises for a family head with no native class
     state = read_state_dict(path)
     model = cls(config, backend=backend)
-    info = load_state_dict_checked(model, state, strict)
+    info = load_state_dict_checked(model, state, strict, model_type)
     model.loading_info = info
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)

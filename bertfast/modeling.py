@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import layers
+from . import family, layers
 from .config import BertConfig
 from .forward_kwargs import check_forward_kwargs
 from .head_losses import ignore_padding_labels, span_logits, span_loss
@@ -51,26 +51,27 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        layers.fuse_qkv_storage(self)
+        layers.fuse_qkv_storage(self.query, self.key, self.value)
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() give the parameters new storage: lay them back to back again.
         result = super()._apply(fn, recurse)
-        layers.fuse_qkv_storage(self)
+        layers.fuse_qkv_storage(self.query, self.key, self.value)
         return result
 
 
 class _DenseResidualLayerNorm(nn.Module):
-    def __init__(self, in_features: int, config: BertConfig):
+    def __init__(self, in_features: int, config: BertConfig, dropout_p: float):
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(dropout_p)
 
 
 class BertSelfOutput(_DenseResidualLayerNorm):
     def __init__(self, config: BertConfig):
-        super().__init__(config.hidden_size, config)
+        p = config.attention_output_dropout_prob
+        super().__init__(config.hidden_size, config, config.hidden_dropout_prob if p is None else p)
 
 
 class BertAttention(nn.Module):
@@ -88,7 +89,7 @@ class BertIntermediate(nn.Module):
 
 class BertOutput(_DenseResidualLayerNorm):
     def __init__(self, config: BertConfig):
-        super().__init__(config.intermediate_size, config)
+        super().__init__(config.intermediate_size, config, config.hidden_dropout_prob)
 
 
 class BertLayer(nn.Module):
@@ -718,13 +719,17 @@ def config_from_hf(hf_config) -> BertConfig:
 
     Raises ``ValueError`` naming the field when bertfast cannot represent the model.
     """
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type != "bert":
-        raise ValueError(f"expected a BERT config (model_type 'bert'), got model_type {model_type!r}")
+    found = family.family_of_config(hf_config)
+    if found is None:
+        model_type = getattr(hf_config, "model_type", None)
+        raise ValueError(
+            f"expected a config of the BERT family (model_type 'bert', 'roberta', ...), got {model_type!r}"
+        )
     data = hf_config.to_dict()
-    act = getattr(hf_config, "hidden_act", None)
+    field = found.activation_field
+    act = getattr(hf_config, field, None)
     if not isinstance(act, str):  # a callable activation does not survive to_dict; say so clearly
-        raise ValueError(f"hidden_act {act!r} is not supported; bertfast implements 'gelu' (the erf GELU)")
+        raise ValueError(f"{field} {act!r} is not supported; bertfast implements 'gelu' (the erf GELU)")
     data["num_labels"] = hf_config.num_labels
     # These only matter to decoders; an encoder config carries them as False.
     for flag in ("is_decoder", "add_cross_attention"):
@@ -737,10 +742,14 @@ def config_from_hf(hf_config) -> BertConfig:
 
 
 def _hf_class_name(hf_model: nn.Module) -> str | None:
-    """The supported Hugging Face class ``hf_model`` is (or derives from), by name."""
+    """The bertfast class name of the supported Hugging Face class ``hf_model`` is (or derives from): the
+    same name for BERT, ``Bert<head>`` for its family's (``RobertaForMaskedLM`` -> ``BertForMaskedLM``)."""
     for klass in type(hf_model).__mro__:
-        if klass.__name__ in SUPPORTED_CLASSES and klass.__module__.startswith("transformers."):
-            return klass.__name__
+        if not klass.__module__.startswith("transformers."):
+            continue
+        native = family.native_class_name(klass.__name__)
+        if native is not None and native[0] in SUPPORTED_CLASSES:
+            return native[0]
     return None
 
 
@@ -763,12 +772,19 @@ def _check_tied_heads(hf_model: nn.Module) -> None:
             )
 
 
+# An ``activation`` beside one of these is a GELU of the family's: DistilBERT's FFN (lin1) and MLM head
+# (vocab_transform), ELECTRA's generator head (LayerNorm); the pooler's Tanh has none of them.
+_GELU_BESIDE = ("lin1", "vocab_transform", "LayerNorm")
+
+
 def _check_activations(hf_model: nn.Module) -> None:
     """The config says "gelu"; refuse a model whose activation modules were replaced since."""
     from transformers.activations import GELUActivation
 
     for name, module in hf_model.named_modules():
         act = getattr(module, "intermediate_act_fn", None) or getattr(module, "transform_act_fn", None)
+        if act is None and any(n in module._modules for n in _GELU_BESIDE):
+            act = module._modules.get("activation")
         if act is not None and type(act) is not GELUActivation:
             raise ValueError(f"{name} uses {type(act).__name__}; bertfast implements the erf GELU only")
 
@@ -781,7 +797,7 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
     model (``hf_model.bert``); a head class must match the Hugging Face head.  The result
     has the Hugging Face model's dtype, device and train/eval mode.
     """
-    from .loading import map_checkpoint_keys
+    from .loading import load_state_dict_checked, map_checkpoint_keys
 
     if not isinstance(hf_model, nn.Module):
         raise TypeError(f"hf_model must be a transformers model, got {type(hf_model).__name__}")
@@ -792,25 +808,28 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
         raise TypeError(
             f"{type(hf_model).__name__} is not a supported transformers BERT class; supported: "
             + ", ".join(SUPPORTED_CLASSES)
+            + ", and the same heads of RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA and DistilBERT (see bertfast.family)"
         )
     if cls is None:
         cls = globals()[hf_name]
     if not (isinstance(cls, type) and issubclass(cls, BertPreTrainedModel)):
         raise TypeError(f"cls must be a bertfast model class, got {cls!r}")
     source = hf_model
+    model_type = getattr(hf_model.config, "model_type", "bert")
+    base_attr = (family.family_of_config(hf_model.config) or family.BERT).base_attr
     if issubclass(cls, BertModel):
         if hf_name != "BertModel":
-            source = hf_model.bert  # the encoder of a head model
+            source = getattr(hf_model, base_attr)  # the encoder of a head model
     elif cls.__name__ != hf_name:
         raise TypeError(f"cannot build bertfast.{cls.__name__} from a transformers {hf_name}: the heads differ")
-    else:
+    elif model_type == "bert":
         _check_tied_heads(hf_model)
 
     config = config_from_hf(source.config)
     _check_activations(source)
     backend = check_backend(backend)
     if issubclass(cls, BertModel):
-        model = cls(config, backend=backend, add_pooling_layer=source.pooler is not None)
+        model = cls(config, backend=backend, add_pooling_layer=getattr(source, "pooler", None) is not None)
     else:
         model = cls(config, backend=backend)
     reference = source.get_input_embeddings().weight
@@ -822,8 +841,11 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
             stacklevel=2,
         )
     model.to(device=reference.device, dtype=reference.dtype)
-    state = map_checkpoint_keys(source.state_dict(), set(model.state_dict()))
-    model.load_state_dict(state, strict=True)
+    if model_type == "bert":
+        state = map_checkpoint_keys(source.state_dict(), set(model.state_dict()))
+        model.load_state_dict(state, strict=True)
+    else:  # renamed keys, and MLM heads that store one of a tied pair: the checked loader handles both
+        load_state_dict_checked(model, source.state_dict(), True, model_type)
     return model.train(hf_model.training)
 
 

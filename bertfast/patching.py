@@ -11,7 +11,10 @@ What changes, and what does not
 (never a class attribute, so other instances and the ``transformers`` module are untouched;
 ``copy.deepcopy`` and pickling carry the patch along):
 
-- the ``BertModel`` (``model`` itself or ``model.bert``): :func:`bertfast.layers.encode` runs
+- the ``BertModel`` (``model`` itself or ``model.bert``; for the rest of the BERT family, see
+  :mod:`bertfast.family`, the ``RobertaModel``/``XLMRobertaModel``/``CamembertModel`` at
+  ``.roberta``, the ``ElectraModel`` at ``.electra``, the ``DistilBertModel`` at ``.distilbert``,
+  while their heads keep transformers' own forward): :func:`bertfast.layers.encode` runs
   the embeddings, every encoder layer and the model's own pooler module, reading the
   model's own parameters: the same code, numbers and mixed-precision policy as bertfast's
   native classes (see :mod:`bertfast.layers`), padding-free by default (``unpad="auto"``).
@@ -49,9 +52,11 @@ What is not supported, and what happens
 At patch time the model is left unpatched, with a :class:`PatchWarning` saying why
 (``strict=True`` raises :class:`PatchError` instead), when it is a decoder
 (``is_decoder``/``add_cross_attention``), uses relative position embeddings
-(``position_embedding_type`` other than ``"absolute"``), has ``hidden_act`` other than
-exactly ``"gelu"`` (the erf GELU), when a Linear/LayerNorm/Embedding has been replaced by
-another type (adapters such as LoRA, quantized layers) or is configured differently
+(``position_embedding_type`` other than ``"absolute"``), has ``hidden_act`` (DistilBERT:
+``activation``) other than exactly ``"gelu"`` (the erf GELU), is an ELECTRA whose
+``embedding_size`` differs from ``hidden_size`` (its ``embeddings_project`` is not BERT's),
+when a Linear/LayerNorm/Embedding has been replaced by another type (adapters
+such as LoRA, quantized layers) or is configured differently
 (no bias, ``max_norm``...), or when a submodule carries module hooks or an instance-level
 ``forward`` of its own (accelerate's device hooks, another patch): the patched forward does
 not call the submodules, so those would silently stop running.  Hooks added *after*
@@ -78,7 +83,7 @@ import warnings
 
 from torch import nn
 
-from . import head_losses, layers
+from . import family, head_losses, layers
 from .forward_kwargs import check_forward_kwargs
 from .ops import check_backend
 
@@ -117,20 +122,21 @@ def _transformers_bert():
 
 
 def _base_model(model: nn.Module, modeling_bert) -> nn.Module:
-    """The transformers ``BertModel`` inside ``model`` (``model`` itself or ``model.bert``)."""
+    """The transformers base model of the BERT family inside ``model`` (``model`` itself or its
+    ``.bert`` / ``.roberta`` / ``.electra`` / ``.distilbert``), see :mod:`bertfast.family`."""
     from .modeling import BertPreTrainedModel
 
     if isinstance(model, BertPreTrainedModel):
         raise TypeError(f"{type(model).__name__} is already a bertfast model; patch() takes a transformers BERT model")
     if hasattr(model, "_orig_mod"):  # torch.compile's wrapper: its compiled code would not see the patch
         raise TypeError("patch the model before torch.compile: bertfast.patch(model), then torch.compile(model)")
-    if isinstance(model, modeling_bert.BertModel):
-        return model
-    if isinstance(model, modeling_bert.BertPreTrainedModel) and isinstance(
-        getattr(model, "bert", None), modeling_bert.BertModel
-    ):
-        return model.bert
-    raise TypeError(f"bertfast.patch takes a transformers BertModel or BertFor... model, got {type(model).__name__}")
+    found = family.find_base_model(model)
+    if found is not None:
+        return found[0]
+    raise TypeError(
+        "bertfast.patch takes a transformers BertModel or BertFor... model, or the same of RoBERTa, XLM-RoBERTa, "
+        f"CamemBERT, ELECTRA or DistilBERT, got {type(model).__name__}"
+    )
 
 
 def _is_hf_output_capturing_hook(hook) -> bool:
@@ -188,9 +194,10 @@ def _config_reason(config) -> str | None:
     position = getattr(config, "position_embedding_type", "absolute") or "absolute"
     if position != "absolute":
         return f"position_embedding_type is {position!r}; bertfast implements absolute position embeddings only"
-    act = getattr(config, "hidden_act", None)
+    field = (family.family_of_config(config) or family.BERT).activation_field
+    act = getattr(config, field, None)
     if not (isinstance(act, str) and act == "gelu"):
-        return f"hidden_act is {act!r}; bertfast implements exactly 'gelu' (the erf GELU)"
+        return f"{field} is {act!r}; bertfast implements exactly 'gelu' (the erf GELU)"
     return None
 
 
@@ -199,36 +206,41 @@ def _bert_model_reason(bert: nn.Module) -> str | None:
     reason = _config_reason(bert.config)
     if reason is not None:
         return reason
-    hidden = bert.config.hidden_size
     emb = bert.embeddings
+    if "embeddings_project" in bert._modules:
+        return (
+            f"embedding_size ({emb.word_embeddings.embedding_dim}) differs from hidden_size "
+            f"({bert.config.hidden_size}): the embeddings_project layer is not BERT's; bertfast runs ELECTRA "
+            "only with embedding_size == hidden_size"
+        )
+    hidden = emb.word_embeddings.embedding_dim
     checks = [
         _check_embedding("embeddings.word_embeddings", emb.word_embeddings),
         _check_embedding("embeddings.position_embeddings", emb.position_embeddings),
-        _check_embedding("embeddings.token_type_embeddings", emb.token_type_embeddings),
         _check_layer_norm("embeddings.LayerNorm", emb.LayerNorm, hidden),
     ]
-    for i, layer in enumerate(bert.encoder.layer):
-        prefix = f"encoder.layer.{i}"
-        attention = layer.attention
-        if getattr(attention, "is_cross_attention", False) or hasattr(layer, "crossattention"):
+    if "token_type_embeddings" in emb._modules:
+        checks.append(_check_embedding("embeddings.token_type_embeddings", emb.token_type_embeddings))
+    names = {id(module): name for name, module in bert.named_modules()}
+    parts_of = family.layer_parts_function(bert)
+    for layer in family.encoder_layers(bert):
+        prefix = names[id(layer)]
+        if getattr(layer.attention, "is_cross_attention", False) or hasattr(layer, "crossattention"):
             return f"{prefix} has cross-attention"
-        sa = attention.self
-        for part in ("query", "key", "value"):
-            checks.append(_check_linear(f"{prefix}.attention.self.{part}", getattr(sa, part)))
-        if getattr(sa, "is_causal", False):
-            return f"{prefix}.attention.self is causal"
-        if hasattr(sa, "distance_embedding"):
-            return f"{prefix}.attention.self has relative position embeddings"
+        parts = parts_of(layer)
+        if getattr(parts.attention, "is_causal", False):
+            return f"{names[id(parts.attention)]} is causal"
+        if hasattr(parts.attention, "distance_embedding"):
+            return f"{names[id(parts.attention)]} has relative position embeddings"
+        for module in (parts.query, parts.key, parts.value, parts.attention_dense, parts.intermediate):
+            checks.append(_check_linear(names[id(module)], module))
         checks += [
-            _check_linear(f"{prefix}.attention.output.dense", attention.output.dense),
-            _check_layer_norm(f"{prefix}.attention.output.LayerNorm", attention.output.LayerNorm, hidden),
-            _check_linear(f"{prefix}.intermediate.dense", layer.intermediate.dense),
-            _check_linear(f"{prefix}.output.dense", layer.output.dense),
-            _check_layer_norm(f"{prefix}.output.LayerNorm", layer.output.LayerNorm, hidden),
+            _check_layer_norm(names[id(parts.attention_norm)], parts.attention_norm, hidden),
+            _check_linear(names[id(parts.output_dense)], parts.output_dense),
+            _check_layer_norm(names[id(parts.output_norm)], parts.output_norm, hidden),
         ]
-        if not _is_erf_gelu(layer.intermediate.intermediate_act_fn):
-            act = type(layer.intermediate.intermediate_act_fn).__name__
-            return f"{prefix}.intermediate uses {act}, not the erf GELU"
+        if not _is_erf_gelu(parts.activation):
+            return f"{prefix} uses {type(parts.activation).__name__} in its feed-forward, not the erf GELU"
     for reason in checks:
         if reason is not None:
             return reason
@@ -239,7 +251,7 @@ def _bert_model_reason(bert: nn.Module) -> str | None:
         if reason is not None:
             return f"{name}: {reason}"
     if "forward" in bert.__dict__:
-        return "the BertModel already has an instance-level forward (another patch or an accelerate hook)"
+        return f"the {type(bert).__name__} already has an instance-level forward (another patch or an accelerate hook)"
     return None
 
 
@@ -288,27 +300,18 @@ def _selected_hidden_states(states: list, selection) -> tuple:
     return tuple(h if i in keep else None for i, h in enumerate(states))
 
 
-_LAYER_LINEARS = (
-    ("attention", "self", "query"),
-    ("attention", "self", "key"),
-    ("attention", "self", "value"),
-    ("attention", "output", "dense"),
-    ("intermediate", "dense"),
-    ("output", "dense"),
-)
-
-
 def _replaced_since_patch(bert: nn.Module) -> str | None:
     """A layer's linear module that is no longer a plain ``nn.Linear`` (e.g. a LoRA wrapper added after
     ``patch``), which the fused path would silently skip; ``None`` when all are plain.  Cheap: six type
     checks per layer."""
-    for i, layer in enumerate(bert.encoder._modules["layer"]):
-        for path in _LAYER_LINEARS:
-            module = layer
-            for part in path:
-                module = module._modules[part]
+    parts_of = family.layer_parts_function(bert)
+    for layer in family.encoder_layers(bert):
+        parts = parts_of(layer)
+        linears = (parts.query, parts.key, parts.value, parts.attention_dense, parts.intermediate, parts.output_dense)
+        for module in linears:
             if type(module) is not nn.Linear:
-                return f"encoder.layer.{i}.{'.'.join(path)} is now of type {type(module).__name__}"
+                name = next(name for name, m in bert.named_modules() if m is module)
+                return f"{name} is now of type {type(module).__name__}"
     return None
 
 
@@ -325,8 +328,9 @@ def _patched_bert_model_forward(
     return_dict=None,
     **kwargs,
 ):
-    """transformers ``BertModel.forward`` computed by :mod:`bertfast.layers` (see :mod:`bertfast.patching`)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+    """transformers ``BertModel.forward`` (or the family base model's) computed by :mod:`bertfast.layers`
+    (see :mod:`bertfast.patching`)."""
+    from transformers import modeling_outputs
 
     config = self.config
     if output_attentions is None:
@@ -361,13 +365,14 @@ def _patched_bert_model_forward(
         unpad_mode=getattr(self, _UNPAD_ATTR, "auto"),
     )
     hidden_states = None if states is None else _selected_hidden_states(states, output_hidden_states)
-    out = BaseModelOutputWithPoolingAndCrossAttentions(
-        last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states
-    )
+    output_class = getattr(modeling_outputs, (family.family_of_config(config) or family.BERT).output)
+    with_pooler = "pooler_output" in output_class.__dataclass_fields__
+    fields = {"pooler_output": pooled} if with_pooler else {}
+    out = output_class(last_hidden_state=x, hidden_states=hidden_states, **fields)
     if return_dict:
         return out
     if _LEGACY_TRANSFORMERS:
-        return (x, pooled) + ((hidden_states,) if hidden_states is not None else ())
+        return (x,) + ((pooled,) if with_pooler else ()) + ((hidden_states,) if hidden_states is not None else ())
     return out.to_tuple()
 
 
@@ -432,6 +437,11 @@ def _set_forward(module: nn.Module, function, backend: str, unpad=None) -> None:
     module.forward = functools.partial(function, module)
 
 
+# Heads that read the first token's hidden state; with left padding it is padding, whose hidden state
+# transformers computes (and such a head reads), so the encoder runs those batches padded.
+_FIRST_TOKEN_HEADS = ("ForSequenceClassification", "ForMultipleChoice")
+
+
 def _refuse(message: str, strict: bool) -> None:
     if strict:
         raise PatchError(message)
@@ -482,8 +492,12 @@ def patch(
                 continue
             transforms.append(module)
     _set_forward(bert, _patched_bert_model_forward, backend, unpad)
-    for layer in bert.encoder.layer:  # the QKV GEMM then reads them in place, in training too
-        layers.fuse_qkv_storage(layer.attention.self)
+    parts_of = family.layer_parts_function(bert)
+    for layer in family.encoder_layers(bert):  # the QKV GEMM then reads them in place, in training too
+        parts = parts_of(layer)
+        layers.fuse_qkv_storage(parts.query, parts.key, parts.value)
+    if model is not bert and type(model).__name__.endswith(_FIRST_TOKEN_HEADS):
+        setattr(bert, layers.FIRST_TOKEN_READ_ATTR, True)
     for module in transforms:
         _set_forward(module, _patched_head_transform_forward, backend)
     if model is not bert and type(model).__name__.endswith(_TOKEN_LABEL_HEADS + _SPAN_HEADS):
@@ -496,7 +510,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if _patched_forward_of(module) is not None:
             del module.forward
-            for attr in (_BACKEND_ATTR, _UNPAD_ATTR):
+            for attr in (_BACKEND_ATTR, _UNPAD_ATTR, layers.FIRST_TOKEN_READ_ATTR):
                 if attr in module.__dict__:
                     delattr(module, attr)
     return model

@@ -74,3 +74,15 @@ def triton_device() -> str | None:
     if triton_backend.availability() is not None:
         return None
     return "cpu" if triton_backend.interpreter_on() else "cuda"
+
+
+def span_outputs_under_the_rule(out, mask, start_positions=None, end_positions=None):
+    """transformers' question-answering outputs with bertfast's rule at padding (bertfast.head_losses):
+    span logits with padding masked out, and the loss over them (when positions are given)."""
+    from bertfast import head_losses
+
+    for key in ("start_logits", "end_logits"):
+        out[key] = head_losses.span_logits(out[key], mask)
+    if start_positions is not None:
+        out["loss"] = head_losses.span_loss(out.start_logits, out.end_logits, start_positions, end_positions, mask)
+    return out

@@ -1,0 +1,283 @@
+"""The BERT family (RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT) through the one layer path."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import bertfast  # noqa: E402
+from bertfast.numerics import MODEL_FP32_REL_TOL, rel_error  # noqa: E402
+from bertfast.patching import PatchError  # noqa: E402
+
+from .helpers import span_outputs_under_the_rule, triton_device  # noqa: E402
+from .test_one_path import _matmul_flops  # noqa: E402
+from .test_patching import TRITON  # noqa: E402
+
+SIZES = dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=70)
+DROPOUT_OFF = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+ROBERTA_STYLE = dict(SIZES, **DROPOUT_OFF, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1)
+
+# family: (transformers class prefix, config class, config fields)
+FAMILIES = {
+    "roberta": ("Roberta", "RobertaConfig", ROBERTA_STYLE),
+    "xlm-roberta": ("XLMRoberta", "XLMRobertaConfig", ROBERTA_STYLE),
+    "camembert": ("Camembert", "CamembertConfig", ROBERTA_STYLE),
+    "electra": ("Electra", "ElectraConfig", dict(SIZES, **DROPOUT_OFF, embedding_size=48, max_position_embeddings=40)),
+    "distilbert": (
+        "DistilBert",
+        "DistilBertConfig",
+        dict(vocab_size=101, dim=48, n_layers=2, n_heads=3, hidden_dim=70, dropout=0.0, attention_dropout=0.0),
+    ),
+}
+HEADS = {
+    "roberta": ["Model", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"],
+    "electra": [
+        "Model",
+        "ForSequenceClassification",
+        "ForTokenClassification",
+        "ForQuestionAnswering",
+        "ForMaskedLM",
+        "ForPreTraining",
+    ],
+    "distilbert": [
+        "Model",
+        "ForSequenceClassification",
+        "ForTokenClassification",
+        "ForQuestionAnswering",
+        "ForMaskedLM",
+    ],
+}
+HEADS["xlm-roberta"] = HEADS["camembert"] = HEADS["roberta"]
+CASES = [(family, head) for family in FAMILIES for head in HEADS[family]]
+
+
+def hf_config(family: str, **overrides):
+    _, config_class, fields = FAMILIES[family]
+    return getattr(transformers, config_class)(**{**fields, **overrides}, attn_implementation="eager")
+
+
+def hf_model(family: str, head: str, **overrides):
+    prefix = FAMILIES[family][0]
+    num_labels = 2 if head == "ForQuestionAnswering" else 3
+    torch.manual_seed(0)
+    return getattr(transformers, prefix + head)(hf_config(family, num_labels=num_labels, **overrides)).eval()
+
+
+def batch(config, lengths, seq, left=False, seed=0):
+    """Ids of real tokens (never the padding id) and ``pad_token_id`` at padding, as a tokenizer gives."""
+    g = torch.Generator().manual_seed(seed)
+    pad_id = config.pad_token_id
+    ids = torch.randint(pad_id + 1, config.vocab_size, (len(lengths), seq), generator=g)
+    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    if left:
+        mask = mask.flip(1)
+    return ids.masked_fill(mask == 0, pad_id), mask
+
+
+def labels_for(head, config, mask, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rows, seq = mask.shape
+    if head in ("ForMaskedLM", "ForTokenClassification", "ForPreTraining"):
+        classes = {"ForMaskedLM": config.vocab_size, "ForPreTraining": 2}.get(head, config.num_labels)
+        return {"labels": torch.randint(0, classes, (rows, seq), generator=g).masked_fill(mask == 0, -100)}
+    if head == "ForSequenceClassification":
+        return {"labels": torch.randint(0, config.num_labels, (rows,), generator=g)}
+    if head == "ForQuestionAnswering":
+        first = (mask == 0).long().sum(1) * (mask[:, 0] == 0).long()  # left padding: real tokens start later
+        return {"start_positions": first, "end_positions": first + mask.sum(1) - 1}
+    return {}
+
+
+def per_token(value, mask):
+    return value[mask.bool()] if value.dim() >= 2 and tuple(value.shape[:2]) == tuple(mask.shape) else value
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+@pytest.mark.parametrize("family, head", CASES)
+def test_patched_matches_transformers_at_real_tokens(family, head, left):
+    reference = hf_model(family, head)
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True)
+    config = reference.config
+    ids, mask = batch(config, [9, 4, 7], 9, left=left)
+    labels = labels_for(head, config, mask)
+    ours = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **labels)
+    theirs = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True, **labels)
+    if head == "ForQuestionAnswering":  # bertfast keeps padding out of the span softmax (head_losses)
+        theirs = span_outputs_under_the_rule(theirs, mask, labels["start_positions"], labels["end_positions"])
+    assert type(ours) is type(theirs) and list(ours.keys()) == list(theirs.keys())
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    for key in theirs.keys():
+        pairs = zip(ours[key], theirs[key]) if key == "hidden_states" else [(ours[key], theirs[key])]
+        for a, b in pairs:
+            err = rel_error(per_token(a, mask), per_token(b, mask))
+            assert err <= MODEL_FP32_REL_TOL, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_family_runs_padding_free(family):
+    reference = hf_model(family, "Model")
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True)
+    lengths, seq = [16, 5, 3, 4], 16
+    ids, mask = batch(reference.config, lengths, seq)
+    share = sum(lengths) / (len(lengths) * seq)
+    padded = _matmul_flops(lambda: reference(input_ids=ids, attention_mask=mask))
+    ratio = _matmul_flops(lambda: model(input_ids=ids, attention_mask=mask)) / padded
+    assert ratio <= share * 1.15, f"{ratio:.2f} of the padded FLOPs for a real-token share of {share:.2f}"
+
+
+@pytest.mark.parametrize("backend", ["ext", pytest.param("triton", marks=TRITON)])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_family_on_the_kernel_backends(family, backend):
+    """The fused embedding (DistilBERT: a zero token-type row) and layer kernels; one layer, the interpreter is slow."""
+    layers = {"n_layers": 1} if family == "distilbert" else {"num_hidden_layers": 1}
+    reference = hf_model(family, "ForTokenClassification", **layers)
+    if bertfast.ops.backend_availability(backend) is not None:
+        pytest.skip(bertfast.ops.backend_availability(backend))
+    device = triton_device() if backend == "triton" else "cpu"
+    model = bertfast.patch(copy.deepcopy(reference), backend=backend, strict=True).to(device)
+    ids, mask = batch(reference.config, [6, 3], 6, left=True)
+    ours = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.cpu()
+    theirs = reference(input_ids=ids, attention_mask=mask).logits
+    assert rel_error(per_token(ours, mask), per_token(theirs, mask)) <= MODEL_FP32_REL_TOL
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+@pytest.mark.parametrize("family", ["roberta", "electra", "distilbert"])
+def test_patched_family_trains_like_transformers(family, checkpointing):
+    """In training mode (dropout 0), gradients of every parameter equal transformers' (a loss on real tokens)."""
+    reference = hf_model(family, "ForTokenClassification").train()
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True)
+    ids, mask = batch(reference.config, [9, 4, 7], 9, left=True)
+    labels = labels_for("ForTokenClassification", reference.config, mask)
+    calls = []
+    for m in (model, reference):
+        if checkpointing:  # transformers 5.2x renamed it (the old name warns); 5.17 has the old name only
+            enable = getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable
+            enable()
+    if checkpointing:  # the patched forward calls transformers' checkpointing function once per layer
+        for layer in bertfast.family.encoder_layers(bertfast.family.find_base_model(model)[0]):
+            original = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+    for m in (model, reference):
+        m(input_ids=ids, attention_mask=mask, **labels).loss.backward()
+    assert len(calls) == (2 if checkpointing else 0)
+    reference_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if name.endswith(("key.bias", "k_lin.bias")):  # softmax is shift invariant: both are rounding noise
+            continue
+        assert rel_error(p.grad, reference_params[name].grad) <= 1e-4, name
+
+
+def test_roberta_positions_count_real_tokens_from_inputs_embeds_too():
+    reference = hf_model("roberta", "Model")
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True)
+    ids, mask = batch(reference.config, [6, 3], 6, left=True)
+    embeds = reference.embeddings.word_embeddings(ids)
+    ours = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    theirs = reference(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    assert rel_error(per_token(ours, mask), per_token(theirs, mask)) <= MODEL_FP32_REL_TOL
+
+
+def test_electra_with_a_projected_embedding_is_refused_clearly():
+    model = hf_model("electra", "ForSequenceClassification", embedding_size=32)
+    with pytest.raises(PatchError, match=r"embedding_size \(32\) differs from hidden_size \(48\)"):
+        bertfast.patch(model, strict=True)
+    assert not bertfast.is_patched(model)
+
+
+# --------------------------------------------------------------------------------------
+# Native classes built from family models (from_hf) and checkpoints (from_pretrained)
+# --------------------------------------------------------------------------------------
+
+NATIVE_CASES = [
+    (family, head)
+    for family in FAMILIES
+    for head in ("Model", "ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering")
+    if (family, head) != ("distilbert", "ForQuestionAnswering")
+]
+
+
+def assert_native_matches(model, reference, left):
+    config = reference.config
+    ids, mask = batch(config, [9, 4, 7], 9, left=left)
+    head = type(model).__name__.removeprefix("Bert")
+    labels = labels_for(head, config, mask)
+    ours = model(input_ids=ids, attention_mask=mask, **labels)
+    theirs = reference(input_ids=ids, attention_mask=mask, **labels)
+    if head == "ForQuestionAnswering":  # bertfast keeps padding out of the span softmax (head_losses)
+        theirs = span_outputs_under_the_rule(theirs, mask, labels["start_positions"], labels["end_positions"])
+    for key in ("last_hidden_state", "logits", "start_logits", "end_logits", "loss"):
+        if key in theirs and theirs[key] is not None:
+            err = rel_error(per_token(ours[key], mask), per_token(theirs[key], mask))
+            assert err <= MODEL_FP32_REL_TOL, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+@pytest.mark.parametrize("family, head", NATIVE_CASES)
+def test_from_hf_matches_transformers(family, head, left):
+    reference = hf_model(family, head)
+    model = bertfast.from_hf(reference, backend="reference")
+    assert type(model).__name__ == "Bert" + head
+    assert_native_matches(model, reference, left)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_from_pretrained_reads_family_checkpoints(family, tmp_path):
+    reference = hf_model(family, "ForMaskedLM")
+    reference.save_pretrained(tmp_path)
+    model = bertfast.BertForMaskedLM.from_pretrained(tmp_path, backend="reference", strict=True)
+    assert_native_matches(model, reference, left=True)
+    model.save_pretrained(tmp_path / "again")  # bertfast's BERT layout, the position rule in its config
+    again = bertfast.BertForMaskedLM.from_pretrained(tmp_path / "again", backend="reference", strict=True)
+    assert_native_matches(again, reference, left=True)
+
+
+@pytest.mark.parametrize(
+    "family, head, match",
+    [
+        ("roberta", "ForSequenceClassification", "RobertaForSequenceClassification has no bertfast native class"),
+        ("electra", "ForPreTraining", "ElectraForPreTraining has no bertfast native class"),
+        ("distilbert", "ForQuestionAnswering", "DistilBertForQuestionAnswering has no bertfast native class"),
+    ],
+)
+def test_heads_without_a_native_class_are_refused_by_name(family, head, match, tmp_path):
+    reference = hf_model(family, head)
+    with pytest.raises(TypeError, match=match):
+        bertfast.from_hf(reference)
+    reference.save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=match):
+        getattr(bertfast, "Bert" + head.replace("ForPreTraining", "ForMaskedLM")).from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="not in the checkpoint|the model does not use"):  # its own head, no pooler
+        bertfast.BertModel.from_pretrained(tmp_path, backend="reference")  # the encoder alone loads
+
+
+def test_electra_with_a_projected_embedding_is_refused_by_from_hf_and_from_pretrained(tmp_path):
+    reference = hf_model("electra", "Model", embedding_size=32)
+    match = r"embedding_size \(32\) differs from hidden_size \(48\)"
+    with pytest.raises(ValueError, match=match):
+        bertfast.from_hf(reference)
+    reference.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        bertfast.BertModel.from_pretrained(tmp_path)
+
+
+def test_native_distilbert_keeps_its_dropout_layout(tmp_path):
+    """No dropout after DistilBERT's attention projection; its hidden and attention rates where it has them."""
+    reference = hf_model("distilbert", "ForTokenClassification", dropout=0.2, attention_dropout=0.3)
+    reference.save_pretrained(tmp_path)
+    for model in (bertfast.from_hf(reference), bertfast.BertForTokenClassification.from_pretrained(tmp_path)):
+        for layer in model.bert.encoder.layer:
+            assert layer.attention.output.dropout.p == 0.0
+            assert (layer.output.dropout.p, layer.attention.self.dropout.p) == (0.2, 0.3)
+        assert model.dropout.p == 0.2  # the token classifier's, as DistilBERT's
+
+
+def test_from_hf_refuses_a_replaced_family_activation_and_a_foreign_config():
+    model = hf_model("distilbert", "ForMaskedLM")
+    model.distilbert.transformer.layer[1].ffn.activation = torch.nn.ReLU()
+    with pytest.raises(ValueError, match=r"transformer.layer.1.ffn uses ReLU"):
+        bertfast.from_hf(model)
+    with pytest.raises(ValueError, match="expected a config of the BERT family"):
+        bertfast.modeling.config_from_hf(transformers.GPT2Config())
