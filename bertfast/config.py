@@ -161,6 +161,9 @@ class BertConfig:
     def name_or_path(self) -> str:
         return self.extra.get("_name_or_path", "")
 
+    # transformers 5.17's pipeline() reads it (None: not loaded from the hub)
+    _commit_hash = None
+
     # -- (de)serialisation ---------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BertConfig:
