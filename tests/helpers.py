@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -74,3 +76,18 @@ def triton_device() -> str | None:
     if triton_backend.availability() is not None:
         return None
     return "cpu" if triton_backend.interpreter_on() else "cuda"
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    module_name = f"bertfast_example_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
