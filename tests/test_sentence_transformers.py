@@ -10,6 +10,8 @@ from .helpers import minilm_path
 
 # Offline: tests/conftest.py sets HF_HUB_OFFLINE before this import.
 st = pytest.importorskip("sentence_transformers")
+from sentence_transformers.base.modules import Normalize  # noqa: E402
+from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -29,9 +31,9 @@ def encoder_module():
 
 
 def pipeline(transformer, mode: str, normalize: bool):
-    modules = [transformer, st.models.Pooling(transformer.get_embedding_dimension(), pooling_mode=mode)]
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=mode)]
     if normalize:
-        modules.append(st.models.Normalize())
+        modules.append(Normalize())
     return st.SentenceTransformer(modules=modules, device="cpu")
 
 
