@@ -24,7 +24,7 @@ from .modeling import (
     BertModel,
     BertPreTrainedModel,
 )
-from .patching import PatchError, PatchWarning, is_patched, patch, unpatch
+from .patching import PatchError, PatchWarning, is_patched, patch, patched_modules, unpatch
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,7 @@ __all__ = [
     "is_patched",
     "ops",
     "patch",
+    "patched_modules",
     "register_attention",
     "unpatch",
 ]

@@ -47,10 +47,25 @@ Outputs at padding positions: a padded query still attends to the valid keys, ex
 in Hugging Face, so only rows whose mask is all zeros differ (bertfast gives them zero
 attention output, Hugging Face a uniform average); such rows are meaningless either way.
 
+Containers
+----------
+``patch`` also takes any module holding BERT models (a sentence-transformers
+``SentenceTransformer`` or ``CrossEncoder``, whose ``0.model`` is the transformers model, or a
+container of your own): it patches every outermost BERT model inside and
+:func:`patched_modules` lists their paths (also logged at INFO level).
+
 What is not supported, and what happens
 ---------------------------------------
-At patch time the model is left unpatched, with a :class:`PatchWarning` saying why
-(``strict=True`` raises :class:`PatchError` instead), when it is a decoder
+``patch`` never raises for a model it cannot run (only for mistakes in how it is called: a
+bertfast model, a ``torch.compile`` wrapper, a bad ``backend`` or ``unpad``).  Whatever it
+cannot patch is left unchanged, with a :class:`PatchWarning` naming the module's path in the
+model passed and the reason (an int8 layer reads as ``bert.encoder.layer.0.attention.self.query
+is torch.ao.nn.quantized.Linear, not torch.nn.Linear``); ``strict=True`` raises
+:class:`PatchError` with every reason instead, before anything is patched.  Another model
+family (any transformers model with no BERT inside) is named with its ``model_type``, and
+when its attention calls transformers' registry and is bidirectional, the warning points to
+:func:`bertfast.register_attention`, which runs that attention on bertfast's kernels.  A BERT
+model is left unpatched when it is a decoder
 (``is_decoder``/``add_cross_attention``), uses relative position embeddings
 (``position_embedding_type`` other than ``"absolute"``), has ``hidden_act`` (DistilBERT:
 ``activation``) other than exactly ``"gelu"`` (the erf GELU), is an ELECTRA whose
@@ -79,6 +94,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import sys
 import warnings
 
 from torch import nn
@@ -87,7 +104,7 @@ from . import family, head_losses, layers
 from .forward_kwargs import check_forward_kwargs
 from .ops import check_backend
 
-__all__ = ["PatchError", "PatchWarning", "is_patched", "patch", "unpatch"]
+__all__ = ["PatchError", "PatchWarning", "is_patched", "patch", "patched_modules", "unpatch"]
 
 # The instance attributes holding the backend on every patched module, and the padding-free mode.
 _BACKEND_ATTR = "_bertfast_backend"
@@ -98,6 +115,8 @@ _UNPAD_ATTR = "_bertfast_unpad"
 # *extras)``, which the heads index as ``outputs[2:]``, and output_hidden_states is a flag;
 # since, ``ModelOutput.to_tuple()`` (no Nones), and output_hidden_states may select indices.
 _LEGACY_TRANSFORMERS = False
+
+_logger = logging.getLogger(__name__)
 
 
 class PatchWarning(UserWarning):
@@ -121,22 +140,79 @@ def _transformers_bert():
     return modeling_bert
 
 
-def _base_model(model: nn.Module, modeling_bert) -> nn.Module:
-    """The transformers base model of the BERT family inside ``model`` (``model`` itself or its
-    ``.bert`` / ``.roberta`` / ``.electra`` / ``.distilbert``), see :mod:`bertfast.family`."""
+def _refuse_misuse(model: nn.Module) -> None:
+    """Mistakes in how patch() is called (not unsupported models): TypeError."""
     from .modeling import BertPreTrainedModel
 
     if isinstance(model, BertPreTrainedModel):
         raise TypeError(f"{type(model).__name__} is already a bertfast model; patch() takes a transformers BERT model")
     if hasattr(model, "_orig_mod"):  # torch.compile's wrapper: its compiled code would not see the patch
         raise TypeError("patch the model before torch.compile: bertfast.patch(model), then torch.compile(model)")
+
+
+def _base_model(model: nn.Module) -> nn.Module | None:
+    """The transformers base model of the BERT family that ``model`` is or holds (as ``.bert``, ``.roberta``,
+    ``.electra``, ``.distilbert``), else None; see :mod:`bertfast.family`."""
     found = family.find_base_model(model)
-    if found is not None:
-        return found[0]
-    raise TypeError(
-        "bertfast.patch takes a transformers BertModel or BertFor... model, or the same of RoBERTa, XLM-RoBERTa, "
-        f"CamemBERT, ELECTRA or DistilBERT, got {type(model).__name__}"
+    return None if found is None else found[0]
+
+
+def _attention_registry_helps(model: nn.Module) -> bool:
+    """Whether ``register_attention`` could run this transformers model's attention: it calls transformers'
+    attention registry and is a bidirectional encoder (the bertfast attention has no causal mask)."""
+    config = getattr(model, "config", None)
+    if not getattr(type(model), "_supports_attention_backend", False) or config is None:
+        return False
+    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
+        return False
+    return not any(getattr(m, "is_causal", False) is True for m in model.modules())
+
+
+def _unsupported_model_reason(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    reason = (
+        f"its model_type {model_type!r} is not of the BERT family (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, "
+        "DistilBERT), the architectures bertfast.patch runs"
     )
+    if _attention_registry_helps(model):
+        reason += (
+            "; its attention can still run on bertfast's kernels: bertfast.register_attention(), then load it with "
+            "attn_implementation='bertfast' (or model.set_attn_implementation('bertfast'))"
+        )
+    return reason
+
+
+def _find_encoders(model: nn.Module):
+    """The BERT models in ``model`` and the transformers models it holds that bertfast cannot run.
+
+    Returns ``(targets, unsupported)``: ``targets`` lists ``(path, module, bert)`` for ``model``
+    itself when it is a BERT model, else for the outermost BERT models inside it (a
+    SentenceTransformer's or CrossEncoder's ``0.model``, any container's); ``unsupported`` lists
+    ``(path, module, reason)`` for the other transformers models with no BERT model inside.
+    """
+    from transformers import PreTrainedModel
+
+    from .modeling import BertPreTrainedModel
+
+    targets, unsupported = [], []
+
+    def visit(path: str, module: nn.Module) -> bool:
+        bert = _base_model(module)
+        if bert is not None:
+            targets.append((path, module, bert))
+            return True
+        if isinstance(module, BertPreTrainedModel):
+            return True  # a native bertfast model: nothing to patch, nothing unsupported
+        found = False
+        for name, child in module.named_children():
+            found |= visit(f"{path}.{name}" if path else name, child)
+        if not found and isinstance(module, PreTrainedModel):
+            unsupported.append((path, module, _unsupported_model_reason(module)))
+            return True
+        return found
+
+    visit("", model)
+    return targets, unsupported
 
 
 def _is_hf_output_capturing_hook(hook) -> bool:
@@ -158,9 +234,18 @@ def _foreign_call_machinery(module: nn.Module) -> str | None:
     return None
 
 
+def _type_name(cls: type) -> str:
+    """``cls``'s shortest public dotted name (``torch.ao.nn.quantized.Linear``, not its defining submodule)."""
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts) + 1):
+        if getattr(sys.modules.get(".".join(parts[:end])), cls.__name__, None) is cls:
+            return f"{'.'.join(parts[:end])}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _check_linear(name: str, module: nn.Module) -> str | None:
     if type(module) is not nn.Linear:
-        return f"{name} is a {type(module).__name__}, not a plain torch.nn.Linear (adapter or quantized layer?)"
+        return f"{name} is {_type_name(type(module))}, not torch.nn.Linear (an adapter or a quantized layer?)"
     if module.bias is None:
         return f"{name} has no bias"
     return None
@@ -168,7 +253,7 @@ def _check_linear(name: str, module: nn.Module) -> str | None:
 
 def _check_layer_norm(name: str, module: nn.Module, hidden: int) -> str | None:
     if type(module) is not nn.LayerNorm:
-        return f"{name} is a {type(module).__name__}, not a plain torch.nn.LayerNorm"
+        return f"{name} is {_type_name(type(module))}, not torch.nn.LayerNorm"
     if tuple(module.normalized_shape) != (hidden,) or module.weight is None or module.bias is None:
         return f"{name} is not an affine LayerNorm over the last dimension ({hidden})"
     return None
@@ -176,7 +261,7 @@ def _check_layer_norm(name: str, module: nn.Module, hidden: int) -> str | None:
 
 def _check_embedding(name: str, module: nn.Module) -> str | None:
     if type(module) is not nn.Embedding:
-        return f"{name} is a {type(module).__name__}, not a plain torch.nn.Embedding"
+        return f"{name} is {_type_name(type(module))}, not torch.nn.Embedding"
     if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
         return f"{name} uses max_norm, scale_grad_by_freq or sparse gradients"
     return None
@@ -201,11 +286,13 @@ def _config_reason(config) -> str | None:
     return None
 
 
-def _bert_model_reason(bert: nn.Module) -> str | None:
-    """Why this transformers BertModel cannot be patched, or None."""
+def _bert_model_reason(bert: nn.Module, path: str = "") -> str | None:
+    """Why this transformers BertModel cannot be patched, or None.  Submodules are named from
+    ``path``, the BertModel's own path in the model the user passed."""
     reason = _config_reason(bert.config)
     if reason is not None:
         return reason
+    base = f"{path}." if path else ""
     emb = bert.embeddings
     if "embeddings_project" in bert._modules:
         return (
@@ -215,13 +302,13 @@ def _bert_model_reason(bert: nn.Module) -> str | None:
         )
     hidden = emb.word_embeddings.embedding_dim
     checks = [
-        _check_embedding("embeddings.word_embeddings", emb.word_embeddings),
-        _check_embedding("embeddings.position_embeddings", emb.position_embeddings),
-        _check_layer_norm("embeddings.LayerNorm", emb.LayerNorm, hidden),
+        _check_embedding(f"{base}embeddings.word_embeddings", emb.word_embeddings),
+        _check_embedding(f"{base}embeddings.position_embeddings", emb.position_embeddings),
+        _check_layer_norm(f"{base}embeddings.LayerNorm", emb.LayerNorm, hidden),
     ]
     if "token_type_embeddings" in emb._modules:
-        checks.append(_check_embedding("embeddings.token_type_embeddings", emb.token_type_embeddings))
-    names = {id(module): name for name, module in bert.named_modules()}
+        checks.append(_check_embedding(f"{base}embeddings.token_type_embeddings", emb.token_type_embeddings))
+    names = {id(module): f"{base}{name}" for name, module in bert.named_modules()}
     parts_of = family.layer_parts_function(bert)
     for layer in family.encoder_layers(bert):
         prefix = names[id(layer)]
@@ -249,7 +336,7 @@ def _bert_model_reason(bert: nn.Module) -> str | None:
             continue  # the pooler module is still called; hooks on it run
         reason = _foreign_call_machinery(module)
         if reason is not None:
-            return f"{name}: {reason}"
+            return f"{base}{name}: {reason}"
     if "forward" in bert.__dict__:
         return f"the {type(bert).__name__} already has an instance-level forward (another patch or an accelerate hook)"
     return None
@@ -442,27 +529,31 @@ def _set_forward(module: nn.Module, function, backend: str, unpad=None) -> None:
 _FIRST_TOKEN_HEADS = ("ForSequenceClassification", "ForMultipleChoice")
 
 
-def _refuse(message: str, strict: bool) -> None:
-    if strict:
-        raise PatchError(message)
-    warnings.warn(message, PatchWarning, stacklevel=3)
+def _where(path: str, module: nn.Module) -> str:
+    return f"{path} ({type(module).__name__})" if path else type(module).__name__
 
 
 def patch(
     model: nn.Module, backend: str | None = "auto", strict: bool = False, unpad: bool | str = "auto"
 ) -> nn.Module:
-    """Make this transformers BERT model instance compute through :mod:`bertfast.layers`; returns ``model``.
+    """Make the transformers BERT models in this model instance compute through :mod:`bertfast.layers`;
+    returns ``model``.
 
     ``model``: a transformers ``BertModel`` or any ``BertFor...`` model (its ``.bert`` is
-    patched, and the MLM heads' transform when present).  ``backend``: ``"auto"``,
+    patched, and the MLM heads' transform when present), or any module holding such models
+    (a sentence-transformers ``SentenceTransformer`` or ``CrossEncoder``, a container of
+    your own): every outermost BERT model inside is patched, and :func:`patched_modules`
+    lists them (they are also logged at INFO level).  ``backend``: ``"auto"``,
     ``"reference"``, ``"triton"`` or ``"ext"``, as for bertfast models; an explicit backend
     must be available here.  ``unpad``: padding-free mode, as
     :meth:`bertfast.BertModel.set_unpad`.  Patching a patched model just switches its
     backend and mode.
 
     What is supported, and the errors and warnings for what is not, are listed in the
-    module docstring of :mod:`bertfast.patching`.  When the model cannot be patched it is
-    returned unchanged with a :class:`PatchWarning` (or :class:`PatchError` if ``strict``).
+    module docstring of :mod:`bertfast.patching`.  What cannot be patched (an unsupported
+    model family, a BERT with a quantized layer, ...) is left unchanged with a
+    :class:`PatchWarning` naming the module path and the reason; with ``strict=True`` a
+    :class:`PatchError` is raised instead, before anything is patched.
     """
     global _LEGACY_TRANSFORMERS
     backend = check_backend(backend)
@@ -471,38 +562,64 @@ def patch(
     modeling_bert = _transformers_bert()
     # The refactored forward is wrapped by functools.wraps-based decorators; the legacy one is not.
     _LEGACY_TRANSFORMERS = not hasattr(modeling_bert.BertModel.forward, "__wrapped__")
-    bert = _base_model(model, modeling_bert)
-    if _patched_forward_of(bert) is not None:
-        for module in model.modules():
-            if _patched_forward_of(module) is not None:
+    _refuse_misuse(model)
+    targets, unsupported = _find_encoders(model)
+    refusals = [f"bertfast.patch left {_where(path, m)} unpatched: {reason}" for path, m, reason in unsupported]
+    if not targets and not unsupported:
+        refusals.append(
+            f"bertfast.patch found no transformers BERT model in {type(model).__name__} (it takes a BertModel, a "
+            "BertFor... model, or a module holding them, such as a SentenceTransformer)"
+        )
+    plans = []  # (module, its BERT model, head transforms, already patched)
+    for path, module, bert in targets:
+        if _patched_forward_of(bert) is not None:
+            plans.append((module, bert, [m for m in module.modules() if _patched_forward_of(m) is not None], True))
+            continue
+        attribute = next((name for name, child in module.named_children() if child is bert), "")
+        bert_path = path if bert is module else f"{path}.{attribute}" if path else attribute
+        reason = _bert_model_reason(bert, bert_path)
+        if reason is not None:
+            refusals.append(f"bertfast.patch left {_where(path, module)} unpatched: {reason}")
+            continue
+        transforms = []
+        for name, sub in module.named_modules(prefix=path):
+            if isinstance(sub, modeling_bert.BertPredictionHeadTransform):
+                reason = _head_transform_reason(sub, bert.config)
+                if reason is None:
+                    transforms.append(sub)
+                else:  # the encoder is still patched; only this head keeps Hugging Face's forward
+                    refusals.append(f"bertfast.patch left {name} ({type(sub).__name__}) unpatched: {reason}")
+        plans.append((module, bert, transforms, False))
+    if strict and refusals:
+        raise PatchError("\n".join(refusals))
+    for message in refusals:
+        warnings.warn(message, PatchWarning, stacklevel=2)
+    for module, bert, transforms, already in plans:
+        if already:  # switch the backend and the mode only
+            for module in transforms:
                 setattr(module, _BACKEND_ATTR, backend)
-        setattr(bert, _UNPAD_ATTR, unpad)
-        return model
-    reason = _bert_model_reason(bert)
-    if reason is not None:
-        _refuse(f"bertfast.patch left {type(model).__name__} unpatched: {reason}", strict)
-        return model
-    transforms = []
-    for name, module in model.named_modules():
-        if isinstance(module, modeling_bert.BertPredictionHeadTransform):
-            reason = _head_transform_reason(module, bert.config)
-            if reason is not None:
-                # The encoder is still patched; only this head keeps Hugging Face's forward.
-                _refuse(f"bertfast.patch left {name} ({type(module).__name__}) unpatched: {reason}", strict)
-                continue
-            transforms.append(module)
-    _set_forward(bert, _patched_bert_model_forward, backend, unpad)
-    parts_of = family.layer_parts_function(bert)
-    for layer in family.encoder_layers(bert):  # the QKV GEMM then reads them in place, in training too
-        parts = parts_of(layer)
-        layers.fuse_qkv_storage(parts.query, parts.key, parts.value)
-    if model is not bert and type(model).__name__.endswith(_FIRST_TOKEN_HEADS):
-        setattr(bert, layers.FIRST_TOKEN_READ_ATTR, True)
-    for module in transforms:
-        _set_forward(module, _patched_head_transform_forward, backend)
-    if model is not bert and type(model).__name__.endswith(_TOKEN_LABEL_HEADS + _SPAN_HEADS):
-        _set_forward(model, _patched_head_model_forward, backend)
+            setattr(bert, _UNPAD_ATTR, unpad)
+            continue
+        _set_forward(bert, _patched_bert_model_forward, backend, unpad)
+        parts_of = family.layer_parts_function(bert)
+        for layer in family.encoder_layers(bert):  # the QKV GEMM then reads them in place, in training too
+            parts = parts_of(layer)
+            layers.fuse_qkv_storage(parts.query, parts.key, parts.value)
+        head = type(module).__name__ if module is not bert else ""
+        if head.endswith(_FIRST_TOKEN_HEADS):
+            setattr(bert, layers.FIRST_TOKEN_READ_ATTR, True)
+        for transform in transforms:
+            _set_forward(transform, _patched_head_transform_forward, backend)
+        if head.endswith(_TOKEN_LABEL_HEADS + _SPAN_HEADS):
+            _set_forward(module, _patched_head_model_forward, backend)
+    if plans:
+        _logger.info("bertfast.patch patched %s", ", ".join(patched_modules(model)))
     return model
+
+
+def patched_modules(model: nn.Module) -> list[str]:
+    """The paths in ``model`` of the modules :func:`patch` patched (``""`` for ``model`` itself)."""
+    return [name for name, module in model.named_modules() if _patched_forward_of(module) is not None]
 
 
 def unpatch(model: nn.Module) -> nn.Module:

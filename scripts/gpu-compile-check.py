@@ -60,14 +60,27 @@ HEAD_DIMS = (32, 64, 80, 128)
 LAYOUTS = ("padded", "mask", "varlen")  # padded without a mask, padded with a key mask, packed varlen
 LN_HIDDEN = (100, 1024, 4096, 8192)
 GELU_HIDDEN = (100, 4096)
+POOL_HIDDEN = (384, 1024, 4096)  # mean pooling: MiniLM's, BERT-large's, a wide one
 
 # What each subset compiles.  "full": every dtype, head size, layout, dropout and every declared
 # config (kept or pruned).  "ci": BERT's own path (bf16 and fp16, head_dim 64, every layout, with
 # and without dropout; LayerNorm at hidden 1024 and 8192, bias-GELU at 4096) at the kept configs.
 SUBSETS = {
-    "full": dict(dtypes=DTYPES, head_dims=HEAD_DIMS, ln_hidden=LN_HIDDEN, gelu_hidden=GELU_HIDDEN, pruned=True),
+    "full": dict(
+        dtypes=DTYPES,
+        head_dims=HEAD_DIMS,
+        ln_hidden=LN_HIDDEN,
+        gelu_hidden=GELU_HIDDEN,
+        pool_hidden=POOL_HIDDEN,
+        pruned=True,
+    ),
     "ci": dict(
-        dtypes=("float16", "bfloat16"), head_dims=(64,), ln_hidden=(1024, 8192), gelu_hidden=(4096,), pruned=False
+        dtypes=("float16", "bfloat16"),
+        head_dims=(64,),
+        ln_hidden=(1024, 8192),
+        gelu_hidden=(4096,),
+        pool_hidden=(384, 1024),
+        pruned=False,
     ),
 }
 
@@ -108,7 +121,7 @@ def install_stand_in(arch: int) -> None:
 class Variant:
     """One launcher call: the op, its direction and what selects its constexprs."""
 
-    op: str  # attention | layernorm | bias_gelu
+    op: str  # attention | layernorm | bias_gelu | mean_pool
     dtype: str
     head_dim: int = 0  # attention
     layout: str = ""  # attention: padded | mask | varlen
@@ -116,6 +129,7 @@ class Variant:
     hidden: int = 0  # layernorm, bias_gelu
     residual: bool = False  # layernorm
     linear_bias: bool = False  # layernorm
+    normalize: bool = False  # mean_pool
 
     def label(self) -> str:
         if self.op == "attention":
@@ -125,6 +139,8 @@ class Variant:
             parts += [name for name, on in (("residual", self.residual), ("bias", self.linear_bias)) if on]
             parts += ["dropout"] if self.dropout else []
             return f"{self.dtype} " + " ".join(parts)
+        if self.op == "mean_pool":
+            return f"{self.dtype} N={self.hidden}{' normalize' if self.normalize else ''}"
         return f"{self.dtype} N={self.hidden}"
 
 
@@ -139,6 +155,8 @@ def variants(subset: str) -> list[Variant]:
         )
     for dtype, hidden in itertools.product(spec["dtypes"], spec["gelu_hidden"]):
         out.append(Variant("bias_gelu", dtype, hidden=hidden))
+    for dtype, hidden, normalize in itertools.product(spec["dtypes"], spec["pool_hidden"], (0, 1)):
+        out.append(Variant("mean_pool", dtype, hidden=hidden, normalize=bool(normalize)))
     return out
 
 
@@ -214,17 +232,23 @@ def _gpu_tiles(module):
 
 
 def _rows_launches(v: Variant, rows=None) -> list[Launch]:
-    """LayerNorm or bias-GELU, forward and backward, on ``rows`` rows of ``v.hidden``."""
+    """LayerNorm, bias-GELU or mean pooling, forward and backward, on ``rows`` rows of ``v.hidden``."""
     import torch
     from bertfast.kernels import bias_gelu as G
     from bertfast.kernels import layernorm as L
+    from bertfast.kernels import mean_pool as P
 
     dtype = getattr(torch, v.dtype)
     n = v.hidden
     rows = rows or (256 if v.op == "layernorm" else 512)
     x = torch.empty(rows, n, dtype=dtype)
-    with _gpu_tiles(L if v.op == "layernorm" else G), capture_launches() as launches:
-        if v.op == "layernorm":
+    module = {"layernorm": L, "bias_gelu": G, "mean_pool": P}[v.op]
+    with _gpu_tiles(module), capture_launches() as launches:
+        if v.op == "mean_pool":
+            cu_seqlens = torch.tensor([0, rows // 2, rows], dtype=torch.int32)
+            pooled, mean = P._forward(x, cu_seqlens, v.normalize)
+            P._backward(pooled, mean, cu_seqlens, x, v.normalize)
+        elif v.op == "layernorm":
             weight = torch.empty(n, dtype=dtype)
             residual = torch.empty_like(x) if v.residual else None
             linear_bias = torch.empty(n, dtype=dtype) if v.linear_bias else None

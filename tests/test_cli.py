@@ -41,7 +41,7 @@ def test_info_lists_what_each_backend_declares(capsys):
     capabilities = json.loads(capsys.readouterr().out)["capabilities"]
     assert set(capabilities) == {"reference", "triton", "ext"}
     assert capabilities["reference"] == (
-        "ops: layer_norm, bias_gelu, attention, attention_varlen, embedding_layer_norm; "
+        "ops: layer_norm, bias_gelu, attention, attention_varlen, embedding_layer_norm, mean_pool; "
         "dropout in: layer_norm, attention, attention_varlen"
     )
     assert capabilities["triton"].endswith("dropout in: layer_norm, attention, attention_varlen")

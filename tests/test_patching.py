@@ -538,8 +538,11 @@ def test_unsupported_head_transform_keeps_its_forward_but_the_encoder_is_patched
 def test_patch_refuses_what_is_not_a_transformers_bert():
     with pytest.raises(TypeError, match="already a bertfast model"):
         patch(bertfast.BertModel(small_config()))
-    with pytest.raises(TypeError, match="BertModel or BertFor"):
-        patch(torch.nn.Linear(2, 2))
+    linear = torch.nn.Linear(2, 2)
+    with pytest.warns(PatchWarning, match="found no transformers BERT model in Linear"):
+        assert patch(linear) is linear and not is_patched(linear)
+    with pytest.raises(PatchError, match="found no transformers BERT model"):
+        patch(linear, strict=True)
     with pytest.raises(TypeError, match="before torch.compile"):
         patch(torch.compile(make_hf("BertModel"), backend="eager"))
 

@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -23,24 +21,12 @@ import torch
 import bertfast
 from bertfast.mlm_loss import IGNORE_INDEX, masked_lm_head_loss
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+from .helpers import load_example
 
 # Per-step relative difference of the loss, reference vs triton, fp32, over STEPS steps.
 # Measured on a CPU (interpreter): 7e-8; the bound leaves room for other summation orders (GPUs).
 CURVE_REL_TOL = 1e-5
 STEPS = 8
-
-
-def load_example(name: str):
-    """Import ``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
-    module_name = f"bertfast_example_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny_model_args(**overrides) -> list[str]:

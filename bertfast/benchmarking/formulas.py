@@ -97,6 +97,15 @@ def bias_gelu_bytes(tokens: int, features: int, elem: int, direction: str = "fwd
     return 3.0 * tokens * features * elem + 2.0 * features * elem
 
 
+def mean_pool_bytes(tokens: int, batch: int, features: int, elem: int, direction: str = "fwd") -> float:
+    """``y = normalize(mean over each packed sequence)``: forward reads the ``tokens`` rows and writes
+    ``batch`` rows; backward reads ``dy`` (and the fp32 mean) and writes ``dx`` for every token."""
+    pooled = batch * features * elem
+    if direction == "fwd":
+        return tokens * features * elem + pooled
+    return tokens * features * elem + pooled + batch * features * 4
+
+
 def attention_bytes(tokens: int, heads: int, head_dim: int, elem: int, direction: str = "fwd") -> float:
     """Forward reads ``q, k, v`` and writes ``o``; backward reads ``q, k, v, o, do`` and
     writes ``dq, dk, dv`` (plus one fp32 log-sum-exp per query and head).  ``tokens`` is

@@ -13,6 +13,10 @@
     attention-nomask   no mask                     torch-sdpa, torch-sdpa-<backend>, torch-compile
     attention-varlen   the padded batch packed (no padding computed)
                        bertfast-<backend>
+    mean-pool          mean pooling + L2 normalisation of the packed tokens of a padded batch (hidden 384, 1024)
+                       bertfast-<backend>          sentence-transformers (what a padding-free encoder hands it today:
+                                                   the tokens padded back to (batch, seq, hidden), then its Pooling
+                                                   (mean) and Normalize modules), torch-compile
 
 Each in ``fwd`` and ``bwd`` (the backward alone: the forward runs untimed in the round's
 set-up; every gradient is computed).  Rows are named ``<op>-<direction>``.
@@ -52,6 +56,7 @@ KERNEL_IMPLS = {
     "attention": BERTFAST_IMPLS + ("torch-sdpa", "torch-sdpa-nomask") + SDPA_BACKEND_IMPLS + ("torch-compile",),
     "attention-nomask": BERTFAST_IMPLS + ("torch-sdpa",) + SDPA_BACKEND_IMPLS + ("torch-compile",),
     "attention-varlen": BERTFAST_IMPLS,
+    "mean-pool": BERTFAST_IMPLS + ("sentence-transformers", "torch-compile"),
 }
 # The name each op has in bertfast.ops (for backend support checks).
 OP_NAMES = {
@@ -60,6 +65,7 @@ OP_NAMES = {
     "attention": "attention",
     "attention-nomask": "attention",
     "attention-varlen": "attention_varlen",
+    "mean-pool": "mean_pool",
 }
 
 
@@ -68,6 +74,7 @@ OP_NAMES = {
 #   bias-gelu:         (x, bias)
 #   attention(-nomask): (qkv, keep)  qkv (batch, seq, 3, heads, dim), keep (batch, seq) bool or None
 #   attention-varlen:  (qkv, cu_seqlens, max_seqlen)  qkv (tokens, 3, heads, dim)
+#   mean-pool:         (x, cu_seqlens, keep)  x (tokens, hidden) packed, keep (batch, seq) bool (its padded layout)
 
 
 def _reference_layer_norm(x, residual, weight, bias, linear_bias):
@@ -88,12 +95,17 @@ def _reference_attention_varlen(qkv, cu_seqlens, max_seqlen):
     return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, q.shape[-1] ** -0.5)
 
 
+def _reference_mean_pool(x, cu_seqlens, keep):
+    return reference.mean_pool(x, cu_seqlens, True)
+
+
 REFERENCE = {
     "layernorm": _reference_layer_norm,
     "bias-gelu": _reference_bias_gelu,
     "attention": _reference_attention,
     "attention-nomask": _reference_attention,
     "attention-varlen": _reference_attention_varlen,
+    "mean-pool": _reference_mean_pool,
 }
 
 
@@ -102,6 +114,9 @@ def _bertfast_fn(op: str, backend: str):
         return lambda x, r, w, b, lb: ops.layer_norm(x, w, b, EPS, residual=r, linear_bias=lb, backend=backend)
     if op == "bias-gelu":
         return lambda x, b: ops.bias_gelu(x, b, backend=backend)
+    if op == "mean-pool":
+        # The offsets are built by the benchmark itself: no host read of them inside the timed call.
+        return lambda x, cu_seqlens, keep: ops.mean_pool(x, cu_seqlens, True, backend=backend, check=False)
     if op in ("attention", "attention-nomask"):
 
         def attention(qkv, keep):
@@ -124,6 +139,28 @@ def _torch_layer_norm(x, residual, weight, bias, linear_bias):
 
 def _torch_gelu(x, bias):
     return F.gelu(x + bias)
+
+
+class _SentenceTransformersPooling:
+    """sentence-transformers' ``Pooling(mean)`` and ``Normalize`` on the packed tokens padded back to
+    ``(batch, seq, hidden)`` (zeros at padding), as a padding-free encoder hands them to it."""
+
+    def __init__(self):
+        try:
+            from sentence_transformers.base.modules import Normalize
+            from sentence_transformers.sentence_transformer.modules import Pooling
+        except ImportError as exc:
+            raise Skip(f"sentence-transformers is not installed ({exc})") from exc
+        self.pooling, self.normalize = Pooling, Normalize()
+        self.modules = {}
+
+    def __call__(self, x, cu_seqlens, keep):
+        hidden = x.shape[-1]
+        if hidden not in self.modules:
+            self.modules[hidden] = self.pooling(hidden, pooling_mode="mean")
+        padded = x.new_zeros((*keep.shape, hidden)).masked_scatter(keep[..., None], x)
+        features = self.modules[hidden]({"token_embeddings": padded, "attention_mask": keep})
+        return self.normalize(features)["sentence_embedding"]
 
 
 def _torch_sdpa(qkv, keep):
@@ -188,6 +225,8 @@ def _impl_fn(op: str, impl: str, compiler: str):
         return CompiledFunction(REFERENCE[op], backend=compiler, dynamic=False, name=f"torch.compile({op})")
     if impl in SDPA_BACKEND_IMPLS:
         return _torch_sdpa_forced(impl.removeprefix("torch-sdpa-"))
+    if impl == "sentence-transformers":
+        return _SentenceTransformersPooling()
     table = {
         ("layernorm", "torch-layernorm"): _torch_layer_norm,
         ("bias-gelu", "torch-gelu"): _torch_gelu,
@@ -205,6 +244,12 @@ def _impl_fn(op: str, impl: str, compiler: str):
 
 def _randn(shape, dtype, device, generator, scale=1.0, shift=0.0):
     return torch.randn(shape, dtype=torch.float32, device=device, generator=generator).mul_(scale).add_(shift).to(dtype)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    return cu_seqlens
 
 
 def _make_inputs(op: str, shape, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> tuple:
@@ -225,12 +270,13 @@ def _make_inputs(op: str, shape, dtype: torch.dtype, device: torch.device, gener
     # Lengths are drawn on the host (the mask is built there) from a seed the device generator gives.
     seed = int(torch.randint(0, 2**31, (1,), generator=generator, device=device))
     lengths = padded_lengths(shape.batch, shape.seq, torch.Generator().manual_seed(seed))
+    if op == "mean-pool":
+        x = _randn((int(lengths.sum()), shape.features), dtype, device, generator)
+        return x, _offsets(lengths).to(device), key_padding_mask(lengths, shape.seq).to(device)
     if op == "attention-varlen":
         total = int(lengths.sum())
         qkv = _randn((total, 3, shape.heads, shape.head_dim), dtype, device, generator)
-        cu_seqlens = torch.zeros(shape.batch + 1, dtype=torch.int32)
-        cu_seqlens[1:] = lengths.cumsum(0)
-        return qkv, cu_seqlens.to(device), int(lengths.max())
+        return qkv, _offsets(lengths).to(device), int(lengths.max())
     qkv = _randn((shape.batch, shape.seq, 3, shape.heads, shape.head_dim), dtype, device, generator)
     keep = key_padding_mask(lengths, shape.seq).to(device) if op == "attention" else None
     return qkv, keep
@@ -245,6 +291,8 @@ def _output_like(op: str, inputs: tuple) -> tuple[int, ...]:
     qkv = inputs[0]
     if op == "attention-varlen":
         return (qkv.shape[0], qkv.shape[2], qkv.shape[3])
+    if op == "mean-pool":
+        return (inputs[1].numel() - 1, qkv.shape[1])
     if op in ("attention", "attention-nomask"):
         return (qkv.shape[0], qkv.shape[1], qkv.shape[3], qkv.shape[4])
     return tuple(inputs[0].shape)
@@ -261,6 +309,8 @@ def _support_reason(op: str, impl: str, inputs: tuple) -> str | None:
         tensors = inputs[0].unbind(2 if op != "attention-varlen" else 1)
     elif op == "layernorm":
         tensors = (inputs[0], inputs[2], inputs[3])
+    elif op == "mean-pool":
+        tensors = inputs[:2]
     else:
         tensors = inputs
     try:
@@ -279,6 +329,8 @@ def _work(op: str, shape, inputs: tuple, elem: int, direction: str) -> tuple[flo
         return None, formulas.layer_norm_bytes(shape.tokens, shape.features, elem, direction)
     if op == "bias-gelu":
         return None, formulas.bias_gelu_bytes(shape.tokens, shape.features, elem, direction)
+    if op == "mean-pool":
+        return None, formulas.mean_pool_bytes(inputs[0].shape[0], shape.batch, shape.features, elem, direction)
     if op == "attention-varlen":
         cu = inputs[1].tolist()
         lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
@@ -378,7 +430,7 @@ def kernel_case(
             return torch.autograd.grad(out, wrt, grad)
 
     label = shape.label
-    if op == "attention-varlen":
+    if op in ("attention-varlen", "mean-pool"):
         label = f"{shape.label} packed to {int(first[1][-1])} tokens"
     note = compile_note(compiler) if impl == "torch-compile" else None
     return Case(
@@ -407,4 +459,6 @@ def kernel_shapes(op: str, smoke: bool) -> tuple:
         return shapes.SMOKE_LAYER_NORM_SHAPES if smoke else shapes.LAYER_NORM_SHAPES
     if op == "bias-gelu":
         return shapes.SMOKE_BIAS_GELU_SHAPES if smoke else shapes.BIAS_GELU_SHAPES
+    if op == "mean-pool":
+        return shapes.SMOKE_MEAN_POOL_SHAPES if smoke else shapes.MEAN_POOL_SHAPES
     return shapes.SMOKE_ATTENTION_SHAPES if smoke else shapes.ATTENTION_SHAPES

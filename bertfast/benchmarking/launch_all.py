@@ -5,7 +5,8 @@
 Runs each op of :mod:`bertfast.ops` on the ``triton`` and ``ext`` backends in every dtype the
 backend declares, in the variants that compile to different kernels: LayerNorm with and
 without the fused residual and bias and with hidden dropout, at a vector-friendly and an odd
-hidden size; the embedding LayerNorm; bias-GELU; attention padded with and without a mask,
+hidden size; the embedding LayerNorm; bias-GELU; mean pooling with and without its L2
+normalisation (an empty sequence included); attention padded with and without a mask,
 with dropout, and variable-length with and without dropout (the attention autotuners try
 every config of each key, so every config is launched).  On a GPU the Triton attention runs
 every variant in bf16, the masked one in fp16, none in fp32 (each key compiles and runs every
@@ -18,6 +19,7 @@ Prints one line per call and a total; exit status 1 if a call raised or gave a n
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import traceback
 
@@ -72,6 +74,15 @@ def _cases(device: torch.device, dtype: torch.dtype, backend: str):
 
         return make
 
+    def mean_pool(hidden, normalize):
+        def make():
+            lengths = [seq, 0, short, 1]  # an empty sequence and a single token too
+            x = randn(sum(lengths), hidden)
+            cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+            return (x, cu, normalize), {}, [x]
+
+        return make
+
     def attention(masked, dropout):
         def make():
             qkv = randn(2, seq, 3, heads, head_dim, grad=False).requires_grad_(True)
@@ -102,6 +113,9 @@ def _cases(device: torch.device, dtype: torch.dtype, backend: str):
     yield f"embedding_layer_norm h{hiddens[0]}", "embedding_layer_norm", embedding()
     for width in widths:
         yield f"bias_gelu w{width}", "bias_gelu", bias_gelu(width)
+    for hidden in hiddens:
+        for normalize in (False, True):
+            yield f"mean_pool h{hidden}{' normalize' if normalize else ''}", "mean_pool", mean_pool(hidden, normalize)
     # The extension's attention in every dtype; the Triton attention as the module docstring says.
     gpu_triton = device.type == "cuda" and backend == "triton"
     if gpu_triton and dtype == torch.float32:

@@ -191,6 +191,8 @@ AMP_DTYPES = ("bf16",)
 LAYER_NORM_SHAPES = (TokenShape(128, 128, 1024),)
 BIAS_GELU_SHAPES = (TokenShape(128, 128, 4096),)
 ATTENTION_SHAPES = (AttentionShape(32, 128, 16, 64), AttentionShape(8, 512, 16, 64))
+# Sentence embeddings: MiniLM's hidden 384 at a serving batch, BERT-large's 1024.
+MEAN_POOL_SHAPES = (TokenShape(256, 128, 384), TokenShape(64, 512, 1024))
 GPU_DTYPES = ("bf16", "fp16")
 TRAIN_DTYPES = ("bf16",)
 
@@ -201,6 +203,7 @@ SMOKE_VARLEN_SHAPES = (ModelShape(4, 13),)
 SMOKE_LAYER_NORM_SHAPES = (TokenShape(2, 13, 48),)
 SMOKE_BIAS_GELU_SHAPES = (TokenShape(2, 13, 96),)
 SMOKE_ATTENTION_SHAPES = (AttentionShape(2, 13, 3, 16),)
+SMOKE_MEAN_POOL_SHAPES = (TokenShape(3, 13, 48),)
 SMOKE_DTYPES = ("fp32",)
 # torch.autocast has no float32 mode: the mixed-precision smoke runs autocast bf16 (on the CPU too).
 SMOKE_AMP_DTYPES = ("bf16",)

@@ -51,6 +51,7 @@ __all__ = [
     "embedding_layer_norm",
     "explain",
     "layer_norm",
+    "mean_pool",
     "validate_backend_name",
 ]
 
@@ -181,6 +182,16 @@ def attention(q, k, v, attention_mask=None, scale=None, dropout_p: float = 0.0, 
     return impl.attention(q, k, v, attention_mask, scale)
 
 
+def _check_offsets(cu_seqlens, name: str, like: torch.Tensor) -> None:
+    """Type, rank and device of a ``cu_seqlens`` argument (its values: :func:`check_cu_seqlens`)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise TypeError("cu_seqlens must be a 1-D torch.int32 tensor of cumulative sequence offsets")
+    if cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must hold at least one offset (0)")
+    if cu_seqlens.device != like.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {name} is on {like.device}")
+
+
 def attention_varlen(
     q, k, v, cu_seqlens, max_seqlen: int, scale=None, dropout_p: float = 0.0, backend=None, check: bool = True
 ):
@@ -202,12 +213,7 @@ def attention_varlen(
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same number of tokens, got {q.shape[0]} and {k.shape[0]}")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise TypeError("cu_seqlens must be a 1-D torch.int32 tensor of cumulative sequence offsets")
-    if cu_seqlens.numel() < 1:
-        raise ValueError("cu_seqlens must hold at least one offset (0)")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    _check_offsets(cu_seqlens, "q", q)
     if int(max_seqlen) < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
     if check:
@@ -263,3 +269,22 @@ def embedding_layer_norm(
         bias,
         float(eps),
     )
+
+
+def mean_pool(x, cu_seqlens, normalize: bool = False, backend=None, check: bool = True):
+    """Each packed sequence's mean token, L2-normalised when ``normalize``: sentence-transformers'
+    mean ``Pooling`` (then ``Normalize``) over a padding-free encoder's output.
+
+    ``x``: ``(total_tokens, hidden)``; ``cu_seqlens``: int32 ``(batch + 1,)`` offsets, as for
+    :func:`attention_varlen` (``check``: validated with one host read).  Returns
+    ``(batch, hidden)`` in ``x``'s dtype (sums and norms in fp32); an empty sequence gives
+    zeros.  Normalisation divides by ``max(norm, 1e-12)``, as ``F.normalize`` does.
+    """
+    _check_float("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (total_tokens, hidden), got {tuple(x.shape)}")
+    _check_offsets(cu_seqlens, "x", x)
+    if check:
+        check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[0])
+    impl = resolve("mean_pool", backend, (x, cu_seqlens))
+    return impl.mean_pool(x, cu_seqlens, bool(normalize))

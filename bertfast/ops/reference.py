@@ -102,3 +102,13 @@ def embedding_layer_norm(
     summed = F.embedding(input_ids, word_embeddings) + F.embedding(token_type_ids, token_type_embeddings)
     summed = summed + F.embedding(position_ids, position_embeddings)
     return layer_norm(summed, weight, bias, eps)
+
+
+def mean_pool(x, cu_seqlens, normalize=False):
+    """Each packed sequence's mean row (0 when empty), then ``F.normalize`` when ``normalize``."""
+    ct = _compute_dtype(x.dtype)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    sequence_of_row = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
+    sums = x.new_zeros((lengths.numel(), x.shape[1]), dtype=ct).index_add(0, sequence_of_row, x.to(ct))
+    mean = sums / lengths.clamp(min=1)[:, None].to(ct)
+    return (F.normalize(mean, dim=-1, eps=1e-12) if normalize else mean).to(x.dtype)

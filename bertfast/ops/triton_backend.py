@@ -50,6 +50,8 @@ def unsupported(op: str, *tensors, **meta) -> str | None:
         from ..kernels import attention as kernel
     elif op == "bias_gelu":
         from ..kernels import bias_gelu as kernel
+    elif op == "mean_pool":
+        from ..kernels import mean_pool as kernel
     else:  # layer_norm and embedding_layer_norm both end in the LayerNorm kernel
         from ..kernels import layernorm as kernel
     return kernel.unsupported(*tensors)
@@ -110,3 +112,9 @@ def attention_varlen_qkv(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
 
     # Only the model calls this, with offsets it built itself: no host read of them per layer.
     return kernel(qkv, cu_seqlens, max_seqlen, scale, dropout_p, check=False)
+
+
+def mean_pool(x, cu_seqlens, normalize=False):
+    from ..kernels.mean_pool import mean_pool as kernel
+
+    return kernel(x, cu_seqlens, normalize)
