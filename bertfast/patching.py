@@ -417,7 +417,13 @@ def _patched_bert_model_forward(
 ):
     """transformers ``BertModel.forward`` (or the family base model's) computed by :mod:`bertfast.layers`
     (see :mod:`bertfast.patching`)."""
-    from transformers import modeling_outputs
+    # Names from the submodule, not ``from transformers import modeling_outputs``: under torch.compile
+    # (torch 2.11) dynamo cannot import through transformers' lazy top-level module.
+    from transformers.modeling_outputs import (
+        BaseModelOutput,
+        BaseModelOutputWithPastAndCrossAttentions,
+        BaseModelOutputWithPoolingAndCrossAttentions,
+    )
 
     config = self.config
     if output_attentions is None:
@@ -452,7 +458,11 @@ def _patched_bert_model_forward(
         unpad_mode=getattr(self, _UNPAD_ATTR, "auto"),
     )
     hidden_states = None if states is None else _selected_hidden_states(states, output_hidden_states)
-    output_class = getattr(modeling_outputs, (family.family_of_config(config) or family.BERT).output)
+    output_class = {
+        "BaseModelOutput": BaseModelOutput,
+        "BaseModelOutputWithPastAndCrossAttentions": BaseModelOutputWithPastAndCrossAttentions,
+        "BaseModelOutputWithPoolingAndCrossAttentions": BaseModelOutputWithPoolingAndCrossAttentions,
+    }[(family.family_of_config(config) or family.BERT).output]
     with_pooler = "pooler_output" in output_class.__dataclass_fields__
     fields = {"pooler_output": pooled} if with_pooler else {}
     out = output_class(last_hidden_state=x, hidden_states=hidden_states, **fields)
