@@ -158,23 +158,24 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
                 with torch.enable_grad():
                     t = _transform(chunk, *param_leaves, ctx.ln_eps, ctx.backend)
                 t_data = t.detach()
-                # dz = g * (softmax(z) - onehot(y)), built in place in the fp32 logits buffer.
+                # dz = softmax(z) - onehot(y), built in place in the fp32 logits buffer.  The loss's
+                # gradient g scales the products of dz (rows x H, H, V), not dz (rows x V): one pass fewer.
                 dz = _chunk_logits(t_data, decoder_weight_ct, decoder_bias_ct)
                 dz.sub_(lse[start:stop, None]).exp_()
                 dz[torch.arange(stop - start, device=dz.device), targets[start:stop]] -= 1.0
-                dz.mul_(grad_total)
                 if grad_decoder_bias is not None:
-                    grad_decoder_bias += dz.sum(dim=0)
+                    grad_decoder_bias += dz.sum(dim=0) * grad_total
                 dz_ct = dz.to(ct)
                 if grad_decoder_weight is not None:
+                    t_scaled = t_data * grad_total.to(ct)
                     if ct == acc:
-                        grad_decoder_weight.addmm_(dz_ct.t(), t_data)
+                        grad_decoder_weight.addmm_(dz_ct.t(), t_scaled)
                     else:
-                        grad_decoder_weight += (dz_ct.t() @ t_data).to(acc)
+                        grad_decoder_weight += (dz_ct.t() @ t_scaled).to(acc)
                 del dz
                 if not (need_rows or wanted_params):
                     continue
-                dt = dz_ct @ decoder_weight_ct
+                dt = (dz_ct @ decoder_weight_ct).mul_(grad_total.to(ct))
                 inputs = ([chunk] if need_rows else []) + wanted_params
                 grads = list(torch.autograd.grad(t, inputs, dt))
                 if need_rows:

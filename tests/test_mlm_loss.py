@@ -368,3 +368,32 @@ def test_training_step_compiles_whole_with_return_logits():
     eager = model(ids, attention_mask=mask, labels=labels, return_logits=True).loss
     assert abs(loss.item() - eager.item()) <= 1e-5 * eager.item()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_backward_touches_each_logits_chunk_in_four_passes():
+    """Per chunk the (rows x V) buffer is written by the GEMM, then exp(z - lse) in two in-place passes and
+    the one-hot subtraction; the loss's gradient scales the smaller products instead of the buffer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden_size, vocab, chunk = 16, 503, 8
+    hidden = torch.randn(1, chunk, hidden_size, requires_grad=True)
+    params = _leaves(_head_params(hidden_size, vocab, seed=10), torch.float32)
+    labels = torch.randint(0, vocab, (1, chunk), generator=torch.Generator().manual_seed(12))
+    loss = _fused(hidden, params, labels, chunk_size=chunk) * 3.0  # a gradient other than 1 reaches the loss
+
+    class ChunkOps(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (
+                isinstance(out, torch.Tensor)
+                and out.numel() == chunk * vocab
+                and func.overloadpacket != torch.ops.aten.t
+            ):
+                self.names.append(str(func.overloadpacket))
+            return out
+
+    with ChunkOps() as ops:
+        loss.backward()
+    assert ops.names == ["aten.addmm", "aten.sub_", "aten.exp_", "aten.index_put_"], ops.names
