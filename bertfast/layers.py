@@ -545,22 +545,15 @@ def encode(
     *,
     backend: str = "auto",
     unpad_mode: bool | str = "auto",
-    check: bool = True,
 ):
-    """Embeddings, every encoder layer and the pooler of ``bert`` (native or transformers).
+    """Embeddings, every encoder layer and the pooler of ``bert`` (native or transformers), after
+    :func:`check_inputs`.
 
     Returns ``(last_hidden_state, pooled or None, hidden_states list or None, packed or None,
-    packed_last_hidden_state or None)``.  ``check``: run :func:`check_inputs` (callers that
-    checked already pass False).
+    packed_last_hidden_state or None)``.
     """
     config = bert.config
-    if check:
-        batch, seq, device = check_inputs(
-            config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
-        )
-    else:
-        shaped = input_ids if input_ids is not None else inputs_embeds
-        batch, seq, device = shaped.shape[0], shaped.shape[1], shaped.device
+    batch, seq, device = check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
     weight = bert.embeddings.word_embeddings.weight
     if weight.device != device:
         raise ValueError(

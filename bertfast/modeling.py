@@ -373,7 +373,6 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states: bool = False,
         inputs_embeds=None,
     ) -> BaseModelOutput:
-        layers.check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         x, pooled, states, packed, packed_x = layers.encode(
             self,
             input_ids,
@@ -384,7 +383,6 @@ class BertModel(BertPreTrainedModel):
             output_hidden_states,
             backend=self._backend,
             unpad_mode=self.unpad,
-            check=False,
         )
         return BaseModelOutput(
             last_hidden_state=x,
