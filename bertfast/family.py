@@ -211,6 +211,23 @@ _DISTILBERT_FIELDS = {
 }
 
 
+def _classification_head_fields(model_type: str, data: dict) -> dict:
+    """The pooler fields that map the family's sequence-classification head onto BERT's pooler + classifier.
+
+    RoBERTa's (and XLM-RoBERTa's, CamemBERT's) head: dropout, dense, tanh, dropout, out_proj on the first
+    token; ELECTRA's the same with GELU; DistilBERT's: pre_classifier, ReLU, dropout (its
+    ``seq_classif_dropout``), classifier.  ``dense``/``pre_classifier`` become the pooler's dense layer,
+    ``out_proj``/``classifier`` the classifier (see the key renames below).
+    """
+    if model_type == "distilbert":
+        return {"pooler_act": "relu", "classifier_dropout": data.get("seq_classif_dropout", 0.2)}
+    if model_type == "bert":
+        return {}
+    rate = data.get("classifier_dropout")
+    rate = data.get("hidden_dropout_prob", 0.1) if rate is None else rate
+    return {"pooler_act": "gelu" if model_type == "electra" else "tanh", "pooler_input_dropout_prob": rate}
+
+
 def bert_config_fields(data: dict) -> dict:
     """A family ``config.json``'s fields under :class:`bertfast.BertConfig`'s names, ``model_type`` removed.
 
@@ -234,6 +251,8 @@ def bert_config_fields(data: dict) -> dict:
                 f"ELECTRA's embedding_size ({data['embedding_size']}) differs from hidden_size ({hidden}): its "
                 "embeddings_project layer is not BERT's; bertfast runs ELECTRA only with embedding_size == hidden_size"
             )
+    if any(str(name).endswith("ForSequenceClassification") for name in data.get("architectures") or ()):
+        data.update(_classification_head_fields(model_type, data))
     if model_type == "distilbert":
         for name, bert_name in _DISTILBERT_FIELDS.items():
             if name in data:
@@ -244,10 +263,9 @@ def bert_config_fields(data: dict) -> dict:
 
 
 # Heads whose math is BERT's own (the same modules under other names), by class-name suffix.
-NATIVE_HEADS = ("Model", "ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering")
+NATIVE_HEADS = ("Model", "ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering", "ForSequenceClassification")
 # Family heads without a native class, and why; bertfast.patch runs them (patched encoder, transformers' head).
 _OTHER_HEADS = {
-    "ForSequenceClassification": "its classification head is not BERT's pooler + classifier",
     "ForMultipleChoice": "its multiple-choice head is not BERT's",
     "ForPreTraining": "ELECTRA's discriminator head has no native class",
     "ForCausalLM": "bertfast implements the encoder, not a decoder",
@@ -276,7 +294,10 @@ def native_class_name(class_name: str) -> tuple[str, Family] | None:
 
 
 # Checkpoint names of each family -> bertfast's BERT names (substring renames, in order).
+# The family's sequence-classification heads as BERT's pooler + classifier (see _classification_head_fields).
+_CLASSIFIER_KEYS = (("classifier.dense.", "bert.pooler.dense."), ("classifier.out_proj.", "classifier."))
 _ROBERTA_KEYS = (
+    *_CLASSIFIER_KEYS,
     ("roberta.", "bert."),
     ("lm_head.dense.", "cls.predictions.transform.dense."),
     ("lm_head.layer_norm.", "cls.predictions.transform.LayerNorm."),
@@ -288,6 +309,7 @@ _KEY_RENAMES = {
     "xlm-roberta": _ROBERTA_KEYS,
     "camembert": _ROBERTA_KEYS,
     "electra": (
+        *_CLASSIFIER_KEYS,
         ("electra.", "bert."),
         ("generator_predictions.dense.", "cls.predictions.transform.dense."),
         ("generator_predictions.LayerNorm.", "cls.predictions.transform.LayerNorm."),
@@ -295,6 +317,7 @@ _KEY_RENAMES = {
         ("generator_lm_head.bias", "cls.predictions.bias"),
     ),
     "distilbert": (
+        ("pre_classifier.", "bert.pooler.dense."),
         ("distilbert.", "bert."),
         ("transformer.layer.", "encoder.layer."),
         (".attention.q_lin.", ".attention.self.query."),

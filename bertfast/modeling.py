@@ -112,14 +112,24 @@ class BertEncoder(nn.Module):
         self.gradient_checkpointing = False
 
 
+_POOLER_ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
+
+
 class BertPooler(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = config.pooler_act
+        p = config.pooler_input_dropout_prob
+        self.dropout = nn.Dropout(p) if p is not None else None
 
     def forward(self, hidden_states):
-        """``tanh(hidden_states[:, 0] @ W^T + b)``, as Hugging Face's pooler."""
-        return torch.tanh(self.dense(hidden_states[:, 0]))
+        """``tanh(hidden_states[:, 0] @ W^T + b)``, as Hugging Face's pooler; the family's classification
+        heads map onto it with their activation and a dropout before the dense layer (``BertConfig``)."""
+        first = hidden_states[:, 0]
+        if self.dropout is not None:
+            first = self.dropout(first)
+        return _POOLER_ACTIVATIONS[self.act](self.dense(first))
 
 
 def transformers_forward(forward):
@@ -712,8 +722,10 @@ SUPPORTED_CLASSES = (
 )
 
 
-def config_from_hf(hf_config) -> BertConfig:
+def config_from_hf(hf_config, architecture: str | None = None) -> BertConfig:
     """A :class:`BertConfig` with the Hugging Face config's fields; unknown ones land in ``extra``.
+    ``architecture``: the transformers class the config is for (a family's classification head maps
+    onto BERT's pooler with fields of its own).
 
     Raises ``ValueError`` naming the field when bertfast cannot represent the model.
     """
@@ -729,6 +741,8 @@ def config_from_hf(hf_config) -> BertConfig:
     if not isinstance(act, str):  # a callable activation does not survive to_dict; say so clearly
         raise ValueError(f"{field} {act!r} is not supported; bertfast implements 'gelu' (the erf GELU)")
     data["num_labels"] = hf_config.num_labels
+    if architecture is not None:
+        data["architectures"] = [architecture]
     # These only matter to decoders; an encoder config carries them as False.
     for flag in ("is_decoder", "add_cross_attention"):
         if getattr(hf_config, flag, False):
@@ -823,7 +837,7 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
     elif model_type == "bert":
         _check_tied_heads(hf_model)
 
-    config = config_from_hf(source.config)
+    config = config_from_hf(source.config, type(hf_model).__name__)
     _check_activations(source)
     backend = check_backend(backend)
     if issubclass(cls, BertModel):

@@ -194,7 +194,7 @@ def test_electra_with_a_projected_embedding_is_refused_clearly():
 NATIVE_CASES = [
     (family, head)
     for family in FAMILIES
-    for head in ("Model", "ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering")
+    for head in ("Model", "ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering", "ForSequenceClassification")
     if (family, head) != ("distilbert", "ForQuestionAnswering")
 ]
 
@@ -234,10 +234,38 @@ def test_from_pretrained_reads_family_checkpoints(family, tmp_path):
     assert_native_matches(again, reference, left=True)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_classification_heads_map_onto_the_pooler_and_train_alike(family, tmp_path):
+    """RoBERTa's/ELECTRA's dropout-dense-activation-dropout-out_proj head and DistilBERT's
+    pre_classifier-ReLU-dropout-classifier are BERT's pooler (its activation, a dropout before the dense
+    layer) and classifier: the same logits, loss and gradients in training (dropout 0), from a live model
+    and from a saved checkpoint."""
+    no_dropout = {"seq_classif_dropout": 0.0} if family == "distilbert" else {}
+    reference = hf_model(family, "ForSequenceClassification", **no_dropout).train()
+    model = bertfast.from_hf(reference, backend="reference")
+    expected = {"roberta": "tanh", "xlm-roberta": "tanh", "camembert": "tanh", "electra": "gelu"}
+    assert model.config.pooler_act == expected.get(family, "relu")
+    assert (model.config.pooler_input_dropout_prob is None) == (family == "distilbert")
+    ids, mask = batch(reference.config, [9, 4, 7], 9)
+    labels = torch.tensor([0, 2, 1])
+    ours = model(input_ids=ids, attention_mask=mask, labels=labels)
+    theirs = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    assert rel_error(ours.loss, theirs.loss) <= MODEL_FP32_REL_TOL
+    ours.loss.backward()
+    theirs.loss.backward()
+    grads = {name: p.grad for name, p in reference.named_parameters()}
+    head_dense = "pre_classifier.weight" if family == "distilbert" else "classifier.dense.weight"
+    assert rel_error(model.bert.pooler.dense.weight.grad, grads[head_dense]) <= 1e-4
+    reference.save_pretrained(tmp_path)
+    loaded = bertfast.BertForSequenceClassification.from_pretrained(tmp_path, backend="reference", strict=True)
+    assert loaded.config.pooler_act == model.config.pooler_act
+    assert_native_matches(loaded.eval(), reference.eval(), left=True)
+
+
 @pytest.mark.parametrize(
     "family, head, match",
     [
-        ("roberta", "ForSequenceClassification", "RobertaForSequenceClassification has no bertfast native class"),
+        ("roberta", "ForMultipleChoice", "RobertaForMultipleChoice has no bertfast native class"),
         ("electra", "ForPreTraining", "ElectraForPreTraining has no bertfast native class"),
         ("distilbert", "ForQuestionAnswering", "DistilBertForQuestionAnswering has no bertfast native class"),
     ],
@@ -248,7 +276,8 @@ def test_heads_without_a_native_class_are_refused_by_name(family, head, match, t
         bertfast.from_hf(reference)
     reference.save_pretrained(tmp_path)
     with pytest.raises(TypeError, match=match):
-        getattr(bertfast, "Bert" + head.replace("ForPreTraining", "ForMaskedLM")).from_pretrained(tmp_path)
+        native = {"ForPreTraining": "ForMaskedLM", "ForMultipleChoice": "ForSequenceClassification"}.get(head, head)
+        getattr(bertfast, "Bert" + native).from_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="not in the checkpoint|the model does not use"):  # its own head, no pooler
         bertfast.BertModel.from_pretrained(tmp_path, backend="reference")  # the encoder alone loads
 
