@@ -1143,3 +1143,19 @@ def test_bench_command_warns_when_the_rounds_spread_too_wide():
     ]
     warnings = command._spread_warnings(rows, {"hf-sdpa": "hf-sdpa"})
     assert len(warnings) == 1 and "hf-sdpa (fwd)" in warnings[0] and "60%" in warnings[0]
+
+
+def test_sentence_embedding_row_compares_patched_and_unpatched_on_the_same_sentences():
+    pytest.importorskip("sentence_transformers")
+    from bertfast.benchmarking import sentence_embeddings
+
+    from .helpers import minilm_path
+
+    texts = sentence_embeddings.sentences(200)
+    words = [len(t.split()) for t in texts]
+    assert min(words) >= 3 and max(words) <= 120 and 8 <= sorted(words)[100] <= 24  # median near 14
+    assert sentence_embeddings.sentences(200) == texts  # seeded
+    row = sentence_embeddings.run(minilm_path(), "cpu", count=12, batch_size=4, rounds=1)
+    assert set(row["sentences_per_s"]) == {"sentence-transformers", "sentence-transformers-patched"}
+    assert all(rate > 0 for rate in row["sentences_per_s"].values())
+    assert row["max_cosine_gap"] <= 1e-5 and row["dtype"] == "float32"

@@ -161,6 +161,7 @@ class FirstLight:
         self.skipped: list[dict] = []
         self.failed: list[str] = []
         self.host: dict[str, dict] = {}
+        self.sentence_embeddings: dict | None = None
         self.sections: dict[str, str] = {}
         self.environment = environment(self.device)
         self.peaks: dict[str, float] | None = None
@@ -268,6 +269,7 @@ class FirstLight:
             Section("attention", 30, self.run_attention),
             Section("layernorm and bias-gelu", 30, self.run_tokenwise),
             Section("padding-free", 20, self.run_varlen),
+            Section("sentence embeddings", 15, self.run_sentence_embeddings),
         ]
 
     def identities(self, section: str) -> list[dict]:
@@ -360,6 +362,15 @@ class FirstLight:
                     )
             models.release()
 
+    def run_sentence_embeddings(self) -> None:
+        """Patched against unpatched sentence-transformers (bertfast.benchmarking.sentence_embeddings)."""
+        from . import sentence_embeddings
+
+        size = dict(count=16, batch_size=8, rounds=1) if self.tiny else {}
+        row = sentence_embeddings.run(sentence_embeddings.packaged_minilm_path(), str(self.device), **size)
+        self.sentence_embeddings = row
+        print(f"[firstlight] sentence embeddings: {json.dumps(row)}", flush=True)
+
     def run_host_probe(self) -> None:
         models, shape, dtype = self.models, self.sizes.forward[0], self.sizes.dtype
         tables = []
@@ -419,7 +430,12 @@ class FirstLight:
 
     def numbers(self) -> dict:
         """The key numbers for the gpu-check summary."""
-        return key_numbers(self.rows, self.peaks, self.host, self.failed, len(self.skipped), self.path)
+        numbers = key_numbers(self.rows, self.peaks, self.host, self.failed, len(self.skipped), self.path)
+        if self.sentence_embeddings is not None:
+            row = self.sentence_embeddings
+            numbers["sentence embeddings/s"] = {k: round(v, 1) for k, v in row["sentences_per_s"].items()}
+            numbers["sentence embeddings speed-up, cosine gap"] = [round(row["speedup"], 2), row["max_cosine_gap"]]
+        return numbers
 
 
 def _identity(name: str, impl: str, dtype: str, shape, lengths: str | None = None) -> dict:
