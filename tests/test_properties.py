@@ -6,7 +6,8 @@ middle-padded or all padding, a mask dtype (int, bool, float), a head with or wi
 a backend that runs here, the padding-free mode, and native or patched; the outputs at real
 tokens, the pooled outputs of rows that hold a token, and the losses must match transformers
 within the fp32 model tolerance.  Losses are compared under bertfast's rule at padding
-(:mod:`bertfast.head_losses`), applied to transformers' outputs.
+(:mod:`bertfast.head_losses`), applied to transformers' outputs.  A second property does the same for
+the BERT family (RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT), patched and native.
 """
 
 import copy
@@ -211,3 +212,55 @@ def test_public_api_matches_transformers(case):
             assert mine.isnan() or (native_mlm and mine.isfinite()), key
             continue
         assert rel_error(mine, reference) <= MODEL_FP32_REL_TOL, (key, case["backend"], case["face"])
+
+
+@st.composite
+def family_cases(draw):
+    from .test_family import CASES, FAMILIES
+
+    family, head = draw(st.sampled_from([case for case in CASES if case[1] != "ForPreTraining"]))
+    batch, seq = draw(st.integers(1, 4)), draw(st.integers(1, 9))
+    mask = torch.tensor([_row(draw(st.sampled_from(ROWS[:-1])), seq, draw) for _ in range(batch)])
+    native = head != "ForQuestionAnswering" or family != "distilbert"
+    return {
+        "family": family,
+        "head": head,
+        "fields": FAMILIES[family],
+        "mask": mask.to(draw(st.sampled_from([torch.int64, torch.bool, torch.float32]))),
+        "seed": draw(st.integers(0, 2**16)),
+        "labels": draw(st.booleans()),
+        "backend": draw(st.sampled_from([b for b in BACKENDS if b != "triton"])),  # the interpreter is slow
+        "unpad": draw(st.sampled_from(["auto", False])),
+        "face": draw(st.sampled_from(["patched", "native"] if native else ["patched"])),
+    }
+
+
+@settings(max_examples=30, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(family_cases())
+def test_bert_family_matches_transformers(case):
+    """RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA and DistilBERT, patched or native, against transformers:
+    outputs at real tokens and losses under bertfast's rule, with padding anywhere but whole rows."""
+    from .test_family import hf_model, labels_for
+
+    torch.manual_seed(case["seed"])
+    reference = hf_model(case["family"], case["head"])
+    config, mask, head = reference.config, case["mask"], case["head"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    ids = torch.randint(pad_id + 1, config.vocab_size, mask.shape, generator=gen).masked_fill(~mask.bool(), pad_id)
+    labels = labels_for(head, config, mask.long(), seed=case["seed"]) if case["labels"] else {}
+    if case["face"] == "native":
+        model = bertfast.from_hf(reference, backend=case["backend"]).set_unpad(case["unpad"])
+    else:
+        model = bertfast.patch(copy.deepcopy(reference), backend=case["backend"], unpad=case["unpad"])
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, **labels)
+        theirs = _transformers_under_the_rule(
+            reference, "Bert" + head, dict(input_ids=ids, attention_mask=mask, **labels)
+        )
+    tokens = mask.bool()
+    for key in ("last_hidden_state", "logits", "start_logits", "end_logits", "loss"):
+        if theirs.get(key) is None:
+            continue
+        mine, expected = _compared(key, ours[key], theirs[key], tokens, tokens.any(dim=1))
+        assert rel_error(mine, expected) <= MODEL_FP32_REL_TOL, (key, case["family"], head, case["face"])
