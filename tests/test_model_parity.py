@@ -8,7 +8,7 @@ import bertfast
 from bertfast import head_losses
 from bertfast.numerics import FP32_REL_TOL, MODEL_FP32_REL_TOL, rel_error
 
-from .helpers import ODD_CONFIGS, hf_twin, ragged_batch, small_config
+from .helpers import ODD_CONFIGS, hf_twin, ragged_batch, small_config, span_outputs_under_the_rule
 
 
 @pytest.mark.parametrize("geometry", range(len(ODD_CONFIGS)))
@@ -138,11 +138,7 @@ def test_heads_match_hugging_face(kind):
         labels["labels"] = head_losses.ignore_padding_labels(labels["labels"], mask)
     theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, **labels)
     if kind == "BertForQuestionAnswering":
-        for key in ("start_logits", "end_logits"):
-            theirs[key] = head_losses.span_logits(theirs[key], mask)
-        theirs["loss"] = head_losses.span_loss(
-            theirs.start_logits, theirs.end_logits, labels["start_positions"], labels["end_positions"], mask
-        )
+        theirs = span_outputs_under_the_rule(theirs, mask, labels["start_positions"], labels["end_positions"])
     assert type(ours).__name__.replace("PreTrainingOutput", "BertForPreTrainingOutput") in (
         type(theirs).__name__,
         type(theirs).__name__.replace("QuestionAnsweringModelOutput", "QuestionAnsweringOutput"),

@@ -24,7 +24,7 @@ import bertfast  # noqa: E402
 from bertfast import head_losses  # noqa: E402
 from bertfast.numerics import MODEL_FP32_REL_TOL, rel_error  # noqa: E402
 
-from .helpers import triton_device  # noqa: E402
+from .helpers import span_outputs_under_the_rule, triton_device  # noqa: E402
 
 HEADS = [
     "BertModel",
@@ -128,11 +128,7 @@ def _transformers_under_the_rule(hf, head, inputs):
         inputs["labels"] = head_losses.ignore_padding_labels(inputs["labels"], mask)
     out = hf(**inputs)
     if head == "BertForQuestionAnswering":
-        for key in ("start_logits", "end_logits"):
-            out[key] = head_losses.span_logits(out[key], mask)
-        if "start_positions" in inputs:
-            args = (out.start_logits, out.end_logits, inputs["start_positions"], inputs["end_positions"], mask)
-            out["loss"] = head_losses.span_loss(*args)
+        return span_outputs_under_the_rule(out, mask, inputs.get("start_positions"), inputs.get("end_positions"))
     return out
 
 
