@@ -22,25 +22,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .padding import tokens_of
+
 IGNORE_INDEX = -100
-
-
-def _tokens(attention_mask: torch.Tensor) -> torch.Tensor:
-    return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
 
 
 def ignore_padding_labels(labels: torch.Tensor | None, attention_mask: torch.Tensor | None):
     """``labels`` with ``-100`` at padding positions."""
     if labels is None or attention_mask is None:
         return labels
-    return labels.masked_fill(~_tokens(attention_mask).expand_as(labels), IGNORE_INDEX)
+    return labels.masked_fill(~tokens_of(attention_mask).expand_as(labels), IGNORE_INDEX)
 
 
 def span_logits(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Start or end logits ``(batch, seq)`` with padding out of the span softmax."""
     if attention_mask is None:
         return logits.contiguous()
-    return logits.masked_fill(~_tokens(attention_mask).expand_as(logits), torch.finfo(logits.dtype).min)
+    return logits.masked_fill(~tokens_of(attention_mask).expand_as(logits), torch.finfo(logits.dtype).min)
 
 
 def span_loss(
@@ -54,7 +52,7 @@ def span_loss(
     for logits, positions in ((start_logits, start_positions), (end_logits, end_positions)):
         positions = positions.reshape(-1).clamp(0, seq)
         if attention_mask is not None:
-            tokens = F.pad(_tokens(attention_mask).expand(logits.shape[0], seq), (0, 1))  # seq: ignored already
+            tokens = F.pad(tokens_of(attention_mask).expand(logits.shape[0], seq), (0, 1))  # seq: ignored already
             at_token = tokens.gather(1, positions[:, None]).squeeze(1)
             positions = positions.masked_fill(~at_token, seq)
         if num_items_in_batch is None:

@@ -40,6 +40,7 @@ from . import ops
 from .layers import values_checkable
 from .modeling import SUPPORTED_CLASSES, config_from_hf, convert, from_hf
 from .ops import check_backend
+from .padding import tokens_of
 
 __all__ = [
     "SUPPORTED_CLASSES",
@@ -76,7 +77,7 @@ def key_padding_mask_from_hf(attention_mask, batch: int, q_len: int, kv_len: int
     if mask.dim() == 2:
         if tuple(mask.shape) != (batch, kv_len):
             raise ValueError(f"a 2-D attention mask must have shape {(batch, kv_len)}, got {tuple(mask.shape)}")
-        return mask if mask.dtype == torch.bool else mask != 0
+        return tokens_of(mask)
     if mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[2] not in (1, q_len) or mask.shape[3] != kv_len:
         raise NotImplementedError(
             f"the bertfast attention takes a key-padding mask; got a mask of shape {tuple(mask.shape)} "

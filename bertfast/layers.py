@@ -62,7 +62,7 @@ from .family import (
     layer_parts_function,
 )
 from .ops import _dispatch
-from .padding import PackedBatch, pack_mask, pad, unpad
+from .padding import PackedBatch, pack_mask, pad, tokens_of, unpad
 
 # --------------------------------------------------------------------------------------
 # The plan: every op's backend function, chosen once
@@ -571,7 +571,7 @@ def encode(
 
     keep = None
     if attention_mask is not None:
-        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+        keep = tokens_of(attention_mask)
     eager = values_checkable(device) and batch * seq > 0
     may_unpad = keep is not None and unpad_mode is not False and eager
     if may_unpad and ops.attention_varlen is None:

@@ -31,6 +31,11 @@ class PackedBatch:
         return self.indices.shape[0]
 
 
+def tokens_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """A key-padding mask (bool, or int/float with nonzero at tokens) as bool, True at tokens."""
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+
+
 def pack_mask(keep: torch.Tensor, lengths: torch.Tensor | None = None, sizes: tuple | None = None) -> PackedBatch:
     """Bookkeeping for a boolean ``(batch, seq)`` mask (True = token).
 
