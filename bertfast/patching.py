@@ -483,9 +483,15 @@ _TOKEN_LABEL_HEADS = ("ForMaskedLM", "ForPreTraining", "ForTokenClassification")
 _SPAN_HEADS = ("ForQuestionAnswering",)
 
 
+@functools.cache
+def _forward_signature(cls) -> inspect.Signature:
+    # Once per class, not per call: inspect.signature unwraps transformers' decorators on every call.
+    return inspect.signature(cls.forward)
+
+
 def _patched_head_model_forward(self, *args, **kwargs):
     """The head model's own forward, with padding kept out of its loss as in bertfast's native heads."""
-    call = inspect.signature(type(self).forward).bind(self, *args, **kwargs)
+    call = _forward_signature(type(self)).bind(self, *args, **kwargs)
     arguments = call.arguments
     extra = arguments.pop(next(k for k, p in call.signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
     arguments.pop("self")
