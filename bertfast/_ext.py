@@ -8,6 +8,8 @@ torch, ...), so the "ext" backend can report it instead of failing at import tim
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from types import ModuleType
 from typing import NamedTuple
 
@@ -77,15 +79,54 @@ def require() -> ModuleType:
     return module
 
 
-def build_info() -> dict[str, object]:
-    """What the extension contains (for environment reports): built, CUDA kernels, archs, versions."""
+def build_info(probe_errors: bool = False) -> dict[str, object]:
+    """What the extension contains (for environment reports): built, CUDA kernels, archs, versions;
+    ``probe_errors``: also whether its errors reach Python (:func:`errors_reach_python`, a child process)."""
     module, reason, _ = _load()
     if module is None:
         return {"built": False, "reason": reason}
-    return {
+    info: dict[str, object] = {
         "built": True,
         "cuda_kernels": module.has_cuda(),
         "cuda_archs": module.cuda_archs(),
         "cuda_runtime_version": module.cuda_runtime_version(),
         "built_with_torch": module.built_with_torch(),
     }
+    if probe_errors:
+        info["errors_reach_python"] = errors_reach_python() or "yes"
+    return info
+
+
+# Bad input to one op: the extension must raise RuntimeError (a C++ exception that pybind11 turns into one).
+_ERROR_PROBE = """
+import torch, bertfast._C as C
+ids = torch.tensor([[1, 2, 10]])
+try:
+    C.embedding_layer_norm_forward(ids, ids * 0, ids * 0, torch.randn(10, 8), torch.randn(4, 8), torch.randn(2, 8),
+                                   torch.ones(8), torch.zeros(8), 1e-12, 0)
+except RuntimeError as exc:
+    raise SystemExit(0 if "outside the table's rows" in str(exc) else 3)
+raise SystemExit(4)
+"""
+
+
+def errors_reach_python(timeout_s: float = 120.0) -> str | None:
+    """``None`` when an error raised inside :mod:`bertfast._C` reaches Python as ``RuntimeError``; else what
+    happens instead.  Run in a child process, because where the build's C++ exceptions cannot cross into
+    Python (a compiler or runtime that does not match torch's) the raise kills the process: seen once on a
+    GPU machine, as a segmentation fault."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _ERROR_PROBE], capture_output=True, text=True, timeout=timeout_s, errors="replace"
+        )
+    except subprocess.TimeoutExpired:
+        return f"the error probe of bertfast._C did not end within {timeout_s:.0f} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return (
+            f"an error raised inside bertfast._C kills the process (signal {-done.returncode}) instead of reaching "
+            "Python as RuntimeError: rebuild the extension with the compiler torch was built with (CXX=...)"
+        )
+    tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
+    return f"the error probe of bertfast._C ended with exit {done.returncode}: {tail[0][:300]}"

@@ -285,15 +285,6 @@ class CUDAGraphRunner:
             return self.model(input_ids=ids, attention_mask=mask, token_type_ids=types)
         return self.model(input_ids=ids, attention_mask=mask, token_type_ids=types, return_dict=True)
 
-    def _padded_forward_modes(self):
-        """bertfast models may unpad (data-dependent shapes): graphs always run the padded path."""
-        from .modeling import BertModel
-
-        saved = [(m, m.unpad) for m in self.model.modules() if isinstance(m, BertModel) and hasattr(m, "unpad")]
-        for m, _ in saved:
-            m.unpad = False
-        return saved
-
     def capture(self, batch: int, seq: int, mask_dtype: torch.dtype = torch.long) -> tuple[int, int]:
         """Capture the graph of the bucket holding ``(batch, seq)`` now; returns the bucket."""
         bucket = choose_bucket(batch, seq, self.batch_buckets, self.seq_buckets)
@@ -308,7 +299,7 @@ class CUDAGraphRunner:
             torch.zeros(bucket, dtype=torch.long, device=device),
         )
         static[1][:, 0] = 1  # a valid first token per row, so warm-up sees a realistic mask
-        saved = self._padded_forward_modes()
+        saved = padded_forward_modes(self.model)
         try:
             with torch.no_grad(), torch.cuda.device(device):
                 # Warm up on a side stream: lazy initialisation, kernel compilation and
@@ -325,8 +316,7 @@ class CUDAGraphRunner:
                 with torch.cuda.graph(graph, pool=self._pool):
                     outputs = self._call_model(*static)
         finally:
-            for m, mode in saved:
-                m.unpad = mode
+            _restore_forward_modes(saved)
         self._graphs[bucket] = _Graph(graph=graph, inputs=static, outputs=outputs)
         return bucket
 
@@ -344,3 +334,24 @@ class CUDAGraphRunner:
         pad_inputs(input_ids, attention_mask, token_type_ids, bucket, self.pad_token_id, out=entry.inputs)
         entry.graph.replay()
         return crop_outputs(entry.outputs, batch, seq, clone=self.clone_outputs)
+
+
+def padded_forward_modes(model: torch.nn.Module) -> list:
+    """bertfast models and patched encoders may unpad (data-dependent shapes): graphs always run the
+    padded path, the warm-up too (so the padded kernels are compiled and tuned before the capture).
+    Switches every such module to padded; returns what :func:`_restore_forward_modes` puts back."""
+    from .modeling import BertModel
+    from .patching import _UNPAD_ATTR
+
+    saved = []
+    for m in model.modules():
+        attr = "unpad" if isinstance(m, BertModel) and hasattr(m, "unpad") else _UNPAD_ATTR
+        if hasattr(m, attr):
+            saved.append((m, attr, getattr(m, attr)))
+            setattr(m, attr, False)
+    return saved
+
+
+def _restore_forward_modes(saved: list) -> None:
+    for m, attr, mode in saved:
+        setattr(m, attr, mode)

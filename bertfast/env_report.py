@@ -89,7 +89,7 @@ def _auto_choices() -> dict[str, str]:
 def _extension_info() -> dict[str, object]:
     from ._ext import build_info
 
-    return build_info()
+    return build_info(probe_errors=True)
 
 
 def format_report(info: dict[str, object]) -> str:

@@ -15,7 +15,9 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device): an existing process group, torchrun's environment, or one process."""
     if dist.is_initialized():  # main() called by a program that set up the processes itself
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        # gloo is the CPU backend: its group trains on the CPU even where a GPU is visible
+        on_gpu = torch.cuda.is_available() and dist.get_backend() != "gloo"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         return dist.get_rank(), dist.get_world_size(), device
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:

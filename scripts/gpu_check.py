@@ -60,14 +60,14 @@ INTERRUPT_WAIT_S = 10  # a command stopped at its limit gets this long to report
 # name -> (letter, title, estimate on an H100 in seconds, estimate of the dry run in seconds)
 STAGES = {
     "env": ("a", "environment report", 10, 8),
-    "build": ("a", "CUDA build for this GPU's architecture", 50, 1),
+    "build": ("a", "CUDA build for this GPU's architecture", 50, 4),
     "smoke": ("b", "GPU smoke tests", 90, 14),
     "bench": ("c", "headline benchmarks", 220, 20),
     "sanitizer": ("d", "compute-sanitizer memcheck of every kernel", 60, 8),
     "rest": ("e", "the rest of the tests and benchmark suites", 30, 1),
 }
 # The build when an installed or carried build already fits: a load check only.
-REUSED_BUILD_S = 8
+REUSED_BUILD_S = 8  # with the check that the extension's errors reach Python
 
 
 class Check:
@@ -386,6 +386,38 @@ class Check:
         return self._build_state()
 
     def stage_build(self, stage: dict) -> str:
+        status = self._build(stage)
+        if status != "ok":
+            return status
+        # An extension whose C++ errors kill the process (seen: a segfault on bad input, built with the
+        # machine's default compiler) ends every test run that checks an error: find out now, and if so
+        # try once more with the system compiler.
+        crash = self._error_probe()
+        stage["numbers"]["errors reach Python"] = crash or "yes"
+        system_cxx = shutil.which("g++", path="/usr/bin")
+        if crash and system_cxx and os.environ.get("CXX") != system_cxx and not self.dry:
+            self.say(f"{crash}; rebuilding with CXX={system_cxx}")
+            env = {**self._build_env(), "CXX": system_cxx, "CC": shutil.which("gcc", path="/usr/bin") or "gcc"}
+            rc = self.run(stage, f"rebuild with {system_cxx}", self._build_command(), max(stage["timeout_s"], 100), env)
+            crash = self._error_probe() if rc == 0 else f"the rebuild failed (exit {rc})"
+            stage["numbers"][f"errors reach Python, built with {system_cxx}"] = crash or "yes"
+        return "failed" if crash else "ok"
+
+    def _error_probe(self) -> str | None:
+        code = (
+            "from bertfast._ext import errors_reach_python as p; r = p(); print(r or 'yes'); raise SystemExit(bool(r))"
+        )
+        rc, out = self.capture([self.python, "-c", code], timeout_s=150)
+        return None if rc == 0 else (out.strip().splitlines()[-1:] or [f"exit {rc}"])[0]
+
+    def _build_env(self) -> dict:
+        arch = f"{self.capability[0]}.{self.capability[1]}" if self.capability else None
+        return {**self.env, "BERTFAST_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch or "9.0"}
+
+    def _build_command(self) -> list[str]:
+        return [self.python, "-m", "pip", "install", "-v", "-e", ".", "--no-deps", "--no-build-isolation"]
+
+    def _build(self, stage: dict) -> str:
         state = getattr(self, "_state", None) or self._build_state()
         arch = f"{self.capability[0]}.{self.capability[1]}" if self.capability else None
         stage["numbers"]["arch"] = arch or "cpu"
@@ -418,11 +450,10 @@ class Check:
             stage["reason"] = f"the extension is not built or does not load: {state}"
             stage["numbers"]["action"] = "none (a dry run does not build; run make setup)"
             return "failed"
-        env = {**self.env, "BERTFAST_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch or "9.0"}
-        command = [self.python, "-m", "pip", "install", "-v", "-e", ".", "--no-deps", "--no-build-isolation"]
         # At least 100 s: a build stopped half-way leaves nothing (38 s for sm_90 on 16 cores at first light).
         limit = max(stage["timeout_s"], 100)
-        rc = self.run(stage, f"build for sm_{(arch or '9.0').replace('.', '')}", command, limit, env=env)
+        name = f"build for sm_{(arch or '9.0').replace('.', '')}"
+        rc = self.run(stage, name, self._build_command(), limit, self._build_env())
         state = self._build_state()
         stage["numbers"].update(action=f"built for {arch}", archs=state.get("cuda_archs"), exit=rc)
         if rc == 124:
@@ -520,15 +551,12 @@ class Check:
         # (reported as failed, the worker replaced), and the suite gets through more of the budget.
         status = "ok"
         workers = max(1, min(8, (os.cpu_count() or 1) // 2))
-        parallel = (
-            ["-n", str(workers), "--dist", "loadfile"]
-            if self.capture([self.python, "-c", "import xdist"])[0] == 0
-            else []
-        )
+        parallel = ["-n", str(workers)] if self.capture([self.python, "-c", "import xdist"])[0] == 0 else []
         stage["numbers"]["pytest workers"] = workers if parallel else 1
         for name, selection in (
-            ("ext tests", ["tests/test_ext_ops.py"]),
-            ("tests", ["tests", "--ignore=tests/test_ext_ops.py"]),
+            # one file: its tests spread one by one; the suite: file by file (module fixtures run once)
+            ("ext tests", ["tests/test_ext_ops.py", *(parallel and ["--dist", "load"])]),
+            ("tests", ["tests", "--ignore=tests/test_ext_ops.py", *(parallel and ["--dist", "loadfile"])]),
         ):
             if self.left_s() - MARGIN_S - INTERRUPT_WAIT_S < 20:
                 stage["numbers"][name] = "not run: out of time"

@@ -6,7 +6,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import bertfast  # noqa: E402
-from bertfast.cuda_graphs import CUDAGraphRunner, check_inputs, choose_bucket, crop_outputs, pad_inputs  # noqa: E402
+from bertfast.cuda_graphs import (  # noqa: E402
+    CUDAGraphRunner,
+    _restore_forward_modes,
+    check_inputs,
+    choose_bucket,
+    crop_outputs,
+    pad_inputs,
+    padded_forward_modes,
+)
 from bertfast.numerics import MODEL_FP32_REL_TOL, rel_error  # noqa: E402
 from bertfast.patching import patch  # noqa: E402
 
@@ -136,6 +144,19 @@ def test_runner_refuses_cpu_models_and_tensors_and_unpatched_models():
         check_inputs(torch.ones(3, dtype=torch.long), None, None, torch.device("cuda", 0))
 
 
+def test_graphs_switch_native_and_patched_models_to_the_padded_path_and_back():
+    """A graph (and its warm-up) runs the padded path, whatever the model's padding-free mode."""
+    native = bertfast.BertForQuestionAnswering(small_config(num_labels=2))
+    patched = patch(make_hf("BertForQuestionAnswering"), unpad=True)
+    for model, before in ((native, "auto"), (patched, True)):
+        saved = padded_forward_modes(model)
+        assert len(saved) == 1
+        ((module, attr, mode),) = saved
+        assert mode == before and getattr(module, attr) is False
+        _restore_forward_modes(saved)
+        assert getattr(module, attr) == before
+
+
 # --------------------------------------------------------------------------------------
 # Capture and replay (GPU only)
 # --------------------------------------------------------------------------------------
@@ -157,7 +178,7 @@ def test_replay_matches_the_eager_forward(kind, dtype):
         # graphs run the padded path; the eager comparison below must too
         model = bertfast.BertForQuestionAnswering(small_config(num_labels=2)).set_unpad(False)
     else:
-        model = patch(make_hf("BertForQuestionAnswering"))
+        model = patch(make_hf("BertForQuestionAnswering"), unpad=False)
     model = model.to("cuda", dtype).eval()
     runner = CUDAGraphRunner(model, batch_buckets=(2, 4), seq_buckets=(16, 32))
     for lengths, seq in (([9, 4, 6], 9), ([16, 2], 16), ([20, 31, 5], 31), ([3, 3, 1], 3)):

@@ -32,7 +32,7 @@ from torch.func import functional_call  # noqa: E402
 import bertfast  # noqa: E402
 import bertfast.ops as ops  # noqa: E402
 from bertfast.errors import BackendUnavailable  # noqa: E402
-from bertfast.numerics import MODEL_FP32_REL_TOL, assert_close, rel_error  # noqa: E402
+from bertfast.numerics import FP32_REL_TOL, MODEL_FP32_REL_TOL, assert_close, rel_error  # noqa: E402
 from bertfast.ops import triton_backend  # noqa: E402
 
 from .helpers import ragged_batch, small_config  # noqa: E402
@@ -286,7 +286,9 @@ def test_attention_masks_are_reproducible_and_independent():
 
 
 def test_zero_rate_is_the_plain_kernel_and_leaves_the_generator_alone():
-    """p = 0 is the no-dropout kernel; the dropout kernels dropping nothing give the same bits."""
+    """p = 0 is the no-dropout kernel (the same bits); the dropout kernels dropping nothing give the same
+    function: the same bits in the interpreter, and up to fp32 summation order on a GPU, where the dropout
+    kernels are tuned on their own (HAS_DROPOUT is in the autotune key) and may take other tiles."""
     batch, seq, heads, head_dim = 2, 19, 2, 16
     qkv = random_qkv((batch, seq), heads, head_dim, torch.float32, seed=31)
     grad_out = torch.randn(batch, seq, heads, head_dim, generator=torch.Generator().manual_seed(32)).to(DEVICE)
@@ -319,8 +321,12 @@ def test_zero_rate_is_the_plain_kernel_and_leaves_the_generator_alone():
         assert torch.equal(torch.get_rng_state(), state), "p = 0 must not draw from the generator"
         tiny = run(with_dropout(1e-9), inputs, heads, grads)
         assert not torch.equal(torch.get_rng_state(), state), "dropout draws its seed from the generator"
-        for got in (at_zero, tiny):
-            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert torch.equal(at_zero[0], expected[0]) and torch.equal(at_zero[1], expected[1])
+        if INTERPRET:
+            assert torch.equal(tiny[0], expected[0]) and torch.equal(tiny[1], expected[1])
+        else:
+            assert rel_error(tiny[0], expected[0]) <= FP32_REL_TOL["forward"]
+            assert rel_error(tiny[1], expected[1]) <= FP32_REL_TOL["backward"]
 
 
 def test_attention_expectation_is_the_undropped_output():

@@ -65,6 +65,29 @@ def _require_extension(request):
     yield
 
 
+def test_error_probe_tells_a_raise_from_a_crash(monkeypatch):
+    assert _ext.errors_reach_python() is None  # the real probe: bad input raises RuntimeError here
+    monkeypatch.setattr(_ext, "_ERROR_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert "kills the process (signal 11)" in _ext.errors_reach_python()
+    monkeypatch.setattr(_ext, "_ERROR_PROBE", "raise SystemExit('no RuntimeError came')")
+    assert _ext.errors_reach_python() == "the error probe of bertfast._C ended with exit 1: no RuntimeError came"
+
+
+_ERRORS_CRASH: list[str | None] = []  # filled once: whether an error inside bertfast._C kills the process
+
+
+@pytest.fixture(autouse=True)
+def _errors_reach_python(request):
+    """A test that makes the extension raise first checks, in a child process, that its errors reach Python:
+    where they kill the process instead (seen on a GPU machine), it fails with that reason, not a crash."""
+    if C is not None and request.node.get_closest_marker("ext_raises"):
+        if not _ERRORS_CRASH:
+            _ERRORS_CRASH.append(_ext.errors_reach_python())
+        if _ERRORS_CRASH[0]:
+            pytest.fail(_ERRORS_CRASH[0])
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _poison_cuda_cache():
     """On a GPU, fill the caching allocator's free memory with NaN so an unwritten output element fails."""
@@ -244,6 +267,7 @@ def test_embedding_layer_norm(device, dtype, batch, seq, hidden, id_dtype):
     assert out.shape == (batch, seq, hidden)
 
 
+@pytest.mark.ext_raises
 def test_embedding_ids_out_of_range_raise_on_cpu():
     word, position, token_type = torch.randn(10, 8), torch.randn(4, 8), torch.randn(2, 8)
     ids = torch.tensor([[1, 2, 10]])
@@ -712,6 +736,7 @@ BAD_ARGUMENTS = [
 ]
 
 
+@pytest.mark.ext_raises
 @pytest.mark.parametrize(
     ("binding", "valid", "replace", "message"),
     BAD_ARGUMENTS,
@@ -726,6 +751,7 @@ def test_bad_arguments_are_named(binding, valid, replace, message):
     assert f"bertfast._C.{binding}: " in text and message in text, text
 
 
+@pytest.mark.ext_raises
 def test_kernels_run_without_the_gil_and_errors_raise_with_it():
     """While a kernel runs, other Python threads run (the GIL is released around the kernel
     only); bad calls from several threads at once raise cleanly (the checks run, and the
@@ -775,6 +801,7 @@ def test_kernels_run_without_the_gil_and_errors_raise_with_it():
         assert sorted(pool.map(misuse, range(4))) == [0, 1, 2, 3]
 
 
+@pytest.mark.ext_raises
 @pytest.mark.skipif(not torch.cuda.is_available() or C is None or C.has_cuda(), reason="needs a GPU, no CUDA kernels")
 def test_cuda_tensor_without_cuda_kernels_is_refused():
     x = torch.randn(2, 8, device="cuda")
@@ -808,6 +835,7 @@ def test_cuda_unaligned_inputs_take_the_scalar_path(dtype):
 
 
 @needs_gpu
+@pytest.mark.ext_raises
 def test_cuda_long_rows_use_large_shared_memory():
     """Rows at the limit (64 KiB of fp32 cache; 128 KiB in the LayerNorm backward) run; longer ones are refused."""
     limit = C.cuda_max_row_elements()
