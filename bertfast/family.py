@@ -4,8 +4,8 @@ RoBERTa, XLM-RoBERTa and CamemBERT are BERT with position ids counted over real 
 (offset by ``pad_token_id + 1``, read from the input ids) and usually one token type; ELECTRA
 whose ``embedding_size`` equals ``hidden_size`` is BERT; DistilBERT is BERT without token
 types, under its own module names.  :mod:`bertfast.layers` computes them all with the same
-functions, reading each layer's modules through :func:`layer_parts` and the position-id rule
-through :func:`default_position_ids`; nothing here computes a layer.
+functions, reading each layer's modules through :func:`layer_parts_function` and the position-id
+rule through :func:`default_position_ids`; nothing here computes a layer.
 """
 
 from __future__ import annotations
@@ -90,36 +90,24 @@ class Family:
     module: str  # transformers.models.<module>.modeling_<module>
     prefix: str  # classes' name prefix: ``{prefix}Model``, ``{prefix}PreTrainedModel``
     base_attr: str  # the encoder's attribute in head models (its checkpoint key prefix)
-    encoder_attr: str  # the module holding ``.layer``
-    layer_parts: object  # LayerParts of one layer
     activation_field: str = "hidden_act"
     positions_count_real_tokens: bool = False
     output: str = "BaseModelOutputWithPoolingAndCrossAttentions"  # the base model's output class
 
 
-BERT = Family(("bert",), "bert", "Bert", "bert", "encoder", bert_layer_parts)
-_ROBERTA_STYLE = dict(base_attr="roberta", encoder_attr="encoder", layer_parts=bert_layer_parts)
+BERT = Family(("bert",), "bert", "Bert", "bert")
+_ROBERTA_STYLE = dict(base_attr="roberta", positions_count_real_tokens=True)
 FAMILIES = (
     BERT,
-    Family(("roberta",), "roberta", "Roberta", positions_count_real_tokens=True, **_ROBERTA_STYLE),
-    Family(("xlm-roberta",), "xlm_roberta", "XLMRoberta", positions_count_real_tokens=True, **_ROBERTA_STYLE),
-    Family(("camembert",), "camembert", "Camembert", positions_count_real_tokens=True, **_ROBERTA_STYLE),
-    Family(
-        ("electra",),
-        "electra",
-        "Electra",
-        "electra",
-        "encoder",
-        bert_layer_parts,
-        output="BaseModelOutputWithPastAndCrossAttentions",
-    ),
+    Family(("roberta",), "roberta", "Roberta", **_ROBERTA_STYLE),
+    Family(("xlm-roberta",), "xlm_roberta", "XLMRoberta", **_ROBERTA_STYLE),
+    Family(("camembert",), "camembert", "Camembert", **_ROBERTA_STYLE),
+    Family(("electra",), "electra", "Electra", "electra", output="BaseModelOutputWithPastAndCrossAttentions"),
     Family(
         ("distilbert",),
         "distilbert",
         "DistilBert",
         "distilbert",
-        "transformer",
-        distilbert_layer_parts,
         activation_field="activation",
         output="BaseModelOutput",
     ),

@@ -132,14 +132,6 @@ class PatchError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
-def _transformers_bert():
-    try:
-        from transformers.models.bert import modeling_bert
-    except ImportError as exc:  # transformers is an optional dependency
-        raise ImportError("bertfast.patch needs transformers (pip install 'transformers>=4.48')") from exc
-    return modeling_bert
-
-
 def _refuse_misuse(model: nn.Module) -> None:
     """Mistakes in how patch() is called (not unsupported models): TypeError."""
     from .modeling import BertPreTrainedModel
@@ -148,13 +140,6 @@ def _refuse_misuse(model: nn.Module) -> None:
         raise TypeError(f"{type(model).__name__} is already a bertfast model; patch() takes a transformers BERT model")
     if hasattr(model, "_orig_mod"):  # torch.compile's wrapper: its compiled code would not see the patch
         raise TypeError("patch the model before torch.compile: bertfast.patch(model), then torch.compile(model)")
-
-
-def _base_model(model: nn.Module) -> nn.Module | None:
-    """The transformers base model of the BERT family that ``model`` is or holds (as ``.bert``, ``.roberta``,
-    ``.electra``, ``.distilbert``), else None; see :mod:`bertfast.family`."""
-    found = family.find_base_model(model)
-    return None if found is None else found[0]
 
 
 def _attention_registry_helps(model: nn.Module) -> bool:
@@ -197,9 +182,9 @@ def _find_encoders(model: nn.Module):
     targets, unsupported = [], []
 
     def visit(path: str, module: nn.Module) -> bool:
-        bert = _base_model(module)
-        if bert is not None:
-            targets.append((path, module, bert))
+        found = family.find_base_model(module)  # the family base model it is or holds (.bert, .roberta, ...)
+        if found is not None:
+            targets.append((path, module, found[0]))
             return True
         if isinstance(module, BertPreTrainedModel):
             return True  # a native bertfast model: nothing to patch, nothing unsupported
@@ -446,17 +431,9 @@ def _patched_bert_model_forward(
             "patch only models whose linear layers are plain"
         )
     # As in transformers, a falsy selection (False, 0, []) returns no hidden states.
-    x, pooled, states, _, _ = layers.encode(
-        self,
-        input_ids,
-        attention_mask,
-        token_type_ids,
-        position_ids,
-        inputs_embeds,
-        bool(output_hidden_states),
-        backend=getattr(self, _BACKEND_ATTR),
-        unpad_mode=getattr(self, _UNPAD_ATTR, "auto"),
-    )
+    inputs = (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states))
+    backend, unpad_mode = getattr(self, _BACKEND_ATTR), getattr(self, _UNPAD_ATTR, "auto")
+    x, pooled, states, _, _ = layers.encode(self, *inputs, backend=backend, unpad_mode=unpad_mode)
     hidden_states = None if states is None else _selected_hidden_states(states, output_hidden_states)
     output_class = {
         "BaseModelOutput": BaseModelOutput,
@@ -575,7 +552,7 @@ def patch(
     backend = check_backend(backend)
     if unpad not in (True, False, "auto"):
         raise ValueError(f"unpad must be True, False or 'auto', got {unpad!r}")
-    modeling_bert = _transformers_bert()
+    modeling_bert = family.modeling_module(family.BERT)
     # The refactored forward is wrapped by functools.wraps-based decorators; the legacy one is not.
     _LEGACY_TRANSFORMERS = not hasattr(modeling_bert.BertModel.forward, "__wrapped__")
     _refuse_misuse(model)
