@@ -116,18 +116,8 @@ def plan(
     ``heads == 0``: no attention (a head transform).  Cached by every argument that can
     change a backend's answer.
     """
-    key = (
-        backend,
-        like.device,
-        like.dtype,
-        dtype,
-        hidden,
-        intermediate,
-        heads,
-        head_dim,
-        attention_dropout,
-        hidden_dropout,
-    )
+    dropout = (attention_dropout, hidden_dropout)
+    key = (backend, like.device, like.dtype, dtype, hidden, intermediate, heads, head_dim, *dropout)
     # Under torch.compile the plan is traced, not cached: a guard on the cache's contents would
     # recompile the graph once the eager cache fills.
     compiling = torch.compiler.is_compiling()
@@ -167,7 +157,6 @@ def compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype
 
 def _encoder_plan(bert, backend: str, dtype: torch.dtype, parts_of) -> Plan:
     weight = bert.embeddings.word_embeddings.weight
-    config = bert.config
     layers = encoder_layers(bert)
     attention_dropout = hidden_dropout = False
     # In eval only the first layer's sizes matter (a list of one, not a ModuleList slice: that builds a module).
@@ -180,20 +169,11 @@ def _encoder_plan(bert, backend: str, dtype: torch.dtype, parts_of) -> Plan:
         )
     hidden = weight.shape[1]
     if not parts:
-        heads = config.num_attention_heads
+        heads = bert.config.num_attention_heads
         return plan(backend, weight, dtype, hidden, hidden, heads, hidden // heads)
     first = parts[0]
-    return plan(
-        backend,
-        weight,
-        dtype,
-        hidden,
-        first.intermediate.weight.shape[0],
-        first.heads,
-        first.head_dim,
-        attention_dropout,
-        hidden_dropout,
-    )
+    sizes = (hidden, first.intermediate.weight.shape[0], first.heads, first.head_dim)
+    return plan(backend, weight, dtype, *sizes, attention_dropout, hidden_dropout)
 
 
 # --------------------------------------------------------------------------------------
@@ -261,7 +241,7 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
     return batch, seq, device
 
 
-def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, keep, lengths, lead_padded=None):
+def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded=None):
     """The forward's one host read: the ids' ranges (raising if out of range) and the packed sizes.
 
     Returns ``(total_tokens, longest_row, any_first_token_padded)`` when ``lengths`` is given, else
@@ -311,17 +291,8 @@ def embed(emb, input_ids, token_type_ids, position_ids, inputs_embeds, ops: Plan
     word = emb.word_embeddings.weight
     type_table = word.new_zeros((1, word.shape[1])) if types is None else types.weight
     if inputs_embeds is None:
-        x = ops.embedding_layer_norm(
-            input_ids,
-            position_ids,
-            token_type_ids,
-            word,
-            emb.position_embeddings.weight,
-            type_table,
-            ln.weight,
-            ln.bias,
-            ln.eps,
-        )
+        tables = (word, emb.position_embeddings.weight, type_table)
+        x = ops.embedding_layer_norm(input_ids, position_ids, token_type_ids, *tables, ln.weight, ln.bias, ln.eps)
     else:
         summed = inputs_embeds if types is None else inputs_embeds + F.embedding(token_type_ids, type_table)
         positions = F.embedding(position_ids, emb.position_embeddings.weight).to(summed.dtype)
@@ -359,9 +330,8 @@ def _dense_residual_layer_norm(dense, ln, dropout, h, residual, ops: Plan, y=Non
     lnp = ln._parameters
     if y is None:
         y = F.linear(h, dense["weight"])
-    if dropout is not None and dropout.training and dropout.p > 0.0:
-        return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"], dropout_p=dropout.p)
-    return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"])
+    extra = {"dropout_p": dropout.p} if dropout is not None and dropout.training and dropout.p > 0.0 else {}
+    return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"], **extra)
 
 
 def _view_of_adjacent(parts):
@@ -437,18 +407,14 @@ def _same_tensors(kept, params) -> bool:
 
 
 def _fused(parts: LayerParts, name: str):
-    sa = parts.attention
     params = (parts.query._parameters[name], parts.key._parameters[name], parts.value._parameters[name])
     if torch.compiler.is_compiling():
         return torch.cat(params)
     if torch.is_grad_enabled() and (params[0].requires_grad or params[1].requires_grad or params[2].requires_grad):
         return _Adjacent.apply(*params) if _adjacent(params) else torch.cat(params)
-    q, k, v = params
-    if _capturing(q.device):  # a CUDA graph replays reads of the parameters themselves, never a kept copy
+    if _capturing(params[0].device):  # a CUDA graph replays reads of the parameters themselves, never a kept copy
         return _view_of_adjacent(params) if _adjacent(params) else torch.cat(params)
-    cache = _FUSED_CACHE.get(sa)
-    if cache is None:
-        cache = _FUSED_CACHE[sa] = {}
+    cache = _FUSED_CACHE.setdefault(parts.attention, {})
     hit = cache.get(name)
     if hit is None or not _same_tensors(hit[0], params):
         kept = (tuple(map(weakref.ref, params)), tuple(p.data_ptr() for p in params), tuple(p._version for p in params))
@@ -561,7 +527,8 @@ def encode(
             "to one device"
         )
     dtype = compute_dtype(device, weight.dtype)
-    ops = _encoder_plan(bert, backend, dtype, layer_parts_function(bert))
+    parts_of = layer_parts_function(bert)
+    ops = _encoder_plan(bert, backend, dtype, parts_of)
     if position_ids is None:  # from the padded ids, before any packing (RoBERTa counts real tokens only)
         position_ids = default_position_ids(config, input_ids, seq, device)
     position_ids = position_ids.expand(batch, seq)
@@ -569,10 +536,8 @@ def encode(
         token_type_ids = torch.zeros((batch, seq), dtype=torch.long, device=device)
     token_type_ids = token_type_ids.expand(batch, seq)
 
-    keep = None
-    if attention_mask is not None:
-        keep = tokens_of(attention_mask)
-    eager = values_checkable(device) and batch * seq > 0
+    keep = tokens_of(attention_mask) if attention_mask is not None else None
+    eager = values_checkable(device)
     may_unpad = keep is not None and unpad_mode is not False and eager
     if may_unpad and ops.attention_varlen is None:
         if unpad_mode is True:
@@ -587,7 +552,7 @@ def encode(
     lead_padded = (~keep[:, 0] & keep.any(dim=1)).any() if pools else None
     sizes = None
     if eager:
-        sizes = _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, keep, lengths, lead_padded)
+        sizes = _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded)
     packed = None
     if sizes is not None:
         total, longest, left_padded = sizes
@@ -611,7 +576,6 @@ def encode(
         mask = keep
         x = embed(bert.embeddings, input_ids, token_type_ids, position_ids, inputs_embeds, ops, dtype)
     states = [x] if output_hidden_states else None
-    parts_of = layer_parts_function(bert)
     for module in encoder_layers(bert):
         # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
         native = getattr(module, "runs_bertfast_layer", False)
