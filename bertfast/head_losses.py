@@ -41,6 +41,20 @@ def span_logits(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return logits.masked_fill(~tokens_of(attention_mask).expand_as(logits), torch.finfo(logits.dtype).min)
 
 
+def normalized_loss(loss_fn, prediction, target, num_items_in_batch, **kwargs):
+    """``loss_fn``'s mean; given ``num_items_in_batch``, its sum divided by that count instead.
+
+    Under gradient accumulation transformers' Trainer counts the items (labels other than
+    -100) of every micro-batch of an optimizer step and does not divide the loss by the
+    number of micro-batches itself, so the step's loss is the mean over all of its items.
+    """
+    if num_items_in_batch is None:
+        return loss_fn(prediction, target, **kwargs)
+    total = loss_fn(prediction, target, reduction="sum", **kwargs)
+    count = num_items_in_batch
+    return total / (count.to(total.device) if isinstance(count, torch.Tensor) else count)
+
+
 def span_loss(
     start_logits, end_logits, start_positions, end_positions, attention_mask, num_items_in_batch=None
 ) -> torch.Tensor:
@@ -55,9 +69,5 @@ def span_loss(
             tokens = F.pad(tokens_of(attention_mask).expand(logits.shape[0], seq), (0, 1))  # seq: ignored already
             at_token = tokens.gather(1, positions[:, None]).squeeze(1)
             positions = positions.masked_fill(~at_token, seq)
-        if num_items_in_batch is None:
-            losses.append(F.cross_entropy(logits.float(), positions, ignore_index=seq))
-        else:
-            total = F.cross_entropy(logits.float(), positions, ignore_index=seq, reduction="sum")
-            losses.append(total / num_items_in_batch)
+        losses.append(normalized_loss(F.cross_entropy, logits.float(), positions, num_items_in_batch, ignore_index=seq))
     return (losses[0] + losses[1]) / 2

@@ -18,7 +18,7 @@ from torch import nn
 from . import family, layers
 from .config import BertConfig
 from .forward_kwargs import check_forward_kwargs
-from .head_losses import ignore_padding_labels, span_logits, span_loss
+from .head_losses import ignore_padding_labels, normalized_loss, span_logits, span_loss
 from .mlm_loss import masked_lm_head_loss
 from .ops import check_backend
 from .outputs import (
@@ -159,23 +159,6 @@ def transformers_forward(forward):
         return out if return_dict else out.to_tuple()
 
     return wrapper
-
-
-def _normalized_loss(loss_fn, prediction, target, num_items_in_batch, **kwargs):
-    """``loss_fn``'s mean; given ``num_items_in_batch``, its sum divided by that count instead.
-
-    Under gradient accumulation transformers' Trainer counts the items (labels other than
-    -100) of every micro-batch of an optimizer step and does not divide the loss by the
-    number of micro-batches itself, so the step's loss is the mean over all of its items.
-    """
-    if num_items_in_batch is None:
-        return loss_fn(prediction, target, **kwargs)
-    total = loss_fn(prediction, target, reduction="sum", **kwargs)
-    return total / _on_device(num_items_in_batch, total)
-
-
-def _on_device(count, like: torch.Tensor):
-    return count.to(like.device) if isinstance(count, torch.Tensor) else count
 
 
 class BertPreTrainedModel(nn.Module):
@@ -383,17 +366,8 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states: bool = False,
         inputs_embeds=None,
     ) -> BaseModelOutput:
-        x, pooled, states, packed, packed_x = layers.encode(
-            self,
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            position_ids,
-            inputs_embeds,
-            output_hidden_states,
-            backend=self._backend,
-            unpad_mode=self.unpad,
-        )
+        inputs = (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        x, pooled, states, packed, packed_x = layers.encode(self, *inputs, backend=self._backend, unpad_mode=self.unpad)
         return BaseModelOutput(
             last_hidden_state=x,
             pooler_output=pooled,
@@ -451,10 +425,9 @@ def _mlm_loss(logits, labels, num_items_in_batch=None):
     """Mean cross-entropy over the labelled tokens, 0 (not NaN) when there are none, as the fused loss;
     given ``num_items_in_batch``, the sum divided by it."""
     labels = labels.reshape(-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=-100, reduction="sum")
-    if num_items_in_batch is not None:
-        return total / _on_device(num_items_in_batch, total)
-    return total / (labels != -100).sum().clamp_min(1)
+    count = (labels != -100).sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    return normalized_loss(F.cross_entropy, flat_logits, labels, count, ignore_index=-100)
 
 
 class _WithEncoder(BertPreTrainedModel):
@@ -489,7 +462,7 @@ class _TiedMLMMixin:
         logits are ever formed; otherwise it is taken from the logits.  Padding-free runs
         compute on the packed rows: logits on real tokens only (zeros at padding).  Either way
         labels at padding positions are ignored (:mod:`bertfast.head_losses`).  ``num_items_in_batch``:
-        the loss is the sum over labelled tokens divided by it (see :func:`_normalized_loss`).
+        the loss is the sum over labelled tokens divided by it (see :func:`bertfast.head_losses.normalized_loss`).
         """
         want_logits = (labels is None or not self.training) if return_logits is None else bool(return_logits)
         packed = encoded.packed
@@ -499,10 +472,8 @@ class _TiedMLMMixin:
         if not want_logits:
             if labels is None:
                 return None, None
-            if num_items_in_batch is None:
-                return None, masked_lm_head_loss(self.cls.predictions, hidden, labels, backend=self._backend)
-            total = masked_lm_head_loss(self.cls.predictions, hidden, labels, reduction="sum", backend=self._backend)
-            return None, total / _on_device(num_items_in_batch, total)
+            head_loss = functools.partial(masked_lm_head_loss, self.cls.predictions, backend=self._backend)
+            return None, normalized_loss(head_loss, hidden, labels, num_items_in_batch)
         logits = self.cls.predictions(hidden, self._backend)
         loss = None if labels is None else _mlm_loss(logits, labels, num_items_in_batch)
         return (logits if packed is None else pad(logits, packed)), loss
@@ -578,9 +549,7 @@ class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
         mlm_labels = labels if with_loss else None
         prediction_logits, mlm_loss = self._logits_and_loss(out, mlm_labels, attention_mask, return_logits)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)
-        loss = None
-        if with_loss:
-            loss = mlm_loss + F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
+        loss = mlm_loss + F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1)) if with_loss else None
         return PreTrainingOutput(
             loss=loss,
             prediction_logits=prediction_logits,
@@ -613,12 +582,12 @@ class BertForSequenceClassification(_WithEncoder):
                 problem = "multi_label_classification"
         if problem == "regression":
             if self.num_labels == 1:
-                return _normalized_loss(F.mse_loss, logits.squeeze().float(), labels.squeeze().float(), num_items)
-            return _normalized_loss(F.mse_loss, logits.float(), labels.float(), num_items)
+                return normalized_loss(F.mse_loss, logits.squeeze().float(), labels.squeeze().float(), num_items)
+            return normalized_loss(F.mse_loss, logits.float(), labels.float(), num_items)
         if problem == "single_label_classification":
             flat_logits = logits.view(-1, self.num_labels).float()
-            return _normalized_loss(F.cross_entropy, flat_logits, labels.view(-1), num_items)
-        return _normalized_loss(F.binary_cross_entropy_with_logits, logits.float(), labels.float(), num_items)
+            return normalized_loss(F.cross_entropy, flat_logits, labels.view(-1), num_items)
+        return normalized_loss(F.binary_cross_entropy_with_logits, logits.float(), labels.float(), num_items)
 
     @transformers_forward
     def forward(
@@ -662,7 +631,7 @@ class BertForTokenClassification(_WithEncoder):
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:  # labels at padding positions are ignored (bertfast.head_losses)
-            loss = _normalized_loss(
+            loss = normalized_loss(
                 F.cross_entropy,
                 logits.view(-1, self.num_labels).float(),
                 ignore_padding_labels(labels, attention_mask).view(-1),
