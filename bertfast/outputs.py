@@ -16,7 +16,7 @@ class ModelOutput:
     """
 
     def to_tuple(self) -> tuple:
-        return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
+        return tuple(getattr(self, name) for name in self.keys())
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -62,9 +62,6 @@ class BaseModelOutput(ModelOutput):
     # The packed fields are attributes only: like Hugging Face's outputs, positions, keys() and
     # len() count the same fields.
     _TUPLE_FIELDS = ("last_hidden_state", "pooler_output", "hidden_states")
-
-    def to_tuple(self) -> tuple:
-        return tuple(v for v in (getattr(self, n) for n in self._TUPLE_FIELDS) if v is not None)
 
     def keys(self):
         return [n for n in self._TUPLE_FIELDS if getattr(self, n) is not None]
