@@ -567,14 +567,11 @@ def encode(
             packed = pack_mask(keep, lengths, (total, longest))
         else:
             keep = None  # no padding: the dense path needs no mask
+    inputs = (input_ids, token_type_ids, position_ids, inputs_embeds)
     if packed is not None:
-        mask = packed
-        ids = unpad(input_ids, packed) if input_ids is not None else None
-        embeds = unpad(inputs_embeds, packed) if inputs_embeds is not None else None
-        x = embed(bert.embeddings, ids, unpad(token_type_ids, packed), unpad(position_ids, packed), embeds, ops, dtype)
-    else:
-        mask = keep
-        x = embed(bert.embeddings, input_ids, token_type_ids, position_ids, inputs_embeds, ops, dtype)
+        inputs = [None if t is None else unpad(t, packed) for t in inputs]
+    x = embed(bert.embeddings, *inputs, ops, dtype)
+    mask = keep if packed is None else packed
     states = [x] if output_hidden_states else None
     for module in encoder_layers(bert):
         # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
