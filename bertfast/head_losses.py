@@ -14,7 +14,8 @@ is only there):
   gradient), and a start or end position at padding is ignored like one past the end.
 
 ``attention_mask`` is the user's ``(batch, seq)`` key-padding mask (nonzero = token), or
-``None`` (no padding: nothing changes).
+``None`` (no padding: nothing changes).  The native heads given Trainer's ``num_items_in_batch``
+divide their loss by it through :func:`normalized_loss`.
 """
 
 from __future__ import annotations

@@ -631,13 +631,9 @@ class BertForTokenClassification(_WithEncoder):
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:  # labels at padding positions are ignored (bertfast.head_losses)
-            loss = normalized_loss(
-                F.cross_entropy,
-                logits.view(-1, self.num_labels).float(),
-                ignore_padding_labels(labels, attention_mask).view(-1),
-                num_items_in_batch,
-                ignore_index=-100,
-            )
+            flat_logits = logits.view(-1, self.num_labels).float()
+            flat_labels = ignore_padding_labels(labels, attention_mask).view(-1)
+            loss = normalized_loss(F.cross_entropy, flat_logits, flat_labels, num_items_in_batch, ignore_index=-100)
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
@@ -667,9 +663,8 @@ class BertForQuestionAnswering(_WithEncoder):
         start_logits, end_logits = (span_logits(t.squeeze(-1), attention_mask) for t in logits.unbind(-1))
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = span_loss(
-                start_logits, end_logits, start_positions, end_positions, attention_mask, num_items_in_batch
-            )
+            positions = (start_positions, end_positions)
+            loss = span_loss(start_logits, end_logits, *positions, attention_mask, num_items_in_batch)
         return QuestionAnsweringOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states
         )
