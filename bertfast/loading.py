@@ -56,9 +56,7 @@ def checkpoint_files(path: str) -> list[str]:
             return [single]
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
-            weight_map = _read_weight_map(index)
-            shards = list(dict.fromkeys(weight_map.values()))
-            files = [os.path.join(path, shard) for shard in shards]
+            files = [os.path.join(path, shard) for shard in dict.fromkeys(_read_weight_map(index).values())]
             missing = [f for f in files if not os.path.isfile(f)]
             if missing:
                 raise FileNotFoundError(f"shards listed in {index_name} are missing: {missing}")
@@ -83,10 +81,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def normalize_key(key: str) -> str:
     """Legacy TF-era names: ``LayerNorm.gamma/beta`` -> ``LayerNorm.weight/bias``."""
-    if key.endswith(".gamma"):
-        return key[: -len(".gamma")] + ".weight"
-    if key.endswith(".beta"):
-        return key[: -len(".beta")] + ".bias"
+    for legacy, name in ((".gamma", ".weight"), (".beta", ".bias")):
+        if key.endswith(legacy):
+            return key[: -len(legacy)] + name
     return key
 
 
@@ -206,8 +203,7 @@ def load_pretrained(cls, path, backend="auto", dtype=None, device=None, strict=F
             family.native_class_name(architecture)  # raises for a family head with no native class
     state = read_state_dict(path)
     model = cls(config, backend=backend)
-    info = load_state_dict_checked(model, state, strict, model_type)
-    model.loading_info = info
+    model.loading_info = load_state_dict_checked(model, state, strict, model_type)
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()

@@ -182,9 +182,9 @@ def _find_encoders(model: nn.Module):
     targets, unsupported = [], []
 
     def visit(path: str, module: nn.Module) -> bool:
-        found = family.find_base_model(module)  # the family base model it is or holds (.bert, .roberta, ...)
-        if found is not None:
-            targets.append((path, module, found[0]))
+        base = family.find_base_model(module)  # the family base model it is or holds (.bert, .roberta, ...)
+        if base is not None:
+            targets.append((path, module, base[0]))
             return True
         if isinstance(module, BertPreTrainedModel):
             return True  # a native bertfast model: nothing to patch, nothing unsupported
@@ -328,10 +328,9 @@ def _bert_model_reason(bert: nn.Module, path: str = "") -> str | None:
 
 
 def _head_transform_reason(transform: nn.Module, config) -> str | None:
-    hidden = config.hidden_size
     for reason in (
         _check_linear("dense", transform.dense),
-        _check_layer_norm("LayerNorm", transform.LayerNorm, hidden),
+        _check_layer_norm("LayerNorm", transform.LayerNorm, config.hidden_size),
         _foreign_call_machinery(transform),
         _foreign_call_machinery(transform.dense),
         _foreign_call_machinery(transform.LayerNorm),
@@ -621,6 +620,5 @@ def unpatch(model: nn.Module) -> nn.Module:
         if _patched_forward_of(module) is not None:
             del module.forward
             for attr in (_BACKEND_ATTR, _UNPAD_ATTR, layers.FIRST_TOKEN_READ_ATTR):
-                if attr in module.__dict__:
-                    delattr(module, attr)
+                module.__dict__.pop(attr, None)
     return model
