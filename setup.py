@@ -175,8 +175,12 @@ def _extension_setup() -> tuple[list, dict]:
         sources=["csrc/bindings.cpp", "csrc/cpu/kernels.cpp"],
         include_dirs=[str(CSRC)],
         # -g0: no debug info (Python's flags ask for it; it doubles the compile time of torch headers).
-        extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp"]},
-        extra_link_args=["-fopenmp"],
+        # Unwind tables and the frame header, named although they are the defaults: a bad argument is a C++
+        # exception unwinding through these frames into pybind11.  One build (with a compiler wrapper) died on
+        # such an exception, cause not found; this rules out one suspect, and
+        # bertfast._ext.errors_reach_python checks any build.
+        extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp", "-fexceptions", "-fasynchronous-unwind-tables"]},
+        extra_link_args=["-fopenmp", "-Wl,--eh-frame-hdr"],
     )
     if plan.enabled:
         extension.library_dirs.append(str(plan.cudart_dir))

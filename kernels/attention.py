@@ -198,12 +198,19 @@ def _attn_fwd_kernel(
     stride_mb, stride_ms,
     num_heads, seq_q, seq_k,
     seq_bucket,  # autotune key only
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, QK_DIM: tl.constexpr, OUT_DIM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """One program: BLOCK_M queries of one (batch, head), output columns ``OUT_DIM * program_id(2)`` on.
+
+    ``QK_DIM == OUT_DIM == HEAD_DIM_PADDED`` except for fp32 at head sizes over 64 (see ``_fwd_split``):
+    FMA dots hold whole operand rows per thread, so there Q K^T sums QK_DIM-wide slices and each program
+    writes OUT_DIM of the output columns, recomputing the scores (no spill, at twice the Q K^T work).
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_o = tl.program_id(2)
     batch, head, seq_start, num_q, num_k = _sequence_span(pid_bh, num_heads, CuSeqlens, seq_q, seq_k, IS_VARLEN)
     if pid_m * BLOCK_M >= num_q:  # varlen: this sequence is shorter than max_seqlen
         return
@@ -214,21 +221,32 @@ def _attn_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    offs_o = pid_o * OUT_DIM + tl.arange(0, OUT_DIM)
     q_base = _head_base(Q, batch, head, seq_start, stride_qb, stride_qs, stride_qh)
     k_base = _head_base(K, batch, head, seq_start, stride_kb, stride_ks, stride_kh)
     v_base = _head_base(V, batch, head, seq_start, stride_vb, stride_vs, stride_vh)
     o_base = _head_base(Out, batch, head, seq_start, stride_ob, stride_os, stride_oh)
-    q = _load_rows(q_base, rows, stride_qs, offs_d, num_q, HEAD_DIM)
+    if QK_DIM == HEAD_DIM_PADDED:
+        q = _load_rows(q_base, rows, stride_qs, offs_d, num_q, HEAD_DIM)
 
     qk_scale = sm_scale * _LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the scaled scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], tl.float32)
+    acc = tl.zeros([BLOCK_M, OUT_DIM], tl.float32)
     for start_n in range(0, key_end, BLOCK_N):
         cols = start_n + offs_n
         valid = _keys_valid(mask_row, stride_ms, cols, num_k, HAS_MASK)
-        k = _load_rows(k_base, cols, stride_ks, offs_d, num_k, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        if QK_DIM == HEAD_DIM_PADDED:
+            k = _load_rows(k_base, cols, stride_ks, offs_d, num_k, HEAD_DIM)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:  # slices of the head; q is re-read per key block (from cache) rather than kept in registers
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for d0 in tl.static_range(0, HEAD_DIM_PADDED, QK_DIM):
+                offs_c = d0 + tl.arange(0, QK_DIM)
+                q_c = _load_rows(q_base, rows, stride_qs, offs_c, num_q, HEAD_DIM)
+                k_c = _load_rows(k_base, cols, stride_ks, offs_c, num_k, HEAD_DIM)
+                s = tl.dot(q_c, tl.trans(k_c), s, input_precision="ieee")
+        s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows with no valid key yet keep m = -inf; subtract 0 instead so nothing becomes NaN.
@@ -239,7 +257,7 @@ def _attn_fwd_kernel(
         if HAS_DROPOUT:  # P @ V takes the dropped one; the 1 / (1 - p) is applied to the output
             keep = _dropout_keep(seed, dropout_p, first_token, head, rows[:, None], cols[None, :])
             p = tl.where(keep, p, 0.0)
-        v = _load_rows(v_base, cols, stride_vs, offs_d, num_k, HEAD_DIM)
+        v = _load_rows(v_base, cols, stride_vs, offs_o, num_k, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
 
@@ -247,10 +265,13 @@ def _attn_fwd_kernel(
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    _store_rows(o_base, out, rows, stride_os, offs_d, num_q, HEAD_DIM)
+    _store_rows(o_base, out, rows, stride_os, offs_o, num_q, HEAD_DIM)
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * _LN2, float("inf"))
     lse_ptrs = LSE + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + seq_start + rows
-    tl.store(lse_ptrs, lse, mask=rows < num_q)
+    if OUT_DIM == HEAD_DIM_PADDED:
+        tl.store(lse_ptrs, lse, mask=rows < num_q)
+    elif pid_o == 0:  # every column block has the same lse: the first stores it
+        tl.store(lse_ptrs, lse, mask=rows < num_q)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,11 +465,11 @@ _CONFIGS = {
     },
     "dkdv": {
         16: _configs([(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 2)]),
-        32: _configs([(32, 32, 8, 2), (16, 32, 8, 2)]),
+        32: _configs([(32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]),
     },
     "dq": {
         16: _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)]),
-        32: _configs([(64, 32, 8, 2), (32, 32, 8, 2)]),
+        32: _configs([(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)]),
     },
 }
 
@@ -459,38 +480,43 @@ _CONFIGS = {
 # `scripts/gpu-compile-check.py --suggest-pruning RESULTS.json...` prints this table from them.  A
 # target before sm_90 drops sm_90's entries too (sm_80's list only what spills there in addition).
 _DROPPED: dict[tuple, list[tuple[int, int, int, int]]] = {
-    ("dkdv", 80, 16, 32, True): [(64, 64, 4, 3)],
+    ("dkdv", 80, 16, 32, True): [(64, 64, 4, 3), (32, 64, 8, 2)],
     ("dkdv", 80, 16, 64, False): [(64, 128, 8, 2), (64, 64, 4, 3)],
     ("dkdv", 80, 16, 64, True): [(32, 64, 8, 2), (32, 64, 4, 3)],
     ("dkdv", 80, 16, 128, False): [(32, 128, 8, 3)],
     ("dkdv", 80, 16, 128, True): [(32, 128, 8, 3)],
-    ("dkdv", 80, 32, 32, False): [(32, 32, 8, 2), (16, 32, 8, 2)],
+    ("dkdv", 80, 32, 32, False): [(32, 32, 8, 2)],
     ("dkdv", 80, 32, 32, True): [(32, 32, 8, 2)],
+    ("dkdv", 80, 32, 64, False): [(16, 16, 4, 2)],
     ("dkdv", 80, 32, 128, False): [(16, 32, 8, 2)],
-    ("dkdv", 80, 32, 128, True): [(32, 32, 8, 2)],
+    ("dkdv", 80, 32, 128, True): [(16, 16, 4, 2)],
     ("dkdv", 90, 16, 64, True): [(64, 128, 8, 2), (64, 64, 4, 3)],
     ("dkdv", 90, 16, 128, False): [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
     ("dkdv", 90, 16, 128, True): [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
+    ("dkdv", 90, 32, 32, False): [(16, 32, 8, 2), (16, 32, 4, 2)],
     ("dkdv", 90, 32, 32, True): [(16, 32, 8, 2)],
-    ("dkdv", 90, 32, 128, False): [(32, 32, 8, 2)],
-    ("dq", 80, 16, 64, True): [(64, 64, 4, 3)],
+    ("dkdv", 90, 32, 128, False): [(32, 32, 8, 2), (16, 16, 4, 2)],
+    ("dkdv", 90, 32, 128, True): [(32, 32, 8, 2), (16, 32, 4, 2)],
+    ("dq", 80, 16, 32, False): [(128, 64, 8, 2)],
+    ("dq", 80, 16, 64, True): [(128, 64, 8, 2), (64, 64, 4, 3)],
     ("dq", 80, 16, 128, False): [(128, 64, 8, 2), (64, 64, 4, 3)],
-    ("dq", 80, 16, 128, True): [(128, 64, 8, 2)],
-    ("dq", 80, 32, 32, True): [(64, 32, 8, 2)],
+    ("dq", 80, 16, 128, True): [(128, 64, 8, 2), (128, 32, 8, 3)],
+    ("dq", 80, 32, 32, True): [(64, 32, 8, 2), (32, 32, 8, 2)],
     ("dq", 80, 32, 128, False): [(64, 32, 8, 2)],
-    ("dq", 80, 32, 128, True): [(64, 32, 8, 2), (32, 32, 8, 2)],
+    ("dq", 80, 32, 128, True): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
     ("dq", 90, 16, 128, True): [(64, 64, 4, 3)],
-    ("fwd", 80, 16, 64, False): [(128, 128, 8, 3)],
-    ("fwd", 80, 16, 128, True): [(128, 64, 8, 3)],
+    ("dq", 90, 32, 32, False): [(64, 32, 8, 2)],
+    ("dq", 90, 32, 128, False): [(16, 32, 4, 2)],
+    ("fwd", 80, 16, 32, False): [(64, 64, 4, 3), (64, 32, 4, 4)],
+    ("fwd", 80, 16, 32, True): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    ("fwd", 80, 16, 128, False): [(128, 128, 8, 3)],
+    ("fwd", 80, 32, 128, True): [(64, 32, 4, 4)],
     ("fwd", 90, 16, 32, True): [(128, 64, 4, 3)],
     ("fwd", 90, 16, 64, True): [(128, 128, 8, 3), (128, 64, 4, 3)],
-    ("fwd", 90, 16, 128, False): [(128, 128, 8, 3), (128, 64, 4, 3)],
-    ("fwd", 90, 16, 128, True): [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    ("fwd", 90, 32, 32, True): [(64, 32, 4, 4)],
+    ("fwd", 90, 16, 128, False): [(128, 64, 4, 3)],
+    ("fwd", 90, 16, 128, True): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
     ("fwd", 90, 32, 64, False): [(64, 32, 4, 4)],
     ("fwd", 90, 32, 64, True): [(64, 32, 4, 4)],
-    ("fwd", 90, 32, 128, False): [(64, 32, 4, 4), (16, 32, 4, 2)],
-    ("fwd", 90, 32, 128, True): [(64, 32, 4, 4), (16, 32, 4, 2)],
 }
 
 
@@ -567,6 +593,12 @@ else:
 def _seq_bucket(seq: int) -> int:
     """Autotune key for the sequence length: next power of two, between 16 and 4096."""
     return min(max(triton.next_power_of_2(max(seq, 1)), 16), 4096)
+
+
+def _fwd_split(head_dim_padded: int, fp32: bool) -> tuple[int, int]:
+    """(QK_DIM, OUT_DIM) of the forward: the whole head, except fp32 over 64, whose FMA dots would spill
+    at every tile (kernels/RESOURCES.md): 32-wide slices of Q K^T, 64 output columns per program."""
+    return (32, 64) if fp32 and head_dim_padded > 64 else (head_dim_padded, head_dim_padded)
 
 
 def _head_dim_padded(head_dim: int) -> int:
@@ -679,14 +711,16 @@ def _forward_plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, has_dropout):
         *strides(q), *strides(k), *strides(v), *out_strides, *stats_strides, *mask_strides,
         heads, seq_q, seq_k, _seq_bucket(max(seq_q, seq_k)),
     )  # fmt: skip
+    head_dim_padded = _head_dim_padded(head_dim)
+    qk_dim, out_dim = _fwd_split(head_dim_padded, q.dtype == torch.float32)
     constexprs = dict(
-        HEAD_DIM=head_dim, HEAD_DIM_PADDED=_head_dim_padded(head_dim),
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, QK_DIM=qk_dim, OUT_DIM=out_dim,
         IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
         **_FIXED_BLOCKS,
     )  # fmt: skip
 
     def grid(meta):
-        return (cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+        return (cdiv(seq_q, meta["BLOCK_M"]), batch * heads, head_dim_padded // out_dim)
 
     seqlens_contiguous = cu_seqlens.is_contiguous() if varlen else True
     return (lse_shape, empty, ints, constexprs, grid, seqlens_contiguous, next_launch_key())

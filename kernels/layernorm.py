@@ -27,7 +27,7 @@ draw per element in each direction (no extra memory traffic).  ``p = 0`` compile
 
 Shapes: ``x`` and ``residual`` are ``(..., N)`` with any leading shape (flattened to
 ``rows`` rows; a row stride is honoured, so a slice of a wider buffer costs no copy);
-``weight``, ``bias``, ``linear_bias`` are ``(N,)``.  ``N <= 8192``.  ``y`` has ``x``'s
+``weight``, ``bias``, ``linear_bias`` are ``(N,)``.  ``N <= 4096`` (``MAX_HIDDEN``).  ``y`` has ``x``'s
 shape and dtype; ``mean`` and ``rstd`` are fp32 ``(rows,)``.  Every statistic and every
 accumulator is fp32 whatever the input dtype.
 
@@ -92,7 +92,7 @@ from ._launch import (
     tensor_key,
 )
 
-MAX_HIDDEN = 8192
+MAX_HIDDEN = 4096  # the backward holds whole rows in registers: at 8192 it spilled (see launch_config)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -307,7 +307,7 @@ def launch_config(n_rows: int, n_cols: int, direction: str, *, gpu: bool, sm_cou
     """Tile shape and grid for one call; ``gpu=False`` gives the small interpreter tiles.
 
     These are the knobs to tune per GPU.  The GPU values come from register counts of the
-    sm_90 build (no spills up to N = 4096; a little at N = 8192 backward), not yet from
+    sm_90 build (no spills up to N = 4096, ``MAX_HIDDEN``), not yet from
     timings.  The backward grouping fixes the order of the weight-gradient sums, so it
     depends only on the shape and the device.
     """

@@ -109,7 +109,7 @@ CASES = [
     ((33, 37), True, True),
     ((2, 3, 1024), False, True),
     ((3, 4096), True, True),
-    ((1, 8192), False, True),
+    ((1, 4096), False, True),
 ]
 
 
@@ -238,12 +238,12 @@ def test_public_api_on_triton_backend():
 def test_unsupported_explains_why():
     hidden = torch.empty(2, 64, device=DEVICE)
     assert layernorm.unsupported(hidden) is None
-    assert layernorm.unsupported(torch.empty(2, 8192, device=DEVICE)) is None
-    assert "8192" in layernorm.unsupported(torch.empty(2, 8193, device=DEVICE))
+    assert layernorm.unsupported(torch.empty(2, 4096, device=DEVICE)) is None
+    assert "4096" in layernorm.unsupported(torch.empty(2, 4097, device=DEVICE))
     assert "float64" in layernorm.unsupported(hidden.double())
-    weight = torch.ones(8193, device=DEVICE)
-    with pytest.raises(BackendUnavailable, match="8192"):
-        ops.layer_norm(torch.randn(2, 8193, device=DEVICE), weight, weight, backend="triton")
+    weight = torch.ones(4097, device=DEVICE)
+    with pytest.raises(BackendUnavailable, match="4096"):
+        ops.layer_norm(torch.randn(2, 4097, device=DEVICE), weight, weight, backend="triton")
     with pytest.raises(BackendUnavailable, match="float64"):
         ops.layer_norm(hidden.double(), weight[:64].double(), weight[:64].double(), backend="triton")
 
