@@ -469,7 +469,7 @@ _CONFIGS = {
     },
     "dq": {
         16: _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)]),
-        32: _configs([(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)]),
+        32: _configs([(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 4, 1), (32, 32, 4, 1)]),
     },
 }
 
@@ -501,12 +501,15 @@ _DROPPED: dict[tuple, list[tuple[int, int, int, int]]] = {
     ("dq", 80, 16, 64, True): [(128, 64, 8, 2), (64, 64, 4, 3)],
     ("dq", 80, 16, 128, False): [(128, 64, 8, 2), (64, 64, 4, 3)],
     ("dq", 80, 16, 128, True): [(128, 64, 8, 2), (128, 32, 8, 3)],
-    ("dq", 80, 32, 32, True): [(64, 32, 8, 2), (32, 32, 8, 2)],
+    ("dq", 80, 32, 32, True): [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 1)],
+    ("dq", 80, 32, 64, True): [(32, 32, 4, 1)],
     ("dq", 80, 32, 128, False): [(64, 32, 8, 2)],
-    ("dq", 80, 32, 128, True): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+    ("dq", 80, 32, 128, True): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 4, 1)],
     ("dq", 90, 16, 128, True): [(64, 64, 4, 3)],
     ("dq", 90, 32, 32, False): [(64, 32, 8, 2)],
-    ("dq", 90, 32, 128, False): [(16, 32, 4, 2)],
+    ("dq", 90, 32, 32, True): [(16, 32, 4, 1)],
+    ("dq", 90, 32, 128, False): [(32, 32, 4, 1), (16, 32, 4, 2), (16, 32, 4, 1)],
+    ("dq", 90, 32, 128, True): [(32, 32, 4, 1)],
     ("fwd", 80, 16, 32, False): [(64, 64, 4, 3), (64, 32, 4, 4)],
     ("fwd", 80, 16, 32, True): [(128, 64, 8, 3), (64, 64, 4, 3)],
     ("fwd", 80, 16, 128, False): [(128, 128, 8, 3)],
@@ -578,7 +581,13 @@ def _autotuned(kernel: str, fn):
 # The interpreter runs one fixed config (autotuning there would run them all).  The test shapes
 # still span several query and key blocks, and BLOCK_M != BLOCK_N so swapped block sizes fail.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64}
-_DELTA_BLOCK_M = 32 if _INTERPRET else 64
+
+
+def _delta_block_m(head_dim_padded: int) -> int:
+    """Rows per program of the D = rowsum(dO * O) kernel: a tile of 4096 elements on a GPU (32 per thread
+    and tensor; triton 3.6 gave fp32 varlen tiles of 2048 a stack frame on sm_90), 32 in the interpreter."""
+    return 32 if _INTERPRET else min(128, 4096 // head_dim_padded)
+
 
 if _INTERPRET:
     _fwd_kernel, _dkdv_kernel, _dq_kernel = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
@@ -794,8 +803,9 @@ def _backward_plan(grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_
         *strides(q), *strides(k), *strides(v), *strides(grad_out), *dq_strides,
         *stats_strides, *mask_strides, *shape_args,
     )  # fmt: skip
-    delta_consts = dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, IS_VARLEN=varlen, BLOCK_M=_DELTA_BLOCK_M)
-    delta_grid = (cdiv(seq_q, _DELTA_BLOCK_M), batch * heads)
+    delta_block_m = _delta_block_m(head_dim_padded)
+    delta_consts = dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, IS_VARLEN=varlen, BLOCK_M=delta_block_m)
+    delta_grid = (cdiv(seq_q, delta_block_m), batch * heads)
 
     def dkdv_grid(meta):
         return (cdiv(seq_k, meta["BLOCK_N"]), batch * heads)
