@@ -158,10 +158,13 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
                 with torch.enable_grad():
                     t = _transform(chunk, *param_leaves, ctx.ln_eps, ctx.backend)
                 t_data = t.detach()
-                # dz = softmax(z) - onehot(y), built in place in the fp32 logits buffer.  The loss's
-                # gradient g scales the products of dz (rows x H, H, V), not dz (rows x V): one pass fewer.
-                dz = _chunk_logits(t_data, decoder_weight_ct, decoder_bias_ct)
-                dz.sub_(lse[start:stop, None]).exp_()
+                # dz = softmax(z) - onehot(y) in fp32.  The loss's gradient g scales the products of dz
+                # (rows x H, H, V), not dz (rows x V): one pass fewer.  z - lse is in place when z is already
+                # fp32; from a 16-bit z the subtraction's type promotion is the upcast: one pass, not two.
+                z = F.linear(t_data, decoder_weight_ct, decoder_bias_ct)
+                dz = z.sub_(lse[start:stop, None]) if z.dtype == acc else torch.sub(z, lse[start:stop, None])
+                del z
+                dz.exp_()
                 dz[torch.arange(stop - start, device=dz.device), targets[start:stop]] -= 1.0
                 if grad_decoder_bias is not None:
                     grad_decoder_bias += dz.sum(dim=0) * grad_total

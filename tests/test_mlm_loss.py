@@ -370,14 +370,23 @@ def test_training_step_compiles_whole_with_return_logits():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-def test_backward_touches_each_logits_chunk_in_four_passes():
-    """Per chunk the (rows x V) buffer is written by the GEMM, then exp(z - lse) in two in-place passes and
-    the one-hot subtraction; the loss's gradient scales the smaller products instead of the buffer."""
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (torch.float32, ["aten.addmm", "aten.sub_", "aten.exp_", "aten.index_put_"]),
+        # 16-bit: the subtraction writes the fp32 buffer (no separate upcast); one cast back for the GEMMs
+        (torch.bfloat16, ["aten.addmm", "aten.sub", "aten.exp_", "aten.index_put_", "aten._to_copy"]),
+    ],
+    ids=["fp32", "bf16"],
+)
+def test_backward_touches_each_logits_chunk_in_few_passes(dtype, expected):
+    """Per chunk the (rows x V) buffer is written by the GEMM, then exp(z - lse) in two passes and the
+    one-hot subtraction; the loss's gradient scales the smaller products instead of the buffer."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     hidden_size, vocab, chunk = 16, 503, 8
-    hidden = torch.randn(1, chunk, hidden_size, requires_grad=True)
-    params = _leaves(_head_params(hidden_size, vocab, seed=10), torch.float32)
+    hidden = torch.randn(1, chunk, hidden_size).to(dtype).requires_grad_()
+    params = _leaves(_head_params(hidden_size, vocab, seed=10), dtype)
     labels = torch.randint(0, vocab, (1, chunk), generator=torch.Generator().manual_seed(12))
     loss = _fused(hidden, params, labels, chunk_size=chunk) * 3.0  # a gradient other than 1 reaches the loss
 
@@ -396,4 +405,4 @@ def test_backward_touches_each_logits_chunk_in_four_passes():
 
     with ChunkOps() as ops:
         loss.backward()
-    assert ops.names == ["aten.addmm", "aten.sub_", "aten.exp_", "aten.index_put_"], ops.names
+    assert ops.names == expected, ops.names
