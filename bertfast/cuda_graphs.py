@@ -33,6 +33,7 @@ through one memory pool.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 
 import torch
@@ -299,24 +300,20 @@ class CUDAGraphRunner:
             torch.zeros(bucket, dtype=torch.long, device=device),
         )
         static[1][:, 0] = 1  # a valid first token per row, so warm-up sees a realistic mask
-        saved = padded_forward_modes(self.model)
-        try:
-            with torch.no_grad(), torch.cuda.device(device):
-                # Warm up on a side stream: lazy initialisation, kernel compilation and
-                # autotuning must happen before capture, never inside it.
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(self.warmup_iters):
-                        self._call_model(*static)
-                torch.cuda.current_stream().wait_stream(side)
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    outputs = self._call_model(*static)
-        finally:
-            _restore_forward_modes(saved)
+        with padded_forward(self.model), torch.no_grad(), torch.cuda.device(device):
+            # Warm up on a side stream: lazy initialisation, kernel compilation and
+            # autotuning must happen before capture, never inside it.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_iters):
+                    self._call_model(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = self._call_model(*static)
         self._graphs[bucket] = _Graph(graph=graph, inputs=static, outputs=outputs)
         return bucket
 
@@ -336,10 +333,11 @@ class CUDAGraphRunner:
         return crop_outputs(entry.outputs, batch, seq, clone=self.clone_outputs)
 
 
-def padded_forward_modes(model: torch.nn.Module) -> list:
+@contextlib.contextmanager
+def padded_forward(model: torch.nn.Module):
     """bertfast models and patched encoders may unpad (data-dependent shapes): graphs always run the
     padded path, the warm-up too (so the padded kernels are compiled and tuned before the capture).
-    Switches every such module to padded; returns what :func:`_restore_forward_modes` puts back."""
+    Inside, every such module of ``model`` runs padded; on exit each gets its own mode back."""
     from .modeling import BertModel
     from .patching import _UNPAD_ATTR
 
@@ -349,9 +347,8 @@ def padded_forward_modes(model: torch.nn.Module) -> list:
         if hasattr(m, attr):
             saved.append((m, attr, getattr(m, attr)))
             setattr(m, attr, False)
-    return saved
-
-
-def _restore_forward_modes(saved: list) -> None:
-    for m, attr, mode in saved:
-        setattr(m, attr, mode)
+    try:
+        yield
+    finally:
+        for m, attr, mode in saved:
+            setattr(m, attr, mode)

@@ -8,15 +8,14 @@ transformers = pytest.importorskip("transformers")
 import bertfast  # noqa: E402
 from bertfast.cuda_graphs import (  # noqa: E402
     CUDAGraphRunner,
-    _restore_forward_modes,
     check_inputs,
     choose_bucket,
     crop_outputs,
     pad_inputs,
-    padded_forward_modes,
+    padded_forward,
 )
 from bertfast.numerics import MODEL_FP32_REL_TOL, rel_error  # noqa: E402
-from bertfast.patching import patch  # noqa: E402
+from bertfast.patching import _UNPAD_ATTR, patch  # noqa: E402
 
 from .helpers import ragged_batch, small_config  # noqa: E402
 
@@ -148,13 +147,11 @@ def test_graphs_switch_native_and_patched_models_to_the_padded_path_and_back():
     """A graph (and its warm-up) runs the padded path, whatever the model's padding-free mode."""
     native = bertfast.BertForQuestionAnswering(small_config(num_labels=2))
     patched = patch(make_hf("BertForQuestionAnswering"), unpad=True)
-    for model, before in ((native, "auto"), (patched, True)):
-        saved = padded_forward_modes(model)
-        assert len(saved) == 1
-        ((module, attr, mode),) = saved
-        assert mode == before and getattr(module, attr) is False
-        _restore_forward_modes(saved)
-        assert getattr(module, attr) == before
+    for model, attr, before in ((native, "unpad", "auto"), (patched, _UNPAD_ATTR, True)):
+        assert getattr(model.bert, attr) == before
+        with padded_forward(model):
+            assert getattr(model.bert, attr) is False
+        assert getattr(model.bert, attr) == before
 
 
 # --------------------------------------------------------------------------------------
