@@ -1152,22 +1152,17 @@ def _attention_qkv(qkv, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_padded_once(q, k, v, attention_mask) -> None:
-    """The shape, stride and dtype checks of the padded entry points: they depend only on the key, so in
-    eager mode once per key.  Traced, they run every time: a key of symbolic sizes would specialize them."""
+def _check_once(q, k, v, attention_mask=None, *, packed: bool = False) -> None:
+    """The shape, stride and dtype checks of the entry points, padded or packed: they depend only on the key,
+    so in eager mode once per key (a packed call's offsets are checked on every call, apart).  Traced, they
+    run every time: a key of symbolic sizes would specialize them."""
     key = None if torch.compiler.is_compiling() else (*map(tensor_key, (q, k, v, attention_mask)),)
     if key is None or key not in _CHECKED:
-        _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
-        _check_mask(attention_mask, k)
-        if key is not None:
-            _CHECKED.put(key, True)
-
-
-def _check_packed_once(q, k, v) -> None:
-    """The same for the packed entry points (the offsets' values are checked on every call, apart)."""
-    key = None if torch.compiler.is_compiling() else (*map(tensor_key, (q, k, v)),)
-    if key is None or key not in _CHECKED:
-        _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
+        if packed:
+            _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
+        else:
+            _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
+            _check_mask(attention_mask, k)
         if key is not None:
             _CHECKED.put(key, True)
 
@@ -1186,7 +1181,7 @@ def attention(
     In eager mode the launcher runs directly (see ``_launch.eager_fast_path``); otherwise, as under
     torch.compile, the ``bertfast::attention_fwd`` custom op does.
     """
-    _check_padded_once(q, k, v, attention_mask)
+    _check_once(q, k, v, attention_mask)
     check_dropout_p(dropout_p)
     seed = draw_seed(dropout_p)
     scale, dropout_p = float(scale), float(dropout_p)
@@ -1215,7 +1210,7 @@ def attention_varlen(
     longest sequence (:func:`bertfast.varlen.check_cu_seqlens`).  ``False`` is for callers that
     built or checked the offsets themselves; bad offsets then corrupt memory.
     """
-    _check_packed_once(q, k, v)
+    _check_once(q, k, v, packed=True)
     # Every call: the offsets' values must never be judged from a cache.
     _check_cu_seqlens(cu_seqlens, q, max_seqlen, check)
     max_seqlen = int(max_seqlen)
@@ -1235,7 +1230,7 @@ def attention_qkv(
 ) -> torch.Tensor:
     """:func:`attention` of ``qkv``: ``(batch, seq, 3, heads, head_dim)``; its gradient is one buffer."""
     q, k, v = qkv.unbind(-3)
-    _check_padded_once(q, k, v, attention_mask)
+    _check_once(q, k, v, attention_mask)
     check_dropout_p(dropout_p)
     seed = draw_seed(dropout_p)
     return _attention_qkv(qkv, attention_mask, None, 0, float(scale), float(dropout_p), seed)
@@ -1254,7 +1249,7 @@ def attention_varlen_qkv(
     ``check``: as in :func:`attention_varlen`.
     """
     q, k, v = qkv.unbind(-3)
-    _check_packed_once(q, k, v)
+    _check_once(q, k, v, packed=True)
     _check_cu_seqlens(cu_seqlens, q, max_seqlen, check)
     check_dropout_p(dropout_p)
     seed = draw_seed(dropout_p)
