@@ -410,16 +410,19 @@ class Check:
         rc, out = self.capture([self.python, "-c", code], timeout_s=150)
         return None if rc == 0 else (out.strip().splitlines()[-1:] or [f"exit {rc}"])[0]
 
+    def _arch(self) -> str | None:
+        """This GPU's architecture as TORCH_CUDA_ARCH_LIST writes it ("9.0"), None without a GPU."""
+        return f"{self.capability[0]}.{self.capability[1]}" if self.capability else None
+
     def _build_env(self) -> dict:
-        arch = f"{self.capability[0]}.{self.capability[1]}" if self.capability else None
-        return {**self.env, "BERTFAST_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch or "9.0"}
+        return {**self.env, "BERTFAST_CUDA": "1", "TORCH_CUDA_ARCH_LIST": self._arch() or "9.0"}
 
     def _build_command(self) -> list[str]:
         return [self.python, "-m", "pip", "install", "-v", "-e", ".", "--no-deps", "--no-build-isolation"]
 
     def _build(self, stage: dict) -> str:
         state = getattr(self, "_state", None) or self._build_state()
-        arch = f"{self.capability[0]}.{self.capability[1]}" if self.capability else None
+        arch = self._arch()
         stage["numbers"]["arch"] = arch or "cpu"
         if self._usable(state):
             stage["numbers"].update(action="reused the installed build", archs=state.get("cuda_archs", ""))
@@ -546,8 +549,8 @@ class Check:
             return "ok"
         # The extension's tests on their own, first (they are short): a crash in one of them (a segfault ends
         # the process) must not cost the rest of the suite its results.  -v: each verdict reaches the log as it
-        # happens, so a run stopped at the budget still names what failed (its JUnit report never comes).
-        # With pytest-xdist, files run in parallel worker processes: a crashing test costs its worker only
+        # happens; a run stopped at the budget gets SIGINT, so pytest still prints its failures and JUnit report.
+        # With pytest-xdist, tests run in parallel worker processes: a crashing test costs its worker only
         # (reported as failed, the worker replaced), and the suite gets through more of the budget.
         status = "ok"
         workers = max(1, min(8, (os.cpu_count() or 1) // 2))
@@ -618,14 +621,11 @@ def _verbose_counts(log: Path) -> dict:
     failed = []
     text = log.read_text(errors="replace") if log.exists() else ""
     for line in text.splitlines():
-        # "path::test PASSED [ 5%]", or with pytest-xdist "[gw0] [ 5%] PASSED path::test"
         parts = line.split()
-        verdicts = [p for p in parts if p in ("PASSED", "FAILED", "SKIPPED", "ERROR", "XFAIL")]
-        names = [p for p in parts if "::" in p]
-        if verdicts and names:
-            counts[verdicts[0].lower()] = counts.get(verdicts[0].lower(), 0) + 1
-            if verdicts[0] in ("FAILED", "ERROR"):
-                failed.append(names[0])
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR", "XFAIL"):
+            counts[parts[1].lower()] = counts.get(parts[1].lower(), 0) + 1
+            if parts[1] in ("FAILED", "ERROR"):
+                failed.append(parts[0])
     if failed:
         counts["failed tests"] = failed[:15]
     return counts

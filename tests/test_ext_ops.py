@@ -14,6 +14,7 @@ builds it, where :func:`test_extension_is_built` fails instead.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -73,18 +74,18 @@ def test_error_probe_tells_a_raise_from_a_crash(monkeypatch):
     assert _ext.errors_reach_python() == "the error probe of bertfast._C ended with exit 1: no RuntimeError came"
 
 
-_ERRORS_CRASH: list[str | None] = []  # filled once: whether an error inside bertfast._C kills the process
+@functools.cache
+def _extension_error_crash() -> str | None:
+    """Probed once per session: what happens instead of RuntimeError when the extension raises, or None."""
+    return _ext.errors_reach_python()
 
 
 @pytest.fixture(autouse=True)
 def _errors_reach_python(request):
     """A test that makes the extension raise first checks, in a child process, that its errors reach Python:
     where they kill the process instead (seen on a GPU machine), it fails with that reason, not a crash."""
-    if C is not None and request.node.get_closest_marker("ext_raises"):
-        if not _ERRORS_CRASH:
-            _ERRORS_CRASH.append(_ext.errors_reach_python())
-        if _ERRORS_CRASH[0]:
-            pytest.fail(_ERRORS_CRASH[0])
+    if C is not None and request.node.get_closest_marker("ext_raises") and _extension_error_crash():
+        pytest.fail(_extension_error_crash())
     yield
 
 
