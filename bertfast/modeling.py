@@ -729,25 +729,6 @@ def _hf_class_name(hf_model: nn.Module) -> str | None:
     return None
 
 
-def _check_tied_heads(hf_model: nn.Module) -> None:
-    """bertfast always ties the MLM decoder to the word embeddings; refuse a model where they differ."""
-    predictions = getattr(getattr(hf_model, "cls", None), "predictions", None)
-    if predictions is None:
-        return
-    pairs = (
-        ("cls.predictions.decoder.weight", predictions.decoder.weight, hf_model.bert.embeddings.word_embeddings.weight),
-        ("cls.predictions.decoder.bias", predictions.decoder.bias, predictions.bias),
-    )
-    for name, tensor, tied_to in pairs:
-        if tensor is None or tensor is tied_to:
-            continue
-        if tensor.shape != tied_to.shape or not torch.equal(tensor, tied_to):
-            raise ValueError(
-                f"{name} is not tied in this Hugging Face model and differs from the tensor bertfast ties it to; "
-                "bertfast's MLM heads always share the decoder with the word embeddings"
-            )
-
-
 # An ``activation`` beside one of these is a GELU of the family's: DistilBERT's FFN (lin1) and MLM head
 # (vocab_transform), ELECTRA's generator head (LayerNorm); the pooler's Tanh has none of them.
 _GELU_BESIDE = ("lin1", "vocab_transform", "LayerNorm")
@@ -773,7 +754,7 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
     model (``hf_model.bert``); a head class must match the Hugging Face head.  The result
     has the Hugging Face model's dtype, device and train/eval mode.
     """
-    from .loading import load_state_dict_checked, map_checkpoint_keys
+    from .loading import load_state_dict_checked
 
     if not isinstance(hf_model, nn.Module):
         raise TypeError(f"hf_model must be a transformers model, got {type(hf_model).__name__}")
@@ -798,8 +779,6 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
             source = getattr(hf_model, base_attr)  # the encoder of a head model
     elif cls.__name__ != hf_name:
         raise TypeError(f"cannot build bertfast.{cls.__name__} from a transformers {hf_name}: the heads differ")
-    elif model_type == "bert":
-        _check_tied_heads(hf_model)
 
     config = config_from_hf(source.config, type(hf_model).__name__)
     _check_activations(source)
@@ -817,11 +796,8 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
             stacklevel=2,
         )
     model.to(device=reference.device, dtype=reference.dtype)
-    if model_type == "bert":
-        state = map_checkpoint_keys(source.state_dict(), set(model.state_dict()))
-        model.load_state_dict(state, strict=True)
-    else:  # renamed keys, and MLM heads that store one of a tied pair: the checked loader handles both
-        load_state_dict_checked(model, source.state_dict(), True, model_type)
+    # The family's names, MLM heads that store one of a tied pair, and an untied decoder (refused): the checked loader.
+    load_state_dict_checked(model, source.state_dict(), True, model_type)
     return model.train(hf_model.training)
 
 

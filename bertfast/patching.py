@@ -401,13 +401,9 @@ def _patched_bert_model_forward(
 ):
     """transformers ``BertModel.forward`` (or the family base model's) computed by :mod:`bertfast.layers`
     (see :mod:`bertfast.patching`)."""
-    # Names from the submodule, not ``from transformers import modeling_outputs``: under torch.compile
+    # A class of the submodule, not ``from transformers import modeling_outputs``: under torch.compile
     # (torch 2.11) dynamo cannot import through transformers' lazy top-level module.
-    from transformers.modeling_outputs import (
-        BaseModelOutput,
-        BaseModelOutputWithPastAndCrossAttentions,
-        BaseModelOutputWithPoolingAndCrossAttentions,
-    )
+    from transformers.modeling_outputs import BaseModelOutput
 
     config = self.config
     if output_attentions is None:
@@ -434,11 +430,9 @@ def _patched_bert_model_forward(
     backend, unpad_mode = getattr(self, _BACKEND_ATTR), getattr(self, _UNPAD_ATTR, "auto")
     x, pooled, states, _, _ = layers.encode(self, *inputs, backend=backend, unpad_mode=unpad_mode)
     hidden_states = None if states is None else _selected_hidden_states(states, output_hidden_states)
-    output_class = {
-        "BaseModelOutput": BaseModelOutput,
-        "BaseModelOutputWithPastAndCrossAttentions": BaseModelOutputWithPastAndCrossAttentions,
-        "BaseModelOutputWithPoolingAndCrossAttentions": BaseModelOutputWithPoolingAndCrossAttentions,
-    }[(family.family_of_config(config) or family.BERT).output]
+    output_class = getattr(
+        sys.modules[BaseModelOutput.__module__], (family.family_of_config(config) or family.BERT).output
+    )
     with_pooler = "pooler_output" in output_class.__dataclass_fields__
     fields = {"pooler_output": pooled} if with_pooler else {}
     out = output_class(last_hidden_state=x, hidden_states=hidden_states, **fields)
