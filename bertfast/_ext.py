@@ -110,23 +110,53 @@ raise SystemExit(4)
 """
 
 
+# The same through torch's own C++ (c10::Error from libtorch): tells a bertfast build from an environment where
+# no C++ error survives (an unwinder that crashes taking c10's backtrace, as in pytorch/pytorch#117645).
+_TORCH_ERROR_PROBE = """
+import torch
+try:
+    torch.ones(2) + torch.ones(3)
+except RuntimeError:
+    raise SystemExit(0)
+raise SystemExit(4)
+"""
+
+
+def _run_probe(code: str, timeout_s: float) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s, errors="replace"
+        )
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def errors_reach_python(timeout_s: float = 120.0) -> str | None:
     """``None`` when an error raised inside :mod:`bertfast._C` reaches Python as ``RuntimeError``; else what
     happens instead.  Run in a child process, because where the build's C++ exceptions cannot cross into
     Python (a compiler or runtime that does not match torch's) the raise kills the process: seen once on a
-    GPU machine, as a segmentation fault."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _ERROR_PROBE], capture_output=True, text=True, timeout=timeout_s, errors="replace"
-        )
-    except subprocess.TimeoutExpired:
+    GPU machine, as a segmentation fault.  Then a second child raises an error inside torch's own C++, to
+    say whether the build or the environment is at fault."""
+    done = _run_probe(_ERROR_PROBE, timeout_s)
+    if done is None:
         return f"the error probe of bertfast._C did not end within {timeout_s:.0f} s"
     if done.returncode == 0:
         return None
-    if done.returncode < 0:
+    if done.returncode > 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
+        return f"the error probe of bertfast._C ended with exit {done.returncode}: {tail[0][:300]}"
+    message = (
+        f"an error raised inside bertfast._C kills the process (signal {-done.returncode}) instead of reaching "
+        "Python as RuntimeError"
+    )
+    torch_side = _run_probe(_TORCH_ERROR_PROBE, timeout_s)
+    if torch_side is not None and torch_side.returncode == 0:
         return (
-            f"an error raised inside bertfast._C kills the process (signal {-done.returncode}) instead of reaching "
-            "Python as RuntimeError: rebuild the extension with the compiler torch was built with (CXX=...)"
+            f"{message}, while torch's own do: rebuild the extension with the compiler torch was built with (CXX=...)"
         )
-    tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
-    return f"the error probe of bertfast._C ended with exit {done.returncode}: {tail[0][:300]}"
+    if torch_side is None or torch_side.returncode > 0:
+        return f"{message}; torch's own C++ error probe did not finish cleanly either"
+    return (
+        f"{message}, and so does one raised inside torch's own C++ (signal {-torch_side.returncode}): the "
+        "environment loses C++ errors, not this build"
+    )

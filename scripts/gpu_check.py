@@ -394,6 +394,15 @@ class Check:
         # try once more with the system compiler.
         crash = self._error_probe()
         stage["numbers"]["errors reach Python"] = crash or "yes"
+        gdb = shutil.which("gdb")
+        if crash and gdb and not self.dry:  # the native stack of the crash, into this stage's log
+            probe = "from bertfast._ext import _ERROR_PROBE; exec(_ERROR_PROBE)"
+            self.run(
+                stage,
+                "crash backtrace",
+                [gdb, "-batch", "-ex", "run", "-ex", "bt", "--args", self.python, "-c", probe],
+                90,
+            )
         system_cxx = shutil.which("g++", path="/usr/bin")
         if crash and system_cxx and os.environ.get("CXX") != system_cxx and not self.dry:
             self.say(f"{crash}; rebuilding with CXX={system_cxx}")

@@ -68,8 +68,12 @@ def _require_extension(request):
 
 def test_error_probe_tells_a_raise_from_a_crash(monkeypatch):
     assert _ext.errors_reach_python() is None  # the real probe: bad input raises RuntimeError here
-    monkeypatch.setattr(_ext, "_ERROR_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    monkeypatch.setattr(_ext, "_ERROR_PROBE", crash)
     assert "kills the process (signal 11)" in _ext.errors_reach_python()
+    assert "while torch's own do: rebuild" in _ext.errors_reach_python()  # torch's own errors reach Python here
+    monkeypatch.setattr(_ext, "_TORCH_ERROR_PROBE", crash)
+    assert "the environment loses C++ errors, not this build" in _ext.errors_reach_python()
     monkeypatch.setattr(_ext, "_ERROR_PROBE", "raise SystemExit('no RuntimeError came')")
     assert _ext.errors_reach_python() == "the error probe of bertfast._C ended with exit 1: no RuntimeError came"
 
