@@ -158,6 +158,39 @@ def find_base_model(model: nn.Module) -> tuple[nn.Module, Family] | None:
     return None
 
 
+def unsupported_config_reason(config) -> str | None:
+    """Why bertfast cannot run a transformers config of the family (patched or converted), or None."""
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return "it is configured as a decoder (is_decoder / add_cross_attention); bertfast implements the encoder"
+    position = getattr(config, "position_embedding_type", "absolute") or "absolute"
+    if position != "absolute":
+        return f"position_embedding_type is {position!r}; bertfast implements absolute position embeddings only"
+    field = (family_of_config(config) or BERT).activation_field
+    act = getattr(config, field, None)
+    if not (isinstance(act, str) and act == "gelu"):
+        return f"{field} is {act!r}; bertfast implements exactly 'gelu' (the erf GELU)"
+    return None
+
+
+# An ``activation`` beside one of these is a GELU of the family's: DistilBERT's FFN (lin1) and MLM head
+# (vocab_transform), ELECTRA's generator head (LayerNorm); the pooler's Tanh has none of them.
+_GELU_BESIDE = ("lin1", "vocab_transform", "LayerNorm")
+
+
+def non_gelu_activation(model: nn.Module, prefix: str = "") -> str | None:
+    """The first activation module in ``model`` (named from ``prefix``) that is not transformers' erf GELU,
+    as a reason, or None: the config says "gelu", but a module may have been replaced since."""
+    from transformers.activations import GELUActivation
+
+    for name, module in model.named_modules(prefix=prefix):
+        act = getattr(module, "intermediate_act_fn", None) or getattr(module, "transform_act_fn", None)
+        if act is None and any(n in module._modules for n in _GELU_BESIDE):
+            act = module._modules.get("activation")
+        if act is not None and type(act) is not GELUActivation:
+            return f"{name or type(module).__name__} uses {type(act).__name__}; bertfast implements the erf GELU only"
+    return None
+
+
 def positions_count_real_tokens(config) -> bool:
     """Whether position ids count real tokens from ``pad_token_id + 1`` (RoBERTa style): a native
     config's ``positions_from_input_ids``, or a transformers config of a RoBERTa-style family."""

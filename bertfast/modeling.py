@@ -699,18 +699,13 @@ def config_from_hf(hf_config, architecture: str | None = None) -> BertConfig:
         raise ValueError(
             f"expected a config of the BERT family (model_type 'bert', 'roberta', ...), got {model_type!r}"
         )
+    reason = family.unsupported_config_reason(hf_config)
+    if reason is not None:
+        raise ValueError(f"cannot convert this Hugging Face model: {reason}")
     data = hf_config.to_dict()
-    field = found.activation_field
-    act = getattr(hf_config, field, None)
-    if not isinstance(act, str):  # a callable activation does not survive to_dict; say so clearly
-        raise ValueError(f"{field} {act!r} is not supported; bertfast implements 'gelu' (the erf GELU)")
     data["num_labels"] = hf_config.num_labels
     if architecture is not None:
         data["architectures"] = [architecture]
-    # These only matter to decoders; an encoder config carries them as False.
-    for flag in ("is_decoder", "add_cross_attention"):
-        if getattr(hf_config, flag, False):
-            raise ValueError(f"{flag} is set: bertfast implements the BERT encoder only")
     try:
         return BertConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
@@ -727,23 +722,6 @@ def _hf_class_name(hf_model: nn.Module) -> str | None:
         if native is not None and native[0] in SUPPORTED_CLASSES:
             return native[0]
     return None
-
-
-# An ``activation`` beside one of these is a GELU of the family's: DistilBERT's FFN (lin1) and MLM head
-# (vocab_transform), ELECTRA's generator head (LayerNorm); the pooler's Tanh has none of them.
-_GELU_BESIDE = ("lin1", "vocab_transform", "LayerNorm")
-
-
-def _check_activations(hf_model: nn.Module) -> None:
-    """The config says "gelu"; refuse a model whose activation modules were replaced since."""
-    from transformers.activations import GELUActivation
-
-    for name, module in hf_model.named_modules():
-        act = getattr(module, "intermediate_act_fn", None) or getattr(module, "transform_act_fn", None)
-        if act is None and any(n in module._modules for n in _GELU_BESIDE):
-            act = module._modules.get("activation")
-        if act is not None and type(act) is not GELUActivation:
-            raise ValueError(f"{name} uses {type(act).__name__}; bertfast implements the erf GELU only")
 
 
 def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
@@ -781,7 +759,9 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
         raise TypeError(f"cannot build bertfast.{cls.__name__} from a transformers {hf_name}: the heads differ")
 
     config = config_from_hf(source.config, type(hf_model).__name__)
-    _check_activations(source)
+    reason = family.non_gelu_activation(source)
+    if reason is not None:
+        raise ValueError(reason)
     backend = check_backend(backend)
     if issubclass(cls, BertModel):
         model = cls(config, backend=backend, add_pooling_layer=getattr(source, "pooler", None) is not None)

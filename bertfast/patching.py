@@ -252,29 +252,10 @@ def _check_embedding(name: str, module: nn.Module) -> str | None:
     return None
 
 
-def _is_erf_gelu(act) -> bool:
-    from transformers.activations import GELUActivation
-
-    return type(act) is GELUActivation
-
-
-def _config_reason(config) -> str | None:
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-        return "it is configured as a decoder (is_decoder / add_cross_attention); bertfast implements the encoder"
-    position = getattr(config, "position_embedding_type", "absolute") or "absolute"
-    if position != "absolute":
-        return f"position_embedding_type is {position!r}; bertfast implements absolute position embeddings only"
-    field = (family.family_of_config(config) or family.BERT).activation_field
-    act = getattr(config, field, None)
-    if not (isinstance(act, str) and act == "gelu"):
-        return f"{field} is {act!r}; bertfast implements exactly 'gelu' (the erf GELU)"
-    return None
-
-
 def _bert_model_reason(bert: nn.Module, path: str = "") -> str | None:
     """Why this transformers BertModel cannot be patched, or None.  Submodules are named from
     ``path``, the BertModel's own path in the model the user passed."""
-    reason = _config_reason(bert.config)
+    reason = family.unsupported_config_reason(bert.config)
     if reason is not None:
         return reason
     base = f"{path}." if path else ""
@@ -311,8 +292,7 @@ def _bert_model_reason(bert: nn.Module, path: str = "") -> str | None:
             _check_linear(names[id(parts.output_dense)], parts.output_dense),
             _check_layer_norm(names[id(parts.output_norm)], parts.output_norm, hidden),
         ]
-        if not _is_erf_gelu(parts.activation):
-            return f"{prefix} uses {type(parts.activation).__name__} in its feed-forward, not the erf GELU"
+    checks.append(family.non_gelu_activation(bert, path))
     for reason in checks:
         if reason is not None:
             return reason
@@ -334,11 +314,10 @@ def _head_transform_reason(transform: nn.Module, config) -> str | None:
         _foreign_call_machinery(transform),
         _foreign_call_machinery(transform.dense),
         _foreign_call_machinery(transform.LayerNorm),
+        family.non_gelu_activation(transform),
     ):
         if reason is not None:
             return reason
-    if not _is_erf_gelu(transform.transform_act_fn):
-        return f"it uses {type(transform.transform_act_fn).__name__}, not the erf GELU"
     return None
 
 
