@@ -558,17 +558,21 @@ class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
         )
 
 
-def _classifier_dropout(config: BertConfig) -> float:
-    return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+class _WithClassifier(_WithEncoder):
+    """A dropout (``classifier_dropout``, else the hidden rate) and a linear classifier on top of ``self.bert``."""
 
-
-class BertForSequenceClassification(_WithEncoder):
-    def __init__(self, config: BertConfig, backend: str | None = "auto"):
-        super().__init__(config, backend, add_pooling_layer=True)
+    def __init__(self, config: BertConfig, backend, add_pooling_layer: bool):
+        super().__init__(config, backend, add_pooling_layer)
         self.num_labels = config.num_labels
-        self.dropout = nn.Dropout(_classifier_dropout(config))
+        p = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if p is None else p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
+
+
+class BertForSequenceClassification(_WithClassifier):
+    def __init__(self, config: BertConfig, backend: str | None = "auto"):
+        super().__init__(config, backend, add_pooling_layer=True)
 
     def _loss(self, logits, labels, num_items):
         """Hugging Face's rule: regression, single-label or multi-label by problem_type/labels."""
@@ -582,7 +586,7 @@ class BertForSequenceClassification(_WithEncoder):
                 problem = "multi_label_classification"
         if problem == "regression":
             if self.num_labels == 1:
-                return normalized_loss(F.mse_loss, logits.squeeze().float(), labels.squeeze().float(), num_items)
+                logits, labels = logits.squeeze(), labels.squeeze()
             return normalized_loss(F.mse_loss, logits.float(), labels.float(), num_items)
         if problem == "single_label_classification":
             flat_logits = logits.view(-1, self.num_labels).float()
@@ -607,13 +611,9 @@ class BertForSequenceClassification(_WithEncoder):
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
-class BertForTokenClassification(_WithEncoder):
+class BertForTokenClassification(_WithClassifier):
     def __init__(self, config: BertConfig, backend: str | None = "auto"):
         super().__init__(config, backend, add_pooling_layer=False)
-        self.num_labels = config.num_labels
-        self.dropout = nn.Dropout(_classifier_dropout(config))
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
 
     @transformers_forward
     def forward(

@@ -55,6 +55,33 @@ def test_from_hf_matches_hugging_face(kind):
     assert type(by_name) is type(ours)
 
 
+@pytest.mark.parametrize(
+    "num_labels, problem_type, label_dtype",
+    [
+        (1, None, torch.float32),  # regression by the label count
+        (3, "regression", torch.float32),
+        (3, None, torch.long),  # single-label by the labels' dtype
+        (3, None, torch.float32),  # multi-label by the labels' dtype
+        (3, "multi_label_classification", torch.float32),
+    ],
+)
+def test_sequence_classification_loss_follows_hugging_faces_rule(num_labels, problem_type, label_dtype):
+    source = make_hf("BertForSequenceClassification", hf_overrides={"num_labels": num_labels})
+    source.config.problem_type = problem_type
+    ours = bertfast.BertForSequenceClassification.from_hf(source, backend="reference")
+    ids, types, mask = ragged_batch(ours.config, [7, 4, 6], 7)
+    generator = torch.Generator().manual_seed(0)
+    if label_dtype == torch.long:
+        labels = torch.randint(0, num_labels, (3,), generator=generator)
+    elif problem_type is None and num_labels > 1:
+        labels = torch.randint(0, 2, (3, num_labels), generator=generator).float()
+    else:
+        labels = torch.randn((3, num_labels), generator=generator).squeeze(-1)
+    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    expected = source(**inputs).loss
+    assert rel_error(ours(**inputs).loss, expected) <= MODEL_FP32_REL_TOL
+
+
 def test_config_is_mapped_field_for_field():
     source = make_hf("BertForSequenceClassification", classifier_dropout=0.3, layer_norm_eps=1e-7, type_vocab_size=3)
     source.config.problem_type = "multi_label_classification"
