@@ -338,13 +338,10 @@ def _selected_hidden_states(states: list, selection) -> tuple:
         return tuple(states)
     try:
         from transformers.utils.output_capturing import selected_hidden_states
-    except ImportError:
-        selected_hidden_states = None
-    if selected_hidden_states is None:
+    except ImportError:  # 5.17
         if not isinstance(selection, (list, tuple, set)):
             return tuple(states)
-        keep = set(selection)
-        return tuple(h if i in keep else None for i, h in enumerate(states[1:]))
+        return tuple(h if i in selection else None for i, h in enumerate(states[1:]))
     count = len(states)
     keep = {i % count for i in selected_hidden_states(selection) if -count <= i < count}
     return tuple(h if i in keep else None for i, h in enumerate(states))
