@@ -277,7 +277,7 @@ setup(
     install_requires=["torch>=2.11", "safetensors", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "hf": ["transformers>=4.48"],
+        "hf": ["transformers>=5"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["bertfast = bertfast.cli:main"]},

@@ -67,7 +67,7 @@ def auto_backends(device: str, dtype: torch.dtype) -> dict[str, list[str]]:
 
     ops = plan("auto", torch.empty(0, device=device), dtype, 1024, 4096, heads=16, head_dim=64)
     by_backend: dict[str, list[str]] = {}
-    for op in Plan.__slots__:
+    for op in Plan._fields:
         function = getattr(ops, op)
         if function is not None:
             name = next(n for n, path in BACKENDS.items() if getattr(_module(path), op, None) is function)

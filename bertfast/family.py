@@ -141,7 +141,7 @@ def modeling_module(family: Family):
     try:
         return importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
     except ImportError as exc:  # transformers is an optional dependency
-        raise ImportError("bertfast.patch needs transformers (pip install 'transformers>=4.48')") from exc
+        raise ImportError("bertfast.patch needs transformers (pip install 'transformers>=5')") from exc
 
 
 def find_base_model(model: nn.Module) -> tuple[nn.Module, Family] | None:

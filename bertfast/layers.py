@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,22 +76,16 @@ from .padding import PackedBatch, pack_mask, pad, tokens_of, unpad
 # --------------------------------------------------------------------------------------
 
 
-class Plan:
+class Plan(NamedTuple):
     """The backend function of each op for one forward (``None``: no backend can run it)."""
 
-    __slots__ = (
-        "attention",
-        "attention_qkv",
-        "attention_varlen",
-        "attention_varlen_qkv",
-        "bias_gelu",
-        "embedding_layer_norm",
-        "layer_norm",
-    )
-
-    def __init__(self, **functions: Callable | None):
-        for name in self.__slots__:
-            setattr(self, name, functions.get(name))
+    attention: Callable | None = None
+    attention_qkv: Callable | None = None
+    attention_varlen: Callable | None = None
+    attention_varlen_qkv: Callable | None = None
+    bias_gelu: Callable | None = None
+    embedding_layer_norm: Callable | None = None
+    layer_norm: Callable | None = None
 
 
 _PLANS: dict[tuple, Plan] = {}
@@ -486,8 +481,8 @@ def head_transform(transform, x, backend: str):
 def _checkpoint_function(bert, module):
     """The gradient-checkpointing function for ``module`` if it is enabled (and training), else None.
 
-    transformers 5 sets it on each layer (GradientCheckpointingLayer), transformers 4 and
-    bertfast's own classes on the encoder.
+    transformers sets it on each layer (GradientCheckpointingLayer), bertfast's own classes on
+    the encoder.
     """
     if not module.training:
         return None

@@ -110,12 +110,6 @@ __all__ = ["PatchError", "PatchWarning", "is_patched", "patch", "patched_modules
 _BACKEND_ATTR = "_bertfast_backend"
 _UNPAD_ATTR = "_bertfast_unpad"
 
-# Whether the installed transformers predates its output-capturing refactor of BERT (set by
-# patch()).  Before it, return_dict=False gives ``(sequence_output, pooled_output_or_None,
-# *extras)``, which the heads index as ``outputs[2:]``, and output_hidden_states is a flag;
-# since, ``ModelOutput.to_tuple()`` (no Nones), and output_hidden_states may select indices.
-_LEGACY_TRANSFORMERS = False
-
 _logger = logging.getLogger(__name__)
 
 
@@ -334,7 +328,7 @@ def _selected_hidden_states(states: list, selection) -> tuple:
     ``num_layers + 1``, the rest ``None``; before it (5.17), only a list/tuple/set selects,
     and it indexes the layers' outputs (no embedding output; no negative indices).
     """
-    if isinstance(selection, bool) or _LEGACY_TRANSFORMERS:
+    if isinstance(selection, bool):
         return tuple(states)
     try:
         from transformers.utils.output_capturing import selected_hidden_states
@@ -412,11 +406,7 @@ def _patched_bert_model_forward(
     with_pooler = "pooler_output" in output_class.__dataclass_fields__
     fields = {"pooler_output": pooled} if with_pooler else {}
     out = output_class(last_hidden_state=x, hidden_states=hidden_states, **fields)
-    if return_dict:
-        return out
-    if _LEGACY_TRANSFORMERS:
-        return (x,) + ((pooled,) if with_pooler else ()) + ((hidden_states,) if hidden_states is not None else ())
-    return out.to_tuple()
+    return out if return_dict else out.to_tuple()
 
 
 def _patched_head_transform_forward(self, hidden_states):
@@ -517,13 +507,16 @@ def patch(
     :class:`PatchWarning` naming the module path and the reason; with ``strict=True`` a
     :class:`PatchError` is raised instead, before anything is patched.
     """
-    global _LEGACY_TRANSFORMERS
     backend = check_backend(backend)
     if unpad not in (True, False, "auto"):
         raise ValueError(f"unpad must be True, False or 'auto', got {unpad!r}")
     modeling_bert = family.modeling_module(family.BERT)
-    # The refactored forward is wrapped by functools.wraps-based decorators; the legacy one is not.
-    _LEGACY_TRANSFORMERS = not hasattr(modeling_bert.BertModel.forward, "__wrapped__")
+    # transformers 5 wraps BERT's forward in its output-capturing decorators; before, outputs were laid out
+    # otherwise (tuples with Nones, hidden states as a flag only), which the patched forward does not follow.
+    if not hasattr(modeling_bert.BertModel.forward, "__wrapped__"):
+        import transformers
+
+        raise RuntimeError(f"bertfast.patch needs transformers 5 or newer, found {transformers.__version__}")
     _refuse_misuse(model)
     targets, unsupported = _find_encoders(model)
     refusals = [f"bertfast.patch left {_where(path, m)} unpatched: {reason}" for path, m, reason in unsupported]

@@ -611,3 +611,14 @@ def test_gradient_checkpointing_with_frozen_embeddings_in_either_order(order, re
             assert p.grad.abs().max() < 1e-10, name
             continue
         assert rel_error(p.grad, expected[name].grad) <= FP32_REL_TOL["backward"], name
+
+
+def test_patch_refuses_a_transformers_before_5(monkeypatch):
+    """Before transformers 5 BERT laid its outputs out otherwise; patch says so instead of mimicking 5."""
+    from transformers.models.bert import modeling_bert
+
+    model = make_hf("BertModel")
+    monkeypatch.setattr(modeling_bert.BertModel, "forward", lambda self, *args, **kwargs: None)  # not wrapped
+    with pytest.raises(RuntimeError, match="needs transformers 5 or newer"):
+        patch(model)
+    assert not is_patched(model)
