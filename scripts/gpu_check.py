@@ -395,7 +395,8 @@ class Check:
         crash = self._error_probe()
         stage["numbers"]["errors reach Python"] = crash or "yes"
         gdb = shutil.which("gdb")
-        if crash and gdb and not self.dry:  # the native stack of the crash, into this stage's log
+        killed = crash is not None and "kills the process" in crash  # a signal, not a timeout or a wrong error
+        if killed and gdb and not self.dry:  # the native stack of the crash, into this stage's log
             probe = "from bertfast._ext import _ERROR_PROBE; exec(_ERROR_PROBE)"
             self.run(
                 stage,
