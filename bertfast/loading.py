@@ -231,7 +231,7 @@ def save_pretrained(model: torch.nn.Module, path, state_dict: dict | None = None
     path = os.fspath(path)
     save_config(model, path)
     tied = _tied_keys(model)
-    # Copies: safetensors refuses tensors that share storage (the QKV parameters are laid out back to back).
+    # Copies on the CPU: safetensors refuses tensors that share storage (a view in a user's state_dict).
     state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if k not in tied}
     save_file(tensors, os.path.join(path, SAFETENSORS), metadata={"format": "pt"})

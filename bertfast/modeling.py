@@ -51,13 +51,6 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        layers.fuse_qkv_storage(self.query, self.key, self.value)
-
-    def _apply(self, fn, recurse=True):
-        # .to() / .half() / .cuda() give the parameters new storage: lay them back to back again.
-        result = super()._apply(fn, recurse)
-        layers.fuse_qkv_storage(self.query, self.key, self.value)
-        return result
 
 
 class _DenseResidualLayerNorm(nn.Module):

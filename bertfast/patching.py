@@ -25,13 +25,10 @@ What changes, and what does not
   classification, question answering): its own forward runs, with padding kept out of the loss
   as in bertfast's native heads (:mod:`bertfast.head_losses`).
 
-Parameters are used in place (no copies; the same objects and names: ``patch`` only moves each
-layer's Wq, Wk, Wv, and their biases, back to back into one storage, values unchanged, so the
-QKV GEMM reads them in place instead of concatenating them per forward; after a later
-``.to()`` splits them, a forward concatenates them with gradients and keeps a fused copy
-without), so ``state_dict``,
-``save_pretrained``, optimizers and weight tying keep working; outputs keep Hugging Face's
-types (``return_dict=False`` gives tuples); gradients flow to every parameter;
+Parameters are used as they are (the same objects, names and storage; nothing is cached from
+them between forwards), so ``state_dict``, ``save_pretrained``, optimizers and weight tying keep
+working; outputs keep Hugging Face's types (``return_dict=False`` gives tuples); gradients flow
+to every parameter;
 ``train()``/``eval()`` switch dropout (hidden and attention dropout, fused into the ops on
 backends that declare them; ``backend="auto"`` picks such a backend, an explicit one
 without raises ``BackendUnavailable``); fp32, fp16 and bf16 work, and so does
@@ -556,10 +553,6 @@ def patch(
             setattr(bert, _UNPAD_ATTR, unpad)
             continue
         _set_forward(bert, _patched_bert_model_forward, backend, unpad)
-        parts_of = family.layer_parts_function(bert)
-        for layer in family.encoder_layers(bert):  # the QKV GEMM then reads them in place, in training too
-            parts = parts_of(layer)
-            layers.fuse_qkv_storage(parts.query, parts.key, parts.value)
         head = type(module).__name__ if module is not bert else ""
         if head.endswith(_FIRST_TOKEN_HEADS):
             setattr(bert, layers.FIRST_TOKEN_READ_ATTR, True)
