@@ -153,7 +153,7 @@ def _backward_cases(t):
     pout, plse = attn._forward(pq, pk, pv, None, cu, max_seqlen, t["scale"])
     dy, dh, do, dpo = torch.ones_like(x), torch.ones_like(t["inter"]), torch.ones_like(out), torch.ones_like(pout)
     ops = torch.ops.bertfast
-    ln_args = (dy, x, w, mean, rstd, res, lb, b.dtype)
+    ln_args = (dy, x, w, mean, rstd, res, lb)
     gelu_args = (dh, t["inter"], t["ib"])
     attn_args = (do, q, k, v, out, lse, mask, t["scale"])
     varlen_args = (dpo, pq, pk, pv, pout, plse, cu, max_seqlen, t["scale"])

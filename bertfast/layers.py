@@ -372,19 +372,54 @@ def layer(module, x, mask, ops: Plan, parts_of=bert_layer_parts):
     dense = parts.intermediate._parameters
     output = (parts.output_dense, parts.output_norm, parts.output_dropout)
     h = F.linear(x, dense["weight"])
-    if h.requires_grad and not torch.compiler.is_compiling():
-        # Training: the (tokens, 4 x hidden) GELU output is not kept for the next GEMM's backward;
-        # it is recomputed there from the pre-activation ``h``, which bias-GELU keeps anyway.
-        w = parts.output_dense._parameters["weight"]
-        y = torch.utils.checkpoint.checkpoint(
-            _gelu_dense, h, dense["bias"], w, ops, use_reentrant=False, preserve_rng_state=False
-        )
-        return _dense_residual_layer_norm(*output, None, x, ops, y)
-    return _dense_residual_layer_norm(*output, ops.bias_gelu(h, dense["bias"]), x, ops)
+    w, bias = parts.output_dense._parameters["weight"], dense["bias"]
+    if torch.is_grad_enabled() and (h.requires_grad or bias.requires_grad or w.requires_grad):
+        if not torch.compiler.is_compiling():  # (torch.compile keeps the GELU output instead)
+            return _dense_residual_layer_norm(*output, None, x, ops, GeluDense.apply(h, bias, w, ops.bias_gelu))
+    return _dense_residual_layer_norm(*output, ops.bias_gelu(h, bias), x, ops)
 
 
-def _gelu_dense(h, bias, weight, ops: Plan):
-    return F.linear(ops.bias_gelu(h, bias), weight)
+class GeluDense(torch.autograd.Function):
+    """``y = gelu(h + bias) @ W^T`` (the FFN between its two GEMMs) keeping the pre-activation ``h``,
+    not the ``(tokens, 4 x hidden)`` GELU output: the backward recomputes it from ``h``.
+
+    ``bias_gelu``: the plan's op, differentiable; its own backward gives ``dh`` and ``dbias``.
+    ``W`` is used in ``h``'s dtype (under autocast, the compute dtype) and its gradient returned in
+    its own.  Backward, with ``g = gelu(h + bias)`` recomputed::
+
+        dW = dy^T @ g        dg = dy @ W        (dh, dbias) = bias_gelu's backward of dg
+    """
+
+    @staticmethod
+    def forward(ctx, h, bias, weight, bias_gelu):
+        ctx.set_materialize_grads(False)
+        weight_used = weight.to(h.dtype)  # autocast's cast of the weight, done once here
+        ctx.save_for_backward(h, bias, weight_used)
+        ctx.bias_gelu = bias_gelu
+        ctx.weight_dtype = weight.dtype
+        return F.linear(bias_gelu(h, bias), weight_used)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None:
+            return None, None, None, None
+        h, bias, weight = ctx.saved_tensors
+        needs_h, needs_bias, needs_weight, _ = ctx.needs_input_grad
+        with torch.enable_grad():
+            h_leaf = h.detach().requires_grad_(needs_h)
+            bias_leaf = bias.detach().requires_grad_(needs_bias)
+            g = ctx.bias_gelu(h_leaf, bias_leaf)
+        dweight = None
+        if needs_weight:
+            dweight = dy.flatten(0, -2).t().mm(g.detach().flatten(0, -2))
+            dweight = dweight.to(ctx.weight_dtype)
+        dh = dbias = None
+        if needs_h or needs_bias:
+            inputs = [t for t, needed in ((h_leaf, needs_h), (bias_leaf, needs_bias)) if needed]
+            grads = iter(torch.autograd.grad(g, inputs, dy.matmul(weight)))
+            dh = next(grads) if needs_h else None
+            dbias = next(grads) if needs_bias else None
+        return dh, dbias, dweight, None
 
 
 def head_transform(transform, x, backend: str):

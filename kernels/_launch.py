@@ -22,6 +22,8 @@ import itertools
 import os
 
 import torch
+from torch import overrides
+from torch.utils import _python_dispatch
 from triton import knobs
 from triton.runtime import driver
 
@@ -89,22 +91,30 @@ def eager_fast_path(*tensors) -> bool:
     """Whether an entry point may run its launcher directly instead of through its custom op.
 
     True in plain eager mode: not compiling or jit-tracing, no torch-dispatch or torch-function
-    mode, no functorch transform, every tensor (``None`` allowed) a plain ``torch.Tensor`` or
-    ``nn.Parameter``, the first not on the meta device.  Everywhere else the custom op (with its fake and autograd
-    registrations) is what runs, as torch.compile, FakeTensorMode and the like need.
+    mode (other than ones that only observe, such as ``bertfast.launches.LaunchCounter``), no
+    functorch transform, every tensor (``None`` allowed) a plain ``torch.Tensor`` or
+    ``nn.Parameter``, the first not on the meta device.  Everywhere else the custom op (with its
+    fake and autograd registrations) is what runs, as torch.compile, FakeTensorMode and the like need.
     """
     if (
         torch.compiler.is_compiling()
         or torch._C._get_tracing_state() is not None  # torch.jit.trace records the custom op
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
         or torch._C._functorch.peek_interpreter_stack() is not None
     ):
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()) and not _observers_only():
         return False
     for t in tensors:
         if t is not None and type(t) not in _PLAIN_TENSOR_TYPES:
             return False
     return not tensors[0].is_meta  # meta tensors: the op's fake kernel gives the shapes
+
+
+def _observers_only() -> bool:
+    """Every active torch-dispatch and torch-function mode only observes (``bertfast.launches``' counters):
+    what they count must be what eager mode runs."""
+    modes = (*_python_dispatch._get_current_dispatch_mode_stack(), *overrides._get_current_function_mode_stack())
+    return all(getattr(mode, "observes_eager_path", False) for mode in modes)
 
 
 def needs_grad(*tensors) -> bool:

@@ -975,12 +975,15 @@ def _setup_padded(ctx, inputs, output):
     q, k, v, attention_mask, scale, dropout_p, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)  # an auxiliary statistic for the backward, not a result
+    ctx.set_materialize_grads(False)  # lse's gradient is never zero-filled
     ctx.save_for_backward(q, k, v, out, lse, attention_mask, seed)
     ctx.scale = scale
     ctx.dropout_p = dropout_p
 
 
 def _backward_padded(ctx, grad_out, _grad_lse=None):
+    if grad_out is None:
+        return (None,) * 7
     q, k, v, out, lse, attention_mask, seed = ctx.saved_tensors
     args = (grad_out, q, k, v, out, lse, attention_mask, ctx.scale, ctx.dropout_p, seed)
     if not torch.is_grad_enabled() and eager_fast_path(grad_out, q, k, v, out, attention_mask):
@@ -995,6 +998,7 @@ def _setup_varlen(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse's gradient is never zero-filled
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
     ctx.max_seqlen = max_seqlen
     ctx.scale = scale
@@ -1002,6 +1006,8 @@ def _setup_varlen(ctx, inputs, output):
 
 
 def _backward_varlen(ctx, grad_out, _grad_lse=None):
+    if grad_out is None:
+        return (None,) * 8
     q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
     args = (grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
     if not torch.is_grad_enabled() and eager_fast_path(grad_out, q, k, v, out, cu_seqlens):
@@ -1103,11 +1109,14 @@ def _setup_qkv(ctx, inputs, output):
     qkv, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse's gradient is never zero-filled
     ctx.save_for_backward(qkv, out, lse, attention_mask, cu_seqlens, seed)
     ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
 
 
 def _backward_qkv(ctx, grad_out, _grad_lse=None):
+    if grad_out is None:
+        return (None,) * 7
     qkv, out, lse, attention_mask, cu_seqlens, seed = ctx.saved_tensors
     args = (grad_out, qkv, out, lse, attention_mask, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
     if not torch.is_grad_enabled() and eager_fast_path(grad_out, qkv, out, attention_mask, cu_seqlens):

@@ -313,9 +313,12 @@ def _(dy, x, bias):
 def _setup_context(ctx, inputs, output):
     x, bias = inputs
     ctx.save_for_backward(x, bias)
+    ctx.set_materialize_grads(False)
 
 
 def _bias_gelu_backward(ctx, dy):
+    if dy is None:
+        return None, None
     x, bias = ctx.saved_tensors
     if not torch.is_grad_enabled() and eager_fast_path(dy, x, bias):
         with profiled("bertfast::bias_gelu_bwd"):

@@ -538,7 +538,7 @@ def _backward_plan(dy, x, weight, mean, rstd, residual, linear_bias, has_dropout
     )
 
 
-def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, dropout_p=0.0, seed=None):
+def _backward(dy, x, weight, mean, rstd, residual, linear_bias, dropout_p=0.0, seed=None):
     dropout_p, seed_value = dropout_args(dropout_p, seed)
     key = (*map(tensor_key, (dy, x, weight, mean, rstd, residual, linear_bias)), dropout_p > 0.0, _config_for)
     plan = _BWD_PLANS.get(key)
@@ -553,7 +553,8 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, drop
     # With dropout the residual's gradient is no longer x's: a second output (else an empty one).
     dresidual = torch.empty(x.shape if plan.separate_dresidual else (0,), dtype=x.dtype, device=x.device)
     # Every group writes its whole row of partial sums, so the buffers need no zeroing.
-    partials = torch.empty((n_partials, num_groups, n_cols), dtype=torch.float32, device=x.device).unbind(0)
+    partial_buffer = torch.empty((n_partials, num_groups, n_cols), dtype=torch.float32, device=x.device)
+    partials = partial_buffer.unbind(0)
     if n_rows > 0:
         x_stride, dy_stride, res_stride = plan.x_stride, plan.dy_stride, plan.res_stride
         if x_stride is None:
@@ -592,15 +593,15 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, drop
                 ),
                 plan.constexprs,
             )
-    # Fixed-order reduction of the per-group partial sums: deterministic.  One sum per
-    # gradient, so the returned tensors do not alias one another.
-    dweight = partials[0].sum(dim=0).to(weight.dtype)
-    dbias = partials[1].sum(dim=0).to(bias_dtype)
-    if linear_bias is not None:
-        dlinear_bias = partials[2].sum(dim=0).to(linear_bias.dtype)
-    else:
-        dlinear_bias = x.new_empty((0,))
-    return dx, dweight, dbias, dlinear_bias, dresidual
+    # Fixed-order reduction of the per-group partial sums (deterministic), one for all the gradients.
+    return dx, partial_buffer.sum(dim=1), dresidual
+
+
+def _parameter_gradients(dparams, dtypes):
+    """The rows of ``dparams`` (fp32) in their parameters' dtypes: one cast when they share one."""
+    if all(dtype == dtypes[0] for dtype in dtypes):
+        return dparams.to(dtypes[0]).unbind(0)
+    return [row.to(dtype) for row, dtype in zip(dparams.unbind(0), dtypes)]
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -643,52 +644,54 @@ def layer_norm_bwd(
     rstd: torch.Tensor,
     residual: Optional[torch.Tensor],  # noqa: UP045
     linear_bias: Optional[torch.Tensor],  # noqa: UP045
-    bias_dtype: torch.dtype,
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,  # noqa: UP045
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dweight, dbias, dlinear_bias, dresidual)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dparams, dresidual)``.
 
-    ``dlinear_bias`` is empty when there is no linear bias.  ``dresidual`` is empty unless there
-    are both dropout and a residual: otherwise the residual's gradient is ``dx`` itself.
+    ``dparams``: fp32 ``(2, N)`` rows ``dweight, dbias``, or ``(3, N)`` with ``dlinear_bias`` when
+    there is a linear bias.  ``dresidual`` is empty unless there are both dropout and a residual:
+    otherwise the residual's gradient is ``dx`` itself.
     """
-    return _backward(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, dropout_p, seed)
+    return _backward(dy, x, weight, mean, rstd, residual, linear_bias, dropout_p, seed)
 
 
 @layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, residual, linear_bias, bias_dtype, dropout_p=0.0, seed=None):
-    n_cols = x.shape[-1]
+def _(dy, x, weight, mean, rstd, residual, linear_bias, dropout_p=0.0, seed=None):
     dx = x.new_empty(x.shape)
-    dweight = weight.new_empty((n_cols,))
-    dbias = weight.new_empty((n_cols,), dtype=bias_dtype)
-    dlinear_bias = linear_bias.new_empty((n_cols,)) if linear_bias is not None else x.new_empty((0,))
+    dparams = x.new_empty((3 if linear_bias is not None else 2, x.shape[-1]), dtype=torch.float32)
     dresidual = x.new_empty(x.shape if dropout_p > 0.0 and residual is not None else (0,))
-    return dx, dweight, dbias, dlinear_bias, dresidual
+    return dx, dparams, dresidual
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _eps, residual, linear_bias, dropout_p, seed = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd, residual, linear_bias, seed)
-    ctx.bias_dtype = bias.dtype
+    ctx.dtypes = (
+        (weight.dtype, bias.dtype, linear_bias.dtype) if linear_bias is not None else (weight.dtype, bias.dtype)
+    )
     ctx.dropout_p = dropout_p
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # the statistics' gradients are never zero-filled
 
 
 def _layer_norm_backward(ctx, dy, _dmean=None, _drstd=None):
+    if dy is None:
+        return (None,) * 8
     x, weight, mean, rstd, residual, linear_bias, seed = ctx.saved_tensors
-    args = (dy, x, weight, mean, rstd, residual, linear_bias, ctx.bias_dtype, ctx.dropout_p, seed)
+    args = (dy, x, weight, mean, rstd, residual, linear_bias, ctx.dropout_p, seed)
     if not torch.is_grad_enabled() and eager_fast_path(dy, x, weight, residual, linear_bias):
         with profiled("bertfast::layer_norm_bwd"):
-            dx, dweight, dbias, dlinear_bias, dresidual = _backward(*args)
+            dx, dparams, dresidual = _backward(*args)
     else:  # under torch.compile, a mode or create_graph: the custom op, as before
-        dx, dweight, dbias, dlinear_bias, dresidual = torch.ops.bertfast.layer_norm_bwd(*args)
+        dx, dparams, dresidual = torch.ops.bertfast.layer_norm_bwd(*args)
     if residual is None:
         dresidual = None
     elif ctx.dropout_p == 0.0:
         dresidual = dx  # x and residual are added, so they share one gradient tensor (as PyTorch's add does)
-    dlinear_bias = dlinear_bias if linear_bias is not None else None
-    return dx, dweight, dbias, None, dresidual, dlinear_bias, None, None
+    dweight, dbias, *dlinear_bias = _parameter_gradients(dparams, ctx.dtypes)
+    return dx, dweight, dbias, None, dresidual, dlinear_bias[0] if dlinear_bias else None, None, None
 
 
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_setup_context)

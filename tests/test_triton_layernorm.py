@@ -203,7 +203,7 @@ def test_opcheck_backward():
     inputs, dy = _make_inputs((2, 3, 16), torch.float32, residual=True, linear_bias=True)
     x, weight = inputs["x"].detach(), inputs["weight"].detach()
     _, mean, rstd = torch.ops.bertfast.layer_norm_fwd(x, weight, inputs["bias"].detach(), 1e-5, None, None)
-    args = (dy, x, weight, mean, rstd, inputs["residual"].detach(), inputs["linear_bias"].detach(), torch.float32)
+    args = (dy, x, weight, mean, rstd, inputs["residual"].detach(), inputs["linear_bias"].detach())
     torch.library.opcheck(torch.ops.bertfast.layer_norm_bwd.default, args)
 
 
