@@ -324,14 +324,22 @@ def wants_input_grads(word_embeddings) -> bool:
 # directly: ``module.attr`` on an nn.Module is a Python-level ``__getattr__`` call, about 40 per layer.
 
 
-def _dense_residual_layer_norm(dense, ln, dropout, h, residual, ops: Plan, y=None):
+def _dropout_kwargs(dropout, seed) -> dict:
+    """The ``dropout_p`` and ``seed`` arguments of a fused op for dropout module ``dropout`` (None: none there)."""
+    if dropout is None or not dropout.training or dropout.p == 0.0:
+        return {}
+    return {"dropout_p": dropout.p, "seed": seed}
+
+
+def _dense_residual_layer_norm(dense, ln, dropout, h, residual, ops: Plan, seed, y=None):
     """``LN(dropout(h @ W^T + b) + residual)`` after attention or the FFN; bias and dropout fused.
-    ``dropout``: the module's, or None (none there).  ``y``: ``h @ W^T`` when the caller formed it."""
+    ``dropout``: the module's, or None (none there); ``seed``: its philox seed (see :func:`dropout_seeds`).
+    ``y``: ``h @ W^T`` when the caller formed it."""
     dense = dense._parameters
     lnp = ln._parameters
     if y is None:
         y = F.linear(h, dense["weight"])
-    extra = {"dropout_p": dropout.p} if dropout is not None and dropout.training and dropout.p > 0.0 else {}
+    extra = _dropout_kwargs(dropout, seed)
     return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"], **extra)
 
 
@@ -429,14 +437,36 @@ def qkv_projection(parts: LayerParts, x):
     return F.linear(x, _fused(parts, "weight"), _fused(parts, "bias"))
 
 
-def layer(module, x, mask, ops: Plan, parts_of=bert_layer_parts):
+# Fused dropping ops per encoder layer: attention probabilities, attention output, FFN output.
+SEEDS_PER_LAYER = 3
+
+
+def dropout_seeds(bert, parts_of, device: torch.device) -> torch.Tensor | None:
+    """The philox seeds of one training forward, drawn at once from torch's generator of ``device``:
+    ``(layers, SEEDS_PER_LAYER, 2)`` int64 on the device (see ``bertfast.kernels._dropout``), or None
+    when no layer drops.  One draw per forward, not per kernel call; under CUDA-graph capture the draw
+    is captured and gives fresh seeds at each replay, and no value is read back to the host."""
+    if not bert.training:
+        return None
+    layers = encoder_layers(bert)
+    parts = [parts_of(module) for module in layers]
+    drops = (d for p in parts for d in (p.attention_dropout, p.attention_output_dropout, p.output_dropout))
+    if not any(_dropout_kwargs(d, None) for d in drops):
+        return None
+    # The layout bertfast.kernels._dropout.draw_seeds gives (not imported: Triton is optional).
+    seeds = torch.randint(2**62, (len(layers) * SEEDS_PER_LAYER, 2), dtype=torch.int64, device=device)
+    return seeds.view(len(layers), SEEDS_PER_LAYER, 2)
+
+
+def layer(module, x, mask, ops: Plan, seeds=None, parts_of=bert_layer_parts):
     """One post-LN encoder layer.  ``mask``: ``None``, a bool ``(batch, seq)`` mask, or a PackedBatch.
+    ``seeds``: this layer's ``(SEEDS_PER_LAYER, 2)`` dropout seeds (:func:`dropout_seeds`; None in eval).
     ``parts_of``: reads the layer's modules (:mod:`bertfast.family`: BERT's names or DistilBERT's)."""
     parts = parts_of(module)
     heads, head_dim = parts.heads, parts.head_dim
     qkv = qkv_projection(parts, x).unflatten(-1, (3, heads, head_dim))
-    dropout = parts.attention_dropout
-    extra = {"dropout_p": dropout.p} if dropout.training and dropout.p > 0.0 else {}
+    seed = (None,) * SEEDS_PER_LAYER if seeds is None else (seeds[0, :1], seeds[1, :1], seeds[2, :1])
+    extra = _dropout_kwargs(parts.attention_dropout, seed[0])
     scale = head_dim**-0.5
     if isinstance(mask, PackedBatch):
         if ops.attention_varlen_qkv is not None:
@@ -448,7 +478,7 @@ def layer(module, x, mask, ops: Plan, parts_of=bert_layer_parts):
     else:
         a = ops.attention(*qkv.unbind(-3), mask, scale, **extra)
     attention_out = (parts.attention_dense, parts.attention_norm, parts.attention_output_dropout)
-    x = _dense_residual_layer_norm(*attention_out, a.flatten(-2), x, ops)
+    x = _dense_residual_layer_norm(*attention_out, a.flatten(-2), x, ops, seed[1])
     dense = parts.intermediate._parameters
     output = (parts.output_dense, parts.output_norm, parts.output_dropout)
     h = F.linear(x, dense["weight"])
@@ -459,8 +489,8 @@ def layer(module, x, mask, ops: Plan, parts_of=bert_layer_parts):
         y = torch.utils.checkpoint.checkpoint(
             _gelu_dense, h, dense["bias"], w, ops, use_reentrant=False, preserve_rng_state=False
         )
-        return _dense_residual_layer_norm(*output, None, x, ops, y)
-    return _dense_residual_layer_norm(*output, ops.bias_gelu(h, dense["bias"]), x, ops)
+        return _dense_residual_layer_norm(*output, None, x, ops, seed[2], y)
+    return _dense_residual_layer_norm(*output, ops.bias_gelu(h, dense["bias"]), x, ops, seed[2])
 
 
 def _gelu_dense(h, bias, weight, ops: Plan):
@@ -571,12 +601,14 @@ def encode(
     x = embed(bert.embeddings, *inputs, ops, dtype)
     mask = keep if packed is None else packed
     states = [x] if output_hidden_states else None
-    for module in encoder_layers(bert):
+    seeds = dropout_seeds(bert, parts_of, device)
+    for i, module in enumerate(encoder_layers(bert)):
         # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
         native = getattr(module, "runs_bertfast_layer", False)
         step = module if native else functools.partial(layer, module, parts_of=parts_of)
         checkpoint = _checkpoint_function(bert, module)
-        x = step(x, mask, ops) if checkpoint is None else checkpoint(step, x, mask, ops)
+        layer_seeds = None if seeds is None else seeds[i]
+        x = step(x, mask, ops, layer_seeds) if checkpoint is None else checkpoint(step, x, mask, ops, layer_seeds)
         if states is not None:
             states.append(x)
     packed_x = None
