@@ -69,7 +69,7 @@ from .family import (
     layer_parts_function,
 )
 from .ops import _dispatch
-from .padding import PackedBatch, pack_mask, pad, tokens_of, unpad
+from .padding import PackedBatch, pack_mask, pad, static_packing, tokens_of, unpad
 
 # --------------------------------------------------------------------------------------
 # The plan: every op's backend function, chosen once
@@ -528,6 +528,18 @@ def _checkpoint_function(bert, module):
 # --------------------------------------------------------------------------------------
 
 
+def _checked_static_packing(packed: PackedBatch, batch: int, seq: int, ops: Plan, backend: str) -> PackedBatch:
+    if (packed.batch, packed.seq) != (batch, seq):
+        raise ValueError(
+            f"the prebuilt packing is for a {packed.batch} x {packed.seq} batch, the input is {batch} x {seq}"
+        )
+    if ops.attention_varlen is None:
+        raise BackendUnavailable(
+            f"a prebuilt packing needs variable-length attention; backend {backend!r} has none here"
+        )
+    return packed
+
+
 def encode(
     bert,
     input_ids=None,
@@ -565,7 +577,8 @@ def encode(
     token_type_ids = token_type_ids.expand(batch, seq)
 
     keep = tokens_of(attention_mask) if attention_mask is not None else None
-    eager = values_checkable(device)
+    static = static_packing()  # packed on the host (bertfast.TrainStep): nothing is read back here
+    eager = values_checkable(device) and static is None
     may_unpad = keep is not None and unpad_mode is not False and eager
     if may_unpad and ops.attention_varlen is None:
         if unpad_mode is True:
@@ -581,7 +594,7 @@ def encode(
     sizes = None
     if eager:
         sizes = _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded)
-    packed = None
+    packed = None if static is None else _checked_static_packing(static.packed, batch, seq, ops, backend)
     if sizes is not None:
         total, longest, left_padded = sizes
         if left_padded:  # left padding: position 0 is padding in some row, so the pooled output needs it computed

@@ -13,6 +13,8 @@ right-padded one: in both cases each row attends only to its own valid tokens.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import torch
@@ -68,3 +70,31 @@ def pad(x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
     out = x.new_zeros((packed.batch * packed.seq, *x.shape[1:]))
     out = out.index_copy(0, packed.indices, x)
     return out.unflatten(0, (packed.batch, packed.seq))
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticPacking:
+    """A batch packed on the host into fixed sizes (bertfast.TrainStep's token budget): the encoder takes
+    ``packed`` as it is, and the masked-LM loss gathers exactly ``label_rows`` rows (the unused ones
+    ignored), so no size is read back from the device."""
+
+    packed: PackedBatch
+    label_rows: int
+
+
+_STATIC_PACKING: contextvars.ContextVar[StaticPacking | None] = contextvars.ContextVar("static_packing", default=None)
+
+
+def static_packing() -> StaticPacking | None:
+    """The :class:`StaticPacking` of the forward running now, if any (see :func:`use_static_packing`)."""
+    return _STATIC_PACKING.get()
+
+
+@contextlib.contextmanager
+def use_static_packing(static: StaticPacking):
+    """Forwards inside this block run on ``static`` instead of packing their attention mask themselves."""
+    token = _STATIC_PACKING.set(static)
+    try:
+        yield
+    finally:
+        _STATIC_PACKING.reset(token)
