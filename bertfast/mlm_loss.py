@@ -42,7 +42,9 @@ returns NaN there (``F.cross_entropy`` with ``reduction="mean"`` divides 0 by 0,
 its gradients are zero); a NaN would poison logging and loss scaling, so we do not copy it.
 
 Eager only: gathering the labelled rows reads their count back to the host (as
-``nonzero`` does), so under ``torch.compile`` this is a graph break.
+``nonzero`` does), so under ``torch.compile`` this is a graph break.  Inside :class:`bertfast.TrainStep`
+(a :func:`bertfast.padding.use_static_packing` block) it gathers a fixed number of rows instead
+(``nonzero_static``; the unused ones are masked out of the loss and the gradient) and reads nothing back.
 """
 
 from __future__ import annotations
