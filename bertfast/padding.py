@@ -14,7 +14,6 @@ right-padded one: in both cases each row attends only to its own valid tokens.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 
 import torch
@@ -82,19 +81,21 @@ class StaticPacking:
     label_rows: int
 
 
-_STATIC_PACKING: contextvars.ContextVar[StaticPacking | None] = contextvars.ContextVar("static_packing", default=None)
+# A module global, not a ContextVar: torch.compile traces a global's read (and guards on it), not ContextVar.get.
+_STATIC_PACKING: StaticPacking | None = None
 
 
 def static_packing() -> StaticPacking | None:
     """The :class:`StaticPacking` of the forward running now, if any (see :func:`use_static_packing`)."""
-    return _STATIC_PACKING.get()
+    return _STATIC_PACKING
 
 
 @contextlib.contextmanager
 def use_static_packing(static: StaticPacking):
     """Forwards inside this block run on ``static`` instead of packing their attention mask themselves."""
-    token = _STATIC_PACKING.set(static)
+    global _STATIC_PACKING
+    previous, _STATIC_PACKING = _STATIC_PACKING, static
     try:
         yield
     finally:
-        _STATIC_PACKING.reset(token)
+        _STATIC_PACKING = previous
