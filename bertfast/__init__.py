@@ -25,6 +25,7 @@ from .modeling import (
     BertPreTrainedModel,
 )
 from .patching import PatchError, PatchWarning, is_patched, patch, patched_modules, unpatch
+from .train_step import TrainStep
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "CheckpointError",
     "PatchError",
     "PatchWarning",
+    "TrainStep",
     "__version__",
     "from_hf",
     "is_patched",

@@ -68,7 +68,7 @@ from .family import (
     layer_parts_function,
 )
 from .ops import _dispatch
-from .padding import PackedBatch, pack_mask, pad, tokens_of, unpad
+from .padding import PackedBatch, pack_mask, pad, static_packing, tokens_of, unpad
 
 # --------------------------------------------------------------------------------------
 # The plan: every op's backend function, chosen once
@@ -323,14 +323,22 @@ def wants_input_grads(word_embeddings) -> bool:
 # directly: ``module.attr`` on an nn.Module is a Python-level ``__getattr__`` call, about 40 per layer.
 
 
-def _dense_residual_layer_norm(dense, ln, dropout, h, residual, ops: Plan, y=None):
+def _dropout_kwargs(dropout, seed) -> dict:
+    """The ``dropout_p`` and ``seed`` arguments of a fused op for dropout module ``dropout`` (None: none there)."""
+    if dropout is None or not dropout.training or dropout.p == 0.0:
+        return {}
+    return {"dropout_p": dropout.p, "seed": seed}
+
+
+def _dense_residual_layer_norm(dense, ln, dropout, h, residual, ops: Plan, seed, y=None):
     """``LN(dropout(h @ W^T + b) + residual)`` after attention or the FFN; bias and dropout fused.
-    ``dropout``: the module's, or None (none there).  ``y``: ``h @ W^T`` when the caller formed it."""
+    ``dropout``: the module's, or None (none there); ``seed``: its philox seed (see :func:`dropout_seeds`).
+    ``y``: ``h @ W^T`` when the caller formed it."""
     dense = dense._parameters
     lnp = ln._parameters
     if y is None:
         y = F.linear(h, dense["weight"])
-    extra = {"dropout_p": dropout.p} if dropout is not None and dropout.training and dropout.p > 0.0 else {}
+    extra = _dropout_kwargs(dropout, seed)
     return ops.layer_norm(y, lnp["weight"], lnp["bias"], ln.eps, residual, dense["bias"], **extra)
 
 
@@ -349,14 +357,36 @@ def qkv_projection(parts: LayerParts, x):
     return F.linear(x, weight, bias)
 
 
-def layer(module, x, mask, ops: Plan, parts_of=bert_layer_parts):
+# Fused dropping ops per encoder layer: attention probabilities, attention output, FFN output.
+SEEDS_PER_LAYER = 3
+
+
+def dropout_seeds(bert, parts_of, device: torch.device) -> torch.Tensor | None:
+    """The philox seeds of one training forward, drawn at once from torch's generator of ``device``:
+    ``(layers, SEEDS_PER_LAYER, 2)`` int64 on the device (see ``bertfast.kernels._dropout``), or None
+    when no layer drops.  One draw per forward, not per kernel call; under CUDA-graph capture the draw
+    is captured and gives fresh seeds at each replay, and no value is read back to the host."""
+    if not bert.training:
+        return None
+    layers = encoder_layers(bert)
+    parts = [parts_of(module) for module in layers]
+    drops = (d for p in parts for d in (p.attention_dropout, p.attention_output_dropout, p.output_dropout))
+    if not any(_dropout_kwargs(d, None) for d in drops):
+        return None
+    # The layout bertfast.kernels._dropout.draw_seeds gives (not imported: Triton is optional).
+    seeds = torch.randint(2**62, (len(layers) * SEEDS_PER_LAYER, 2), dtype=torch.int64, device=device)
+    return seeds.view(len(layers), SEEDS_PER_LAYER, 2)
+
+
+def layer(module, x, mask, ops: Plan, seeds=None, parts_of=bert_layer_parts):
     """One post-LN encoder layer.  ``mask``: ``None``, a bool ``(batch, seq)`` mask, or a PackedBatch.
+    ``seeds``: this layer's ``(SEEDS_PER_LAYER, 2)`` dropout seeds (:func:`dropout_seeds`; None in eval).
     ``parts_of``: reads the layer's modules (:mod:`bertfast.family`: BERT's names or DistilBERT's)."""
     parts = parts_of(module)
     heads, head_dim = parts.heads, parts.head_dim
     qkv = qkv_projection(parts, x).unflatten(-1, (3, heads, head_dim))
-    dropout = parts.attention_dropout
-    extra = {"dropout_p": dropout.p} if dropout.training and dropout.p > 0.0 else {}
+    seed = (None,) * SEEDS_PER_LAYER if seeds is None else (seeds[0, :1], seeds[1, :1], seeds[2, :1])
+    extra = _dropout_kwargs(parts.attention_dropout, seed[0])
     scale = head_dim**-0.5
     if isinstance(mask, PackedBatch):
         if ops.attention_varlen_qkv is not None:
@@ -368,15 +398,16 @@ def layer(module, x, mask, ops: Plan, parts_of=bert_layer_parts):
     else:
         a = ops.attention(*qkv.unbind(-3), mask, scale, **extra)
     attention_out = (parts.attention_dense, parts.attention_norm, parts.attention_output_dropout)
-    x = _dense_residual_layer_norm(*attention_out, a.flatten(-2), x, ops)
+    x = _dense_residual_layer_norm(*attention_out, a.flatten(-2), x, ops, seed[1])
     dense = parts.intermediate._parameters
     output = (parts.output_dense, parts.output_norm, parts.output_dropout)
     h = F.linear(x, dense["weight"])
     w, bias = parts.output_dense._parameters["weight"], dense["bias"]
     if torch.is_grad_enabled() and (h.requires_grad or bias.requires_grad or w.requires_grad):
         if not torch.compiler.is_compiling():  # (torch.compile keeps the GELU output instead)
-            return _dense_residual_layer_norm(*output, None, x, ops, GeluDense.apply(h, bias, w, ops.bias_gelu))
-    return _dense_residual_layer_norm(*output, ops.bias_gelu(h, bias), x, ops)
+            y = GeluDense.apply(h, bias, w, ops.bias_gelu)
+            return _dense_residual_layer_norm(*output, None, x, ops, seed[2], y)
+    return _dense_residual_layer_norm(*output, ops.bias_gelu(h, bias), x, ops, seed[2])
 
 
 class GeluDense(torch.autograd.Function):
@@ -453,6 +484,18 @@ def _checkpoint_function(bert, module):
 # --------------------------------------------------------------------------------------
 
 
+def _checked_static_packing(packed: PackedBatch, batch: int, seq: int, ops: Plan, backend: str) -> PackedBatch:
+    if (packed.batch, packed.seq) != (batch, seq):
+        raise ValueError(
+            f"the prebuilt packing is for a {packed.batch} x {packed.seq} batch, the input is {batch} x {seq}"
+        )
+    if ops.attention_varlen is None:
+        raise BackendUnavailable(
+            f"a prebuilt packing needs variable-length attention; backend {backend!r} has none here"
+        )
+    return packed
+
+
 def encode(
     bert,
     input_ids=None,
@@ -490,7 +533,8 @@ def encode(
     token_type_ids = token_type_ids.expand(batch, seq)
 
     keep = tokens_of(attention_mask) if attention_mask is not None else None
-    eager = values_checkable(device)
+    static = static_packing()  # packed on the host (bertfast.TrainStep): nothing is read back here
+    eager = values_checkable(device) and static is None
     may_unpad = keep is not None and unpad_mode is not False and eager
     if may_unpad and ops.attention_varlen is None:
         if unpad_mode is True:
@@ -506,7 +550,7 @@ def encode(
     sizes = None
     if eager:
         sizes = _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded)
-    packed = None
+    packed = None if static is None else _checked_static_packing(static.packed, batch, seq, ops, backend)
     if sizes is not None:
         total, longest, left_padded = sizes
         if left_padded:  # left padding: position 0 is padding in some row, so the pooled output needs it computed
@@ -526,12 +570,14 @@ def encode(
     x = embed(bert.embeddings, *inputs, ops, dtype)
     mask = keep if packed is None else packed
     states = [x] if output_hidden_states else None
-    for module in encoder_layers(bert):
+    seeds = dropout_seeds(bert, parts_of, device)
+    for i, module in enumerate(encoder_layers(bert)):
         # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
         native = getattr(module, "runs_bertfast_layer", False)
         step = module if native else functools.partial(layer, module, parts_of=parts_of)
         checkpoint = _checkpoint_function(bert, module)
-        x = step(x, mask, ops) if checkpoint is None else checkpoint(step, x, mask, ops)
+        layer_seeds = None if seeds is None else seeds[i]
+        x = step(x, mask, ops, layer_seeds) if checkpoint is None else checkpoint(step, x, mask, ops, layer_seeds)
         if states is not None:
             states.append(x)
     packed_x = None

@@ -42,7 +42,9 @@ returns NaN there (``F.cross_entropy`` with ``reduction="mean"`` divides 0 by 0,
 its gradients are zero); a NaN would poison logging and loss scaling, so we do not copy it.
 
 Eager only: gathering the labelled rows reads their count back to the host (as
-``nonzero`` does), so under ``torch.compile`` this is a graph break.
+``nonzero`` does), so under ``torch.compile`` this is a graph break.  Inside :class:`bertfast.TrainStep`
+(a :func:`bertfast.padding.use_static_packing` block) it gathers a fixed number of rows instead
+(``nonzero_static``; the unused ones are masked out of the loss and the gradient) and reads nothing back.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .padding import static_packing
 
 IGNORE_INDEX = -100
 
@@ -94,6 +97,7 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
         ctx,
         rows,
         targets,
+        row_valid,
         dense_weight,
         dense_bias,
         ln_weight,
@@ -121,11 +125,15 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
                 chunk_lse = torch.logsumexp(logits, dim=-1)
                 lse[start:stop] = chunk_lse
                 target_logits = logits.gather(1, targets[start:stop, None]).squeeze(1)
-                total += (chunk_lse - target_logits).sum()
+                row_losses = chunk_lse - target_logits
+                if row_valid is not None:
+                    row_losses = row_losses * row_valid[start:stop]
+                total += row_losses.sum()
         ctx.save_for_backward(
             rows, targets, dense_weight, dense_bias, ln_weight, ln_bias, decoder_weight, decoder_bias, lse
         )
         ctx.ln_eps, ctx.chunk_size, ctx.compute_dtype, ctx.backend = ln_eps, chunk_size, compute_dtype, backend
+        ctx.row_valid = row_valid
         return total
 
     @staticmethod
@@ -134,8 +142,8 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
         rows, targets, dense_weight, dense_bias, ln_weight, ln_bias, decoder_weight, decoder_bias, lse = saved
         transform_params = (dense_weight, dense_bias, ln_weight, ln_bias)
         needs = ctx.needs_input_grad
-        need_rows, need_transform = needs[0], needs[2:6]
-        need_decoder_weight, need_decoder_bias = needs[6], needs[7]
+        need_rows, need_transform = needs[0], needs[3:7]
+        need_decoder_weight, need_decoder_bias = needs[7], needs[8]
         ct = ctx.compute_dtype
         acc = _accumulate_dtype(ct)
 
@@ -166,6 +174,8 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
                 del z
                 dz.exp_()
                 dz[torch.arange(stop - start, device=dz.device), targets[start:stop]] -= 1.0
+                if ctx.row_valid is not None:  # fill rows of a fixed-size gather: no gradient
+                    dz.mul_(ctx.row_valid[start:stop, None])
                 if grad_decoder_bias is not None:
                     grad_decoder_bias += dz.sum(dim=0) * grad_total
                 dz_ct = dz.to(ct)
@@ -192,6 +202,7 @@ class _ChunkedMaskedLMLoss(torch.autograd.Function):
 
         return (
             grad_rows,
+            None,
             None,
             *(cast(g, p) for g, p in zip(grad_transform, transform_params)),
             cast(grad_decoder_weight, decoder_weight),
@@ -274,17 +285,30 @@ def masked_lm_loss(
     ops.validate_backend_name(backend)
 
     flat_labels = labels.reshape(-1)
-    selected = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # reads the count back to the host
-    targets = flat_labels.index_select(0, selected).long()
-    count = targets.shape[0]
-    if count:
-        low, high = torch.stack(torch.aminmax(targets)).tolist()
-        if low < 0 or high >= vocab:
-            raise ValueError(f"labels must be in [0, {vocab}) or {IGNORE_INDEX}; got values in [{low}, {high}]")
+    static = static_packing()
+    row_valid = None
+    if static is None:
+        selected = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # reads the count back to the host
+        targets = flat_labels.index_select(0, selected).long()
+        count = targets.shape[0]
+        if count:
+            low, high = torch.stack(torch.aminmax(targets)).tolist()
+            if low < 0 or high >= vocab:
+                raise ValueError(f"labels must be in [0, {vocab}) or {IGNORE_INDEX}; got values in [{low}, {high}]")
+    else:
+        # A fixed number of rows (bertfast.TrainStep checked the labels on the host): the labelled ones
+        # first, then fill rows whose loss and gradient are masked out.  No size is read back.
+        labelled = flat_labels != IGNORE_INDEX
+        selected = torch.nonzero_static(labelled, size=static.label_rows, fill_value=0).squeeze(1)
+        row_valid = torch.arange(static.label_rows, device=labels.device) < labelled.sum()
+        targets = torch.where(row_valid, flat_labels.index_select(0, selected), 0).long()
+        count = row_valid.sum().clamp_min(1)
+        row_valid = row_valid.to(_accumulate_dtype(_compute_dtype(hidden)))
     rows = hidden.reshape(-1, size).index_select(0, selected)
     total = _ChunkedMaskedLMLoss.apply(
         rows,
         targets,
+        row_valid,
         transform_dense_weight,
         transform_dense_bias,
         ln_weight,
@@ -298,7 +322,7 @@ def masked_lm_loss(
     )
     if reduction == "sum":
         return total
-    return total / max(count, 1)
+    return total / (count if static is not None else max(count, 1))
 
 
 def masked_lm_head_loss(

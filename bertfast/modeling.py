@@ -94,8 +94,8 @@ class BertLayer(nn.Module):
 
     runs_bertfast_layer = True  # bertfast.layers.encode calls it as a module (its hooks run)
 
-    def forward(self, x, mask, ops):
-        return layers.layer(self, x, mask, ops)
+    def forward(self, x, mask, ops, seeds=None):
+        return layers.layer(self, x, mask, ops, seeds)
 
 
 class BertEncoder(nn.Module):

@@ -13,6 +13,7 @@ right-padded one: in both cases each row attends only to its own valid tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -68,3 +69,33 @@ def pad(x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
     out = x.new_zeros((packed.batch * packed.seq, *x.shape[1:]))
     out = out.index_copy(0, packed.indices, x)
     return out.unflatten(0, (packed.batch, packed.seq))
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticPacking:
+    """A batch packed on the host into fixed sizes (bertfast.TrainStep's token budget): the encoder takes
+    ``packed`` as it is, and the masked-LM loss gathers exactly ``label_rows`` rows (the unused ones
+    ignored), so no size is read back from the device."""
+
+    packed: PackedBatch
+    label_rows: int
+
+
+# A module global, not a ContextVar: torch.compile traces a global's read (and guards on it), not ContextVar.get.
+_STATIC_PACKING: StaticPacking | None = None
+
+
+def static_packing() -> StaticPacking | None:
+    """The :class:`StaticPacking` of the forward running now, if any (see :func:`use_static_packing`)."""
+    return _STATIC_PACKING
+
+
+@contextlib.contextmanager
+def use_static_packing(static: StaticPacking):
+    """Forwards inside this block run on ``static`` instead of packing their attention mask themselves."""
+    global _STATIC_PACKING
+    previous, _STATIC_PACKING = _STATIC_PACKING, static
+    try:
+        yield
+    finally:
+        _STATIC_PACKING = previous

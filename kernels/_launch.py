@@ -140,11 +140,6 @@ def profiled(name: str):
 # --------------------------------------------------------------------------- per-shape plans
 
 
-def int_kind(value: int) -> int:
-    """The integer type Triton gives an unspecialised int argument (such as a seed): 32, 64 or unsigned 64 bits."""
-    return 32 if -(2**31) <= value < 2**31 else 64 if -(2**63) <= value < 2**63 else 65
-
-
 def tensor_key(t: torch.Tensor | None):
     """What a launch plan may depend on in a tensor: shape, strides, dtype, device (``None`` for ``None``)."""
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)

@@ -25,9 +25,10 @@ Attention dropout (training, rate ``p``), as in flash-attention: with ``Z_ij = k
 ``keep_ij`` is ``philox(seed, (j, t, h, 0)) >= p`` (32-bit counters, see ``_dropout.py``): key ``j``,
 query token ``t`` (its row in the whole batch: ``batch * seq_q + i`` padded, its packed row varlen)
 and head ``h``.  It depends on no block size, so the forward and both backward kernels,
-autotuned independently, draw the same mask.  The seed comes from torch's default CPU
-generator, once per call, so ``torch.manual_seed`` reproduces the masks and drawing it never
-waits for the GPU.  The cost is one philox draw (10 rounds of 32-bit
+autotuned independently, draw the same mask.  The seed is read on the device from a 1-element
+int64 tensor drawn from torch's generator (one draw per model forward, see ``_dropout.py``), so
+``torch.manual_seed`` reproduces the masks, no call reads a value back to the host and a CUDA
+graph draws fresh masks at each replay.  The cost is one philox draw (10 rounds of 32-bit
 multiplies) per probability in the forward and two in the backward; with ``p = 0`` the kernels
 are compiled without any of it.
 
@@ -71,14 +72,13 @@ import triton
 import triton.language as tl
 
 from ..varlen import check_cu_seqlens
-from ._dropout import check_dropout_p, draw_seed, dropout_args, dropout_keep
+from ._dropout import call_seed, check_dropout_p, dropout_args, dropout_keep
 from ._launch import (
     CachedLaunch,
     PlanCache,
     cdiv,
     device_guard,
     eager_fast_path,
-    int_kind,
     interpreting,
     needs_grad,
     next_launch_key,
@@ -154,13 +154,13 @@ def _first_token(batch, seq_start, seq_q, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, dropout_p, first_token, head, rows, cols):
+def _dropout_keep(Seed, dropout_p, first_token, head, rows, cols):
     """Which probabilities of query ``rows`` x key ``cols`` survive dropout: one philox draw each.
 
     ``rows`` and ``cols`` are passed broadcastable (``rows[:, None], cols[None, :]``, or the
     transpose for a transposed tile); the mask does not depend on the tile shape.
     """
-    return dropout_keep(seed, dropout_p, cols, first_token + rows, head)
+    return dropout_keep(tl.load(Seed), dropout_p, cols, first_token + rows, head)
 
 
 @triton.jit
@@ -186,10 +186,10 @@ def _key_extent(mask_row, stride_ms, num_keys, HAS_MASK: tl.constexpr, BLOCK_N: 
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, LSE, KeyMask, CuSeqlens,
-    sm_scale, dropout_p, seed,
+    Q, K, V, Out, LSE, KeyMask, CuSeqlens, Seed,
+    sm_scale, dropout_p,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -255,7 +255,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax normaliser takes the undropped p
         if HAS_DROPOUT:  # P @ V takes the dropped one; the 1 / (1 - p) is applied to the output
-            keep = _dropout_keep(seed, dropout_p, first_token, head, rows[:, None], cols[None, :])
+            keep = _dropout_keep(Seed, dropout_p, first_token, head, rows[:, None], cols[None, :])
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_base, cols, stride_vs, offs_o, num_k, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
@@ -305,10 +305,10 @@ def _attn_bwd_delta_kernel(
     tl.store(delta_ptrs, delta, mask=rows < num_q)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, LSE, Delta, DK, DV, KeyMask, CuSeqlens,
-    sm_scale, dropout_p, seed,
+    Q, K, V, DOut, LSE, Delta, DK, DV, KeyMask, CuSeqlens, Seed,
+    sm_scale, dropout_p,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -364,7 +364,7 @@ def _attn_bwd_dkdv_kernel(
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
         p_t = tl.exp2(tl.where(valid[:, None], s_t, float("-inf")) - lse2[None, :])
         if HAS_DROPOUT:  # dV takes the dropped, rescaled P; dP is masked and rescaled alike
-            keep_t = _dropout_keep(seed, dropout_p, first_token, head, rows[None, :], cols[:, None])
+            keep_t = _dropout_keep(Seed, dropout_p, first_token, head, rows[None, :], cols[:, None])
             p_kept_t = tl.where(keep_t, p_t * keep_scale, 0.0)
         else:
             p_kept_t = p_t
@@ -379,10 +379,10 @@ def _attn_bwd_dkdv_kernel(
     _store_rows(dv_base, dv, cols, stride_dvs, offs_d, num_k, HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, LSE, Delta, DQ, KeyMask, CuSeqlens,
-    sm_scale, dropout_p, seed,
+    Q, K, V, DOut, LSE, Delta, DQ, KeyMask, CuSeqlens, Seed,
+    sm_scale, dropout_p,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -433,7 +433,7 @@ def _attn_bwd_dq_kernel(
         p = tl.exp2(tl.where(valid[None, :], s, float("-inf")) - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         if HAS_DROPOUT:  # the forward's keep mask, regenerated
-            keep = _dropout_keep(seed, dropout_p, first_token, head, rows[:, None], cols[None, :])
+            keep = _dropout_keep(Seed, dropout_p, first_token, head, rows[:, None], cols[None, :])
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
@@ -746,7 +746,7 @@ def _fresh_strides(shape, varlen: bool) -> tuple:
 
 
 def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
-    dropout_p, seed_value = dropout_args(dropout_p, seed)
+    dropout_p, seed = dropout_args(dropout_p, seed, q)
     key = (*map(tensor_key, (q, k, v, attention_mask, cu_seqlens)), max_seqlen, dropout_p > 0.0)
     plan = _FWD_PLANS.get(key)
     if plan is None:
@@ -764,9 +764,9 @@ def _forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0
 
     with device_guard(q):
         _fwd_launch(
-            (launch_key, int_kind(seed_value)),
+            launch_key,
             grid,
-            (q, k, v, out, lse, mask, seqlens, float(scale), dropout_p, seed_value, *ints),
+            (q, k, v, out, lse, mask, seqlens, seed, float(scale), dropout_p, *ints),
             constexprs,
         )
     return out, lse
@@ -827,7 +827,7 @@ def _backward(
     grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None, dqkv=None
 ):
     """``(dq, dk, dv)``; with ``dqkv`` (``(..., 3, heads, head_dim)``) they are written into its three slices."""
-    dropout_p, seed_value = dropout_args(dropout_p, seed)
+    dropout_p, seed = dropout_args(dropout_p, seed, q)
     tensors = (grad_out, q, k, v, out, lse, attention_mask, cu_seqlens, dqkv)
     key = (*map(tensor_key, tensors), max_seqlen, dropout_p > 0.0)
     plan = _BWD_PLANS.get(key)
@@ -854,7 +854,6 @@ def _backward(
     else:
         seqlens = cu_seqlens if seqlens_contiguous else cu_seqlens.contiguous()
     scale = float(scale)
-    launch_key = (launch_key, int_kind(seed_value))
 
     with device_guard(q):
         grid, ints, consts = delta_plan
@@ -863,14 +862,14 @@ def _backward(
         _dkdv_launch(
             launch_key,
             grid,
-            (q, k, v, grad_out, lse, delta, dk, dv, mask, seqlens, scale, dropout_p, seed_value, *ints),
+            (q, k, v, grad_out, lse, delta, dk, dv, mask, seqlens, seed, scale, dropout_p, *ints),
             consts,
         )
         grid, ints, consts = dq_plan
         _dq_launch(
             launch_key,
             grid,
-            (q, k, v, grad_out, lse, delta, dq, mask, seqlens, scale, dropout_p, seed_value, *ints),
+            (q, k, v, grad_out, lse, delta, dq, mask, seqlens, seed, scale, dropout_p, *ints),
             consts,
         )
     return dq, dk, dv
@@ -881,7 +880,7 @@ def _backward(
 # ----------------------------------------------------------------------------------------------
 
 
-# ``dropout_p`` and ``seed`` (a CPU int64 scalar from :func:`draw_seed`, ``None`` without dropout)
+# ``dropout_p`` and ``seed`` (a 1-element int64 tensor on the inputs' device, ``None`` without dropout)
 # come last with defaults, so calls without dropout read as before.
 
 
@@ -1183,16 +1182,18 @@ def attention(
     attention_mask: torch.Tensor | None,
     scale: float,
     dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention over ``(batch, seq, heads, head_dim)`` with an optional bool key-padding mask.
 
-    ``dropout_p > 0`` drops attention probabilities with a fresh seed from torch's default generator.
+    ``dropout_p > 0`` drops attention probabilities; ``seed``: the philox seed (a 1-element int64 tensor
+    on the inputs' device, see ``_dropout.draw_seeds``), by default a fresh draw from torch's generator.
     In eager mode the launcher runs directly (see ``_launch.eager_fast_path``); otherwise, as under
     torch.compile, the ``bertfast::attention_fwd`` custom op does.
     """
     _check_once(q, k, v, attention_mask)
     check_dropout_p(dropout_p)
-    seed = draw_seed(dropout_p)
+    seed = call_seed(dropout_p, seed, q.device)
     scale, dropout_p = float(scale), float(dropout_p)
     if eager_fast_path(q, k, v, attention_mask):
         with profiled("bertfast::attention_fwd"):
@@ -1211,6 +1212,7 @@ def attention_varlen(
     scale: float,
     dropout_p: float = 0.0,
     check: bool = True,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention over packed ``(total_tokens, heads, head_dim)`` sequences delimited by ``cu_seqlens``.
 
@@ -1224,7 +1226,7 @@ def attention_varlen(
     _check_cu_seqlens(cu_seqlens, q, max_seqlen, check)
     max_seqlen = int(max_seqlen)
     check_dropout_p(dropout_p)
-    seed = draw_seed(dropout_p)
+    seed = call_seed(dropout_p, seed, q.device)
     scale, dropout_p = float(scale), float(dropout_p)
     if eager_fast_path(q, k, v, cu_seqlens):
         with profiled("bertfast::attention_varlen_fwd"):
@@ -1235,13 +1237,17 @@ def attention_varlen(
 
 
 def attention_qkv(
-    qkv: torch.Tensor, attention_mask: torch.Tensor | None, scale: float, dropout_p: float = 0.0
+    qkv: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`attention` of ``qkv``: ``(batch, seq, 3, heads, head_dim)``; its gradient is one buffer."""
     q, k, v = qkv.unbind(-3)
     _check_once(q, k, v, attention_mask)
     check_dropout_p(dropout_p)
-    seed = draw_seed(dropout_p)
+    seed = call_seed(dropout_p, seed, q.device)
     return _attention_qkv(qkv, attention_mask, None, 0, float(scale), float(dropout_p), seed)
 
 
@@ -1252,6 +1258,7 @@ def attention_varlen_qkv(
     scale: float,
     dropout_p: float = 0.0,
     check: bool = True,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`attention_varlen` of ``qkv``: ``(total_tokens, 3, heads, head_dim)``; its gradient is one buffer.
 
@@ -1261,5 +1268,5 @@ def attention_varlen_qkv(
     _check_once(q, k, v, packed=True)
     _check_cu_seqlens(cu_seqlens, q, max_seqlen, check)
     check_dropout_p(dropout_p)
-    seed = draw_seed(dropout_p)
+    seed = call_seed(dropout_p, seed, q.device)
     return _attention_qkv(qkv, None, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), seed)

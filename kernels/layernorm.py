@@ -20,8 +20,8 @@ Backward, with ``g = dy * weight``::
 Hidden dropout (training, rate ``p``): ``dropout(u) = u * Z`` with ``Z = keep / (1 - p)``,
 ``keep`` a Bernoulli(1 - p) draw per element: ``philox(seed, (col, row, 0, 0)) >= p`` (32-bit
 counters, see ``_dropout.py``), ``row`` the row of the flattened ``(rows, N)`` input.  The seed
-is drawn once per call from torch's default CPU generator (``torch.manual_seed`` reproduces the
-mask; reading it never waits for the GPU).
+is read on the device from a 1-element int64 tensor drawn from torch's generator (one draw per
+model forward; ``torch.manual_seed`` reproduces the mask; no host read, graph-capturable).
 The mask is never stored: the backward regenerates it from the seed, at the cost of one philox
 draw per element in each direction (no extra memory traffic).  ``p = 0`` compiles it out.
 
@@ -75,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dropout import check_dropout_p, draw_seed, dropout_args, dropout_keep
+from ._dropout import call_seed, check_dropout_p, dropout_args, dropout_keep
 from ._launch import (
     CachedLaunch,
     PlanCache,
@@ -83,7 +83,6 @@ from ._launch import (
     cdiv,
     device_guard,
     eager_fast_path,
-    int_kind,
     interpreting,
     needs_grad,
     next_launch_key,
@@ -112,7 +111,7 @@ def _pre_norm_sum(
     x_row_stride,
     residual_row_stride,
     dropout_p,
-    seed,
+    seed_ptr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_LINEAR_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -128,14 +127,14 @@ def _pre_norm_sum(
     keep = mask
     if HAS_DROPOUT:
         # The counters are the element's (col, row) in the logical (rows, N) input: no tile shape in them.
-        keep = mask & dropout_keep(seed, dropout_p, cols, rows.to(tl.int32), 0)
+        keep = mask & dropout_keep(tl.load(seed_ptr), dropout_p, cols, rows.to(tl.int32), 0)
         h = tl.where(keep, h * (1.0 / (1.0 - dropout_p)), 0.0)
     if HAS_RESIDUAL:
         h += tl.load(residual_ptr + rows * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     return tl.where(mask, h, 0.0), keep
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _layer_norm_fwd_kernel(
     x_ptr,
     residual_ptr,
@@ -145,13 +144,13 @@ def _layer_norm_fwd_kernel(
     y_ptr,
     mean_ptr,
     rstd_ptr,
+    seed_ptr,
     n_rows,
     n_cols,
     x_row_stride,
     residual_row_stride,
     eps,
     dropout_p,
-    seed,
     HAS_RESIDUAL: tl.constexpr,
     HAS_LINEAR_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -178,7 +177,7 @@ def _layer_norm_fwd_kernel(
         x_row_stride,
         residual_row_stride,
         dropout_p,
-        seed,
+        seed_ptr,
         HAS_RESIDUAL,
         HAS_LINEAR_BIAS,
         HAS_DROPOUT,
@@ -196,7 +195,7 @@ def _layer_norm_fwd_kernel(
     tl.store(rstd_ptr + row_ids, rstd, mask=row_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _layer_norm_bwd_kernel(
     dy_ptr,
     x_ptr,
@@ -210,6 +209,7 @@ def _layer_norm_bwd_kernel(
     dweight_partial_ptr,
     dbias_partial_ptr,
     dlinear_bias_partial_ptr,
+    seed_ptr,
     n_rows,
     n_cols,
     dy_row_stride,
@@ -217,7 +217,6 @@ def _layer_norm_bwd_kernel(
     residual_row_stride,
     tiles_per_group,
     dropout_p,
-    seed,
     HAS_RESIDUAL: tl.constexpr,
     HAS_LINEAR_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -251,7 +250,7 @@ def _layer_norm_bwd_kernel(
             x_row_stride,
             residual_row_stride,
             dropout_p,
-            seed,
+            seed_ptr,
             HAS_RESIDUAL,
             HAS_LINEAR_BIAS,
             HAS_DROPOUT,
@@ -458,7 +457,7 @@ def _forward_plan(x, weight, bias, residual, linear_bias, has_dropout: bool) -> 
 
 
 def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=None):
-    dropout_p, seed_value = dropout_args(dropout_p, seed)
+    dropout_p, seed = dropout_args(dropout_p, seed, x)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     key = (*map(tensor_key, (x, weight, bias, residual, linear_bias)), dropout_p > 0.0, _config_for)
@@ -486,7 +485,7 @@ def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=No
         residual, res_stride = as_rows(residual), plan.n_cols
     with device_guard(x):
         _fwd_launch(
-            (plan.launch_key, int_kind(seed_value)),
+            plan.launch_key,
             plan.grid,
             (
                 x,
@@ -497,13 +496,13 @@ def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=No
                 y,
                 mean,
                 rstd,
+                seed,
                 n_rows,
                 plan.n_cols,
                 x_stride,
                 res_stride,
                 eps,
                 dropout_p,
-                seed_value,
             ),
             plan.constexprs,
         )
@@ -539,7 +538,7 @@ def _backward_plan(dy, x, weight, mean, rstd, residual, linear_bias, has_dropout
 
 
 def _backward(dy, x, weight, mean, rstd, residual, linear_bias, dropout_p=0.0, seed=None):
-    dropout_p, seed_value = dropout_args(dropout_p, seed)
+    dropout_p, seed = dropout_args(dropout_p, seed, x)
     key = (*map(tensor_key, (dy, x, weight, mean, rstd, residual, linear_bias)), dropout_p > 0.0, _config_for)
     plan = _BWD_PLANS.get(key)
     if plan is None:
@@ -567,7 +566,7 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, dropout_p=0.0, s
             residual, res_stride = as_rows(residual), n_cols
         with device_guard(x):
             _bwd_launch(
-                (plan.launch_key, int_kind(seed_value)),
+                plan.launch_key,
                 (num_groups,),
                 (
                     dy,
@@ -582,6 +581,7 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, dropout_p=0.0, s
                     partials[0],
                     partials[1],
                     partials[-1],  # dlinear_bias: written only when HAS_LINEAR_BIAS
+                    seed,
                     n_rows,
                     n_cols,
                     dy_stride,
@@ -589,7 +589,6 @@ def _backward(dy, x, weight, mean, rstd, residual, linear_bias, dropout_p=0.0, s
                     res_stride,
                     plan.tiles_per_group,
                     dropout_p,
-                    seed_value,
                 ),
                 plan.constexprs,
             )
@@ -607,7 +606,7 @@ def _parameter_gradients(dparams, dtypes):
 # --------------------------------------------------------------------------- custom ops
 
 
-# ``dropout_p`` and ``seed`` (a CPU int64 scalar from :func:`draw_seed`, ``None`` without dropout)
+# ``dropout_p`` and ``seed`` (a 1-element int64 tensor on x's device, ``None`` without dropout)
 # come last with defaults, so calls without dropout read as before.
 
 
@@ -709,15 +708,16 @@ class _LayerNormFunction(torch.autograd.Function):
     backward = staticmethod(_layer_norm_backward)
 
 
-def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0) -> torch.Tensor:
+def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0, seed=None) -> torch.Tensor:
     """``LayerNorm(dropout(x + linear_bias) + residual)`` over the last dimension, differentiable.
 
-    ``dropout_p > 0`` drops elements of ``x + linear_bias`` with a fresh seed from torch's default generator.
+    ``dropout_p > 0`` drops elements of ``x + linear_bias``; ``seed``: the philox seed (see
+    ``_dropout.draw_seeds``), by default a fresh draw from torch's generator.
     In eager mode the launcher runs directly (see ``_launch.eager_fast_path``); otherwise, as under
     torch.compile, the ``bertfast::layer_norm_fwd`` custom op does.
     """
     check_dropout_p(dropout_p)
-    seed = draw_seed(dropout_p)
+    seed = call_seed(dropout_p, seed, x.device)
     eps, dropout_p = float(eps), float(dropout_p)
     if eager_fast_path(x, weight, bias, residual, linear_bias):
         with profiled("bertfast::layer_norm_fwd"):

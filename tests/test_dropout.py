@@ -235,7 +235,7 @@ def test_padded_attention_dropout_is_the_reference_under_its_mask(batch, seq, he
 
     if dtype == torch.float32:  # lse stays that of the undropped softmax
         q, k, v = split(qkv, heads)
-        seed = torch.tensor(1234)
+        seed = torch.tensor(1234, device=DEVICE)
         _, lse = torch.ops.bertfast.attention_fwd(q, k, v, key_mask, scale, P, seed)
         scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
         ref_lse = scores.masked_fill(~key_mask[:, None, None, :], float("-inf")).logsumexp(-1)
@@ -317,11 +317,12 @@ def test_zero_rate_is_the_plain_kernel_and_leaves_the_generator_alone():
         (plain_varlen, varlen, packed, packed_grad_out),
     ):
         expected = run(plain, inputs, heads, grads)
-        state = torch.get_rng_state()
+        rng_state = torch.cuda.get_rng_state if DEVICE == "cuda" else torch.get_rng_state  # the seed's device
+        state = rng_state()
         at_zero = run(with_dropout(0.0), inputs, heads, grads)
-        assert torch.equal(torch.get_rng_state(), state), "p = 0 must not draw from the generator"
+        assert torch.equal(rng_state(), state), "p = 0 must not draw from the generator"
         tiny = run(with_dropout(1e-9), inputs, heads, grads)
-        assert not torch.equal(torch.get_rng_state(), state), "dropout draws its seed from the generator"
+        assert not torch.equal(rng_state(), state), "dropout draws its seed from the generator"
         assert torch.equal(at_zero[0], expected[0]) and torch.equal(at_zero[1], expected[1])
         if INTERPRET:
             assert torch.equal(tiny[0], expected[0]) and torch.equal(tiny[1], expected[1])
@@ -528,7 +529,7 @@ def test_public_ops_run_dropout_where_declared(monkeypatch):
 
 
 def test_opcheck_with_dropout():
-    seed = torch.tensor(4321)
+    seed = torch.tensor(4321, device=DEVICE)
     qkv = random_qkv((1, 5), 1, 16, torch.float32, seed=101)  # one program per kernel: opcheck runs them often
     q, k, v = (t.requires_grad_() for t in split(qkv, 1))
     key_mask = torch.tensor([[True] * 3 + [False] * 2], device=DEVICE)
@@ -592,6 +593,31 @@ def test_torch_compile_fullgraph_with_dropout():
 # ----------------------------------------------------------------------------------------------
 
 DROPOUT_CONFIG = dict(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2, num_hidden_layers=1)
+
+
+def test_a_training_forward_draws_its_seeds_once_and_reads_nothing_back():
+    """One generator call for every fused dropout of a forward (not one per kernel call), the seeds
+    stay on the device (no host read), and the backward regenerates the forward's masks from them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    config = small_config(**{**DROPOUT_CONFIG, "num_hidden_layers": 3})
+    model = bertfast.BertModel(config, backend="triton").train().to(DEVICE)
+    model.embeddings.dropout.p = 0.0  # eager dropout draws from the generator on its own
+    ids, types, mask = (t.to(DEVICE) for t in ragged_batch(config, [9, 9], seq=9))
+    counter = Count()
+    with counter:
+        model(ids, mask, types).last_hidden_state.sum().backward()
+    assert counter.ops.count("randint") == 1, counter.ops
+    assert "_local_scalar_dense" not in counter.ops
 
 
 def test_model_training_is_reproducible_and_differentiable_and_eval_is_exact():

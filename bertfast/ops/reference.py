@@ -26,8 +26,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0):
-    """``LayerNorm(dropout(x + linear_bias) + residual)``: the dense bias is dropped with its output."""
+def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0, seed=None):
+    """``LayerNorm(dropout(x + linear_bias) + residual)``: the dense bias is dropped with its output.
+    ``seed``: the kernels' philox seed, unused here (``F.dropout`` draws from torch's generator)."""
     ct = _compute_dtype(x.dtype)
     h = x.to(ct)
     if linear_bias is not None:
@@ -68,14 +69,14 @@ def _masked_softmax_attention(q, k, v, keep, scale, dropout_p=0.0):
     return out if keep is None else out * any_valid
 
 
-def attention(q, k, v, attention_mask, scale, dropout_p=0.0):
+def attention(q, k, v, attention_mask, scale, dropout_p=0.0, seed=None):
     ct = _compute_dtype(q.dtype)
     qh, kh, vh = (t.to(ct).transpose(1, 2) for t in (q, k, v))
     out = _masked_softmax_attention(qh, kh, vh, attention_mask, scale, dropout_p)
     return out.transpose(1, 2).to(q.dtype)
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
     """Per-sequence attention: each packed sequence attends only within itself."""
     ct = _compute_dtype(q.dtype)
     out = torch.zeros_like(q)  # rows outside every sequence (offsets short of the tokens) read 0, not garbage

@@ -57,10 +57,10 @@ def unsupported(op: str, *tensors, **meta) -> str | None:
     return kernel.unsupported(*tensors)
 
 
-def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0):
+def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0, seed=None):
     from ..kernels.layernorm import layer_norm as kernel
 
-    return kernel(x, weight, bias, eps, residual, linear_bias, dropout_p)
+    return kernel(x, weight, bias, eps, residual, linear_bias, dropout_p, seed)
 
 
 def bias_gelu(x, bias):
@@ -69,17 +69,17 @@ def bias_gelu(x, bias):
     return kernel(x, bias)
 
 
-def attention(q, k, v, attention_mask, scale, dropout_p=0.0):
+def attention(q, k, v, attention_mask, scale, dropout_p=0.0, seed=None):
     from ..kernels.attention import attention as kernel
 
-    return kernel(q, k, v, attention_mask, scale, dropout_p)
+    return kernel(q, k, v, attention_mask, scale, dropout_p, seed)
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
     from ..kernels.attention import attention_varlen as kernel
 
     # bertfast.ops.attention_varlen has checked the offsets (or its caller vouched for them).
-    return kernel(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, check=False)
+    return kernel(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, check=False, seed=seed)
 
 
 def embedding_layer_norm(
@@ -101,17 +101,17 @@ def embedding_layer_norm(
     return layer_norm(words, weight, bias, eps, residual=positions)
 
 
-def attention_qkv(qkv, attention_mask, scale, dropout_p=0.0):
+def attention_qkv(qkv, attention_mask, scale, dropout_p=0.0, seed=None):
     from ..kernels.attention import attention_qkv as kernel
 
-    return kernel(qkv, attention_mask, scale, dropout_p)
+    return kernel(qkv, attention_mask, scale, dropout_p, seed)
 
 
-def attention_varlen_qkv(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
+def attention_varlen_qkv(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
     from ..kernels.attention import attention_varlen_qkv as kernel
 
     # Only the model calls this, with offsets it built itself: no host read of them per layer.
-    return kernel(qkv, cu_seqlens, max_seqlen, scale, dropout_p, check=False)
+    return kernel(qkv, cu_seqlens, max_seqlen, scale, dropout_p, check=False, seed=seed)
 
 
 def mean_pool(x, cu_seqlens, normalize=False):
