@@ -255,7 +255,7 @@ def _rows_launches(v: Variant, rows=None) -> list[Launch]:
             seed = torch.tensor(1234) if v.dropout else None
             L._forward(x, weight, weight, 1e-12, residual, linear_bias, dropout_p, seed)
             stat = torch.empty(rows, dtype=torch.float32)
-            L._backward(torch.empty_like(x), x, weight, stat, stat, residual, linear_bias, dtype, dropout_p, seed)
+            L._backward(torch.empty_like(x), x, weight, stat, stat, residual, linear_bias, dropout_p, seed)
         else:
             bias = torch.empty(n, dtype=dtype)
             G._forward(x, bias)
