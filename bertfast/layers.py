@@ -404,7 +404,9 @@ def layer(module, x, mask, ops: Plan, seeds=None, parts_of=bert_layer_parts):
     h = F.linear(x, dense["weight"])
     w, bias = parts.output_dense._parameters["weight"], dense["bias"]
     if torch.is_grad_enabled() and (h.requires_grad or bias.requires_grad or w.requires_grad):
-        if not torch.compiler.is_compiling():  # (torch.compile keeps the GELU output instead)
+        # torch.compile and torch.func transforms (which need a setup_context Function without nested
+        # autograd) keep the GELU output instead.
+        if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
             y = GeluDense.apply(h, bias, w, ops.bias_gelu)
             return _dense_residual_layer_norm(*output, None, x, ops, seed[2], y)
     return _dense_residual_layer_norm(*output, ops.bias_gelu(h, bias), x, ops, seed[2])

@@ -242,7 +242,8 @@ def test_functional_call_and_grad_read_the_given_weights(face):
     grads = grad(loss)(params)
     _loss(_forward(reference, ids, mask, types), mask).backward()
     for name, p in reference.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        expected = torch.zeros_like(p) if p.grad is None else p.grad  # the pooler is not in the loss
+        torch.testing.assert_close(grads[name], expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_native_and_hugging_face_train_the_same_qkv_weights():
