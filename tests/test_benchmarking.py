@@ -259,7 +259,7 @@ def test_kernel_error_is_measured_against_what_the_impl_computes():
 def test_unavailable_backend_is_a_skip_with_its_reason(monkeypatch):
     monkeypatch.setattr("bertfast.ops.backend_availability", lambda name: f"{name} is not built here")
     with pytest.raises(Skip, match="triton is not built here"):
-        kernel_case("layernorm", "bertfast-triton", "fp32", shapes.SMOKE_LAYER_NORM_SHAPES[0], "fwd", CPU)
+        kernel_case("layer_norm", "bertfast-triton", "fp32", shapes.SMOKE_LAYER_NORM_SHAPES[0], "fwd", CPU)
 
 
 @pytest.fixture(scope="module")
@@ -385,8 +385,8 @@ def test_suite_sections_plans_and_wall_time():
     run = suite.SuiteRun(device=CPU, smoke=True)
     assert run.plan_for("forward") == SMOKE_PLAN
     shape = shapes.SMOKE_LAYER_NORM_SHAPES[0]
-    identity = dict(name="layernorm-fwd", impl="torch-layernorm", dtype="fp32", batch=shape.batch, seq=shape.seq)
-    row, reason = run.run(identity, lambda: kernel_case("layernorm", "torch-layernorm", "fp32", shape, "fwd", CPU))
+    identity = dict(name="layer_norm-fwd", impl="torch-layer_norm", dtype="fp32", batch=shape.batch, seq=shape.seq)
+    row, reason = run.run(identity, lambda: kernel_case("layer_norm", "torch-layer_norm", "fp32", shape, "fwd", CPU))
     assert reason is None and row["rounds"] == 1
     assert run.seconds["kernels"] > 0 and run.seconds["forward"] == 0
     setup = run.result()["setup"]
@@ -518,6 +518,19 @@ def test_unreadable_result_files(tmp_path):
         schema.read_result(broken)
 
 
+def test_result_files_of_the_old_op_names_read_with_todays_names():
+    """The committed H200 run spells layer_norm ``layernorm`` and bias_gelu ``bias-gelu``."""
+    old = os.path.join(
+        os.path.dirname(__file__), "..", "bench", "results", "nvidia-h200", "20261127-182705-aea18b0.json"
+    )
+    data = schema.read_result(old)
+    names = {row["name"] for row in data["results"]}
+    assert {"layer_norm-fwd", "layer_norm-bwd", "bias_gelu-fwd", "bias_gelu-bwd"} <= names
+    assert not any(name.startswith(("layernorm", "bias-gelu")) for name in names)
+    assert "torch-layer_norm" in {row["impl"] for row in data["results"]}
+    assert "layer_norm-fwd" in render.render_readme(data, old, [old], [])
+
+
 # --- rendering -------------------------------------------------------------------------
 
 
@@ -535,12 +548,12 @@ def _synthetic_run(tmp_path):
     nbytes = formulas.layer_norm_bytes(16384, 1024, 2)
     rows.append(
         schema.make_row(
-            name="layernorm-fwd", impl="torch-layernorm", dtype="bf16", batch=128, seq=128, timing=timing,
+            name="layer_norm-fwd", impl="torch-layer_norm", dtype="bf16", batch=128, seq=128, timing=timing,
             nbytes=nbytes, peaks=PEAKS, shape="16384x1024",
         )
     )  # fmt: skip
     skipped = [
-        schema.skipped_row(name="layernorm-fwd", impl="bertfast-ext", dtype="bf16", batch=128, seq=128, reason="no")
+        schema.skipped_row(name="layer_norm-fwd", impl="bertfast-ext", dtype="bf16", batch=128, seq=128, reason="no")
     ]
     data = schema.new_result(ENV, PEAKS, rows, skipped, {"padding": shapes.PADDING_DISTRIBUTION})
     return schema.write_result(data, tmp_path)

@@ -50,11 +50,11 @@ IMPL_ORDER = (
     "torch-sdpa-flash",
     "torch-sdpa-efficient",
     "torch-sdpa-cudnn",
-    "torch-layernorm",
+    "torch-layer_norm",
     "torch-gelu",
     "torch-compile",
 )
-KERNEL_ORDER = ("layernorm", "bias-gelu", "attention", "attention-nomask", "attention-varlen")
+KERNEL_ORDER = ("layer_norm", "bias_gelu", "attention", "attention-nomask", "attention_varlen")
 
 # The goals each run is held against (shown, not asserted).
 # Padding-free encoder: at about 60% real tokens, unpadded vs the padded path and vs Hugging Face sdpa.

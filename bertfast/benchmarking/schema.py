@@ -255,6 +255,29 @@ def write_result(data: dict, root: str | os.PathLike) -> str:
     return path
 
 
+# What result files written before one name per op called an op (row name prefix) or an implementation.
+OLD_NAMES = {
+    "layernorm": "layer_norm",
+    "bias-gelu": "bias_gelu",
+    "mean-pool": "mean_pool",
+    "attention-varlen": "attention_varlen",
+    "torch-layernorm": "torch-layer_norm",
+}
+
+
+def current_names(data: dict) -> dict:
+    """``data`` with the op and implementation names of older result files replaced by today's."""
+    for row in [*(data.get("results") or []), *(data.get("skipped") or [])]:
+        if not isinstance(row, dict):
+            continue
+        for old, new in OLD_NAMES.items():
+            if isinstance(row.get("name"), str) and row["name"].startswith(old + "-"):
+                row["name"] = new + row["name"][len(old) :]
+            if row.get("impl") == old:
+                row["impl"] = new
+    return data
+
+
 def read_result(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     try:
@@ -264,7 +287,7 @@ def read_result(path: str | os.PathLike) -> dict:
         raise ResultSchemaError(f"result file {path!r} does not exist") from None
     except json.JSONDecodeError as exc:
         raise ResultSchemaError(f"result file {path!r} is not valid JSON: {exc}") from None
-    return validate(data, f"result file {path!r}")
+    return validate(current_names(data), f"result file {path!r}")
 
 
 def stored_runs(folder: str | os.PathLike) -> list[str]:
