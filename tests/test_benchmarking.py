@@ -26,11 +26,14 @@ from bertfast.benchmarking.kernels import kernel_case
 from bertfast.benchmarking.models import ModelBench, impl_spec
 from bertfast.benchmarking.timing import (
     QUICK_GPU_PLAN,
+    ROUND_MARKER,
     SMOKE_PLAN,
     SUITE_KERNEL_PLAN,
     SUITE_MODEL_PLAN,
+    KernelTimer,
     Timing,
     TimingPlan,
+    busy_ms_per_round,
     measure,
     measure_with_pytest_benchmark,
 )
@@ -160,6 +163,59 @@ def test_pytest_benchmark_path_runs_the_timed_rounds():
     timing = measure_with_pytest_benchmark(bench, calls.append, [(1,), (2,)], device=CPU, plan=plan)
     assert bench.rounds == timing.rounds == 4
     assert calls == [1, 2, 1, 2, 1, 2]
+
+
+def _cpu_range_is_the_kernel(event):
+    return event.name == "fake_kernel"
+
+
+def test_kernel_timer_counts_device_work_and_never_host_time():
+    """A fake op that spends 30 ms on the host around 2 ms of "device work" (a CPU range standing in
+    for a kernel: there is no GPU here) times as the 2 ms; the 30 ms are its host time."""
+
+    def fake_op(work_ms):
+        time.sleep(0.03)  # launch overhead, Python, a host wait: none of it is device time
+        with torch.profiler.record_function("fake_kernel"):
+            end = time.perf_counter() + work_ms / 1e3
+            while time.perf_counter() < end:
+                pass
+
+    timer = KernelTimer(CPU, is_work=_cpu_range_is_the_kernel, activities=[torch.profiler.ProfilerActivity.CPU])
+    plan = TimingPlan(min_warmup=1, warmup_ms=0.0, target_ms=0.0, min_rounds=4, max_rounds=4)
+    timing = measure(fake_op, [(2.0,)], device=CPU, plan=plan, timer=timer)
+    assert timing.clock == "kernel" and timing.rounds == 4
+    assert 2.0 <= timing.median_ms < 6.0
+    assert timing.host_ms >= 30.0
+
+    idle = KernelTimer(CPU, is_work=_cpu_range_is_the_kernel, activities=[torch.profiler.ProfilerActivity.CPU])
+    with pytest.raises(RuntimeError, match="device work in 0 of 4 rounds"):
+        measure(lambda: time.sleep(0.01), [()], device=CPU, plan=plan, timer=idle)
+
+
+def test_busy_time_per_round_is_the_union_of_the_work_that_starts_in_it():
+    def event(name, start, end, device=torch.autograd.DeviceType.CPU):
+        return types.SimpleNamespace(
+            name=name, device_type=device, time_range=types.SimpleNamespace(start=start, end=end)
+        )
+
+    events = [
+        event("k", 0.0, 50.0),  # before the first round: the warm-up or the flush, not counted
+        event(ROUND_MARKER, 100.0, 400.0),
+        event(ROUND_MARKER, 150.0, 330.0, torch.autograd.DeviceType.CUDA),  # the marker on the GPU's timeline
+        event("k", 150.0, 160.0),
+        event("k", 300.0, 330.0),  # a launch gap of 140 us between the two is not device time
+        event(ROUND_MARKER, 1000.0, 1100.0),
+        event("k", 1010.0, 1030.0),
+        event("k", 1020.0, 1040.0),  # overlapping kernels count once
+        event("k", 1050.0, 5000.0),  # ends after the marker: the device was still busy
+    ]
+    busy = busy_ms_per_round(events, is_work=lambda e: e.name == "k")
+    assert busy == pytest.approx([0.040, 0.030 + 3.950])
+
+
+def test_kernel_cases_are_timed_by_their_kernels():
+    case = kernel_case("bias_gelu", "bertfast-reference", "fp32", shapes.SMOKE_BIAS_GELU_SHAPES[0], "fwd", CPU)
+    assert case.kernel
 
 
 # --- shapes, device --------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import BackendUnavailable
 from .schema import make_row, skipped_row
-from .timing import Timer, TimingPlan, measure, measure_with_pytest_benchmark
+from .timing import KernelTimer, Timer, TimingPlan, measure, measure_with_pytest_benchmark
 
 
 class Skip(Exception):
@@ -45,6 +45,8 @@ class Case:
     lengths: str | None = None  # the length distribution of a padding-free row
     # Compiled baselines: raises NotCompiled if any call of the case ran eagerly (checked after timing).
     check_compiled: Callable[[], None] | None = None
+    # A kernel case is timed on a GPU by its kernels' device time (timing.KernelTimer), not CUDA events.
+    kernel: bool = False
 
 
 def skip_row_for(name, impl, dtype, batch, seq, reason, shape=None, lengths=None) -> dict:
@@ -67,7 +69,7 @@ def run_case(case: Case, *, plan: TimingPlan, peaks: dict[str, float] | None = N
             raise Skip(f"{type(exc).__name__}: {exc}") from exc
         raise
     cuda = case.device.type == "cuda"
-    timer = Timer(case.device)
+    timer = KernelTimer(case.device) if case.kernel and cuda else Timer(case.device)
     if cuda:
         torch.cuda.synchronize(case.device)
         base = torch.cuda.memory_allocated(case.device)

@@ -441,6 +441,7 @@ def kernel_case(
         max_error=max_error,
         note=note,
         check_compiled=fn.check if isinstance(fn, CompiledFunction) else None,
+        kernel=True,
     )
 
 

@@ -349,6 +349,8 @@ def _kernel_sections(rows: list[dict]) -> list[str]:
                 r["dtype"],
                 r["impl"],
                 f"{r['median_ms']:.4f}",
+                r.get("clock", "events"),
+                _fmt(r.get("host_ms"), ".4f"),
                 _fmt(r["tflops"], ".1f"),
                 _fmt(r.get("gbps"), ",.0f"),
                 _fmt(r.get("frac_peak_tflops") if r["tflops"] else r.get("frac_peak_gbps"), ".0%"),
@@ -357,8 +359,8 @@ def _kernel_sections(rows: list[dict]) -> list[str]:
             ]
             for r in group
         ]
-        columns = ["shape", "dtype", "impl", "median ms", "TFLOP/s", "GB/s", "of peak", "time / floor", "max error"]
-        out += _markdown_table(columns, table) + [""]
+        columns = ["shape", "dtype", "impl", "median ms", "clock", "host ms", "TFLOP/s", "GB/s", "of peak"]
+        out += _markdown_table(columns + ["time / floor", "max error"], table) + [""]
     return out
 
 

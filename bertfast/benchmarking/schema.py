@@ -34,6 +34,8 @@ import math
 import os
 from collections.abc import Iterable
 
+from .timing import CLOCKS
+
 SCHEMA_VERSION = 1
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 PEAK_KEYS = ("bf16_matmul_tflops", "copy_gbps")
@@ -136,6 +138,8 @@ OPTIONAL_ROW_FIELDS = {
     "lengths": (_text, "a non-empty string (a length distribution's name)"),
     "fill": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "tokens_per_s": (_optional(_positive), "a positive number or null"),
+    "clock": (lambda v: v in CLOCKS, f"one of {CLOCKS}"),
+    "host_ms": (_positive, "a positive number"),
 }
 SKIPPED_FIELDS = {
     "name": ROW_FIELDS["name"],
@@ -341,6 +345,10 @@ def make_row(
         "min_ms": timing.min_ms,
         "rounds": timing.rounds,
     }
+    if timing.clock:
+        row["clock"] = timing.clock
+    if timing.host_ms:
+        row["host_ms"] = timing.host_ms
     if nbytes:
         row["gbps"] = nbytes / seconds / 1e9
     if peaks:
