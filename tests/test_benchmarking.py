@@ -808,6 +808,25 @@ def test_bench_command_end_to_end_on_cpu(tmp_path, capsys):
     assert {r["impl"] for r in data["skipped"]} == {"hf-compile"}
 
 
+def test_bench_command_builds_the_baseline_of_a_roberta_checkpoint_as_roberta(tmp_path, capsys):
+    """A RoBERTa folder's Hugging Face baselines are its own class (positions start after the padding
+    index), not a BERT built from its config: every check agrees with the bertfast reference."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RobertaConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=40, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.RobertaModel(config).save_pretrained(tmp_path / "roberta")
+    args = _bench_args(
+        "--checkpoint", str(tmp_path / "roberta"), "--batch", "2", "--seq", "16", "--backends", "reference", "--cpu"
+    )  # fmt: skip
+    assert command.run(args) == 0
+    out = capsys.readouterr().out
+    assert "Check against the float32 reference" in out and "MISMATCH" not in out
+    assert "hf-sdpa" in out and "hf-eager" in out
+
+
 @pytest.fixture
 def broken_backend(monkeypatch):
     """A backend that is the reference plus a small error in every LayerNorm."""

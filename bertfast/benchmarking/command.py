@@ -75,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--train", action="store_true", help="also time a training step (forward, backward, AdamW)")
     parser.add_argument("--save", metavar="DIR", default=None, help="write a result file to DIR/<gpu-slug>/")
-    parser.add_argument("--checkpoint", metavar="DIR", default=None, help="a local Hugging Face BERT folder")
+    parser.add_argument(
+        "--checkpoint", metavar="DIR", default=None, help="a local Hugging Face folder of a BERT-family model"
+    )
     parser.add_argument(
         "--model",
         choices=tuple(MODELS),
