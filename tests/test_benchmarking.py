@@ -192,6 +192,25 @@ def test_kernel_timer_counts_device_work_and_never_host_time():
         measure(lambda: time.sleep(0.01), [()], device=CPU, plan=plan, timer=idle)
 
 
+def test_model_cases_run_round_robin_and_say_when_their_spread_is_not_readable():
+    from bertfast.benchmarking.cases import BACK_TO_BACK, Case, run_interleaved
+
+    order, slow = [], iter([0.001, 0.02] * 100)
+
+    def case(impl, fn):
+        return Case(name="m-fwd", impl=impl, dtype="fp32", batch=1, seq=1, device=CPU, fn=fn, input_sets=[()])
+
+    steady = case("steady", lambda: (order.append("steady"), time.sleep(0.01)))
+    drifting = case("drifting", lambda: (order.append("drifting"), time.sleep(next(slow))))
+    plan = TimingPlan(min_warmup=1, warmup_ms=0.0, target_ms=0.0, min_rounds=4, max_rounds=4)
+    rows = run_interleaved([steady, drifting], plan=plan)
+    timed = order[2:]  # after one warm-up call each
+    per_round = ["steady"] * (1 + BACK_TO_BACK) + ["drifting"] * (1 + BACK_TO_BACK)
+    assert timed == per_round * 4  # each round takes every implementation in turn
+    assert all(row["rounds"] == 4 and row["throughput_ms"] > 0 and row["host_ms"] > 0 for row in rows)
+    assert "not readable" in rows[1]["note"] and "note" not in rows[0]
+
+
 def test_busy_time_per_round_is_the_union_of_the_work_that_starts_in_it():
     def event(name, start, end, device=torch.autograd.DeviceType.CPU):
         return types.SimpleNamespace(

@@ -140,6 +140,7 @@ OPTIONAL_ROW_FIELDS = {
     "tokens_per_s": (_optional(_positive), "a positive number or null"),
     "clock": (lambda v: v in CLOCKS, f"one of {CLOCKS}"),
     "host_ms": (_positive, "a positive number"),
+    "throughput_ms": (_positive, "a positive number (per call, calls back to back)"),
 }
 SKIPPED_FIELDS = {
     "name": ROW_FIELDS["name"],

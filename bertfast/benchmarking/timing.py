@@ -78,6 +78,11 @@ class Timing:
     clock: str | None = None  # one of CLOCKS
     host_ms: float | None = None  # median host time per call, where it is measured apart
 
+    @property
+    def spread(self) -> float:
+        """The p20-p80 spread as a share of the median."""
+        return (self.p80_ms - self.p20_ms) / self.median_ms
+
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float], clock: str | None = None, host_ms=None) -> Timing:
         if not samples_ms:
@@ -114,6 +119,7 @@ class Timer:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.samples_ms: list[float] = []
+        self.host_ms: list[float] = []  # from the call to its return, before the device is waited for
         self._flush = None
         if self.cuda and flush_l2:
             self._flush = torch.empty(l2_flush_bytes(self.device), dtype=torch.int8, device=self.device)
@@ -127,7 +133,9 @@ class Timer:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
+            begin = time.perf_counter()
             fn(*args)
+            self.host_ms.append((time.perf_counter() - begin) * 1e3)
             end.record()
             end.synchronize()
             elapsed = start.elapsed_time(end)
@@ -135,15 +143,17 @@ class Timer:
             begin = time.perf_counter()
             fn(*args)
             elapsed = (time.perf_counter() - begin) * 1e3
+            self.host_ms.append(elapsed)
         self.samples_ms.append(elapsed)
         return elapsed
 
     def reset(self) -> None:
         """Forget the calls so far (the warm-up's)."""
         self.samples_ms.clear()
+        self.host_ms.clear()
 
     def timing(self) -> Timing:
-        return Timing.from_samples(self.samples_ms, clock="events" if self.cuda else "host")
+        return Timing.from_samples(self.samples_ms, clock="events" if self.cuda else "host", host_ms=self.host_ms)
 
 
 ROUND_MARKER = "bertfast.round"
@@ -184,7 +194,6 @@ class KernelTimer(Timer):
         activities = activities or [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         self._activities = activities
         self._profile = None
-        self.host_ms: list[float] = []
 
     def _sync(self) -> None:
         if self.cuda:
@@ -217,8 +226,7 @@ class KernelTimer(Timer):
 
     def reset(self) -> None:
         self._close()
-        self.samples_ms.clear()
-        self.host_ms.clear()
+        super().reset()
 
     def timing(self) -> Timing:
         profile = self._close()
