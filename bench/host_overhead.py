@@ -80,7 +80,7 @@ else:
 
 from bertfast.kernels import attention as attn  # noqa: E402
 from bertfast.kernels import bias_gelu as gelu  # noqa: E402
-from bertfast.kernels import layernorm as ln  # noqa: E402
+from bertfast.kernels import layer_norm as ln  # noqa: E402
 
 DTYPE = torch.float32 if ARGS.mode == "interpret" else torch.bfloat16
 

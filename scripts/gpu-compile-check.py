@@ -120,20 +120,20 @@ def install_stand_in(arch: int) -> None:
 class Variant:
     """One launcher call: the op, its direction and what selects its constexprs."""
 
-    op: str  # attention | layernorm | bias_gelu | mean_pool
+    op: str  # attention | layer_norm | bias_gelu | mean_pool
     dtype: str
     head_dim: int = 0  # attention
     layout: str = ""  # attention: padded | mask | varlen
     dropout: bool = False
-    hidden: int = 0  # layernorm, bias_gelu
-    residual: bool = False  # layernorm
-    linear_bias: bool = False  # layernorm
+    hidden: int = 0  # layer_norm, bias_gelu
+    residual: bool = False  # layer_norm
+    linear_bias: bool = False  # layer_norm
     normalize: bool = False  # mean_pool
 
     def label(self) -> str:
         if self.op == "attention":
             return f"{self.dtype} d={self.head_dim} {self.layout}{' dropout' if self.dropout else ''}"
-        if self.op == "layernorm":
+        if self.op == "layer_norm":
             parts = [f"N={self.hidden}"]
             parts += [name for name, on in (("residual", self.residual), ("bias", self.linear_bias)) if on]
             parts += ["dropout"] if self.dropout else []
@@ -150,7 +150,7 @@ def variants(subset: str) -> list[Variant]:
         out.append(Variant("attention", dtype, head_dim=head_dim, layout=layout, dropout=bool(dropout)))
     for dtype, hidden, res, lb, dropout in itertools.product(spec["dtypes"], spec["ln_hidden"], (0, 1), (0, 1), (0, 1)):
         out.append(
-            Variant("layernorm", dtype, hidden=hidden, residual=bool(res), linear_bias=bool(lb), dropout=bool(dropout))
+            Variant("layer_norm", dtype, hidden=hidden, residual=bool(res), linear_bias=bool(lb), dropout=bool(dropout))
         )
     for dtype, hidden in itertools.product(spec["dtypes"], spec["gelu_hidden"]):
         out.append(Variant("bias_gelu", dtype, hidden=hidden))
@@ -234,20 +234,20 @@ def _rows_launches(v: Variant, rows=None) -> list[Launch]:
     """LayerNorm, bias-GELU or mean pooling, forward and backward, on ``rows`` rows of ``v.hidden``."""
     import torch
     from bertfast.kernels import bias_gelu as G
-    from bertfast.kernels import layernorm as L
+    from bertfast.kernels import layer_norm as L
     from bertfast.kernels import mean_pool as P
 
     dtype = getattr(torch, v.dtype)
     n = v.hidden
-    rows = rows or (256 if v.op == "layernorm" else 512)
+    rows = rows or (256 if v.op == "layer_norm" else 512)
     x = torch.empty(rows, n, dtype=dtype)
-    module = {"layernorm": L, "bias_gelu": G, "mean_pool": P}[v.op]
+    module = {"layer_norm": L, "bias_gelu": G, "mean_pool": P}[v.op]
     with _gpu_tiles(module), capture_launches() as launches:
         if v.op == "mean_pool":
             cu_seqlens = torch.tensor([0, rows // 2, rows], dtype=torch.int32)
             pooled, mean = P._forward(x, cu_seqlens, v.normalize)
             P._backward(pooled, mean, cu_seqlens, x, v.normalize)
-        elif v.op == "layernorm":
+        elif v.op == "layer_norm":
             weight = torch.empty(n, dtype=dtype)
             residual = torch.empty_like(x) if v.residual else None
             linear_bias = torch.empty(n, dtype=dtype) if v.linear_bias else None

@@ -15,5 +15,5 @@ fi
 export PYTHONPATH="$PWD/$overlay"
 .venv/bin/python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__; print('triton', triton.__version__)"
 .venv/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
-  tests/test_triton_attention.py tests/test_triton_layernorm.py tests/test_triton_bias_gelu.py tests/test_dropout.py \
-  tests/test_kernel_launch.py tests/test_triton_mean_pool.py "$@"
+  tests/test_attention.py tests/test_layer_norm.py tests/test_bias_gelu.py tests/test_dropout.py \
+  tests/test_kernel_launch.py tests/test_mean_pool.py "$@"

@@ -85,7 +85,7 @@ def first_light_variants(check):
             for linear_bias in (False, True):
                 for dropout in (False, True):
                     out.append(
-                        V("layernorm", dtype, hidden=1024, residual=residual, linear_bias=linear_bias, dropout=dropout)
+                        V("layer_norm", dtype, hidden=1024, residual=residual, linear_bias=linear_bias, dropout=dropout)
                     )
         out.append(V("bias_gelu", dtype, hidden=4096))
     return out
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=("prepare", "relocate", "verify", "hits"))
     parser.add_argument("dir", type=Path)
     parser.add_argument("--libtriton-sha256", help="sha256 of the GPU machine's triton/_C/libtriton.so")
-    parser.add_argument("--only", choices=("attention", "layernorm", "bias_gelu"), help="one op (for testing)")
+    parser.add_argument("--only", choices=("attention", "layer_norm", "bias_gelu"), help="one op (for testing)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
     if args.command == "prepare":

@@ -26,11 +26,14 @@ from bertfast.benchmarking.kernels import kernel_case
 from bertfast.benchmarking.models import ModelBench, impl_spec
 from bertfast.benchmarking.timing import (
     QUICK_GPU_PLAN,
+    ROUND_MARKER,
     SMOKE_PLAN,
     SUITE_KERNEL_PLAN,
     SUITE_MODEL_PLAN,
+    KernelTimer,
     Timing,
     TimingPlan,
+    busy_ms_per_round,
     measure,
     measure_with_pytest_benchmark,
 )
@@ -162,6 +165,80 @@ def test_pytest_benchmark_path_runs_the_timed_rounds():
     assert calls == [1, 2, 1, 2, 1, 2]
 
 
+def _cpu_range_is_the_kernel(event):
+    return event.name == "fake_kernel"
+
+
+def test_kernel_timer_counts_device_work_and_never_host_time():
+    """A fake op that spends 30 ms on the host around 2 ms of "device work" (a CPU range standing in
+    for a kernel: there is no GPU here) times as the 2 ms; the 30 ms are its host time."""
+
+    def fake_op(work_ms):
+        time.sleep(0.03)  # launch overhead, Python, a host wait: none of it is device time
+        with torch.profiler.record_function("fake_kernel"):
+            end = time.perf_counter() + work_ms / 1e3
+            while time.perf_counter() < end:
+                pass
+
+    timer = KernelTimer(CPU, is_work=_cpu_range_is_the_kernel, activities=[torch.profiler.ProfilerActivity.CPU])
+    plan = TimingPlan(min_warmup=1, warmup_ms=0.0, target_ms=0.0, min_rounds=4, max_rounds=4)
+    timing = measure(fake_op, [(2.0,)], device=CPU, plan=plan, timer=timer)
+    assert timing.clock == "kernel" and timing.rounds == 4
+    assert 2.0 <= timing.median_ms < 6.0
+    assert timing.host_ms >= 30.0
+
+    idle = KernelTimer(CPU, is_work=_cpu_range_is_the_kernel, activities=[torch.profiler.ProfilerActivity.CPU])
+    with pytest.raises(RuntimeError, match="device work in 0 of 4 rounds"):
+        measure(lambda: time.sleep(0.01), [()], device=CPU, plan=plan, timer=idle)
+
+
+def test_model_cases_run_round_robin_and_say_when_their_spread_is_not_readable():
+    from bertfast.benchmarking.cases import BACK_TO_BACK, Case, run_interleaved
+
+    order, slow = [], iter([0.001, 0.02] * 100)
+
+    def case(impl, fn):
+        return Case(name="m-fwd", impl=impl, dtype="fp32", batch=1, seq=1, device=CPU, fn=fn, input_sets=[()])
+
+    steady = case("steady", lambda: (order.append("steady"), time.sleep(0.01)))
+    drifting = case("drifting", lambda: (order.append("drifting"), time.sleep(next(slow))))
+    plan = TimingPlan(min_warmup=1, warmup_ms=0.0, target_ms=0.0, min_rounds=4, max_rounds=4)
+    rows = run_interleaved([steady, drifting], plan=plan)
+    timed = order[2:]  # after one warm-up call each
+    per_round = ["steady"] * (1 + BACK_TO_BACK) + ["drifting"] * (1 + BACK_TO_BACK)
+    assert timed == per_round * 4  # each round takes every implementation in turn
+    assert all(row["rounds"] == 4 and row["throughput_ms"] > 0 and row["host_ms"] > 0 for row in rows)
+    assert "not readable" in rows[1]["note"]
+    steady_spread = (rows[0]["p80_ms"] - rows[0]["p20_ms"]) / rows[0]["median_ms"]  # a loaded CPU may jitter
+    assert ("not readable" in rows[0].get("note", "")) == (steady_spread >= 0.10)
+
+
+def test_busy_time_per_round_is_the_union_of_the_work_that_starts_in_it():
+    def event(name, start, end, device=torch.autograd.DeviceType.CPU):
+        return types.SimpleNamespace(
+            name=name, device_type=device, time_range=types.SimpleNamespace(start=start, end=end)
+        )
+
+    events = [
+        event("k", 0.0, 50.0),  # before the first round: the warm-up or the flush, not counted
+        event(ROUND_MARKER, 100.0, 400.0),
+        event(ROUND_MARKER, 150.0, 330.0, torch.autograd.DeviceType.CUDA),  # the marker on the GPU's timeline
+        event("k", 150.0, 160.0),
+        event("k", 300.0, 330.0),  # a launch gap of 140 us between the two is not device time
+        event(ROUND_MARKER, 1000.0, 1100.0),
+        event("k", 1010.0, 1030.0),
+        event("k", 1020.0, 1040.0),  # overlapping kernels count once
+        event("k", 1050.0, 5000.0),  # ends after the marker: the device was still busy
+    ]
+    busy = busy_ms_per_round(events, is_work=lambda e: e.name == "k")
+    assert busy == pytest.approx([0.040, 0.030 + 3.950])
+
+
+def test_kernel_cases_are_timed_by_their_kernels():
+    case = kernel_case("bias_gelu", "bertfast-reference", "fp32", shapes.SMOKE_BIAS_GELU_SHAPES[0], "fwd", CPU)
+    assert case.kernel
+
+
 # --- shapes, device --------------------------------------------------------------------
 
 
@@ -259,7 +336,7 @@ def test_kernel_error_is_measured_against_what_the_impl_computes():
 def test_unavailable_backend_is_a_skip_with_its_reason(monkeypatch):
     monkeypatch.setattr("bertfast.ops.backend_availability", lambda name: f"{name} is not built here")
     with pytest.raises(Skip, match="triton is not built here"):
-        kernel_case("layernorm", "bertfast-triton", "fp32", shapes.SMOKE_LAYER_NORM_SHAPES[0], "fwd", CPU)
+        kernel_case("layer_norm", "bertfast-triton", "fp32", shapes.SMOKE_LAYER_NORM_SHAPES[0], "fwd", CPU)
 
 
 @pytest.fixture(scope="module")
@@ -385,8 +462,8 @@ def test_suite_sections_plans_and_wall_time():
     run = suite.SuiteRun(device=CPU, smoke=True)
     assert run.plan_for("forward") == SMOKE_PLAN
     shape = shapes.SMOKE_LAYER_NORM_SHAPES[0]
-    identity = dict(name="layernorm-fwd", impl="torch-layernorm", dtype="fp32", batch=shape.batch, seq=shape.seq)
-    row, reason = run.run(identity, lambda: kernel_case("layernorm", "torch-layernorm", "fp32", shape, "fwd", CPU))
+    identity = dict(name="layer_norm-fwd", impl="torch-layer_norm", dtype="fp32", batch=shape.batch, seq=shape.seq)
+    row, reason = run.run(identity, lambda: kernel_case("layer_norm", "torch-layer_norm", "fp32", shape, "fwd", CPU))
     assert reason is None and row["rounds"] == 1
     assert run.seconds["kernels"] > 0 and run.seconds["forward"] == 0
     setup = run.result()["setup"]
@@ -518,6 +595,19 @@ def test_unreadable_result_files(tmp_path):
         schema.read_result(broken)
 
 
+def test_result_files_of_the_old_op_names_read_with_todays_names():
+    """The committed H200 run spells layer_norm ``layernorm`` and bias_gelu ``bias-gelu``."""
+    old = os.path.join(
+        os.path.dirname(__file__), "..", "bench", "results", "nvidia-h200", "20261127-182705-aea18b0.json"
+    )
+    data = schema.read_result(old)
+    names = {row["name"] for row in data["results"]}
+    assert {"layer_norm-fwd", "layer_norm-bwd", "bias_gelu-fwd", "bias_gelu-bwd"} <= names
+    assert not any(name.startswith(("layernorm", "bias-gelu")) for name in names)
+    assert "torch-layer_norm" in {row["impl"] for row in data["results"]}
+    assert "layer_norm-fwd" in render.render_readme(data, old, [old], [])
+
+
 # --- rendering -------------------------------------------------------------------------
 
 
@@ -535,12 +625,12 @@ def _synthetic_run(tmp_path):
     nbytes = formulas.layer_norm_bytes(16384, 1024, 2)
     rows.append(
         schema.make_row(
-            name="layernorm-fwd", impl="torch-layernorm", dtype="bf16", batch=128, seq=128, timing=timing,
+            name="layer_norm-fwd", impl="torch-layer_norm", dtype="bf16", batch=128, seq=128, timing=timing,
             nbytes=nbytes, peaks=PEAKS, shape="16384x1024",
         )
     )  # fmt: skip
     skipped = [
-        schema.skipped_row(name="layernorm-fwd", impl="bertfast-ext", dtype="bf16", batch=128, seq=128, reason="no")
+        schema.skipped_row(name="layer_norm-fwd", impl="bertfast-ext", dtype="bf16", batch=128, seq=128, reason="no")
     ]
     data = schema.new_result(ENV, PEAKS, rows, skipped, {"padding": shapes.PADDING_DISTRIBUTION})
     return schema.write_result(data, tmp_path)
@@ -737,6 +827,25 @@ def test_bench_command_end_to_end_on_cpu(tmp_path, capsys):
     assert all(r["batch"] == 2 and r["seq"] == 16 and r["rounds"] == 2 for r in forward)
     assert all(r["max_error"] < 1e-4 for r in forward)
     assert {r["impl"] for r in data["skipped"]} == {"hf-compile"}
+
+
+def test_bench_command_builds_the_baseline_of_a_roberta_checkpoint_as_roberta(tmp_path, capsys):
+    """A RoBERTa folder's Hugging Face baselines are its own class (positions start after the padding
+    index), not a BERT built from its config: every check agrees with the bertfast reference."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RobertaConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=40, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.RobertaModel(config).save_pretrained(tmp_path / "roberta")
+    args = _bench_args(
+        "--checkpoint", str(tmp_path / "roberta"), "--batch", "2", "--seq", "16", "--backends", "reference", "--cpu"
+    )  # fmt: skip
+    assert command.run(args) == 0
+    out = capsys.readouterr().out
+    assert "Check against the float32 reference" in out and "MISMATCH" not in out
+    assert "hf-sdpa" in out and "hf-eager" in out
 
 
 @pytest.fixture
@@ -1114,7 +1223,7 @@ def test_bench_command_errors_come_first_and_in_one_line(tmp_path, capsys, monke
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     timed = []
-    monkeypatch.setattr(command, "run_case", lambda *a, **k: timed.append(a))
+    monkeypatch.setattr(command, "run_interleaved", lambda *a, **k: timed.append(a))
     assert command.run(_bench_args("--model", "tiny", "--save", str(blocker / "results"), "--plain", "--cpu")) == 2
     assert "error: --save" in capsys.readouterr().out and timed == []
     monkeypatch.undo()

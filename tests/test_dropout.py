@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 
 from bertfast.kernels import attention as attn_kernel  # noqa: E402
-from bertfast.kernels import layernorm as ln_kernel  # noqa: E402
+from bertfast.kernels import layer_norm as ln_kernel  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 import bertfast  # noqa: E402

@@ -25,14 +25,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from bertfast.kernels import attention, bias_gelu, layernorm  # noqa: E402
+from bertfast.kernels import attention, bias_gelu, layer_norm  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-MODULES = {"layer_norm": layernorm, "bias_gelu": bias_gelu, "attention": attention, "attention_varlen": attention}
+MODULES = {"layer_norm": layer_norm, "bias_gelu": bias_gelu, "attention": attention, "attention_varlen": attention}
 # What calls the launcher's _forward / _backward on each path.
 OP_CALLERS = {
     "layer_norm": ("layer_norm_fwd", "layer_norm_bwd"),
@@ -51,7 +51,7 @@ def _inputs(name: str, dropout_p: float):
 
     if name == "layer_norm":
         leaves = [r(2, 5, 48), r(48), r(48), r(2, 5, 48), r(48)]  # x, weight, bias, residual, linear_bias
-        return lambda x, w, b, res, lb: layernorm.layer_norm(x, w, b, 1e-5, res, lb, dropout_p), leaves
+        return lambda x, w, b, res, lb: layer_norm.layer_norm(x, w, b, 1e-5, res, lb, dropout_p), leaves
     if name == "bias_gelu":
         return lambda x, b: bias_gelu.bias_gelu(x, b), [r(3, 7, 40), r(40)]
     if name == "attention":
@@ -128,12 +128,12 @@ def test_eager_fast_path_grad_of_weights_only():
     """x needs no gradient, the weights do: the autograd.Function still records the call."""
     x, weight, bias = torch.randn(4, 32, device=DEVICE), torch.randn(32, device=DEVICE), torch.randn(32, device=DEVICE)
     weight.requires_grad_()
-    y = layernorm.layer_norm(x, weight, bias, 1e-5)
+    y = layer_norm.layer_norm(x, weight, bias, 1e-5)
     assert y.requires_grad and "LayerNormFunction" in type(y.grad_fn).__name__
     y.sum().backward()
     assert weight.grad is not None and bias.grad is None
     with torch.no_grad():
-        assert not layernorm.layer_norm(x, weight, bias, 1e-5).requires_grad
+        assert not layer_norm.layer_norm(x, weight, bias, 1e-5).requires_grad
 
 
 def test_dispatch_modes_and_fake_tensors_take_the_custom_ops():
@@ -156,11 +156,11 @@ def test_dispatch_modes_and_fake_tensors_take_the_custom_ops():
     assert torch.equal(y, bias_gelu.bias_gelu(x, bias))
 
     meta = torch.empty(2, 3, 64, device="meta")
-    assert layernorm.layer_norm(meta, meta[0, 0], meta[0, 0], 1e-5).shape == (2, 3, 64)
+    assert layer_norm.layer_norm(meta, meta[0, 0], meta[0, 0], 1e-5).shape == (2, 3, 64)
 
     with FakeTensorMode() as mode:
         fake_x, fake_w = mode.from_tensor(torch.randn(2, 3, 64)), mode.from_tensor(torch.randn(64))
-        y = layernorm.layer_norm(fake_x, fake_w, fake_w, 1e-5)
+        y = layer_norm.layer_norm(fake_x, fake_w, fake_w, 1e-5)
         assert y.shape == (2, 3, 64)
 
 
@@ -180,7 +180,7 @@ def test_torch_compile_traces_the_custom_ops():
         return gm.forward
 
     def step(x, weight, bias, qkv, mask):
-        h = layernorm.layer_norm(x, weight, bias, 1e-5)
+        h = layer_norm.layer_norm(x, weight, bias, 1e-5)
         h = bias_gelu.bias_gelu(h, bias)
         q, k, v = qkv.view(2, 9, 3, 2, 16).unbind(2)
         return h.sum() + attention.attention(q, k, v, mask, 0.25).sum()
@@ -207,7 +207,7 @@ _CACHED_LAUNCH_SCRIPT = textwrap.dedent(
     print("triton", triton.__version__)
 
     sd.install()
-    from bertfast.kernels import attention as attn, bias_gelu as gelu, layernorm as ln
+    from bertfast.kernels import attention as attn, bias_gelu as gelu, layer_norm as ln
 
     gen = torch.Generator().manual_seed(0)
 
@@ -289,4 +289,4 @@ def test_cached_launch_stays_off_in_the_interpreter():
     fn, leaves = _inputs("layer_norm", 0.0)
     for _ in range(2):
         _run(fn, leaves, grad=True)
-    assert not layernorm._fwd_launch.enabled and layernorm._fwd_launch.fast_launches == 0
+    assert not layer_norm._fwd_launch.enabled and layer_norm._fwd_launch.fast_launches == 0

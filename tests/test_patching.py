@@ -36,7 +36,7 @@ def _triton_ready() -> bool:
         return False
     import importlib.util
 
-    return all(importlib.util.find_spec(f"bertfast.kernels.{k}") for k in ("attention", "layernorm", "bias_gelu"))
+    return all(importlib.util.find_spec(f"bertfast.kernels.{k}") for k in ("attention", "layer_norm", "bias_gelu"))
 
 
 TRITON = pytest.mark.skipif(not _triton_ready(), reason="the Triton backend (kernels/) is not available here")

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import BackendUnavailable
 from .schema import make_row, skipped_row
-from .timing import Timer, TimingPlan, measure, measure_with_pytest_benchmark
+from .timing import KernelTimer, Rotation, Timer, TimingPlan, measure, measure_with_pytest_benchmark, warm_up
 
 
 class Skip(Exception):
@@ -45,6 +45,8 @@ class Case:
     lengths: str | None = None  # the length distribution of a padding-free row
     # Compiled baselines: raises NotCompiled if any call of the case ran eagerly (checked after timing).
     check_compiled: Callable[[], None] | None = None
+    # A kernel case is timed on a GPU by its kernels' device time (timing.KernelTimer), not CUDA events.
+    kernel: bool = False
 
 
 def skip_row_for(name, impl, dtype, batch, seq, reason, shape=None, lengths=None) -> dict:
@@ -67,7 +69,7 @@ def run_case(case: Case, *, plan: TimingPlan, peaks: dict[str, float] | None = N
             raise Skip(f"{type(exc).__name__}: {exc}") from exc
         raise
     cuda = case.device.type == "cuda"
-    timer = Timer(case.device)
+    timer = KernelTimer(case.device) if case.kernel and cuda else Timer(case.device)
     if cuda:
         torch.cuda.synchronize(case.device)
         base = torch.cuda.memory_allocated(case.device)
@@ -101,6 +103,65 @@ def run_case(case: Case, *, plan: TimingPlan, peaks: dict[str, float] | None = N
         tokens=case.tokens,
         lengths=case.lengths,
     )
+
+
+# Model rows are readable as ratios when their p20-p80 spread is under this share of the median.
+READABLE_SPREAD = 0.10
+BACK_TO_BACK = 4  # calls per throughput round
+
+
+def run_interleaved(cases: list[Case], *, plan: TimingPlan, peaks: dict[str, float] | None = None) -> list:
+    """Model cases timed round-robin in one section, so that clock or temperature drift falls on every
+    implementation alike; each round takes every case's latency call (one synchronized call) and its
+    throughput call (``BACK_TO_BACK`` calls back to back, one synchronization).  On a GPU rounds are added
+    (up to four times the plan's) until every latency spread is under ``READABLE_SPREAD``; a row still wider
+    says it is not readable.  Returns, per case, its row or the :class:`Skip` it raised."""
+    results: list = [None] * len(cases)
+    live = []
+    for i, case in enumerate(cases):
+        try:
+            error = case.max_error() if case.max_error is not None else None
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            results[i] = Skip(f"{type(exc).__name__}: {exc}")
+            continue
+        latency, throughput = Timer(case.device), Timer(case.device)
+        rotation = Rotation(case.input_sets, case.prepare)
+        estimate = warm_up(latency, case.fn, rotation, plan)
+
+        def calls(*args, fn=case.fn):
+            for _ in range(BACK_TO_BACK):
+                fn(*args)
+
+        live.append((i, case, error, latency, throughput, rotation, calls, estimate))
+    if not live:
+        return results
+    rounds = plan.rounds_for(sum(entry[-1] for entry in live) * (1 + BACK_TO_BACK))
+    done = 0
+    while True:
+        for _ in range(rounds):
+            for _, case, _, latency, throughput, rotation, calls, _ in live:
+                latency.call(case.fn, rotation.next())
+                throughput.call(calls, rotation.next())
+        done += rounds
+        on_gpu = live[0][1].device.type == "cuda"  # the CPU run is a smoke run: its plan's rounds only
+        if not on_gpu or done >= 4 * plan.max_rounds or all(e[3].timing().spread < READABLE_SPREAD for e in live):
+            break
+        rounds = plan.max_rounds
+    for i, case, error, latency, throughput, _, _, _ in live:
+        case.check_compiled and case.check_compiled()
+        timing = latency.timing()
+        row = make_row(
+            name=case.name, impl=case.impl, dtype=case.dtype, batch=case.batch, seq=case.seq, timing=timing,
+            flops=case.flops, nbytes=case.nbytes, peaks=peaks, max_error=error, shape=case.shape,
+            tokens=case.tokens, lengths=case.lengths,
+            note="; ".join(filter(None, [case.note, None if timing.spread < READABLE_SPREAD else (
+                f"not readable: the p20-p80 spread is {timing.spread:.0%} of the median")])) or None,
+        )  # fmt: skip
+        row["throughput_ms"] = throughput.timing().median_ms / BACK_TO_BACK
+        results[i] = row
+    return results
 
 
 def tensor_bytes(*tensors) -> int:

@@ -30,8 +30,8 @@ import torch
 
 from .. import ops
 from ..numerics import LOWP_FACTOR, LOWP_FLOOR, MODEL_FP32_REL_TOL, rel_error
-from .cases import Skip, run_case, skip_row_for, unavailable
-from .device import DTYPES, device_name, environment, measure_peaks
+from .cases import Skip, run_interleaved, skip_row_for, unavailable
+from .device import DTYPES, device_name, environment, gpu_state, measure_peaks
 from .display import Display
 from .models import HF_IMPLS, ModelBench, backend_of
 from .schema import new_result, row_problems, write_result
@@ -75,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--train", action="store_true", help="also time a training step (forward, backward, AdamW)")
     parser.add_argument("--save", metavar="DIR", default=None, help="write a result file to DIR/<gpu-slug>/")
-    parser.add_argument("--checkpoint", metavar="DIR", default=None, help="a local Hugging Face BERT folder")
+    parser.add_argument(
+        "--checkpoint", metavar="DIR", default=None, help="a local Hugging Face folder of a BERT-family model"
+    )
     parser.add_argument(
         "--model",
         choices=tuple(MODELS),
@@ -268,27 +270,39 @@ def run(args) -> int:
         return 1
     runnable = [impl for impl in runnable if impl not in skipped]
 
-    # 2. timing
-    jobs = [("fwd", impl) for impl in runnable] + ([("train", impl) for impl in runnable] if args.train else [])
+    # 2. timing: each kind's implementations round-robin in one section (see cases.run_interleaved)
     rows, skipped_rows = [], []
-    with display.progress(len(jobs), "timing") as progress:
-        for kind, impl in jobs:
-            progress.start(f"{kind} {impl}")
-            build = models.forward_case if kind == "fwd" else models.train_case
+    state_at_start = gpu_state(device)
+    for kind in ("fwd", "train") if args.train else ("fwd",):
+        build = models.forward_case if kind == "fwd" else models.train_case
+        cases, outcomes = [], {}
+        for impl in runnable:
             try:
-                row = run_case(build(impl, dtype, shape), plan=plan)
+                cases.append(build(impl, dtype, shape))
             except Skip as exc:
-                skipped_rows.append(skip_row_for(f"{models.label}-{kind}", impl, dtype, batch, seq, str(exc)))
-                progress.done(f"{kind} {impl}: skipped ({exc})")
+                outcomes[impl] = exc
+        with display.progress(1, "timing") as progress:
+            progress.start(f"{kind}: {', '.join(c.impl for c in cases)}, interleaved")
+            outcomes.update(zip([c.impl for c in cases], run_interleaved(cases, plan=plan)))
+            progress.done(f"{kind}: {len(cases)} implementations timed")
+        for impl in runnable:
+            outcome, name = outcomes[impl], f"{models.label}-{kind}"
+            if isinstance(outcome, Skip):
+                skipped_rows.append(skip_row_for(name, impl, dtype, batch, seq, str(outcome)))
                 continue
-            problems = row_problems(row)
+            problems = row_problems(outcome)
             if problems:  # e.g. a NaN error: the output was wrong, so its time is no result
                 reason = f"failed: not a valid result ({'; '.join(problems)})"
-                skipped_rows.append(skip_row_for(f"{models.label}-{kind}", impl, dtype, batch, seq, reason))
-                progress.done(f"{kind} {impl}: FAILED, {reason}")
+                skipped_rows.append(skip_row_for(name, impl, dtype, batch, seq, reason))
                 continue
-            rows.append(row)
-            progress.done(f"{kind} {impl}: {row['median_ms']:.2f} ms, {row['seq_per_s']:.1f} seq/s")
+            rows.append(outcome)
+    state_at_end = gpu_state(device)
+    display.line(
+        "SM clock {} -> {} MHz, temperature {} -> {} C (start -> end of timing)".format(
+            state_at_start["sm_clock_mhz"], state_at_end["sm_clock_mhz"],
+            state_at_start["temperature_c"], state_at_end["temperature_c"],
+        )
+    )  # fmt: skip
 
     for kind in ("fwd", "train"):
         _print_rows(display, models.label, kind, [r for r in rows if r["name"].endswith(f"-{kind}")], labels)
@@ -305,6 +319,8 @@ def run(args) -> int:
     if args.save:
         peaks = measure_peaks(device, plan)
         setup = {"padding": PADDING_DISTRIBUTION, "timing": timing_description(device), "source": "bertfast bench"}
+        setup["gpu state"] = f"start {state_at_start}, end {state_at_end}"
+        setup["model rows"] = "implementations interleaved round-robin; median_ms one call, throughput_ms back to back"
         if not cuda:
             setup["mode"] = "CPU run without a GPU: reduced size, two rounds; not GPU numbers"
         path = write_result(new_result(environment(device), peaks, rows, skipped_rows, setup), args.save)

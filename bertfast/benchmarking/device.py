@@ -31,6 +31,21 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.machine() or 'unknown'}"
 
 
+def gpu_state(device: torch.device) -> dict[str, str]:
+    """The SM clock and temperature now (``nvidia-smi``), "n/a" where there is none to read."""
+    state = {"sm_clock_mhz": "n/a", "temperature_c": "n/a"}
+    if device.type != "cuda":
+        return state
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    query = ["nvidia-smi", f"--id={index}", "--query-gpu=clocks.sm,temperature.gpu", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+        state["sm_clock_mhz"], state["temperature_c"] = (v.strip() for v in out.strip().split(",")[:2])
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return state
+
+
 def capability(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)

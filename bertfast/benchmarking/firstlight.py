@@ -86,8 +86,8 @@ TRAIN_IMPLS = ("bertfast", "bertfast-amp", "hf-sdpa-amp")
 HOST_IMPLS = ("bertfast", "bertfast-ext", "hf-sdpa")
 ATTENTION_IMPLS = ("bertfast-triton", "torch-sdpa", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn")
 TOKENWISE_IMPLS = {
-    "layernorm": ("bertfast-triton", "bertfast-ext", "torch-layernorm", "torch-compile"),
-    "bias-gelu": ("bertfast-triton", "bertfast-ext", "torch-gelu", "torch-compile"),
+    "layer_norm": ("bertfast-triton", "bertfast-ext", "torch-layer_norm", "torch-compile"),
+    "bias_gelu": ("bertfast-triton", "bertfast-ext", "torch-gelu", "torch-compile"),
 }
 VARLEN_IMPLS = ("bertfast", "bertfast-padded", "hf-sdpa")
 DIRECTIONS = ("fwd", "bwd")
@@ -268,7 +268,7 @@ class FirstLight:
             Section(f"forward {second.label}", 40, lambda: self.run_forward(second)),
             Section("training", 25, self.run_training),
             Section("attention", 30, self.run_attention),
-            Section("layernorm and bias-gelu", 30, self.run_tokenwise),
+            Section("layer_norm and bias_gelu", 30, self.run_tokenwise),
             Section("padding-free", 20, self.run_varlen),
             Section("sentence embeddings", 15, self.run_sentence_embeddings),
         ]
@@ -289,8 +289,8 @@ class FirstLight:
                     for direction in DIRECTIONS:
                         for impl in ATTENTION_IMPLS:
                             out.append(_identity(f"{op}-{direction}", impl, s.dtype, shape))
-        if section == "layernorm and bias-gelu":
-            for op, shape in (("layernorm", s.layer_norm), ("bias-gelu", s.bias_gelu)):
+        if section == "layer_norm and bias_gelu":
+            for op, shape in (("layer_norm", s.layer_norm), ("bias_gelu", s.bias_gelu)):
                 for direction in DIRECTIONS:
                     for impl in TOKENWISE_IMPLS[op]:
                         out.append(_identity(f"{op}-{direction}", impl, s.dtype, shape))
@@ -334,7 +334,7 @@ class FirstLight:
                         self.kernel(op, impl, shape, direction)
 
     def run_tokenwise(self) -> None:
-        for op, shape in (("layernorm", self.sizes.layer_norm), ("bias-gelu", self.sizes.bias_gelu)):
+        for op, shape in (("layer_norm", self.sizes.layer_norm), ("bias_gelu", self.sizes.bias_gelu)):
             for direction in DIRECTIONS:
                 for impl in TOKENWISE_IMPLS[op]:
                     self.kernel(op, impl, shape, direction)
@@ -610,7 +610,7 @@ def key_numbers(rows, peaks, host, failed, skipped: int, path) -> dict:
         out["train ms, peak MB"] = train
     kernels = {}
     for r in rows:
-        if r["name"].startswith(("attention", "layernorm", "bias-gelu")):
+        if r["name"].startswith(("attention", "layer_norm", "bias_gelu")):
             value = r.get("tflops") if r["name"].startswith("attention") else r.get("gbps")
             unit = "TFLOP/s" if r["name"].startswith("attention") else "GB/s"
             if value is not None:

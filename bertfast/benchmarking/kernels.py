@@ -1,25 +1,26 @@
 """Kernel-level cases: each op on each bertfast backend against PyTorch on the same device.
 
     op                 bertfast impls              PyTorch baselines
-    layernorm          LN(x + linear_bias + residual), hidden 1024
-                       bertfast-<backend>          torch-layernorm (F.layer_norm of the unfused sum),
+    layer_norm         LN(x + linear_bias + residual), hidden 1024
+                       bertfast-<backend>          torch-layer_norm (F.layer_norm of the unfused sum),
                                                    torch-compile (torch.compile of the reference op)
-    bias-gelu          gelu(x + bias), FFN 4096
+    bias_gelu          gelu(x + bias), FFN 4096
                        bertfast-<backend>          torch-gelu (F.gelu(x + bias)), torch-compile
     attention          key-padding mask (see shapes.PADDING_DISTRIBUTION), q/k/v strided views of one QKV buffer
                        bertfast-<backend>          torch-sdpa (same mask), torch-sdpa-nomask (same shapes, no mask:
                                                    the fastest PyTorch kernel), torch-sdpa-<backend> (one SDPA
                                                    backend forced: flash, efficient, cudnn), torch-compile
     attention-nomask   no mask                     torch-sdpa, torch-sdpa-<backend>, torch-compile
-    attention-varlen   the padded batch packed (no padding computed)
+    attention_varlen   the padded batch packed (no padding computed)
                        bertfast-<backend>
-    mean-pool          mean pooling + L2 normalisation of the packed tokens of a padded batch (hidden 384, 1024)
+    mean_pool          mean pooling + L2 normalisation of the packed tokens of a padded batch (hidden 384, 1024)
                        bertfast-<backend>          sentence-transformers (what a padding-free encoder hands it today:
                                                    the tokens padded back to (batch, seq, hidden), then its Pooling
                                                    (mean) and Normalize modules), torch-compile
 
 Each in ``fwd`` and ``bwd`` (the backward alone: the forward runs untimed in the round's
-set-up; every gradient is computed).  Rows are named ``<op>-<direction>``.
+set-up; every gradient is computed).  Rows are named ``<op>-<direction>``;
+an op is named as in :mod:`bertfast.ops`, ``attention-nomask`` is the attention op without a mask.
 ``torch-sdpa-<backend>`` runs under ``torch.nn.attention.sdpa_kernel`` with that backend
 only; a backend that cannot run the case here (no such kernel in this torch, a mask the
 flash kernel does not take) is recorded as skipped with PyTorch's reason.
@@ -51,30 +52,21 @@ BERTFAST_IMPLS = tuple(f"bertfast-{name}" for name in ops.BACKENDS)
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
 SDPA_BACKEND_IMPLS = tuple(f"torch-sdpa-{name}" for name in SDPA_BACKENDS)
 KERNEL_IMPLS = {
-    "layernorm": BERTFAST_IMPLS + ("torch-layernorm", "torch-compile"),
-    "bias-gelu": BERTFAST_IMPLS + ("torch-gelu", "torch-compile"),
+    "layer_norm": BERTFAST_IMPLS + ("torch-layer_norm", "torch-compile"),
+    "bias_gelu": BERTFAST_IMPLS + ("torch-gelu", "torch-compile"),
     "attention": BERTFAST_IMPLS + ("torch-sdpa", "torch-sdpa-nomask") + SDPA_BACKEND_IMPLS + ("torch-compile",),
     "attention-nomask": BERTFAST_IMPLS + ("torch-sdpa",) + SDPA_BACKEND_IMPLS + ("torch-compile",),
-    "attention-varlen": BERTFAST_IMPLS,
-    "mean-pool": BERTFAST_IMPLS + ("sentence-transformers", "torch-compile"),
-}
-# The name each op has in bertfast.ops (for backend support checks).
-OP_NAMES = {
-    "layernorm": "layer_norm",
-    "bias-gelu": "bias_gelu",
-    "attention": "attention",
-    "attention-nomask": "attention",
-    "attention-varlen": "attention_varlen",
-    "mean-pool": "mean_pool",
+    "attention_varlen": BERTFAST_IMPLS,
+    "mean_pool": BERTFAST_IMPLS + ("sentence-transformers", "torch-compile"),
 }
 
 
 # --- the ops, one signature per op ----------------------------------------------------
-#   layernorm:         (x, residual, weight, bias, linear_bias)
-#   bias-gelu:         (x, bias)
+#   layer_norm:        (x, residual, weight, bias, linear_bias)
+#   bias_gelu:         (x, bias)
 #   attention(-nomask): (qkv, keep)  qkv (batch, seq, 3, heads, dim), keep (batch, seq) bool or None
-#   attention-varlen:  (qkv, cu_seqlens, max_seqlen)  qkv (tokens, 3, heads, dim)
-#   mean-pool:         (x, cu_seqlens, keep)  x (tokens, hidden) packed, keep (batch, seq) bool (its padded layout)
+#   attention_varlen:  (qkv, cu_seqlens, max_seqlen)  qkv (tokens, 3, heads, dim)
+#   mean_pool:         (x, cu_seqlens, keep)  x (tokens, hidden) packed, keep (batch, seq) bool (its padded layout)
 
 
 def _reference_layer_norm(x, residual, weight, bias, linear_bias):
@@ -100,21 +92,21 @@ def _reference_mean_pool(x, cu_seqlens, keep):
 
 
 REFERENCE = {
-    "layernorm": _reference_layer_norm,
-    "bias-gelu": _reference_bias_gelu,
+    "layer_norm": _reference_layer_norm,
+    "bias_gelu": _reference_bias_gelu,
     "attention": _reference_attention,
     "attention-nomask": _reference_attention,
-    "attention-varlen": _reference_attention_varlen,
-    "mean-pool": _reference_mean_pool,
+    "attention_varlen": _reference_attention_varlen,
+    "mean_pool": _reference_mean_pool,
 }
 
 
 def _bertfast_fn(op: str, backend: str):
-    if op == "layernorm":
+    if op == "layer_norm":
         return lambda x, r, w, b, lb: ops.layer_norm(x, w, b, EPS, residual=r, linear_bias=lb, backend=backend)
-    if op == "bias-gelu":
+    if op == "bias_gelu":
         return lambda x, b: ops.bias_gelu(x, b, backend=backend)
-    if op == "mean-pool":
+    if op == "mean_pool":
         # The offsets are built by the benchmark itself: no host read of them inside the timed call.
         return lambda x, cu_seqlens, keep: ops.mean_pool(x, cu_seqlens, True, backend=backend, check=False)
     if op in ("attention", "attention-nomask"):
@@ -228,8 +220,8 @@ def _impl_fn(op: str, impl: str, compiler: str):
     if impl == "sentence-transformers":
         return _SentenceTransformersPooling()
     table = {
-        ("layernorm", "torch-layernorm"): _torch_layer_norm,
-        ("bias-gelu", "torch-gelu"): _torch_gelu,
+        ("layer_norm", "torch-layer_norm"): _torch_layer_norm,
+        ("bias_gelu", "torch-gelu"): _torch_gelu,
         ("attention", "torch-sdpa"): _torch_sdpa,
         ("attention", "torch-sdpa-nomask"): _torch_sdpa_nomask,
         ("attention-nomask", "torch-sdpa"): _torch_sdpa,
@@ -253,7 +245,7 @@ def _offsets(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def _make_inputs(op: str, shape, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> tuple:
-    if op == "layernorm":
+    if op == "layer_norm":
         rows, hidden = shape.tokens, shape.features
         return (
             _randn((rows, hidden), dtype, device, generator),
@@ -262,7 +254,7 @@ def _make_inputs(op: str, shape, dtype: torch.dtype, device: torch.device, gener
             _randn((hidden,), dtype, device, generator, 0.1),
             _randn((hidden,), dtype, device, generator, 0.1),
         )
-    if op == "bias-gelu":
+    if op == "bias_gelu":
         return (
             _randn((shape.tokens, shape.features), dtype, device, generator),
             _randn((shape.features,), dtype, device, generator, 0.1),
@@ -270,10 +262,10 @@ def _make_inputs(op: str, shape, dtype: torch.dtype, device: torch.device, gener
     # Lengths are drawn on the host (the mask is built there) from a seed the device generator gives.
     seed = int(torch.randint(0, 2**31, (1,), generator=generator, device=device))
     lengths = padded_lengths(shape.batch, shape.seq, torch.Generator().manual_seed(seed))
-    if op == "mean-pool":
+    if op == "mean_pool":
         x = _randn((int(lengths.sum()), shape.features), dtype, device, generator)
         return x, _offsets(lengths).to(device), key_padding_mask(lengths, shape.seq).to(device)
-    if op == "attention-varlen":
+    if op == "attention_varlen":
         total = int(lengths.sum())
         qkv = _randn((total, 3, shape.heads, shape.head_dim), dtype, device, generator)
         return qkv, _offsets(lengths).to(device), int(lengths.max())
@@ -284,14 +276,14 @@ def _make_inputs(op: str, shape, dtype: torch.dtype, device: torch.device, gener
 
 def _differentiable(op: str) -> tuple[int, ...]:
     """Positions of the inputs that get a gradient."""
-    return (0, 1, 2, 3, 4) if op == "layernorm" else (0, 1) if op == "bias-gelu" else (0,)
+    return (0, 1, 2, 3, 4) if op == "layer_norm" else (0, 1) if op == "bias_gelu" else (0,)
 
 
 def _output_like(op: str, inputs: tuple) -> tuple[int, ...]:
     qkv = inputs[0]
-    if op == "attention-varlen":
+    if op == "attention_varlen":
         return (qkv.shape[0], qkv.shape[2], qkv.shape[3])
-    if op == "mean-pool":
+    if op == "mean_pool":
         return (inputs[1].numel() - 1, qkv.shape[1])
     if op in ("attention", "attention-nomask"):
         return (qkv.shape[0], qkv.shape[1], qkv.shape[3], qkv.shape[4])
@@ -305,16 +297,16 @@ def _support_reason(op: str, impl: str, inputs: tuple) -> str | None:
     reason = ops.backend_availability(backend)
     if reason is not None:
         return reason
-    if op in ("attention", "attention-nomask", "attention-varlen"):
-        tensors = inputs[0].unbind(2 if op != "attention-varlen" else 1)
-    elif op == "layernorm":
+    if op in ("attention", "attention-nomask", "attention_varlen"):
+        tensors = inputs[0].unbind(2 if op != "attention_varlen" else 1)
+    elif op == "layer_norm":
         tensors = (inputs[0], inputs[2], inputs[3])
-    elif op == "mean-pool":
+    elif op == "mean_pool":
         tensors = inputs[:2]
     else:
         tensors = inputs
     try:
-        return ops.explain(OP_NAMES[op], *tensors)[backend]
+        return ops.explain(op.split("-")[0], *tensors)[backend]  # attention-nomask is the attention op
     except Exception as exc:
         if unavailable(exc):
             return f"{type(exc).__name__}: {exc}"
@@ -325,13 +317,13 @@ def _support_reason(op: str, impl: str, inputs: tuple) -> str | None:
 
 
 def _work(op: str, shape, inputs: tuple, elem: int, direction: str) -> tuple[float | None, float]:
-    if op == "layernorm":
+    if op == "layer_norm":
         return None, formulas.layer_norm_bytes(shape.tokens, shape.features, elem, direction)
-    if op == "bias-gelu":
+    if op == "bias_gelu":
         return None, formulas.bias_gelu_bytes(shape.tokens, shape.features, elem, direction)
-    if op == "mean-pool":
+    if op == "mean_pool":
         return None, formulas.mean_pool_bytes(inputs[0].shape[0], shape.batch, shape.features, elem, direction)
-    if op == "attention-varlen":
+    if op == "attention_varlen":
         cu = inputs[1].tolist()
         lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
         flops = formulas.attention_varlen_flops(lengths, shape.heads, shape.head_dim, direction)
@@ -430,7 +422,7 @@ def kernel_case(
             return torch.autograd.grad(out, wrt, grad)
 
     label = shape.label
-    if op in ("attention-varlen", "mean-pool"):
+    if op in ("attention_varlen", "mean_pool"):
         label = f"{shape.label} packed to {int(first[1][-1])} tokens"
     note = compile_note(compiler) if impl == "torch-compile" else None
     return Case(
@@ -449,16 +441,17 @@ def kernel_case(
         max_error=max_error,
         note=note,
         check_compiled=fn.check if isinstance(fn, CompiledFunction) else None,
+        kernel=True,
     )
 
 
 def kernel_shapes(op: str, smoke: bool) -> tuple:
     from . import shapes
 
-    if op == "layernorm":
+    if op == "layer_norm":
         return shapes.SMOKE_LAYER_NORM_SHAPES if smoke else shapes.LAYER_NORM_SHAPES
-    if op == "bias-gelu":
+    if op == "bias_gelu":
         return shapes.SMOKE_BIAS_GELU_SHAPES if smoke else shapes.BIAS_GELU_SHAPES
-    if op == "mean-pool":
+    if op == "mean_pool":
         return shapes.SMOKE_MEAN_POOL_SHAPES if smoke else shapes.MEAN_POOL_SHAPES
     return shapes.SMOKE_ATTENTION_SHAPES if smoke else shapes.ATTENTION_SHAPES

@@ -8,7 +8,8 @@
     bertfast-cudagraph       bertfast (auto) in eval, replayed by bertfast.CUDAGraphRunner with one bucket
                              of exactly the batch's shape (GPU only: the runner refuses the CPU)
     bertfast-amp             bertfast with float32 weights under torch.autocast (training rows)
-    hf-eager                 transformers.BertModel, attn_implementation="eager"
+    hf-eager                 transformers.BertModel (with a checkpoint: its own class, e.g. RobertaModel),
+                             attn_implementation="eager"
     hf-sdpa                  transformers.BertModel, attn_implementation="sdpa"
     bertfast-triton-padded   bertfast on the Triton backend, set_unpad(False): the padded path
     hf-compile               the hf-sdpa model with each encoder layer torch.compile'd (regional
@@ -281,6 +282,7 @@ class ModelBench:
             master.load_state_dict(loaded.state_dict())
             del loaded
         self.config = config
+        self.checkpoint = checkpoint
         self.master = master.eval().requires_grad_(False)
         self.label = model_label(config)
         self.seed = seed
@@ -316,9 +318,17 @@ class ModelBench:
         if fresh or key not in self._models:
             import transformers
 
-            with torch.device(self.device):
-                model = transformers.BertModel(hf_config(self.config, attn_implementation))
-            model.load_state_dict(self.master.state_dict())
+            if self.checkpoint is not None:
+                # The folder's own class (RoBERTa, ELECTRA, ...) and weights: a BertModel built from a
+                # family's converted config would compute another function (RoBERTa's positions).
+                dropout = {k: getattr(self.config, k) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob")}
+                model = transformers.AutoModel.from_pretrained(
+                    self.checkpoint, attn_implementation=attn_implementation, dtype=torch.float32, **dropout
+                ).to(self.device)
+            else:
+                with torch.device(self.device):
+                    model = transformers.BertModel(hf_config(self.config, attn_implementation))
+                model.load_state_dict(self.master.state_dict())
             model = model.to(DTYPES[dtype]).eval().requires_grad_(False)
             if fresh:
                 return model

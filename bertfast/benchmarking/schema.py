@@ -34,6 +34,8 @@ import math
 import os
 from collections.abc import Iterable
 
+from .timing import CLOCKS
+
 SCHEMA_VERSION = 1
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 PEAK_KEYS = ("bf16_matmul_tflops", "copy_gbps")
@@ -136,6 +138,9 @@ OPTIONAL_ROW_FIELDS = {
     "lengths": (_text, "a non-empty string (a length distribution's name)"),
     "fill": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "tokens_per_s": (_optional(_positive), "a positive number or null"),
+    "clock": (lambda v: v in CLOCKS, f"one of {CLOCKS}"),
+    "host_ms": (_positive, "a positive number"),
+    "throughput_ms": (_positive, "a positive number (per call, calls back to back)"),
 }
 SKIPPED_FIELDS = {
     "name": ROW_FIELDS["name"],
@@ -255,6 +260,29 @@ def write_result(data: dict, root: str | os.PathLike) -> str:
     return path
 
 
+# What result files written before one name per op called an op (row name prefix) or an implementation.
+OLD_NAMES = {
+    "layernorm": "layer_norm",
+    "bias-gelu": "bias_gelu",
+    "mean-pool": "mean_pool",
+    "attention-varlen": "attention_varlen",
+    "torch-layernorm": "torch-layer_norm",
+}
+
+
+def current_names(data: dict) -> dict:
+    """``data`` with the op and implementation names of older result files replaced by today's."""
+    for row in [*(data.get("results") or []), *(data.get("skipped") or [])]:
+        if not isinstance(row, dict):
+            continue
+        for old, new in OLD_NAMES.items():
+            if isinstance(row.get("name"), str) and row["name"].startswith(old + "-"):
+                row["name"] = new + row["name"][len(old) :]
+            if row.get("impl") == old:
+                row["impl"] = new
+    return data
+
+
 def read_result(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     try:
@@ -264,7 +292,7 @@ def read_result(path: str | os.PathLike) -> dict:
         raise ResultSchemaError(f"result file {path!r} does not exist") from None
     except json.JSONDecodeError as exc:
         raise ResultSchemaError(f"result file {path!r} is not valid JSON: {exc}") from None
-    return validate(data, f"result file {path!r}")
+    return validate(current_names(data), f"result file {path!r}")
 
 
 def stored_runs(folder: str | os.PathLike) -> list[str]:
@@ -318,6 +346,10 @@ def make_row(
         "min_ms": timing.min_ms,
         "rounds": timing.rounds,
     }
+    if timing.clock:
+        row["clock"] = timing.clock
+    if timing.host_ms:
+        row["host_ms"] = timing.host_ms
     if nbytes:
         row["gbps"] = nbytes / seconds / 1e9
     if peaks:

@@ -9,6 +9,12 @@ One call is timed at a time (:class:`Timer`):
   the host a head start, so a short kernel is not timed waiting for its own launch;
 - on the CPU, with ``time.perf_counter``.
 
+A kernel is timed by its device duration instead (:class:`KernelTimer`): every timed round runs
+inside one ``torch.profiler`` session between round markers, and a round's time is the time the
+device was busy with the kernels (and copies) that started in it, from the profiler's kernel
+events.  Host time (launch overhead, Python) is then never in the number; it is kept beside it
+(``host_ms``: from the call to its return, before the device is waited for).
+
 The caller passes several input sets and every round takes the next one, so a small
 problem is not measured with its inputs still warm in the cache.  A measurement
 (:func:`measure`, or :func:`measure_with_pytest_benchmark` inside the pytest suites) first
@@ -19,6 +25,7 @@ percentiles.  A difference smaller than the p20-p80 spread is noise.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import statistics
@@ -56,6 +63,11 @@ SUITE_MODEL_PLAN = TimingPlan(min_warmup=2, warmup_ms=30.0, target_ms=200.0, min
 SMOKE_PLAN = TimingPlan(min_warmup=0, warmup_ms=0.0, target_ms=0.0, min_rounds=1, max_rounds=1)
 
 
+# What a timing measured: the device's busy time in kernel events, CUDA events around the call
+# (device time including any wait for the host), or the host's clock.
+CLOCKS = ("kernel", "events", "host")
+
+
 @dataclasses.dataclass(frozen=True)
 class Timing:
     median_ms: float
@@ -63,9 +75,16 @@ class Timing:
     p80_ms: float
     min_ms: float
     rounds: int
+    clock: str | None = None  # one of CLOCKS
+    host_ms: float | None = None  # median host time per call, where it is measured apart
+
+    @property
+    def spread(self) -> float:
+        """The p20-p80 spread as a share of the median."""
+        return (self.p80_ms - self.p20_ms) / self.median_ms
 
     @classmethod
-    def from_samples(cls, samples_ms: Sequence[float]) -> Timing:
+    def from_samples(cls, samples_ms: Sequence[float], clock: str | None = None, host_ms=None) -> Timing:
         if not samples_ms:
             raise ValueError("no timed samples")
         ordered = sorted(samples_ms)
@@ -82,6 +101,8 @@ class Timing:
             p80_ms=quantile(0.8),
             min_ms=ordered[0],
             rounds=len(ordered),
+            clock=clock,
+            host_ms=statistics.median(host_ms) if host_ms else None,
         )
 
 
@@ -98,6 +119,7 @@ class Timer:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.samples_ms: list[float] = []
+        self.host_ms: list[float] = []  # from the call to its return, before the device is waited for
         self._flush = None
         if self.cuda and flush_l2:
             self._flush = torch.empty(l2_flush_bytes(self.device), dtype=torch.int8, device=self.device)
@@ -111,7 +133,9 @@ class Timer:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
+            begin = time.perf_counter()
             fn(*args)
+            self.host_ms.append((time.perf_counter() - begin) * 1e3)
             end.record()
             end.synchronize()
             elapsed = start.elapsed_time(end)
@@ -119,11 +143,101 @@ class Timer:
             begin = time.perf_counter()
             fn(*args)
             elapsed = (time.perf_counter() - begin) * 1e3
+            self.host_ms.append(elapsed)
         self.samples_ms.append(elapsed)
         return elapsed
 
+    def reset(self) -> None:
+        """Forget the calls so far (the warm-up's)."""
+        self.samples_ms.clear()
+        self.host_ms.clear()
+
     def timing(self) -> Timing:
-        return Timing.from_samples(self.samples_ms)
+        return Timing.from_samples(self.samples_ms, clock="events" if self.cuda else "host", host_ms=self.host_ms)
+
+
+ROUND_MARKER = "bertfast.round"
+
+
+def is_device_work(event) -> bool:
+    """A kernel, copy or fill on a GPU in ``torch.profiler``'s events (not a user range drawn there)."""
+    return event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation
+
+
+def busy_ms_per_round(events, is_work=is_device_work, marker: str = ROUND_MARKER) -> list[float]:
+    """Device-busy milliseconds of each round in a profile: the union of the work intervals that
+    start between a round marker's start and the next one's (so a wait on the host, a launch gap or
+    two overlapping kernels are not counted twice or at all).  ``events``: ``profile.events()``."""
+    cpu = torch.autograd.DeviceType.CPU  # on a GPU the marker is drawn on the device's timeline too
+    starts = sorted(e.time_range.start for e in events if e.name == marker and e.device_type == cpu)
+    work = sorted((e.time_range.start, e.time_range.end) for e in events if is_work(e))
+    busy = [0.0] * len(starts)
+    covered = [float("-inf")] * len(starts)  # how far each round's union reaches so far
+    for begin, end in work:
+        i = bisect.bisect_right(starts, begin) - 1
+        if i < 0:
+            continue  # before the first round: the untimed set-up
+        busy[i] += max(0.0, end - max(begin, covered[i]))
+        covered[i] = max(covered[i], end)
+    return [us / 1e3 for us in busy]
+
+
+class KernelTimer(Timer):
+    """Times calls by the device's kernel time (see the module docstring), with host time beside it.
+
+    ``is_work`` picks the events that are device work and ``activities`` what the profiler
+    records; the defaults are the GPU's (a test on the CPU passes a CPU range as its "kernel")."""
+
+    def __init__(self, device, flush_l2: bool = True, is_work=is_device_work, activities=None):
+        super().__init__(device, flush_l2)
+        self.is_work = is_work
+        activities = activities or [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        self._activities = activities
+        self._profile = None
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def call(self, fn: Callable[..., Any], args: Sequence[Any]) -> float:
+        """Run ``fn(*args)`` once inside the profile; returns its wall time (for planning rounds)."""
+        if self._profile is None:
+            self._profile = torch.profiler.profile(activities=self._activities)
+            self._profile.__enter__()
+        self._sync()
+        if self._flush is not None:
+            self._flush.zero_()
+            self._sync()  # the flush ends before the round begins
+        begin = time.perf_counter()
+        with torch.profiler.record_function(ROUND_MARKER):
+            fn(*args)
+            returned = time.perf_counter()
+            self._sync()
+        elapsed = (time.perf_counter() - begin) * 1e3
+        self.host_ms.append((returned - begin) * 1e3)
+        self.samples_ms.append(elapsed)
+        return elapsed
+
+    def _close(self):
+        profile, self._profile = self._profile, None
+        if profile is not None:
+            profile.__exit__(None, None, None)
+        return profile
+
+    def reset(self) -> None:
+        self._close()
+        super().reset()
+
+    def timing(self) -> Timing:
+        profile = self._close()
+        busy = busy_ms_per_round(profile.events(), self.is_work) if profile is not None else []
+        if len(busy) != len(self.host_ms) or not all(busy):
+            idle = sum(1 for ms in busy if not ms)
+            raise RuntimeError(
+                f"the profiler saw device work in {len(busy) - idle} of {len(self.host_ms)} rounds: "
+                "a kernel timing needs every round's kernels (is the profiler's CUDA activity available?)"
+            )
+        return Timing.from_samples(busy, clock="kernel", host_ms=self.host_ms)
 
 
 class Rotation:
@@ -152,7 +266,7 @@ def warm_up(timer: Timer, fn: Callable[..., Any], rotation: Rotation, plan: Timi
         if calls >= 1000:
             break
     estimate = statistics.median(timer.samples_ms[1:] or timer.samples_ms) if calls else 0.0
-    timer.samples_ms.clear()
+    timer.reset()
     return estimate
 
 

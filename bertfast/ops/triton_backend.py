@@ -53,12 +53,12 @@ def unsupported(op: str, *tensors, **meta) -> str | None:
     elif op == "mean_pool":
         from ..kernels import mean_pool as kernel
     else:  # layer_norm and embedding_layer_norm both end in the LayerNorm kernel
-        from ..kernels import layernorm as kernel
+        from ..kernels import layer_norm as kernel
     return kernel.unsupported(*tensors)
 
 
 def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=0.0, seed=None):
-    from ..kernels.layernorm import layer_norm as kernel
+    from ..kernels.layer_norm import layer_norm as kernel
 
     return kernel(x, weight, bias, eps, residual, linear_bias, dropout_p, seed)
 

@@ -1,4 +1,4 @@
-"""The Triton LayerNorm (kernels/layernorm.py) against the float64 reference.
+"""The Triton LayerNorm (kernels/layer_norm.py) against the float64 reference.
 
 Runs on a GPU when there is one, else in Triton's interpreter on CPU tensors.
 """
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from bertfast.kernels import layernorm  # noqa: E402
+from bertfast.kernels import layer_norm  # noqa: E402
 
 import bertfast.ops as ops  # noqa: E402
 from bertfast import BackendUnavailable  # noqa: E402
@@ -87,7 +87,7 @@ def _torch_lowp(x, weight, bias, eps, residual=None, linear_bias=None):
 def _check_against_reference(inputs, dy, eps):
     """The kernel's output and every gradient against float64 (and PyTorch's low-precision run)."""
     _poison_allocator()
-    y, grads = _run(layernorm.layer_norm, inputs, dy, eps)
+    y, grads = _run(layer_norm.layer_norm, inputs, dy, eps)
     y64, grads64 = _run(reference.layer_norm, inputs, dy, eps, cast=torch.float64)
     lowp = inputs["x"].dtype != torch.float32
     y_lp, grads_lp = _run(_torch_lowp, inputs, dy, eps) if lowp else (None, {})
@@ -147,13 +147,13 @@ def test_strided_inputs_and_gradient():
 
 def test_gpu_launch_configs(monkeypatch):
     """The GPU tile shapes (one row per program, few groups, large multi-row tiles) give the same answer."""
-    gpu_config = lambda t, n_rows, n_cols, direction: layernorm.launch_config(  # noqa: E731
+    gpu_config = lambda t, n_rows, n_cols, direction: layer_norm.launch_config(  # noqa: E731
         n_rows, n_cols, direction, gpu=True, sm_count=1
     )
-    monkeypatch.setattr(layernorm, "_config_for", gpu_config)
-    assert layernorm.launch_config(33, 1000, "forward", gpu=True).rows == 1
+    monkeypatch.setattr(layer_norm, "_config_for", gpu_config)
+    assert layer_norm.launch_config(33, 1000, "forward", gpu=True).rows == 1
     for n_rows, n_cols in ((33, 1000), (70, 37)):  # several groups of several tiles each
-        config = layernorm.launch_config(n_rows, n_cols, "backward", gpu=True, sm_count=1)
+        config = layer_norm.launch_config(n_rows, n_cols, "backward", gpu=True, sm_count=1)
         assert config.num_groups == 2 and n_rows > 2 * config.rows
     for shape in ((33, 1000), (70, 37)):
         inputs, dy = _make_inputs(shape, torch.float32, residual=True, linear_bias=True, seed=4)
@@ -162,21 +162,21 @@ def test_gpu_launch_configs(monkeypatch):
 
 def test_weight_gradients_are_deterministic():
     inputs, dy = _make_inputs((45, 300), torch.float32, residual=True, linear_bias=True, seed=5)
-    first = _run(layernorm.layer_norm, inputs, dy, 1e-12)[1]
-    second = _run(layernorm.layer_norm, inputs, dy, 1e-12)[1]
+    first = _run(layer_norm.layer_norm, inputs, dy, 1e-12)[1]
+    second = _run(layer_norm.layer_norm, inputs, dy, 1e-12)[1]
     for name in GRAD_NAMES:
         assert torch.equal(first[name], second[name]), f"d{name} differs between two runs"
 
 
 def test_residual_gradient_is_x_gradient():
     inputs, dy = _make_inputs((7, 64), torch.float32, residual=True, linear_bias=False, seed=6)
-    grads = _run(layernorm.layer_norm, inputs, dy, 1e-12)[1]
+    grads = _run(layer_norm.layer_norm, inputs, dy, 1e-12)[1]
     assert torch.equal(grads["x"], grads["residual"])
 
 
 def test_empty_batch():
     inputs, dy = _make_inputs((0, 64), torch.float32, residual=True, linear_bias=True)
-    y, grads = _run(layernorm.layer_norm, inputs, dy, 1e-12)
+    y, grads = _run(layer_norm.layer_norm, inputs, dy, 1e-12)
     assert y.shape == (0, 64)
     assert grads["x"].shape == (0, 64)
     for name in ("weight", "bias", "linear_bias"):
@@ -212,7 +212,7 @@ def test_torch_compile_traces_without_graph_breaks():
 
     def step(x, weight, bias, eps, residual, linear_bias):
         # Ops around the kernel, so the graph is more than the one custom op.
-        return layernorm.layer_norm(x * 2.0, weight, bias, eps, residual, linear_bias).relu()
+        return layer_norm.layer_norm(x * 2.0, weight, bias, eps, residual, linear_bias).relu()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     y_eager, grads_eager = _run(step, inputs, dy, 1e-12)
@@ -237,10 +237,10 @@ def test_public_api_on_triton_backend():
 
 def test_unsupported_explains_why():
     hidden = torch.empty(2, 64, device=DEVICE)
-    assert layernorm.unsupported(hidden) is None
-    assert layernorm.unsupported(torch.empty(2, 4096, device=DEVICE)) is None
-    assert "4096" in layernorm.unsupported(torch.empty(2, 4097, device=DEVICE))
-    assert "float64" in layernorm.unsupported(hidden.double())
+    assert layer_norm.unsupported(hidden) is None
+    assert layer_norm.unsupported(torch.empty(2, 4096, device=DEVICE)) is None
+    assert "4096" in layer_norm.unsupported(torch.empty(2, 4097, device=DEVICE))
+    assert "float64" in layer_norm.unsupported(hidden.double())
     weight = torch.ones(4097, device=DEVICE)
     with pytest.raises(BackendUnavailable, match="4096"):
         ops.layer_norm(torch.randn(2, 4097, device=DEVICE), weight, weight, backend="triton")
@@ -252,16 +252,16 @@ def test_bad_inputs_raise_clear_errors():
     x = torch.randn(3, 64, device=DEVICE)
     weight = torch.ones(64, device=DEVICE)
     with pytest.raises(ValueError, match=r"weight must have shape \(64,\)"):
-        layernorm.layer_norm(x, weight[:32], weight, 1e-5)
+        layer_norm.layer_norm(x, weight[:32], weight, 1e-5)
     with pytest.raises(ValueError, match=r"bias must have shape \(64,\)"):
-        layernorm.layer_norm(x, weight, weight[:32], 1e-5)
+        layer_norm.layer_norm(x, weight, weight[:32], 1e-5)
     with pytest.raises(ValueError, match=r"linear_bias must have shape \(64,\)"):
-        layernorm.layer_norm(x, weight, weight, 1e-5, linear_bias=weight[:63])
+        layer_norm.layer_norm(x, weight, weight, 1e-5, linear_bias=weight[:63])
     with pytest.raises(TypeError, match="residual has dtype torch.float16"):
-        layernorm.layer_norm(x, weight, weight, 1e-5, residual=x.half())
+        layer_norm.layer_norm(x, weight, weight, 1e-5, residual=x.half())
     with pytest.raises(ValueError, match="residual must have x's shape"):
-        layernorm.layer_norm(x, weight, weight, 1e-5, residual=x[:2])
+        layer_norm.layer_norm(x, weight, weight, 1e-5, residual=x[:2])
     with pytest.raises(TypeError, match="float64"):
-        layernorm.layer_norm(x.double(), weight, weight, 1e-5)
+        layer_norm.layer_norm(x.double(), weight, weight, 1e-5)
     with pytest.raises(ValueError, match="eps must be positive"):
-        layernorm.layer_norm(x, weight, weight, 0.0)
+        layer_norm.layer_norm(x, weight, weight, 0.0)
