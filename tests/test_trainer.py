@@ -200,3 +200,35 @@ def test_pipelines_run_native_models(minilm):
     expected = transformers.pipeline("text-classification", model=hf_classifier, tokenizer=tokenizer)(texts)
     assert [r["label"] for r in results] == [r["label"] for r in expected]
     torch.testing.assert_close([r["score"] for r in results], [r["score"] for r in expected], rtol=1e-4, atol=1e-5)
+
+
+def test_fill_mask_and_token_classification_pipelines_run_native_models(minilm):
+    """fill-mask writes into the model's output (``outputs["input_ids"] = ...``), as into transformers' ModelOutput."""
+    path, tokenizer = minilm
+    texts = [f"bertfast runs {tokenizer.mask_token} fast.", f"A {tokenizer.mask_token} sentence."]
+    for task, name in (("fill-mask", "BertForMaskedLM"), ("token-classification", "BertForTokenClassification")):
+        native = getattr(bertfast, name).from_pretrained(path)
+        hf = getattr(transformers, name).from_pretrained(path).eval()
+        hf.load_state_dict(native.state_dict(), strict=False)  # the same (new) head weights
+        results = transformers.pipeline(task, model=native, tokenizer=tokenizer)(texts)
+        expected = transformers.pipeline(task, model=hf, tokenizer=tokenizer)(texts)
+        for got, want in zip(results, expected):
+            assert [r.get("token", r.get("entity")) for r in got] == [r.get("token", r.get("entity")) for r in want]
+            torch.testing.assert_close([float(r["score"]) for r in got], [float(r["score"]) for r in want])
+
+
+def test_outputs_behave_like_transformers_model_output():
+    from bertfast.outputs import BaseModelOutput, MaskedLMOutput
+
+    logits = torch.randn(2, 3)
+    out = MaskedLMOutput(logits=logits)
+    assert out.keys() == ["logits"] and out.to_tuple() == (logits,) and "loss" not in out
+    with pytest.raises(KeyError):
+        out["loss"]
+    loss = torch.tensor(1.0)
+    out["loss"] = loss  # a field, by item: the attribute follows
+    assert out.loss is loss and out[0] is loss and out.keys() == ["loss", "logits"]
+    out.input_ids = ids = torch.ones(2, 3)  # a new key, by attribute: the item follows, after the fields
+    assert out["input_ids"] is ids and out.keys() == ["loss", "logits", "input_ids"] and len(out) == 3
+    assert dict(out.items()) == {"loss": loss, "logits": logits, "input_ids": ids}
+    assert BaseModelOutput(last_hidden_state=logits, packed_last_hidden_state=logits).keys() == ["last_hidden_state"]
