@@ -232,3 +232,35 @@ def test_outputs_behave_like_transformers_model_output():
     assert out["input_ids"] is ids and out.keys() == ["loss", "logits", "input_ids"] and len(out) == 3
     assert dict(out.items()) == {"loss": loss, "logits": logits, "input_ids": ids}
     assert BaseModelOutput(last_hidden_state=logits, packed_last_hidden_state=logits).keys() == ["last_hidden_state"]
+
+
+def _token_dataset(head: str) -> list[dict]:
+    """``_dataset``'s rows with the labels each token-reading head takes."""
+    rows = []
+    for row in _dataset():
+        row = {"input_ids": row["input_ids"], "attention_mask": row["attention_mask"]}
+        length = int(row["attention_mask"].sum())
+        if head == "ForQuestionAnswering":  # no padding: bertfast keeps padding out of the span softmax
+            row["attention_mask"] = torch.ones_like(row["attention_mask"])
+            row.update(start_positions=torch.tensor(1), end_positions=torch.tensor(length - 1))
+        else:
+            classes = VOCAB if head == "ForMaskedLM" else 2
+            row["labels"] = (row["input_ids"] % classes).masked_fill(row["attention_mask"] == 0, -100)
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("head", ["ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering"])
+def test_trainer_default_arguments_train_patched_token_heads(head, tmp_path):
+    """Trainer keeps the dataset columns the forward's signature names (remove_unused_columns): the patched
+    forward shows the original's, so input_ids reach it, and it trains as the unpatched model."""
+    reference = getattr(transformers, "Bert" + head)(_hf_classifier().config).eval()
+    patched = bertfast.patch(copy.deepcopy(reference), backend="reference")
+    losses = []
+    for model in (reference, patched):
+        # A small rate: AdamW turns the attention key bias's zero gradient (rounding) into a full step.
+        trainer = _trainer(model, tmp_path, accumulation=1, steps=2, learning_rate=1e-4)
+        trainer.train_dataset = _token_dataset(head)
+        trainer.train()
+        losses.append(trainer.micro_losses)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
