@@ -117,7 +117,11 @@ _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 def family_of_config(config) -> Family | None:
     """The family of a transformers config (by ``model_type``), or None."""
-    return _BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+    return family_of_model_type(getattr(config, "model_type", None))
+
+
+def family_of_model_type(model_type: str | None) -> Family | None:
+    return _BY_MODEL_TYPE.get(model_type)
 
 
 def encoder_module(bert: nn.Module) -> nn.Module:
@@ -296,19 +300,29 @@ _NOT_NATIVE = {
 }
 
 
+def foreign_head_reason(class_name: str) -> str | None:
+    """Why the head of the family class ``class_name`` is not a native head's (``"its multiple-choice head is
+    not BERT's"``), or None (a native head, BERT's own, or a class outside the family)."""
+    for family in FAMILIES:
+        if family is not BERT and class_name.startswith(family.prefix):
+            head = class_name[len(family.prefix) :]
+            return _NOT_NATIVE.get((family.model_types[0], head)) or _OTHER_HEADS.get(head)
+    return None
+
+
 def native_class_name(class_name: str) -> tuple[str, Family] | None:
     """``("Bert<head>", family)`` for a transformers class of the BERT family whose head is BERT's; None for a
     class that is not of the family.  Raises ``TypeError`` naming a family head with no native class."""
+    reason = foreign_head_reason(class_name)
+    if reason is not None:
+        raise TypeError(
+            f"transformers {class_name} has no bertfast native class ({reason}); bertfast.patch(model) runs it "
+            "(a patched encoder under transformers' own head)"
+        )
     for family in FAMILIES:
         if not class_name.startswith(family.prefix):
             continue
         head = class_name[len(family.prefix) :]
-        reason = _NOT_NATIVE.get((family.model_types[0], head)) or _OTHER_HEADS.get(head)
-        if reason is not None and family is not BERT:
-            raise TypeError(
-                f"transformers {class_name} has no bertfast native class ({reason}); bertfast.patch(model) runs it "
-                "(a patched encoder under transformers' own head)"
-            )
         if head in NATIVE_HEADS or family is BERT:
             return "Bert" + head, family
     return None

@@ -530,7 +530,8 @@ def encode(
     if position_ids is None:  # from the padded ids, before any packing (RoBERTa counts real tokens only)
         position_ids = default_position_ids(config, input_ids, seq, device)
     position_ids = position_ids.expand(batch, seq)
-    if token_type_ids is None:
+    if token_type_ids is None or "token_type_embeddings" not in bert.embeddings._modules:
+        # DistilBERT has no token types: a pair tokenizer's token_type_ids are ignored, as transformers does.
         token_type_ids = torch.zeros((batch, seq), dtype=torch.long, device=device)
     token_type_ids = token_type_ids.expand(batch, seq)
 

@@ -193,15 +193,31 @@ def load_state_dict_checked(
     return LoadingInfo(missing_keys=missing, unexpected_keys=unexpected, tied_keys=sorted(tied))
 
 
+def _encoder_only(state: dict, model_type: str, what: str, class_name: str) -> dict:
+    """The embedding and encoder tensors of ``state``; the rest is named in a warning."""
+    base = (family.family_of_model_type(model_type) or family.BERT).base_attr
+    encoder_prefixes = ("embeddings.", "encoder.", "transformer.")
+    kept = {k: t for k, t in state.items() if k.removeprefix(f"{base}.").startswith(encoder_prefixes)}
+    head = sorted(k for k in state if k not in kept)
+    warnings.warn(
+        f"{what}: bertfast.{class_name} loads its encoder only, not its head {head}; bertfast.{class_name}'s own "
+        "head starts from its initial values",
+        stacklevel=4,
+    )
+    return kept
+
+
 def load_pretrained(cls, path, backend="auto", dtype=None, device=None, strict=False):
     path = os.fspath(path)
     config = BertConfig.from_pretrained(path)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         model_type = json.load(f).get("model_type", "bert")
+    state = read_state_dict(path)
     if cls.__name__ != "BertModel":
         for architecture in config.extra.get("architectures") or ():
-            family.native_class_name(architecture)  # raises for a family head with no native class
-    state = read_state_dict(path)
+            reason = family.foreign_head_reason(architecture)
+            if reason is not None:  # its head tensors would land in the wrong head: the encoder alone loads
+                state = _encoder_only(state, model_type, f"a {architecture} checkpoint ({reason})", cls.__name__)
     model = cls(config, backend=backend)
     model.loading_info = load_state_dict_checked(model, state, strict, model_type)
     if dtype is not None or device is not None:

@@ -12,14 +12,49 @@ class ModelOutput:
     """Base for output dataclasses: ``out.logits``, ``out[0]``, ``out["logits"]``, ``tuple(out)``.
 
     As in Hugging Face, fields that are ``None`` are skipped when indexing by position, so
-    ``out[0]`` is the loss when labels were given and the logits otherwise.
+    ``out[0]`` is the loss when labels were given and the logits otherwise.  Like Hugging Face's
+    ``ModelOutput`` (which pipelines and Trainer write to), ``out["key"] = value`` sets the attribute
+    and ``out.key = value`` the item, for a field or a new key (kept after the fields, in order).
     """
 
+    # The fields positions, keys() and len() count; None: every dataclass field.
+    _TUPLE_FIELDS: tuple[str, ...] | None = None
+
+    def __setattr__(self, name, value):
+        if not name.startswith("_") and name not in self.__dataclass_fields__:
+            added = self.__dict__.setdefault("_added_keys", [])
+            if name not in added:
+                added.append(name)
+        super().__setattr__(name, value)
+
+    def __setitem__(self, key, value):
+        if not isinstance(key, str):
+            raise TypeError(f"{type(self).__name__} items are set by name, got {key!r}")
+        setattr(self, key, value)
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def keys(self):
+        names = self._TUPLE_FIELDS or tuple(self.__dataclass_fields__)
+        return [n for n in (*names, *self.__dict__.get("_added_keys", ())) if getattr(self, n) is not None]
+
+    def values(self):
+        return [getattr(self, name) for name in self.keys()]
+
+    def items(self):
+        return [(name, getattr(self, name)) for name in self.keys()]
+
+    def get(self, key, default=None):
+        return getattr(self, key) if key in self.keys() else default
+
     def to_tuple(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.keys())
+        return tuple(self.values())
 
     def __getitem__(self, key):
         if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]
 
@@ -27,10 +62,7 @@ class ModelOutput:
         return iter(self.to_tuple())
 
     def __len__(self) -> int:
-        return len(self.to_tuple())
-
-    def keys(self):
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+        return len(self.keys())
 
 
 def _register(cls):
@@ -62,9 +94,6 @@ class BaseModelOutput(ModelOutput):
     # The packed fields are attributes only: like Hugging Face's outputs, positions, keys() and
     # len() count the same fields.
     _TUPLE_FIELDS = ("last_hidden_state", "pooler_output", "hidden_states")
-
-    def keys(self):
-        return [n for n in self._TUPLE_FIELDS if getattr(self, n) is not None]
 
 
 @_register

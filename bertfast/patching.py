@@ -71,8 +71,16 @@ when a Linear/LayerNorm/Embedding has been replaced by another type (adapters
 such as LoRA, quantized layers) or is configured differently
 (no bias, ``max_norm``...), or when a submodule carries module hooks or an instance-level
 ``forward`` of its own (accelerate's device hooks, another patch): the patched forward does
-not call the submodules, so those would silently stop running.  Hooks added *after*
-patching are not detected.
+not call the submodules, so those would silently stop running.  The same changes made
+*after* patching (a submodule replaced or wrapped, as LoRA or LN-tuning do; its type changed, as
+a parametrization does; a hook registered on it, as ``torch.nn.utils.prune`` does; its parameters
+renamed) make the patched forward raise :class:`PatchError` naming the module until
+:func:`unpatch` (transformers' own hooks and gradient checkpointing pass; an instance-level
+``forward`` set on a submodule afterwards is not detected, nor anything under ``torch.compile``).
+
+The patched forwards show each module's own forward signature (``inspect.signature``, which
+Trainer reads to keep the dataset columns) and bind positional arguments in its order;
+DistilBERT's ignores ``token_type_ids``, as transformers' does.
 
 At call time a clear error is raised (never a silently different answer) for
 ``output_attentions=True`` (argument or config default), ``head_mask``,
@@ -95,7 +103,9 @@ import logging
 import sys
 import warnings
 
+import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import family, head_losses, layers
 from .forward_kwargs import check_forward_kwargs
@@ -257,7 +267,7 @@ def _bert_model_reason(bert: nn.Module, path: str = "") -> str | None:
             f"({bert.config.hidden_size}): the embeddings_project layer is not BERT's; bertfast runs ELECTRA "
             "only with embedding_size == hidden_size"
         )
-    hidden = emb.word_embeddings.embedding_dim
+    hidden = bert.config.hidden_size
     checks = [
         _check_embedding(f"{base}embeddings.word_embeddings", emb.word_embeddings),
         _check_embedding(f"{base}embeddings.position_embeddings", emb.position_embeddings),
@@ -338,36 +348,100 @@ def _selected_hidden_states(states: list, selection) -> tuple:
     return tuple(h if i in keep else None for i, h in enumerate(states))
 
 
-def _replaced_since_patch(bert: nn.Module) -> str | None:
-    """A layer's linear module that is no longer a plain ``nn.Linear`` (e.g. a LoRA wrapper added after
-    ``patch``), which the fused path would silently skip; ``None`` when all are plain.  Cheap: six type
-    checks per layer."""
-    parts_of = family.layer_parts_function(bert)
-    for layer in family.encoder_layers(bert):
-        parts = parts_of(layer)
-        linears = (parts.query, parts.key, parts.value, parts.attention_dense, parts.intermediate, parts.output_dense)
-        for module in linears:
-            if type(module) is not nn.Linear:
-                name = next(name for name, m in bert.named_modules() if m is module)
-                return f"{name} is now of type {type(module).__name__}"
-    return None
+_SNAPSHOT_ATTR = "_bertfast_snapshot"
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _patched_bert_model_forward(
+class _Snapshot:
+    """The submodules a patched forward reads directly (every one under the base model but the pooler, which
+    it calls), as ``patch`` found them: what each parent holds, their types and parameter names, and
+    torch's hook-handle counter.  A forward compares them in a few C-level passes (a hook registered anywhere
+    moves the counter); only when one differs does :meth:`change` say what (a wrapper, a hook, a
+    parametrization...) or find it harmless."""
+
+    def __init__(self, bert: nn.Module):
+        named = [
+            (name, module)
+            for name, module in bert.named_modules(remove_duplicate=False)
+            if module is not bert and not name.startswith("pooler")
+        ]
+        self.hook_handles = RemovableHandle.next_id
+        self.paths = [name for name, _ in named]
+        self.children = [module for _, module in named]
+        parents = dict(bert.named_modules(remove_duplicate=False))
+        self.parents = [parents[path.rpartition(".")[0]]._modules for path in self.paths]
+        self.names = [path.rpartition(".")[2] for path in self.paths]
+        self.types = list(map(type, self.children))
+        # The dicts are values in each module's __dict__: copies and pickles keep them shared with the module.
+        self.parameter_dicts = [m._parameters for m in self.children if m._parameters]
+        self.parameter_counts = list(map(len, self.parameter_dicts))
+        self.parameters = [tuple(m._parameters) for m in self.children]
+
+    def unchanged(self) -> bool:
+        return (
+            RemovableHandle.next_id == self.hook_handles
+            and list(map(dict.get, self.parents, self.names)) == self.children
+            and list(map(type, self.children)) == self.types
+            and list(map(len, self.parameter_dicts)) == self.parameter_counts
+        )
+
+    def change(self) -> str | None:
+        """What changed since ``patch`` that the patched forward would bypass, or None (only what it honours:
+        transformers' own hooks, gradient-checkpointing attributes)."""
+        for path, parent, name, module, kind, parameters in zip(
+            self.paths, self.parents, self.names, self.children, self.types, self.parameters
+        ):
+            now = parent.get(name)
+            if now is not module:
+                replaced = "removed" if now is None else f"replaced by a {_type_name(type(now))}"
+                return f"{path} was {replaced} after patch (an adapter such as LoRA or LN-tuning?)"
+            if type(module) is not kind:
+                return f"{path} is now a {_type_name(type(module))}, not the {_type_name(kind)} patch found"
+            reason = _foreign_call_machinery(module)
+            if reason is not None:
+                return f"{path}: {reason} after patch (torch.nn.utils.prune, a hook of your own?)"
+            if tuple(module._parameters) != parameters:
+                return f"{path} now holds parameters {list(module._parameters)}, not {list(parameters)}"
+        return None
+
+
+def _check_unchanged_since_patch(bert: nn.Module) -> None:
+    """Raise :class:`PatchError` for a submodule replaced, retyped, hooked or re-parametrised after ``patch``:
+    the patched forward reads the parameters directly and would silently bypass it.  Not under torch.compile
+    (the compiled graph is built from the modules as they were)."""
+    if torch.compiler.is_compiling():
+        return
+    snapshot = bert.__dict__[_SNAPSHOT_ATTR]
+    if snapshot.unchanged():
+        return
+    reason = snapshot.change()
+    if reason is None:  # nothing the patched forward bypasses: compare against the new state from now on
+        bert.__dict__[_SNAPSHOT_ATTR] = _Snapshot(bert)
+        return
+    raise PatchError(
+        f"{reason}: the patched forward reads the parameters directly and would bypass it. Call "
+        "bertfast.unpatch(model) to run the model with it, or patch after wrapping"
+    )
+
+
+def _patched_bert_model_forward(self, *args, **kwargs):
+    """transformers ``BertModel.forward`` (or the family base model's) computed by :mod:`bertfast.layers`
+    (see :mod:`bertfast.patching`); arguments bound by the original forward's signature."""
+    return _encode_patched(self, **_bound_arguments(self, args, kwargs))
+
+
+def _encode_patched(
     self,
     input_ids=None,
     attention_mask=None,
     token_type_ids=None,
     position_ids=None,
-    *,
     inputs_embeds=None,
     output_attentions=None,
     output_hidden_states=None,
     return_dict=None,
     **kwargs,
 ):
-    """transformers ``BertModel.forward`` (or the family base model's) computed by :mod:`bertfast.layers`
-    (see :mod:`bertfast.patching`)."""
     # A class of the submodule, not ``from transformers import modeling_outputs``: under torch.compile
     # (torch 2.11) dynamo cannot import through transformers' lazy top-level module.
     from transformers.modeling_outputs import BaseModelOutput
@@ -385,13 +459,7 @@ def _patched_bert_model_forward(
     if return_dict is None:
         return_dict = getattr(config, "return_dict", True) and not getattr(config, "torchscript", False)
     check_forward_kwargs(kwargs, "bertfast-patched BERT", hint="call bertfast.unpatch(model) to use it")
-    replaced = _replaced_since_patch(self)
-    if replaced is not None:
-        raise PatchError(
-            f"{replaced}, not the plain torch.nn.Linear bertfast.patch found: the patched forward would ignore "
-            "what wraps it (an adapter such as LoRA added after patching?). Call bertfast.unpatch(model) first; "
-            "patch only models whose linear layers are plain"
-        )
+    _check_unchanged_since_patch(self)
     # As in transformers, a falsy selection (False, 0, []) returns no hidden states.
     inputs = (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bool(output_hidden_states))
     backend, unpad_mode = getattr(self, _BACKEND_ATTR), getattr(self, _UNPAD_ATTR, "auto")
@@ -422,21 +490,32 @@ def _forward_signature(cls) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
+@functools.cache
+def _var_keyword(cls) -> str | None:
+    return next((k for k, p in _forward_signature(cls).parameters.items() if p.kind is p.VAR_KEYWORD), None)
+
+
+def _bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A patched call's arguments by the names of ``module``'s class forward (positional ones in its order,
+    as transformers reads them), with what its ``**kwargs`` caught merged in."""
+    arguments = _forward_signature(type(module)).bind(module, *args, **kwargs).arguments
+    del arguments[next(iter(arguments))]  # the module itself
+    caught = arguments.pop(_var_keyword(type(module)), {})
+    return {**arguments, **caught}
+
+
 def _patched_head_model_forward(self, *args, **kwargs):
     """The head model's own forward, with padding kept out of its loss as in bertfast's native heads."""
-    call = _forward_signature(type(self)).bind(self, *args, **kwargs)
-    arguments = call.arguments
-    extra = arguments.pop(next(k for k, p in call.signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
-    arguments.pop("self")
+    arguments = _bound_arguments(self, args, kwargs)
     mask = arguments.get("attention_mask")
     if type(self).__name__.endswith(_TOKEN_LABEL_HEADS):
         arguments["labels"] = head_losses.ignore_padding_labels(arguments.get("labels"), mask)
-        return type(self).forward(self, **arguments, **extra)
+        return type(self).forward(self, **arguments)
     start, end = arguments.pop("start_positions", None), arguments.pop("end_positions", None)
-    return_dict = arguments.pop("return_dict", extra.pop("return_dict", None))
+    return_dict = arguments.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    out = type(self).forward(self, **arguments, **extra, return_dict=True)
+    out = type(self).forward(self, **arguments, return_dict=True)
     out.start_logits = head_losses.span_logits(out.start_logits, mask)
     out.end_logits = head_losses.span_logits(out.end_logits, mask)
     if start is not None and end is not None:
@@ -447,9 +526,19 @@ def _patched_head_model_forward(self, *args, **kwargs):
 _PATCHED_FORWARDS = (_patched_bert_model_forward, _patched_head_transform_forward, _patched_head_model_forward)
 
 
+class _PatchedForward(functools.partial):
+    """A patched ``forward``: the function bound to its module, showing the module's own forward signature
+    (``inspect.signature``, which Trainer reads to keep the dataset columns the model takes)."""
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = _forward_signature(type(self.args[0]))
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 def _patched_forward_of(module: nn.Module):
     forward = module.__dict__.get("forward")
-    if isinstance(forward, functools.partial) and forward.func in _PATCHED_FORWARDS and forward.args[0] is module:
+    if isinstance(forward, _PatchedForward) and forward.func in _PATCHED_FORWARDS and forward.args[0] is module:
         return forward
     return None
 
@@ -470,7 +559,7 @@ def _set_forward(module: nn.Module, function, backend: str, unpad=None) -> None:
         setattr(module, _UNPAD_ATTR, unpad)
     # A partial of a module-level function, not a bound method: it pickles (by reference to
     # the function) and deep-copies (rebound to the copy) with the module.
-    module.forward = functools.partial(function, module)
+    module.forward = _PatchedForward(function, module)
 
 
 # Heads that read the first token's hidden state; with left padding it is padding, whose hidden state
@@ -553,6 +642,7 @@ def patch(
             setattr(bert, _UNPAD_ATTR, unpad)
             continue
         _set_forward(bert, _patched_bert_model_forward, backend, unpad)
+        setattr(bert, _SNAPSHOT_ATTR, _Snapshot(bert))
         head = type(module).__name__ if module is not bert else ""
         if head.endswith(_FIRST_TOKEN_HEADS):
             setattr(bert, layers.FIRST_TOKEN_READ_ATTR, True)
@@ -575,6 +665,6 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if _patched_forward_of(module) is not None:
             del module.forward
-            for attr in (_BACKEND_ATTR, _UNPAD_ATTR, layers.FIRST_TOKEN_READ_ATTR):
+            for attr in (_BACKEND_ATTR, _UNPAD_ATTR, _SNAPSHOT_ATTR, layers.FIRST_TOKEN_READ_ATTR):
                 module.__dict__.pop(attr, None)
     return model

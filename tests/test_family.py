@@ -275,8 +275,10 @@ def test_heads_without_a_native_class_are_refused_by_name(family, head, match, t
     with pytest.raises(TypeError, match=match):
         bertfast.from_hf(reference)
     reference.save_pretrained(tmp_path)
-    with pytest.raises(TypeError, match=match):
-        native = {"ForPreTraining": "ForMaskedLM", "ForMultipleChoice": "ForSequenceClassification"}.get(head, head)
+    # A checkpoint of such a head loads into a native head class as its encoder, the head named as not loaded.
+    native = {"ForPreTraining": "ForMaskedLM", "ForMultipleChoice": "ForSequenceClassification"}.get(head, head)
+    loaded = rf"{match.split()[0]} checkpoint .*: bertfast.Bert{native} loads its encoder only"
+    with pytest.warns(UserWarning, match=loaded):
         getattr(bertfast, "Bert" + native).from_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="not in the checkpoint|the model does not use"):  # its own head, no pooler
         bertfast.BertModel.from_pretrained(tmp_path, backend="reference")  # the encoder alone loads
@@ -310,3 +312,23 @@ def test_from_hf_refuses_a_replaced_family_activation_and_a_foreign_config():
         bertfast.from_hf(model)
     with pytest.raises(ValueError, match="expected a config of the BERT family"):
         bertfast.modeling.config_from_hf(transformers.GPT2Config())
+
+
+@pytest.mark.parametrize("head", ["Model", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM"])
+def test_electra_discriminator_checkpoints_load_their_encoder_into_native_classes(head, tmp_path):
+    """As published (architectures: ElectraForPreTraining): the encoder loads, the discriminator head is named as
+    not loaded, the class's own head is reported missing."""
+    reference = hf_model("electra", "ForPreTraining")
+    reference.save_pretrained(tmp_path)
+    cls = getattr(bertfast, "Bert" + head)
+    with pytest.warns(UserWarning) as caught:
+        model = cls.from_pretrained(tmp_path, backend="reference")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "discriminator_predictions.dense.weight" in messages
+    if head != "Model":
+        assert "a ElectraForPreTraining checkpoint (ELECTRA's discriminator head has no native class)" in messages
+    ids, mask = batch(reference.config, [7, 4], 7)
+    encoder = model if head == "Model" else model.bert
+    ours = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    theirs = reference.electra(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert rel_error(ours[mask.bool()], theirs[mask.bool()]) <= MODEL_FP32_REL_TOL

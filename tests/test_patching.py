@@ -564,7 +564,7 @@ def test_a_layer_wrapped_after_patch_is_refused_not_ignored():
 
     sa = model.encoder.layer[1].attention.self
     sa.value = Adapter(sa.value)
-    with pytest.raises(bertfast.PatchError, match=r"encoder.layer.1.attention.self.value is now of type Adapter"):
+    with pytest.raises(bertfast.PatchError, match=r"encoder.layer.1.attention.self.value was replaced by a .*Adapter"):
         model(input_ids=ids)
     bertfast.unpatch(model)
     assert model(input_ids=ids).last_hidden_state.isfinite().all()  # unpatched, transformers runs the adapter
@@ -620,3 +620,89 @@ def test_patch_refuses_a_transformers_before_5(monkeypatch):
     with pytest.raises(RuntimeError, match="needs transformers 5 or newer"):
         patch(model)
     assert not is_patched(model)
+
+
+@pytest.mark.parametrize(
+    "family, head", [("bert", "ForMaskedLM"), ("bert", "ForQuestionAnswering"), ("distilbert", "ForMaskedLM")]
+)
+def test_patched_forwards_keep_the_original_signature_and_positional_order(family, head):
+    """inspect.signature (which Trainer reads) shows each module's own forward, and positional arguments
+    bind in its order: DistilBERT's is (input_ids, attention_mask, inputs_embeds, ...), without token types."""
+    import inspect
+
+    from .test_family import batch, hf_model
+
+    reference = make_hf("Bert" + head) if family == "bert" else hf_model(family, head)
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True)
+    originals = {name: inspect.signature(m.forward) for name, m in reference.named_modules()}
+    assert {name: inspect.signature(m.forward) for name, m in model.named_modules()} == originals
+    ids, mask = batch(reference.config, [6, 4], 6)
+    base = model.base_model
+    embeds = base.embeddings.word_embeddings(ids)
+    args = (ids, mask) if family == "bert" else (None, mask, embeds)
+    expected = getattr(reference, reference.base_model_prefix)(*args).last_hidden_state
+    got = base(*args).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
+    assert torch.equal(model(ids, mask)[0][mask.bool()], model(input_ids=ids, attention_mask=mask)[0][mask.bool()])
+
+
+def _prune(model):
+    import torch.nn.utils.prune
+
+    torch.nn.utils.prune.l1_unstructured(model.encoder.layer[0].intermediate.dense, "weight", amount=0.5)
+
+
+def _wrap_word_embeddings(model):
+    class Adapter(torch.nn.Module):  # LoRA on the embeddings wraps the same way
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+
+        def forward(self, ids):
+            return self.base_layer(ids) * 2
+
+    model.embeddings.word_embeddings = Adapter(model.embeddings.word_embeddings)
+
+
+def _hook_layer_norm(model):
+    model.encoder.layer[1].output.LayerNorm.register_forward_hook(lambda module, args, out: out * 0)
+
+
+def _parametrize_key(model):
+    import torch.nn.utils.parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    torch.nn.utils.parametrize.register_parametrization(model.encoder.layer[0].attention.self.key, "weight", Double())
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (_prune, r"encoder.layer.0.intermediate.dense: it has forward pre hooks"),
+        (_wrap_word_embeddings, r"embeddings.word_embeddings was replaced by a .*Adapter"),
+        (_hook_layer_norm, r"encoder.layer.1.output.LayerNorm: it has forward hooks"),
+        (_parametrize_key, r"encoder.layer.0.attention.self.key is now a .*ParametrizedLinear"),
+    ],
+    ids=["prune", "wrapped-embeddings", "hooked-layer-norm", "parametrization"],
+)
+def test_a_submodule_changed_after_patch_is_refused_until_unpatch(change, match):
+    """Whatever the patched forward would bypass (it reads parameters directly) raises, naming the module."""
+    import transformers
+
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = bertfast.patch(transformers.BertModel(config).eval(), backend="reference", strict=True)
+    ids = torch.randint(1, 50, (2, 6))
+    model(input_ids=ids)
+    model.gradient_checkpointing_enable()  # what patch honours leaves the check quiet
+    model.get_input_embeddings().register_forward_hook(lambda *args: None).remove()
+    model(input_ids=ids)
+    change(model)
+    with pytest.raises(bertfast.PatchError, match=match):
+        model(input_ids=ids)
+    bertfast.unpatch(model)
+    expected = model(input_ids=ids).last_hidden_state  # unpatched, transformers runs the change
+    bertfast.patch(model, backend="reference")  # patch refuses it up front instead
+    assert not bertfast.is_patched(model) and torch.equal(model(input_ids=ids).last_hidden_state, expected)

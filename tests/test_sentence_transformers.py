@@ -97,3 +97,21 @@ def test_patched_cross_encoder_gives_the_same_scores(packing_spy):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     ranked = model.rank("what does bertfast do?", SENTENCES)
     assert sorted(r["corpus_id"] for r in ranked) == list(range(len(SENTENCES)))
+
+
+def test_patched_distilbert_cross_encoder_ignores_token_types_as_transformers(tmp_path):
+    """A BERT tokenizer gives pairs token_type_ids, which transformers' DistilBERT ignores; so must the patch."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    config = transformers.DistilBertConfig(
+        vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=48, num_labels=1
+    )
+    torch.manual_seed(0)
+    transformers.DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = st.CrossEncoder(str(tmp_path), num_labels=1, device="cpu")
+    pairs = [("what does bertfast do?", sentence) for sentence in SENTENCES]
+    assert "token_type_ids" in model.tokenizer(*zip(*pairs[:1]))
+    expected = model.predict(pairs, convert_to_tensor=True)
+    bertfast.patch(model, backend="reference", strict=True)
+    torch.testing.assert_close(model.predict(pairs, convert_to_tensor=True), expected, rtol=0, atol=1e-5)

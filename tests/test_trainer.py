@@ -200,3 +200,67 @@ def test_pipelines_run_native_models(minilm):
     expected = transformers.pipeline("text-classification", model=hf_classifier, tokenizer=tokenizer)(texts)
     assert [r["label"] for r in results] == [r["label"] for r in expected]
     torch.testing.assert_close([r["score"] for r in results], [r["score"] for r in expected], rtol=1e-4, atol=1e-5)
+
+
+def test_fill_mask_and_token_classification_pipelines_run_native_models(minilm):
+    """fill-mask writes into the model's output (``outputs["input_ids"] = ...``), as into transformers' ModelOutput."""
+    path, tokenizer = minilm
+    texts = [f"bertfast runs {tokenizer.mask_token} fast.", f"A {tokenizer.mask_token} sentence."]
+    for task, name in (("fill-mask", "BertForMaskedLM"), ("token-classification", "BertForTokenClassification")):
+        native = getattr(bertfast, name).from_pretrained(path)
+        hf = getattr(transformers, name).from_pretrained(path).eval()
+        hf.load_state_dict(native.state_dict(), strict=False)  # the same (new) head weights
+        results = transformers.pipeline(task, model=native, tokenizer=tokenizer)(texts)
+        expected = transformers.pipeline(task, model=hf, tokenizer=tokenizer)(texts)
+        for got, want in zip(results, expected):
+            assert [r.get("token", r.get("entity")) for r in got] == [r.get("token", r.get("entity")) for r in want]
+            torch.testing.assert_close([float(r["score"]) for r in got], [float(r["score"]) for r in want])
+
+
+def test_outputs_behave_like_transformers_model_output():
+    from bertfast.outputs import BaseModelOutput, MaskedLMOutput
+
+    logits = torch.randn(2, 3)
+    out = MaskedLMOutput(logits=logits)
+    assert out.keys() == ["logits"] and out.to_tuple() == (logits,) and "loss" not in out
+    with pytest.raises(KeyError):
+        out["loss"]
+    loss = torch.tensor(1.0)
+    out["loss"] = loss  # a field, by item: the attribute follows
+    assert out.loss is loss and out[0] is loss and out.keys() == ["loss", "logits"]
+    out.input_ids = ids = torch.ones(2, 3)  # a new key, by attribute: the item follows, after the fields
+    assert out["input_ids"] is ids and out.keys() == ["loss", "logits", "input_ids"] and len(out) == 3
+    assert dict(out.items()) == {"loss": loss, "logits": logits, "input_ids": ids}
+    assert BaseModelOutput(last_hidden_state=logits, packed_last_hidden_state=logits).keys() == ["last_hidden_state"]
+
+
+def _token_dataset(head: str) -> list[dict]:
+    """``_dataset``'s rows with the labels each token-reading head takes."""
+    rows = []
+    for row in _dataset():
+        row = {"input_ids": row["input_ids"], "attention_mask": row["attention_mask"]}
+        length = int(row["attention_mask"].sum())
+        if head == "ForQuestionAnswering":  # no padding: bertfast keeps padding out of the span softmax
+            row["attention_mask"] = torch.ones_like(row["attention_mask"])
+            row.update(start_positions=torch.tensor(1), end_positions=torch.tensor(length - 1))
+        else:
+            classes = VOCAB if head == "ForMaskedLM" else 2
+            row["labels"] = (row["input_ids"] % classes).masked_fill(row["attention_mask"] == 0, -100)
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("head", ["ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering"])
+def test_trainer_default_arguments_train_patched_token_heads(head, tmp_path):
+    """Trainer keeps the dataset columns the forward's signature names (remove_unused_columns): the patched
+    forward shows the original's, so input_ids reach it, and it trains as the unpatched model."""
+    reference = getattr(transformers, "Bert" + head)(_hf_classifier().config).eval()
+    patched = bertfast.patch(copy.deepcopy(reference), backend="reference")
+    losses = []
+    for model in (reference, patched):
+        # A small rate: AdamW turns the attention key bias's zero gradient (rounding) into a full step.
+        trainer = _trainer(model, tmp_path, accumulation=1, steps=2, learning_rate=1e-4)
+        trainer.train_dataset = _token_dataset(head)
+        trainer.train()
+        losses.append(trainer.micro_losses)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
