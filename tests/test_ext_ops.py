@@ -386,8 +386,8 @@ def test_fp16_attention_with_large_q_and_k(device, dtype):
     """Random q, k around 40 (|q . k| ~ 1e5 > 65504) with scale 2 ** -10: the scaled scores
     (~100, spread ~2) are well inside fp16; output and every gradient meet the numerics
     policy against float64.  The yardstick is PyTorch's eager attention in fp16 with q scaled
-    first: like ext it rounds the scores to fp16 (SDPA's fused kernels keep them in fp32, so
-    they do not measure the same computation)."""
+    first, which rounds the scores to fp16 (ext keeps them in fp32: see the next test for the
+    inputs where that decides)."""
     batch, seq, heads, head_dim = 2, 33, 3, 64
     scale = 2.0**-10
     gen = torch.Generator().manual_seed(13)
@@ -414,6 +414,40 @@ def test_fp16_attention_with_large_q_and_k(device, dtype):
         dtype,
         gen,
         "attention[fp16, large q and k]",
+    )
+
+
+LOWP_CASES = [CASES[2], CASES[3], CASES[5], CASES[6]]
+
+
+@pytest.mark.parametrize(("device", "dtype"), LOWP_CASES, ids=["cpu-fp16", "cpu-bf16", "cuda-fp16", "cuda-bf16"])
+def test_lowp_attention_keeps_large_scores_in_fp32(device, dtype):
+    """q ~ 30, k ~ 40, head 64, scale 1/8: the scaled scores are ~9600, where fp16's spacing is 8
+    (bf16's 64), so scores rounded to the inputs' dtype lose the differences that decide the
+    softmax: the output was off by more than 1 where PyTorch's fused attention errs by ~1e-3.
+    Kept in fp32 from the product through the softmax (and the probabilities recomputed in fp32
+    for the backward), output and every gradient meet the policy against float64, with
+    PyTorch's fused attention at the same precision as the yardstick."""
+    batch, seq, heads, head_dim = 3, 33, 2, 64
+    gen = torch.Generator().manual_seed(14)
+    shape = (batch, seq, heads, head_dim)
+    floats = {
+        "q": 30 + torch.randn(shape, generator=gen, dtype=torch.float64),
+        "k": 40 + torch.randn(shape, generator=gen, dtype=torch.float64),
+        "v": torch.randn(shape, generator=gen, dtype=torch.float64),
+    }
+    mask = torch.arange(seq)[None, :] < torch.tensor([seq, 17, 0])[:, None]  # odd lengths, one all padding
+    scale = head_dim**-0.5
+    check_op(
+        lambda q, k, v, mask: bertfast.ops.attention(q, k, v, mask, scale, backend="ext"),
+        lambda q, k, v, mask: reference.attention(q, k, v, mask, scale),
+        lambda q, k, v, mask: reference.attention(q, k, v, mask, scale),  # fused SDPA below float64
+        floats,
+        {"mask": mask},
+        device,
+        dtype,
+        gen,
+        "attention[large scores]",
     )
 
 
@@ -510,7 +544,6 @@ def _opcheck_samples(device: str) -> dict:
     _, mean, rstd = ext._layer_norm_op(x, weight, weight, res, lin, 1e-5)
     tables = (rnd(5, 8, grad=False), rnd(3, 8, grad=False), rnd(2, 8, grad=False))
     _, emb_mean, emb_rstd = ext._embedding_layer_norm_op(ids, ids % 3, ids % 2, *tables, weight, weight, 1e-5)
-    probs = torch.softmax(rnd(2, 2, 3, 3, grad=False), -1)
     return {
         "layer_norm": (ext._layer_norm_op, (rnd(3, 8), rnd(8), rnd(8), None, None, 1e-5)),
         "layer_norm-fused": (ext._layer_norm_op, (rnd(2, 3, 8), rnd(8), rnd(8), rnd(2, 3, 8), rnd(8), 1e-5)),
@@ -531,9 +564,13 @@ def _opcheck_samples(device: str) -> dict:
             ext._bias_gelu_backward_op,
             (rnd(4, 7, grad=False), rnd(4, 7, grad=False), rnd(7, grad=False)),
         ),
-        "masked_softmax": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), mask, 0.5)),
-        "masked_softmax-nomask": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), None, 0.5)),
-        "masked_softmax_backward": (ext._masked_softmax_backward_op, (rnd(2, 2, 3, 3, grad=False), probs, 0.5)),
+        "masked_softmax": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), mask, 0.5, torch.float32)),
+        "masked_softmax-nomask": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), None, 0.5, torch.float32)),
+        "masked_softmax-bf16": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), mask, 0.5, torch.bfloat16)),
+        "masked_softmax_backward": (
+            ext._masked_softmax_backward_op,
+            (rnd(2, 2, 3, 3, grad=False).half(), rnd(2, 2, 3, 3, grad=False), mask, 0.5),
+        ),
     }
 
 
@@ -547,6 +584,7 @@ OPCHECK_NAMES = [
     "bias_gelu_backward",
     "masked_softmax",
     "masked_softmax-nomask",
+    "masked_softmax-bf16",
     "masked_softmax_backward",
 ]
 
@@ -661,8 +699,20 @@ def _gelu(backward=False):
 
 def _softmax(backward=False):
     if backward:
-        return dict(dprobs=torch.randn(2, 3, 4, 5), probs=torch.rand(2, 3, 4, 5), scale=0.5, stream=0)
-    return dict(scores=torch.randn(2, 3, 4, 5), mask=torch.ones(2, 5, dtype=torch.bool), scale=0.5, stream=0)
+        return dict(
+            dprobs=torch.randn(2, 3, 4, 5).half(),
+            scores=torch.randn(2, 3, 4, 5),
+            mask=torch.ones(2, 5, dtype=torch.bool),
+            scale=0.5,
+            stream=0,
+        )
+    return dict(
+        scores=torch.randn(2, 3, 4, 5),
+        mask=torch.ones(2, 5, dtype=torch.bool),
+        scale=0.5,
+        probs_dtype=torch.bfloat16,
+        stream=0,
+    )
 
 
 BAD_ARGUMENTS = [
@@ -727,17 +777,31 @@ BAD_ARGUMENTS = [
     ("masked_softmax_forward", _softmax, {"scores": torch.randn(5)}, "scores must have shape (batch, ..., seq_k)"),
     ("masked_softmax_forward", _softmax, {"scores": torch.randn(2, 3, 4, 5).int()}, "scores has dtype Int"),
     (
+        "masked_softmax_forward",
+        _softmax,
+        {"scores": torch.randn(2, 3, 4, 5).half()},
+        "scores must have dtype Float for probs_dtype of dtype BFloat16, got Half",
+    ),
+    ("masked_softmax_forward", _softmax, {"probs_dtype": torch.int64}, "probs_dtype has dtype Long"),
+    (
         "masked_softmax_backward",
         lambda: _softmax(True),
-        {"dprobs": torch.randn(2, 3, 4, 6)},
+        {"dprobs": torch.randn(2, 3, 4, 6).half()},
         "dprobs must have shape [2, 3, 4, 5]",
     ),
     (
         "masked_softmax_backward",
         lambda: _softmax(True),
-        {"probs": torch.rand(2, 3, 5, 4).transpose(2, 3)},
-        "probs must be contiguous",
+        {"scores": torch.rand(2, 3, 5, 4).transpose(2, 3)},
+        "scores must be contiguous",
     ),
+    (
+        "masked_softmax_backward",
+        lambda: _softmax(True),
+        {"dprobs": torch.randn(2, 3, 4, 5).double()},
+        "scores must have dtype Double for dprobs of dtype Double, got Float",
+    ),
+    ("masked_softmax_backward", lambda: _softmax(True), {"mask": torch.ones(2, 4).bool()}, "mask must have shape"),
 ]
 
 

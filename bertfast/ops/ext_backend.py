@@ -6,10 +6,11 @@ Each op is a ``torch.library.custom_op`` in the ``bertfast::`` namespace (``ext_
 the extension's backward kernels, so ``torch.compile(fullgraph=True)`` traces through
 without a graph break.  Every gradient is returned, weights and biases included.
 
-Attention is ``softmax((q * scale) @ k^T, key mask) @ v`` with the two products as batched
+Attention is ``softmax(scale * q @ k^T, key mask) @ v`` with the two products as batched
 GEMMs (``torch.matmul`` on ``(batch, heads, seq, head_dim)`` views) and the masked softmax
-from the extension; q is scaled before the product so that fp16 scores never overflow
-where the scaled ones are representable.  There is no variable-length attention here.
+from the extension.  The scores and their gradient are fp32 for fp16/bf16 inputs, from the
+product through the softmax; the probabilities are in the inputs' dtype.  There is no
+variable-length attention here.
 
 Kernels run on CPU tensors (float64, float32, float16, bfloat16) and, when the extension
 was built with them, on CUDA tensors (float32, float16, bfloat16).  CUDA launches go to
@@ -395,55 +396,72 @@ def bias_gelu(x, bias):
 
 
 @torch.library.custom_op("bertfast::ext_masked_softmax", mutates_args=())
-def _masked_softmax_op(scores: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """softmax(scores * scale) over the last dim; mask (batch, seq_k), nonzero = keep."""
-    return _ext.require().masked_softmax_forward(scores.contiguous(), _contiguous(mask), scale, _stream(scores))
+def _masked_softmax_op(
+    scores: torch.Tensor, mask: torch.Tensor | None, scale: float, probs_dtype: torch.dtype
+) -> torch.Tensor:
+    """softmax(scores * scale) over the last dim -> probs of ``probs_dtype``; scores in its accumulation
+    dtype (fp32, fp64 for fp64); mask (batch, seq_k), nonzero = keep."""
+    return _ext.require().masked_softmax_forward(
+        scores.contiguous(), _contiguous(mask), scale, probs_dtype, _stream(scores)
+    )
 
 
 @_masked_softmax_op.register_fake
-def _(scores, mask, scale):
-    return scores.new_empty(scores.shape)
+def _(scores, mask, scale, probs_dtype):
+    return scores.new_empty(scores.shape, dtype=probs_dtype)
 
 
 @torch.library.custom_op("bertfast::ext_masked_softmax_backward", mutates_args=())
-def _masked_softmax_backward_op(dprobs: torch.Tensor, probs: torch.Tensor, scale: float) -> torch.Tensor:
-    return _ext.require().masked_softmax_backward(dprobs.contiguous(), probs.contiguous(), scale, _stream(probs))
+def _masked_softmax_backward_op(
+    dprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """-> dscores (the scores' dtype); the probabilities are recomputed from the scores in their dtype: rounded
+    to fp16 they would lose the 1 - p of a dominant key, which every key's gradient depends on."""
+    return _ext.require().masked_softmax_backward(
+        dprobs.contiguous(), scores.contiguous(), _contiguous(mask), scale, _stream(scores)
+    )
 
 
 @_masked_softmax_backward_op.register_fake
-def _(dprobs, probs, scale):
-    return probs.new_empty(probs.shape)
+def _(dprobs, scores, mask, scale):
+    return scores.new_empty(scores.shape)
 
 
 def _masked_softmax_setup_context(ctx, inputs, output):
-    ctx.scale = inputs[2]
-    ctx.save_for_backward(output)
+    scores, mask, scale, _probs_dtype = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(scores, mask)
 
 
 def _masked_softmax_backward(ctx, dprobs):
-    (probs,) = ctx.saved_tensors
-    return _masked_softmax_backward_op(dprobs, probs, ctx.scale), None, None
+    scores, mask = ctx.saved_tensors
+    return _masked_softmax_backward_op(dprobs, scores, mask, ctx.scale), None, None, None
 
 
 _masked_softmax_op.register_autograd(_masked_softmax_backward, setup_context=_masked_softmax_setup_context)
 
 
-def masked_softmax(scores, mask, scale):
-    """The extension's masked softmax on its own (used by :func:`attention`); mask nonzero = keep."""
+def masked_softmax(scores, mask, scale, probs_dtype=None):
+    """The extension's masked softmax on its own (used by :func:`attention`); mask nonzero = keep.
+    Probabilities in ``probs_dtype`` (default: the scores' dtype); the scores are read in its
+    accumulation dtype (fp32, fp64 for fp64), cast if needed, and their gradient has that dtype."""
+    probs_dtype = scores.dtype if probs_dtype is None else probs_dtype
     if mask is not None and mask.dtype not in (torch.bool, torch.uint8):
         mask = mask != 0
-    return _masked_softmax_op(scores, mask, float(scale))
+    return _masked_softmax_op(scores.to(_stats_dtype(probs_dtype)), mask, float(scale), probs_dtype)
 
 
 def attention(q, k, v, attention_mask, scale):
     """q, k, v: (batch, seq, heads, head_dim), possibly strided views; returns (batch, seq, heads, head_dim).
 
-    q is scaled before the product (the softmax then runs with scale 1): in fp16 an unscaled
-    ``q @ k^T`` overflows (65504) where the scaled scores are representable, and its inf
-    would turn a row into NaN (inf - inf) or into zeros (-inf everywhere reads as "every key
-    masked").  The GEMM accumulates in fp32 and rounds the scaled scores once.
+    For fp16/bf16 inputs the scores ``q @ k^T`` are formed and kept in fp32 up to the softmax,
+    and so is their gradient: they can be large (q ~ 30, k ~ 40, head 64: scaled scores ~ 1e4)
+    where fp16's spacing (8) or bf16's (64) would decide the softmax, and an unscaled fp16
+    product would overflow (65504).  The probabilities are in the inputs' dtype, so the second
+    product runs at the inputs' precision.
     """
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    scores = torch.matmul(qh * scale, kh.transpose(-1, -2))
-    probs = masked_softmax(scores, attention_mask, 1.0)
+    acc = _stats_dtype(q.dtype)
+    scores = torch.matmul(qh.to(acc), kh.to(acc).transpose(-1, -2))
+    probs = masked_softmax(scores, attention_mask, scale, q.dtype)
     return torch.matmul(probs, vh).transpose(1, 2)
