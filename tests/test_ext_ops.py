@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -818,6 +819,106 @@ def test_bad_arguments_are_named(binding, valid, replace, message):
         function(**{**valid(), **replace})
     text = str(info.value)
     assert f"bertfast._C.{binding}: " in text and message in text, text
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input stops in Python, before any call into bertfast._C
+# ------------------------------------------------------------------------------------------------
+
+
+# (custom op in _opcheck_samples, argument index, bad value from the valid one, expected message)
+BAD_OP_INPUTS = [
+    ("layer_norm", 0, lambda x: x.long(), "x has dtype torch.int64"),
+    ("layer_norm", 0, lambda x: x[:, :0], "x must have a non-empty last dimension"),
+    ("layer_norm", 1, lambda w: w.double(), "weight must have x's dtype"),
+    ("layer_norm", 2, lambda b: b[:7], "bias must have shape (8,)"),
+    ("layer_norm-fused", 3, lambda r: r[:, :, :7], "residual must have shape (2, 3, 8)"),
+    ("layer_norm", 5, lambda eps: 0.0, "eps must be positive"),
+    ("layer_norm", 5, lambda eps: float("nan"), "eps must be positive"),
+    ("layer_norm_backward", 0, lambda dy: dy[:1], "dy must have shape (2, 3, 8)"),
+    ("layer_norm_backward", 5, lambda mean: mean.double(), "mean must be torch.float32"),
+    ("layer_norm_backward", 6, lambda rstd: rstd[:1], "rstd must have shape (2, 3)"),
+    ("embedding_layer_norm", 0, lambda ids: ids + 5, "input_ids holds ids outside the table's rows [0, 5)"),
+    ("embedding_layer_norm", 0, lambda ids: ids - 5, "input_ids holds ids outside the table's rows [0, 5)"),
+    ("embedding_layer_norm", 1, lambda ids: ids.int(), "position_ids must have dtype torch.int64"),
+    ("embedding_layer_norm", 2, lambda ids: ids[:, :1], "token_type_ids must have shape (2, 3)"),
+    ("embedding_layer_norm", 4, lambda t: t.double(), "position_embeddings must have word_embeddings's dtype"),
+    ("embedding_layer_norm", 5, lambda t: t[:, :7], "token_type_embeddings must have shape (rows, 8)"),
+    ("embedding_layer_norm", 7, lambda b: b[:3], "bias must have shape (8,)"),
+    ("embedding_layer_norm", 8, lambda eps: -1.0, "eps must be positive"),
+    ("embedding_layer_norm_backward", 0, lambda dy: dy[:, :, :7], "dy must have shape (2, 3, 8)"),
+    ("embedding_layer_norm_backward", 2, lambda ids: ids + 3, "position_ids holds ids outside the table's rows"),
+    ("embedding_layer_norm_backward", 9, lambda rstd: rstd[0], "rstd must have shape (2, 3)"),
+    ("bias_gelu", 0, lambda x: x.int(), "x has dtype torch.int32"),
+    ("bias_gelu", 1, lambda b: b[:3], "bias must have shape (7,)"),
+    ("bias_gelu_backward", 0, lambda dy: dy.half(), "dy must have x's dtype"),
+    ("masked_softmax", 0, lambda s: s.half(), "scores must have dtype torch.float32 for probs_dtype"),
+    ("masked_softmax", 0, lambda s: s[0, 0, 0], "scores must have shape (batch, ..., seq_k)"),
+    ("masked_softmax", 1, lambda m: m.float(), "mask must have dtype torch.bool or torch.uint8"),
+    ("masked_softmax", 1, lambda m: m[:1], "mask must have shape (2, 3)"),
+    ("masked_softmax", 3, lambda dtype: torch.int64, "probs_dtype has dtype torch.int64"),
+    ("masked_softmax_backward", 0, lambda dp: dp[..., :2], "dprobs must have shape (2, 2, 3, 3)"),
+    ("masked_softmax_backward", 0, lambda dp: dp.double(), "scores must have dtype torch.float64 for dprobs"),
+]
+
+
+@pytest.fixture
+def _no_call_into_the_extension(monkeypatch):
+    """Every kernel binding of bertfast._C fails the test when called."""
+
+    def refuse(name):
+        def called(*args, **kwargs):
+            pytest.fail(f"bertfast._C.{name} was called: the argument reached C++")
+
+        return called
+
+    for name in dir(C):
+        if name.endswith(("_forward", "_backward")):
+            monkeypatch.setattr(C, name, refuse(name))
+
+
+@pytest.mark.parametrize(
+    ("op", "index", "bad", "message"),
+    BAD_OP_INPUTS,
+    ids=[f"{op}-{index}-{i}" for i, (op, index, _, _) in enumerate(BAD_OP_INPUTS)],
+)
+def test_bad_input_is_named_before_the_extension_is_called(op, index, bad, message, request):
+    function, args = _opcheck_samples("cpu")[op]
+    function(*args)  # the valid call runs
+    request.getfixturevalue("_no_call_into_the_extension")
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    args[index] = bad(args[index])
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        function(*args)
+
+
+def test_devices_are_checked_before_the_extension(_no_call_into_the_extension):
+    """A meta tensor stands for another device (the custom ops themselves send meta inputs to their fake)."""
+    x, meta = torch.randn(3, 8), torch.randn(8, device=META)
+    with pytest.raises(ValueError, match="x must be a CPU or CUDA tensor, got meta"):
+        ext._check_layer_norm("ext layer_norm", x.to(META), meta, None, None)
+    with pytest.raises(ValueError, match="linear_bias must be on x's device cpu, got meta"):
+        ext._check_layer_norm("ext layer_norm", x, torch.randn(8), None, meta)
+    with pytest.raises(ValueError, match="bias must be on x's device cpu, got meta"):
+        ext._check_bias_gelu("ext bias_gelu", x, meta)
+    with pytest.raises(ValueError, match="mask must be on scores' device cpu, got meta"):
+        ext._check_softmax("ext masked_softmax", x, torch.ones(3, 8, dtype=torch.bool, device=META), "p", torch.float32)
+    with pytest.raises(ValueError, match="position_ids must be on the tables' device cpu, got meta"):
+        ids = torch.zeros(1, 2, dtype=torch.long)
+        ext._check_embedding("ext embedding_layer_norm", ids, ids.to(META), ids, x, x, x, x[0])
+
+
+def test_public_ops_stop_bad_input_before_the_extension(_no_call_into_the_extension):
+    """What killed the process on a GPU machine (out-of-range ids on the CPU) is a ValueError raised in Python."""
+    ids = torch.tensor([[1, 2, 10]])
+    word, position, types = torch.randn(10, 8), torch.randn(4, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match=re.escape("input_ids holds ids outside the table's rows [0, 10)")):
+        bertfast.ops.embedding_layer_norm(
+            ids, ids * 0, ids * 0, word, position, types, torch.ones(8), torch.zeros(8), backend="ext"
+        )
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="ext layer_norm: eps must be positive"):
+        ext.layer_norm(x, torch.ones(8), torch.zeros(8), 0.0)
 
 
 @pytest.mark.ext_raises
