@@ -55,6 +55,11 @@ using OptionalTensor = std::optional<at::Tensor>;
 bool cuda_dtype_ok(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 bool cpu_dtype_ok(at::ScalarType t) { return cuda_dtype_ok(t) || t == at::kDouble; }
 
+// The accumulation dtype of `t`: fp64 for fp64, fp32 otherwise.  LayerNorm statistics and the softmax's scores
+// (and their gradient) are kept in it.
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType stats_dtype(const Tensor& x) { return acc_dtype(x.scalar_type()); }
+
 void check_contiguous(const char* fn, const char* name, const Tensor& t) {
     TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous, got shape ", t.sizes(), " with strides ",
                 t.strides());
@@ -92,7 +97,7 @@ void check_like(const char* fn, const char* name, const Tensor& t, const char* r
 }
 
 void check_stats(const char* fn, const char* name, const Tensor& t, const Tensor& x, at::IntArrayRef shape) {
-    const at::ScalarType want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::ScalarType want = stats_dtype(x);
     TORCH_CHECK(t.device() == x.device(), fn, ": ", name, " must be on ", x.device(), ", got ", t.device());
     TORCH_CHECK(t.scalar_type() == want, fn, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
     check_contiguous(fn, name, t);
@@ -122,8 +127,6 @@ template <typename T>
 const T* ptr_or_null(const OptionalTensor& t) {
     return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
-
-at::ScalarType stats_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::IntArrayRef leading_dims(const Tensor& x) { return x.sizes().slice(0, x.dim() - 1); }
 
@@ -556,11 +559,18 @@ std::tuple<Tensor, Tensor> bias_gelu_backward(const Tensor& dy, const Tensor& x,
 // softmax(scores * scale) with a key-padding mask
 // ---------------------------------------------------------------------------------------------
 
-Tensor masked_softmax_forward(const Tensor& scores, const OptionalTensor& mask, double scale, int64_t stream) {
-    constexpr const char* fn = "bertfast._C.masked_softmax_forward";
+// Checks the scores (in the accumulation dtype of the probabilities: fp32, fp64 for fp64),
+// the probabilities' dtype (named `probs_name`) and the mask; returns seq_k.
+int64_t check_softmax_args(const char* fn, const Tensor& scores, const OptionalTensor& mask, const char* probs_name,
+                           at::ScalarType probs_dtype) {
     check_primary(fn, "scores", scores);
+    TORCH_CHECK(scores.is_cuda() ? cuda_dtype_ok(probs_dtype) : cpu_dtype_ok(probs_dtype), fn, ": ", probs_name,
+                " has dtype ", probs_dtype,
+                scores.is_cuda() ? "; the CUDA kernels take float32, float16 or bfloat16"
+                                 : "; the CPU kernels take float64, float32, float16 or bfloat16");
+    TORCH_CHECK(scores.scalar_type() == acc_dtype(probs_dtype), fn, ": scores must have dtype ",
+                acc_dtype(probs_dtype), " for ", probs_name, " of dtype ", probs_dtype, ", got ", scores.scalar_type());
     TORCH_CHECK(scores.dim() >= 2, fn, ": scores must have shape (batch, ..., seq_k), got ", scores.sizes());
-    const int64_t batch = scores.size(0);
     const int64_t seq_k = scores.size(-1);
     if (mask.has_value()) {
         const Tensor& m = *mask;
@@ -569,30 +579,43 @@ Tensor masked_softmax_forward(const Tensor& scores, const OptionalTensor& mask, 
         TORCH_CHECK(m.device() == scores.device(), fn, ": mask must be on scores' device ", scores.device(), ", got ",
                     m.device());
         check_contiguous(fn, "mask", m);
-        check_shape(fn, "mask", m, {batch, seq_k});
+        check_shape(fn, "mask", m, {scores.size(0), seq_k});
     }
     check_cuda_row(fn, "scores' last dimension (seq_k)", seq_k, scores);
+    return seq_k;
+}
+
+const uint8_t* keep_or_null(const OptionalTensor& mask) {
+    return mask.has_value() ? static_cast<const uint8_t*>(mask->data_ptr()) : nullptr;
+}
+
+Tensor masked_softmax_forward(const Tensor& scores, const OptionalTensor& mask, double scale,
+                              at::ScalarType probs_dtype, int64_t stream) {
+    constexpr const char* fn = "bertfast._C.masked_softmax_forward";
+    const int64_t seq_k = check_softmax_args(fn, scores, mask, "probs_dtype", probs_dtype);
 
     const c10::DeviceGuard guard(scores.device());
-    Tensor probs = at::empty(scores.sizes(), scores.options());
+    Tensor probs = at::empty(scores.sizes(), scores.options().dtype(probs_dtype));
     if (scores.numel() == 0) return probs;
+    const int64_t batch = scores.size(0);
     const int64_t rows_per_batch = scores.numel() / (batch * seq_k);
-    const uint8_t* keep = mask.has_value() ? static_cast<const uint8_t*>(mask->data_ptr()) : nullptr;
     if (scores.is_cuda()) {
 #ifdef BERTFAST_WITH_CUDA
         use_device_of(fn, scores);
         int status = 0;
         without_gil([&] {
-            status = cu::masked_softmax_forward(cuda_dtype(scores), scores.data_ptr(), keep, probs.data_ptr(), batch,
-                                                rows_per_batch, seq_k, static_cast<float>(scale), as_stream(stream));
+            status = cu::masked_softmax_forward(cuda_dtype(probs), scores.data_ptr<float>(), keep_or_null(mask),
+                                                probs.data_ptr(), batch, rows_per_batch, seq_k,
+                                                static_cast<float>(scale), as_stream(stream));
         });
         check_cuda_status(fn, status);
 #endif
         return probs;
     }
     without_gil([&] {
-        BERTFAST_DISPATCH_CPU(scores.scalar_type(), fn, [&] {
-            bertfast::cpu::masked_softmax_forward<scalar_t>(scores.data_ptr<scalar_t>(), keep,
+        BERTFAST_DISPATCH_CPU(probs_dtype, fn, [&] {
+            using A = bertfast::cpu::Acc<scalar_t>;
+            bertfast::cpu::masked_softmax_forward<scalar_t>(scores.data_ptr<A>(), keep_or_null(mask),
                                                             probs.data_ptr<scalar_t>(), batch, rows_per_batch, seq_k,
                                                             scale);
         });
@@ -600,26 +623,28 @@ Tensor masked_softmax_forward(const Tensor& scores, const OptionalTensor& mask, 
     return probs;
 }
 
-Tensor masked_softmax_backward(const Tensor& dprobs, const Tensor& probs, double scale, int64_t stream) {
+Tensor masked_softmax_backward(const Tensor& dprobs, const Tensor& scores, const OptionalTensor& mask, double scale,
+                               int64_t stream) {
     constexpr const char* fn = "bertfast._C.masked_softmax_backward";
-    check_primary(fn, "probs", probs);
-    TORCH_CHECK(probs.dim() >= 1, fn, ": probs must have at least one dimension");
-    check_like(fn, "dprobs", dprobs, "probs", probs);
-    check_shape(fn, "dprobs", dprobs, probs.sizes());
-    const int64_t seq_k = probs.size(-1);
-    check_cuda_row(fn, "probs' last dimension (seq_k)", seq_k, probs);
+    const int64_t seq_k = check_softmax_args(fn, scores, mask, "dprobs", dprobs.scalar_type());
+    TORCH_CHECK(dprobs.device() == scores.device(), fn, ": dprobs must be on scores' device ", scores.device(),
+                ", got ", dprobs.device());
+    check_contiguous(fn, "dprobs", dprobs);
+    check_shape(fn, "dprobs", dprobs, scores.sizes());
 
-    const c10::DeviceGuard guard(probs.device());
-    Tensor dscores = at::empty(probs.sizes(), probs.options());
-    if (probs.numel() == 0) return dscores;
-    const int64_t rows = probs.numel() / seq_k;
-    if (probs.is_cuda()) {
+    const c10::DeviceGuard guard(scores.device());
+    Tensor dscores = at::empty(scores.sizes(), scores.options());
+    if (scores.numel() == 0) return dscores;
+    const int64_t batch = scores.size(0);
+    const int64_t rows_per_batch = scores.numel() / (batch * seq_k);
+    if (scores.is_cuda()) {
 #ifdef BERTFAST_WITH_CUDA
-        use_device_of(fn, probs);
+        use_device_of(fn, scores);
         int status = 0;
         without_gil([&] {
-            status = cu::masked_softmax_backward(cuda_dtype(probs), dprobs.data_ptr(), probs.data_ptr(),
-                                                 dscores.data_ptr(), rows, seq_k, static_cast<float>(scale),
+            status = cu::masked_softmax_backward(cuda_dtype(dprobs), dprobs.data_ptr(), scores.data_ptr<float>(),
+                                                 keep_or_null(mask), dscores.data_ptr<float>(), batch,
+                                                 rows_per_batch, seq_k, static_cast<float>(scale),
                                                  as_stream(stream));
         });
         check_cuda_status(fn, status);
@@ -627,9 +652,11 @@ Tensor masked_softmax_backward(const Tensor& dprobs, const Tensor& probs, double
         return dscores;
     }
     without_gil([&] {
-        BERTFAST_DISPATCH_CPU(probs.scalar_type(), fn, [&] {
-            bertfast::cpu::masked_softmax_backward<scalar_t>(dprobs.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(),
-                                                             dscores.data_ptr<scalar_t>(), rows, seq_k, scale);
+        BERTFAST_DISPATCH_CPU(dprobs.scalar_type(), fn, [&] {
+            using A = bertfast::cpu::Acc<scalar_t>;
+            bertfast::cpu::masked_softmax_backward<scalar_t>(dprobs.data_ptr<scalar_t>(), scores.data_ptr<A>(),
+                                                             keep_or_null(mask), dscores.data_ptr<A>(), batch,
+                                                             rows_per_batch, seq_k, scale);
         });
     });
     return dscores;
@@ -703,12 +730,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("bias_gelu_backward", &bias_gelu_backward, py::arg("dy"), py::arg("x"), py::arg("bias"),
           py::arg("stream") = kDefaultStream, "-> (dx, dbias).");
     m.def("masked_softmax_forward", &masked_softmax_forward, py::arg("scores"),
+          py::arg("mask") = py::none(), py::arg("scale") = 1.0, py::arg("probs_dtype") = at::kFloat,
+          py::arg("stream") = kDefaultStream,
+          "softmax(scores * scale) over the last dim -> probs of probs_dtype; scores fp32 (fp64 for fp64 probs); "
+          "mask (batch, seq_k) bool/uint8, nonzero = keep; masked keys get 0 and fully masked rows are 0.");
+    m.def("masked_softmax_backward", &masked_softmax_backward, py::arg("dprobs"), py::arg("scores"),
           py::arg("mask") = py::none(), py::arg("scale") = 1.0, py::arg("stream") = kDefaultStream,
-          "softmax(scores * scale) over the last dim; mask (batch, seq_k) bool/uint8, nonzero = keep; "
-          "masked keys get 0 and fully masked rows are 0.");
-    m.def("masked_softmax_backward", &masked_softmax_backward, py::arg("dprobs"), py::arg("probs"),
-          py::arg("scale") = 1.0, py::arg("stream") = kDefaultStream,
-          "dscores = scale * probs * (dprobs - sum(dprobs * probs)).");
+          "dscores = scale * probs * (dprobs - sum(dprobs * probs)), probs recomputed from the forward's scores "
+          "and mask; dscores in the scores' dtype.");
 
     m.def("has_cuda", &has_cuda, "Whether the CUDA kernels were compiled in.");
     m.def("cuda_archs", [] { return std::string(BERTFAST_CUDA_ARCHS); },

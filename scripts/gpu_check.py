@@ -18,7 +18,8 @@ it.  The output folder never holds more than these files (a GPU call brings back
 
     summary.json, summary.txt   every stage: status, seconds, estimate, key numbers
     gpu-check.log               all stages' output, in order
-    artifacts.tar.gz            per-stage logs, JUnit XML, info.json, nvidia-smi, the rendered results
+    artifacts.tar.gz            per-stage logs, JUnit XML, per-test outcomes (logs/*-outcomes.txt, written
+                                as each test ends), info.json, nvidia-smi, the rendered results
                                 folder (results/<gpu-slug>/: JSON, README.md, PNGs)
     result.json                 the benchmark result file (schema: bertfast/benchmarking/schema.py)
     bench-README.md             its rendered README
@@ -475,15 +476,11 @@ class Check:
 
     # -- stage b: smoke tests ----------------------------------------------------------------
     def stage_smoke(self, stage: dict) -> str:
-        xml = self.work / "smoke.xml"
-        # -v: each test's verdict is in the log as it happens (the JUnit report only comes at the end).
+        xml, outcomes = self.work / "smoke.xml", self.work / "logs" / "smoke-outcomes.txt"
         command = [self.python, "-m", "pytest", "tests/test_gpu_smoke.py", "-m", "gpu_smoke", "-v", "-rfEs"]
-        command += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
+        command += [*_recording(xml, outcomes)]
         rc = self.run(stage, "smoke tests", command, stage["timeout_s"])
-        if xml.exists():
-            stage["numbers"].update(_junit_counts(xml))
-        else:  # stopped before pytest wrote its report: count the verdicts -v printed
-            stage["numbers"].update(_verbose_counts(self.work / "logs" / "smoke.log"))
+        stage["numbers"].update(_junit_counts(xml) if xml.exists() else _outcome_counts(outcomes))
         return _status(rc)
 
     # -- stage c: headline benchmarks --------------------------------------------------------
@@ -558,8 +555,9 @@ class Check:
                 return "failed"
             return "ok"
         # The extension's tests on their own, first (they are short): a crash in one of them (a segfault ends
-        # the process) must not cost the rest of the suite its results.  -v: each verdict reaches the log as it
-        # happens; a run stopped at the budget gets SIGINT, so pytest still prints its failures and JUnit report.
+        # the process) must not cost the rest of the suite its results.  Each test's outcome is written to
+        # logs/<name>-outcomes.txt as it ends, so a run killed before its JUnit report still names every result;
+        # a run stopped at the budget gets SIGINT first, so pytest still prints its failures and JUnit report.
         # With pytest-xdist, tests run in parallel worker processes: a crashing test costs its worker only
         # (reported as failed, the worker replaced), and the suite gets through more of the budget.
         status = "ok"
@@ -575,10 +573,11 @@ class Check:
                 stage["numbers"][name] = "not run: out of time"
                 continue
             xml = self.work / f"{name.replace(' ', '-')}.xml"
+            outcomes = self.work / "logs" / f"{name.replace(' ', '-')}-outcomes.txt"
             command = [self.python, "-m", "pytest", *selection, "-m", "not gpu_smoke", "-v", "-rfEs", "--tb=short"]
-            command += ["-p", "no:cacheprovider", f"--junitxml={xml}", *parallel]
+            command += [*_recording(xml, outcomes), *parallel]
             rc = self.run(stage, name, command, self.left_s() - MARGIN_S - INTERRUPT_WAIT_S)
-            stage["numbers"][name] = _junit_counts(xml) if xml.exists() else {"exit": rc, "junit": "none (crashed?)"}
+            stage["numbers"][name] = _junit_counts(xml) if xml.exists() else {"exit": rc, **_outcome_counts(outcomes)}
             if rc == 124:  # stage e runs until the budget ends: being stopped then is its normal end
                 status = "stopped" if status == "ok" else status
             elif rc != 0:
@@ -625,17 +624,23 @@ def _junit_counts(path: Path) -> dict:
     return counts
 
 
-def _verbose_counts(log: Path) -> dict:
-    """Counts of the ``path::test PASSED/FAILED/...`` lines of a ``pytest -v`` log (its report never came)."""
-    counts: dict = {"junit": "none: counted from the log"}
+def _recording(xml: Path, outcomes: Path) -> list[str]:
+    """pytest options that record the run: the JUnit report (written at the end) and, line by line as each
+    test ends, ``OUTCOME nodeid`` in ``outcomes`` (tests/outcome_log.py), which a stopped run keeps."""
+    outcomes.parent.mkdir(parents=True, exist_ok=True)
+    return ["-p", "no:cacheprovider", f"--junitxml={xml}", "-p", "tests.outcome_log", f"--outcome-log={outcomes}"]
+
+
+def _outcome_counts(path: Path) -> dict:
+    """Counts of the ``OUTCOME nodeid`` lines tests/outcome_log.py wrote (the JUnit report never came)."""
+    counts: dict = {"junit": f"none: counted from {path.name}"}
     failed = []
-    text = log.read_text(errors="replace") if log.exists() else ""
+    text = path.read_text(errors="replace") if path.exists() else ""
     for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR", "XFAIL"):
-            counts[parts[1].lower()] = counts.get(parts[1].lower(), 0) + 1
-            if parts[1] in ("FAILED", "ERROR"):
-                failed.append(parts[0])
+        outcome, _, nodeid = line.partition(" ")
+        counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+        if outcome in ("FAILED", "ERROR"):
+            failed.append(nodeid)
     if failed:
         counts["failed tests"] = failed[:15]
     return counts

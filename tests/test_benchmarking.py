@@ -1071,20 +1071,6 @@ def test_gpu_check_summary_lists_every_stage_and_the_output_stays_small(tmp_path
     assert {f.name for f in files} <= set(gpu_check.OUTPUT_FILES)
 
 
-def test_gpu_check_counts_verdicts_from_a_verbose_log(tmp_path):
-    gpu_check = _gpu_check_module()
-    log = tmp_path / "smoke.log"
-    log.write_text(
-        "tests/test_gpu_smoke.py::test_layer_norm[bf16-128-triton] PASSED [  1%]\n"
-        "tests/test_gpu_smoke.py::test_attention[fp16-512-ext-True] FAILED [  2%]\n"
-        "tests/test_gpu_smoke.py::test_cuda_graph_capture_and_replay SKIPPED (no GPU) [  3%]\n"
-        "some other line PASSED\n"
-    )
-    counts = gpu_check._verbose_counts(log)
-    assert counts["passed"] == 1 and counts["failed"] == 1 and counts["skipped"] == 1
-    assert counts["failed tests"] == ["tests/test_gpu_smoke.py::test_attention[fp16-512-ext-True]"]
-
-
 def test_first_light_skips_what_does_not_fit_and_still_writes_the_result(tmp_path):
     from bertfast.benchmarking import firstlight
 

@@ -116,7 +116,7 @@ def test_binding_checks_every_argument_before_any_device_work(binding):
     late = [c for c in re.findall(r"\b(TORCH_CHECK|check_\w+)\(", work) if c != "check_cuda_status"]
     assert not late, f"{binding} checks arguments after its device guard / allocations: {late}"
     if binding.startswith(ROW_KERNEL_PREFIXES):
-        assert re.search(r"\bcheck_cuda_row\(|\bcheck_embedding_args\(", checks), (
+        assert re.search(r"\bcheck_cuda_row\(|\bcheck_(?:embedding|softmax)_args\(", checks), (
             f"{binding} does not check the CUDA kernels' row limit before its device guard"
         )
 

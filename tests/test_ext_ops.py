@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -386,8 +387,8 @@ def test_fp16_attention_with_large_q_and_k(device, dtype):
     """Random q, k around 40 (|q . k| ~ 1e5 > 65504) with scale 2 ** -10: the scaled scores
     (~100, spread ~2) are well inside fp16; output and every gradient meet the numerics
     policy against float64.  The yardstick is PyTorch's eager attention in fp16 with q scaled
-    first: like ext it rounds the scores to fp16 (SDPA's fused kernels keep them in fp32, so
-    they do not measure the same computation)."""
+    first, which rounds the scores to fp16 (ext keeps them in fp32: see the next test for the
+    inputs where that decides)."""
     batch, seq, heads, head_dim = 2, 33, 3, 64
     scale = 2.0**-10
     gen = torch.Generator().manual_seed(13)
@@ -414,6 +415,40 @@ def test_fp16_attention_with_large_q_and_k(device, dtype):
         dtype,
         gen,
         "attention[fp16, large q and k]",
+    )
+
+
+LOWP_CASES = [CASES[2], CASES[3], CASES[5], CASES[6]]
+
+
+@pytest.mark.parametrize(("device", "dtype"), LOWP_CASES, ids=["cpu-fp16", "cpu-bf16", "cuda-fp16", "cuda-bf16"])
+def test_lowp_attention_keeps_large_scores_in_fp32(device, dtype):
+    """q ~ 30, k ~ 40, head 64, scale 1/8: the scaled scores are ~9600, where fp16's spacing is 8
+    (bf16's 64), so scores rounded to the inputs' dtype lose the differences that decide the
+    softmax: the output was off by more than 1 where PyTorch's fused attention errs by ~1e-3.
+    Kept in fp32 from the product through the softmax (and the probabilities recomputed in fp32
+    for the backward), output and every gradient meet the policy against float64, with
+    PyTorch's fused attention at the same precision as the yardstick."""
+    batch, seq, heads, head_dim = 3, 33, 2, 64
+    gen = torch.Generator().manual_seed(14)
+    shape = (batch, seq, heads, head_dim)
+    floats = {
+        "q": 30 + torch.randn(shape, generator=gen, dtype=torch.float64),
+        "k": 40 + torch.randn(shape, generator=gen, dtype=torch.float64),
+        "v": torch.randn(shape, generator=gen, dtype=torch.float64),
+    }
+    mask = torch.arange(seq)[None, :] < torch.tensor([seq, 17, 0])[:, None]  # odd lengths, one all padding
+    scale = head_dim**-0.5
+    check_op(
+        lambda q, k, v, mask: bertfast.ops.attention(q, k, v, mask, scale, backend="ext"),
+        lambda q, k, v, mask: reference.attention(q, k, v, mask, scale),
+        lambda q, k, v, mask: reference.attention(q, k, v, mask, scale),  # fused SDPA below float64
+        floats,
+        {"mask": mask},
+        device,
+        dtype,
+        gen,
+        "attention[large scores]",
     )
 
 
@@ -510,7 +545,6 @@ def _opcheck_samples(device: str) -> dict:
     _, mean, rstd = ext._layer_norm_op(x, weight, weight, res, lin, 1e-5)
     tables = (rnd(5, 8, grad=False), rnd(3, 8, grad=False), rnd(2, 8, grad=False))
     _, emb_mean, emb_rstd = ext._embedding_layer_norm_op(ids, ids % 3, ids % 2, *tables, weight, weight, 1e-5)
-    probs = torch.softmax(rnd(2, 2, 3, 3, grad=False), -1)
     return {
         "layer_norm": (ext._layer_norm_op, (rnd(3, 8), rnd(8), rnd(8), None, None, 1e-5)),
         "layer_norm-fused": (ext._layer_norm_op, (rnd(2, 3, 8), rnd(8), rnd(8), rnd(2, 3, 8), rnd(8), 1e-5)),
@@ -531,9 +565,13 @@ def _opcheck_samples(device: str) -> dict:
             ext._bias_gelu_backward_op,
             (rnd(4, 7, grad=False), rnd(4, 7, grad=False), rnd(7, grad=False)),
         ),
-        "masked_softmax": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), mask, 0.5)),
-        "masked_softmax-nomask": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), None, 0.5)),
-        "masked_softmax_backward": (ext._masked_softmax_backward_op, (rnd(2, 2, 3, 3, grad=False), probs, 0.5)),
+        "masked_softmax": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), mask, 0.5, torch.float32)),
+        "masked_softmax-nomask": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), None, 0.5, torch.float32)),
+        "masked_softmax-bf16": (ext._masked_softmax_op, (rnd(2, 2, 3, 3), mask, 0.5, torch.bfloat16)),
+        "masked_softmax_backward": (
+            ext._masked_softmax_backward_op,
+            (rnd(2, 2, 3, 3, grad=False).half(), rnd(2, 2, 3, 3, grad=False), mask, 0.5),
+        ),
     }
 
 
@@ -547,6 +585,7 @@ OPCHECK_NAMES = [
     "bias_gelu_backward",
     "masked_softmax",
     "masked_softmax-nomask",
+    "masked_softmax-bf16",
     "masked_softmax_backward",
 ]
 
@@ -661,8 +700,20 @@ def _gelu(backward=False):
 
 def _softmax(backward=False):
     if backward:
-        return dict(dprobs=torch.randn(2, 3, 4, 5), probs=torch.rand(2, 3, 4, 5), scale=0.5, stream=0)
-    return dict(scores=torch.randn(2, 3, 4, 5), mask=torch.ones(2, 5, dtype=torch.bool), scale=0.5, stream=0)
+        return dict(
+            dprobs=torch.randn(2, 3, 4, 5).half(),
+            scores=torch.randn(2, 3, 4, 5),
+            mask=torch.ones(2, 5, dtype=torch.bool),
+            scale=0.5,
+            stream=0,
+        )
+    return dict(
+        scores=torch.randn(2, 3, 4, 5),
+        mask=torch.ones(2, 5, dtype=torch.bool),
+        scale=0.5,
+        probs_dtype=torch.bfloat16,
+        stream=0,
+    )
 
 
 BAD_ARGUMENTS = [
@@ -727,17 +778,31 @@ BAD_ARGUMENTS = [
     ("masked_softmax_forward", _softmax, {"scores": torch.randn(5)}, "scores must have shape (batch, ..., seq_k)"),
     ("masked_softmax_forward", _softmax, {"scores": torch.randn(2, 3, 4, 5).int()}, "scores has dtype Int"),
     (
+        "masked_softmax_forward",
+        _softmax,
+        {"scores": torch.randn(2, 3, 4, 5).half()},
+        "scores must have dtype Float for probs_dtype of dtype BFloat16, got Half",
+    ),
+    ("masked_softmax_forward", _softmax, {"probs_dtype": torch.int64}, "probs_dtype has dtype Long"),
+    (
         "masked_softmax_backward",
         lambda: _softmax(True),
-        {"dprobs": torch.randn(2, 3, 4, 6)},
+        {"dprobs": torch.randn(2, 3, 4, 6).half()},
         "dprobs must have shape [2, 3, 4, 5]",
     ),
     (
         "masked_softmax_backward",
         lambda: _softmax(True),
-        {"probs": torch.rand(2, 3, 5, 4).transpose(2, 3)},
-        "probs must be contiguous",
+        {"scores": torch.rand(2, 3, 5, 4).transpose(2, 3)},
+        "scores must be contiguous",
     ),
+    (
+        "masked_softmax_backward",
+        lambda: _softmax(True),
+        {"dprobs": torch.randn(2, 3, 4, 5).double()},
+        "scores must have dtype Double for dprobs of dtype Double, got Float",
+    ),
+    ("masked_softmax_backward", lambda: _softmax(True), {"mask": torch.ones(2, 4).bool()}, "mask must have shape"),
 ]
 
 
@@ -754,6 +819,106 @@ def test_bad_arguments_are_named(binding, valid, replace, message):
         function(**{**valid(), **replace})
     text = str(info.value)
     assert f"bertfast._C.{binding}: " in text and message in text, text
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input stops in Python, before any call into bertfast._C
+# ------------------------------------------------------------------------------------------------
+
+
+# (custom op in _opcheck_samples, argument index, bad value from the valid one, expected message)
+BAD_OP_INPUTS = [
+    ("layer_norm", 0, lambda x: x.long(), "x has dtype torch.int64"),
+    ("layer_norm", 0, lambda x: x[:, :0], "x must have a non-empty last dimension"),
+    ("layer_norm", 1, lambda w: w.double(), "weight must have x's dtype"),
+    ("layer_norm", 2, lambda b: b[:7], "bias must have shape (8,)"),
+    ("layer_norm-fused", 3, lambda r: r[:, :, :7], "residual must have shape (2, 3, 8)"),
+    ("layer_norm", 5, lambda eps: 0.0, "eps must be positive"),
+    ("layer_norm", 5, lambda eps: float("nan"), "eps must be positive"),
+    ("layer_norm_backward", 0, lambda dy: dy[:1], "dy must have shape (2, 3, 8)"),
+    ("layer_norm_backward", 5, lambda mean: mean.double(), "mean must be torch.float32"),
+    ("layer_norm_backward", 6, lambda rstd: rstd[:1], "rstd must have shape (2, 3)"),
+    ("embedding_layer_norm", 0, lambda ids: ids + 5, "input_ids holds ids outside the table's rows [0, 5)"),
+    ("embedding_layer_norm", 0, lambda ids: ids - 5, "input_ids holds ids outside the table's rows [0, 5)"),
+    ("embedding_layer_norm", 1, lambda ids: ids.int(), "position_ids must have dtype torch.int64"),
+    ("embedding_layer_norm", 2, lambda ids: ids[:, :1], "token_type_ids must have shape (2, 3)"),
+    ("embedding_layer_norm", 4, lambda t: t.double(), "position_embeddings must have word_embeddings's dtype"),
+    ("embedding_layer_norm", 5, lambda t: t[:, :7], "token_type_embeddings must have shape (rows, 8)"),
+    ("embedding_layer_norm", 7, lambda b: b[:3], "bias must have shape (8,)"),
+    ("embedding_layer_norm", 8, lambda eps: -1.0, "eps must be positive"),
+    ("embedding_layer_norm_backward", 0, lambda dy: dy[:, :, :7], "dy must have shape (2, 3, 8)"),
+    ("embedding_layer_norm_backward", 2, lambda ids: ids + 3, "position_ids holds ids outside the table's rows"),
+    ("embedding_layer_norm_backward", 9, lambda rstd: rstd[0], "rstd must have shape (2, 3)"),
+    ("bias_gelu", 0, lambda x: x.int(), "x has dtype torch.int32"),
+    ("bias_gelu", 1, lambda b: b[:3], "bias must have shape (7,)"),
+    ("bias_gelu_backward", 0, lambda dy: dy.half(), "dy must have x's dtype"),
+    ("masked_softmax", 0, lambda s: s.half(), "scores must have dtype torch.float32 for probs_dtype"),
+    ("masked_softmax", 0, lambda s: s[0, 0, 0], "scores must have shape (batch, ..., seq_k)"),
+    ("masked_softmax", 1, lambda m: m.float(), "mask must have dtype torch.bool or torch.uint8"),
+    ("masked_softmax", 1, lambda m: m[:1], "mask must have shape (2, 3)"),
+    ("masked_softmax", 3, lambda dtype: torch.int64, "probs_dtype has dtype torch.int64"),
+    ("masked_softmax_backward", 0, lambda dp: dp[..., :2], "dprobs must have shape (2, 2, 3, 3)"),
+    ("masked_softmax_backward", 0, lambda dp: dp.double(), "scores must have dtype torch.float64 for dprobs"),
+]
+
+
+@pytest.fixture
+def _no_call_into_the_extension(monkeypatch):
+    """Every kernel binding of bertfast._C fails the test when called."""
+
+    def refuse(name):
+        def called(*args, **kwargs):
+            pytest.fail(f"bertfast._C.{name} was called: the argument reached C++")
+
+        return called
+
+    for name in dir(C):
+        if name.endswith(("_forward", "_backward")):
+            monkeypatch.setattr(C, name, refuse(name))
+
+
+@pytest.mark.parametrize(
+    ("op", "index", "bad", "message"),
+    BAD_OP_INPUTS,
+    ids=[f"{op}-{index}-{i}" for i, (op, index, _, _) in enumerate(BAD_OP_INPUTS)],
+)
+def test_bad_input_is_named_before_the_extension_is_called(op, index, bad, message, request):
+    function, args = _opcheck_samples("cpu")[op]
+    function(*args)  # the valid call runs
+    request.getfixturevalue("_no_call_into_the_extension")
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    args[index] = bad(args[index])
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        function(*args)
+
+
+def test_devices_are_checked_before_the_extension(_no_call_into_the_extension):
+    """A meta tensor stands for another device (the custom ops themselves send meta inputs to their fake)."""
+    x, meta = torch.randn(3, 8), torch.randn(8, device=META)
+    with pytest.raises(ValueError, match="x must be a CPU or CUDA tensor, got meta"):
+        ext._check_layer_norm("ext layer_norm", x.to(META), meta, None, None)
+    with pytest.raises(ValueError, match="linear_bias must be on x's device cpu, got meta"):
+        ext._check_layer_norm("ext layer_norm", x, torch.randn(8), None, meta)
+    with pytest.raises(ValueError, match="bias must be on x's device cpu, got meta"):
+        ext._check_bias_gelu("ext bias_gelu", x, meta)
+    with pytest.raises(ValueError, match="mask must be on scores' device cpu, got meta"):
+        ext._check_softmax("ext masked_softmax", x, torch.ones(3, 8, dtype=torch.bool, device=META), "p", torch.float32)
+    with pytest.raises(ValueError, match="position_ids must be on the tables' device cpu, got meta"):
+        ids = torch.zeros(1, 2, dtype=torch.long)
+        ext._check_embedding("ext embedding_layer_norm", ids, ids.to(META), ids, x, x, x, x[0])
+
+
+def test_public_ops_stop_bad_input_before_the_extension(_no_call_into_the_extension):
+    """What killed the process on a GPU machine (out-of-range ids on the CPU) is a ValueError raised in Python."""
+    ids = torch.tensor([[1, 2, 10]])
+    word, position, types = torch.randn(10, 8), torch.randn(4, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match=re.escape("input_ids holds ids outside the table's rows [0, 10)")):
+        bertfast.ops.embedding_layer_norm(
+            ids, ids * 0, ids * 0, word, position, types, torch.ones(8), torch.zeros(8), backend="ext"
+        )
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="ext layer_norm: eps must be positive"):
+        ext.layer_norm(x, torch.ones(8), torch.zeros(8), 0.0)
 
 
 @pytest.mark.ext_raises

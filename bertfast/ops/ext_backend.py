@@ -6,10 +6,11 @@ Each op is a ``torch.library.custom_op`` in the ``bertfast::`` namespace (``ext_
 the extension's backward kernels, so ``torch.compile(fullgraph=True)`` traces through
 without a graph break.  Every gradient is returned, weights and biases included.
 
-Attention is ``softmax((q * scale) @ k^T, key mask) @ v`` with the two products as batched
+Attention is ``softmax(scale * q @ k^T, key mask) @ v`` with the two products as batched
 GEMMs (``torch.matmul`` on ``(batch, heads, seq, head_dim)`` views) and the masked softmax
-from the extension; q is scaled before the product so that fp16 scores never overflow
-where the scaled ones are representable.  There is no variable-length attention here.
+from the extension.  The scores and their gradient are fp32 for fp16/bf16 inputs, from the
+product through the softmax; the probabilities are in the inputs' dtype.  There is no
+variable-length attention here.
 
 Kernels run on CPU tensors (float64, float32, float16, bfloat16) and, when the extension
 was built with them, on CUDA tensors (float32, float16, bfloat16).  CUDA launches go to
@@ -100,6 +101,143 @@ def unsupported(op: str, *tensors, **meta) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Argument checks, before any call into bertfast._C
+# ------------------------------------------------------------------------------------------------
+# Each op checks here what the binding checks (device, dtype, shape, the CUDA row limit, eps, ids
+# in range, the mask): an error raised inside the extension must cross from C++ into Python, which
+# killed the process on one GPU machine.  The binding's checks stay as the last line; contiguity
+# needs no check, because every op passes contiguous tensors.
+
+
+def _check_primary(fn: str, name: str, t: torch.Tensor) -> None:
+    """The tensor that fixes the call's device and dtype."""
+    if t.device.type == "cuda":
+        built = _ext.facts()
+        if built is not None and not built.has_cuda:
+            raise ValueError(f"{fn}: {name} is on {t.device} but bertfast._C was built without CUDA kernels")
+        dtypes, where = _CUDA_DTYPES, "CUDA kernels"
+    elif t.device.type == "cpu":
+        dtypes, where = _CPU_DTYPES, "CPU kernels"
+    else:
+        raise ValueError(f"{fn}: {name} must be a CPU or CUDA tensor, got {t.device}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{fn}: {name} has dtype {t.dtype}; the ext {where} take {', '.join(map(str, dtypes))}")
+
+
+def _check_like(fn: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{fn}: {name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{fn}: {name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+
+
+def _check_shape(fn: str, name: str, t: torch.Tensor, shape) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_row(fn: str, what: str, length: int, primary: torch.Tensor) -> None:
+    """The CUDA row kernels keep a row (hidden size, key length) in shared memory."""
+    built = _ext.facts()
+    if primary.is_cuda and built is not None and length > built.cuda_max_row_elements:
+        raise ValueError(f"{fn}: {what} is {length}; the ext CUDA kernels take at most {built.cuda_max_row_elements}")
+
+
+def _check_last_dim(fn: str, name: str, x: torch.Tensor) -> int:
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{fn}: {name} must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    return x.shape[-1]
+
+
+def _check_eps(fn: str, eps: float) -> None:
+    if not eps > 0:
+        raise ValueError(f"{fn}: eps must be positive, got {eps}")
+
+
+def _check_stats(fn: str, name: str, t: torch.Tensor, x: torch.Tensor, shape) -> None:
+    if t.device != x.device or t.dtype != _stats_dtype(x.dtype):
+        raise TypeError(f"{fn}: {name} must be {_stats_dtype(x.dtype)} on {x.device}, got {t.dtype} on {t.device}")
+    _check_shape(fn, name, t, shape)
+
+
+def _check_optional(fn: str, name: str, t: torch.Tensor | None, x: torch.Tensor, shape) -> None:
+    if t is not None:
+        _check_like(fn, name, t, "x", x)
+        _check_shape(fn, name, t, shape)
+
+
+def _check_layer_norm(fn, x, weight, residual, linear_bias, bias=None) -> int:
+    _check_primary(fn, "x", x)
+    hidden = _check_last_dim(fn, "x", x)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_like(fn, name, t, "x", x)
+            _check_shape(fn, name, t, (hidden,))
+    _check_optional(fn, "residual", residual, x, x.shape)
+    _check_optional(fn, "linear_bias", linear_bias, x, (hidden,))
+    _check_row(fn, "x's last dimension (hidden)", hidden, x)
+    return hidden
+
+
+def _check_bias_gelu(fn, x, bias) -> None:
+    _check_primary(fn, "x", x)
+    hidden = _check_last_dim(fn, "x", x)
+    _check_like(fn, "bias", bias, "x", x)
+    _check_shape(fn, "bias", bias, (hidden,))
+    if x.is_cuda and hidden > 2**31 - 1:  # the CUDA elementwise kernels index a row with a 32-bit int
+        raise ValueError(f"{fn}: x's last dimension (hidden) is {hidden}; the ext CUDA kernels take at most 2**31 - 1")
+
+
+def _check_embedding(fn, input_ids, position_ids, token_type_ids, word, position, token_type, weight) -> int:
+    _check_primary(fn, "word_embeddings", word)
+    if word.dim() != 2 or word.shape[1] < 1:
+        raise ValueError(f"{fn}: word_embeddings must have shape (vocab, hidden), got {tuple(word.shape)}")
+    hidden = word.shape[1]
+    for name, table in (("position_embeddings", position), ("token_type_embeddings", token_type)):
+        _check_like(fn, name, table, "word_embeddings", word)
+        if table.dim() != 2 or table.shape[1] != hidden:
+            raise ValueError(f"{fn}: {name} must have shape (rows, {hidden}), got {tuple(table.shape)}")
+    _check_like(fn, "weight", weight, "word_embeddings", word)
+    _check_shape(fn, "weight", weight, (hidden,))
+    for name, ids, table in (
+        ("input_ids", input_ids, word),
+        ("position_ids", position_ids, position),
+        ("token_type_ids", token_type_ids, token_type),
+    ):
+        if ids.dtype != torch.int64:
+            raise TypeError(f"{fn}: {name} must have dtype torch.int64, got {ids.dtype}")
+        if ids.device != word.device:
+            raise ValueError(f"{fn}: {name} must be on the tables' device {word.device}, got {ids.device}")
+        _check_shape(fn, name, ids, input_ids.shape)
+        # On the CPU an id outside its table is an error; the CUDA kernels turn its row into NaN (no host read).
+        if ids.device.type == "cpu" and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < table.shape[0]:
+            raise ValueError(f"{fn}: {name} holds ids outside the table's rows [0, {table.shape[0]})")
+    _check_row(fn, "the embedding width (hidden)", hidden, word)
+    return hidden
+
+
+def _check_softmax(fn, scores, mask, probs_name: str, probs_dtype: torch.dtype) -> None:
+    _check_primary(fn, "scores", scores)
+    dtypes = _CUDA_DTYPES if scores.is_cuda else _CPU_DTYPES
+    if probs_dtype not in dtypes:
+        raise TypeError(f"{fn}: {probs_name} has dtype {probs_dtype}; the ext kernels take {dtypes}")
+    if scores.dtype != _stats_dtype(probs_dtype):
+        raise TypeError(
+            f"{fn}: scores must have dtype {_stats_dtype(probs_dtype)} for {probs_name} of dtype {probs_dtype}, "
+            f"got {scores.dtype}"
+        )
+    if scores.dim() < 2:
+        raise ValueError(f"{fn}: scores must have shape (batch, ..., seq_k), got {tuple(scores.shape)}")
+    if mask is not None:
+        if mask.dtype not in (torch.bool, torch.uint8):
+            raise TypeError(f"{fn}: mask must have dtype torch.bool or torch.uint8, got {mask.dtype}")
+        if mask.device != scores.device:
+            raise ValueError(f"{fn}: mask must be on scores' device {scores.device}, got {mask.device}")
+        _check_shape(fn, "mask", mask, (scores.shape[0], scores.shape[-1]))
+    _check_row(fn, "scores' last dimension (seq_k)", scores.shape[-1], scores)
+
+
+# ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
 
@@ -132,6 +270,9 @@ def _layer_norm_op(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (y, mean, rstd); mean and rstd (fp32, fp64 for fp64 inputs) are kept for the backward."""
+    fn = "ext layer_norm"
+    _check_layer_norm(fn, x, weight, residual, linear_bias, bias)
+    _check_eps(fn, eps)
     return _ext.require().layer_norm_forward(
         x.contiguous(),
         weight.contiguous(),
@@ -164,6 +305,12 @@ def _layer_norm_backward_op(
     rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dweight, dbias, dlinear_bias); dlinear_bias is empty when there is no linear_bias."""
+    fn = "ext layer_norm backward"
+    _check_layer_norm(fn, x, weight, residual, linear_bias)
+    _check_like(fn, "dy", dy, "x", x)
+    _check_shape(fn, "dy", dy, x.shape)
+    _check_stats(fn, "mean", mean, x, x.shape[:-1])
+    _check_stats(fn, "rstd", rstd, x, x.shape[:-1])
     dx, dweight, dbias, dlinear_bias = _ext.require().layer_norm_backward(
         dy.contiguous(),
         x.contiguous(),
@@ -238,6 +385,13 @@ def _embedding_layer_norm_op(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (y, mean, rstd); ids int64, the tables, weight and bias of one dtype."""
+    fn = "ext embedding_layer_norm"
+    hidden = _check_embedding(
+        fn, input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings, token_type_embeddings, weight
+    )
+    _check_like(fn, "bias", bias, "word_embeddings", word_embeddings)
+    _check_shape(fn, "bias", bias, (hidden,))
+    _check_eps(fn, eps)
     return _ext.require().embedding_layer_norm_forward(
         input_ids.contiguous(),
         position_ids.contiguous(),
@@ -276,6 +430,14 @@ def _embedding_layer_norm_backward_op(
     rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dsum, dweight, dbias); dsum is the gradient of the summed embeddings."""
+    fn = "ext embedding_layer_norm backward"
+    hidden = _check_embedding(
+        fn, input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings, token_type_embeddings, weight
+    )
+    _check_like(fn, "dy", dy, "word_embeddings", word_embeddings)
+    _check_shape(fn, "dy", dy, (*input_ids.shape, hidden))
+    _check_stats(fn, "mean", mean, word_embeddings, input_ids.shape)
+    _check_stats(fn, "rstd", rstd, word_embeddings, input_ids.shape)
     return _ext.require().embedding_layer_norm_backward(
         dy.contiguous(),
         input_ids.contiguous(),
@@ -354,6 +516,7 @@ def embedding_layer_norm(
 
 @torch.library.custom_op("bertfast::ext_bias_gelu", mutates_args=())
 def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    _check_bias_gelu("ext bias_gelu", x, bias)
     return _ext.require().bias_gelu_forward(x.contiguous(), bias.contiguous(), _stream(x))
 
 
@@ -365,6 +528,10 @@ def _(x, bias):
 @torch.library.custom_op("bertfast::ext_bias_gelu_backward", mutates_args=())
 def _bias_gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx, dbias)."""
+    fn = "ext bias_gelu backward"
+    _check_bias_gelu(fn, x, bias)
+    _check_like(fn, "dy", dy, "x", x)
+    _check_shape(fn, "dy", dy, x.shape)
     return _ext.require().bias_gelu_backward(dy.contiguous(), x.contiguous(), bias.contiguous(), _stream(x))
 
 
@@ -395,55 +562,78 @@ def bias_gelu(x, bias):
 
 
 @torch.library.custom_op("bertfast::ext_masked_softmax", mutates_args=())
-def _masked_softmax_op(scores: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """softmax(scores * scale) over the last dim; mask (batch, seq_k), nonzero = keep."""
-    return _ext.require().masked_softmax_forward(scores.contiguous(), _contiguous(mask), scale, _stream(scores))
+def _masked_softmax_op(
+    scores: torch.Tensor, mask: torch.Tensor | None, scale: float, probs_dtype: torch.dtype
+) -> torch.Tensor:
+    """softmax(scores * scale) over the last dim -> probs of ``probs_dtype``; scores in its accumulation
+    dtype (fp32, fp64 for fp64); mask (batch, seq_k), nonzero = keep."""
+    _check_softmax("ext masked_softmax", scores, mask, "probs_dtype", probs_dtype)
+    return _ext.require().masked_softmax_forward(
+        scores.contiguous(), _contiguous(mask), scale, probs_dtype, _stream(scores)
+    )
 
 
 @_masked_softmax_op.register_fake
-def _(scores, mask, scale):
-    return scores.new_empty(scores.shape)
+def _(scores, mask, scale, probs_dtype):
+    return scores.new_empty(scores.shape, dtype=probs_dtype)
 
 
 @torch.library.custom_op("bertfast::ext_masked_softmax_backward", mutates_args=())
-def _masked_softmax_backward_op(dprobs: torch.Tensor, probs: torch.Tensor, scale: float) -> torch.Tensor:
-    return _ext.require().masked_softmax_backward(dprobs.contiguous(), probs.contiguous(), scale, _stream(probs))
+def _masked_softmax_backward_op(
+    dprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """-> dscores (the scores' dtype); the probabilities are recomputed from the scores in their dtype: rounded
+    to fp16 they would lose the 1 - p of a dominant key, which every key's gradient depends on."""
+    fn = "ext masked_softmax backward"
+    _check_softmax(fn, scores, mask, "dprobs", dprobs.dtype)
+    if dprobs.device != scores.device:
+        raise ValueError(f"{fn}: dprobs must be on scores' device {scores.device}, got {dprobs.device}")
+    _check_shape(fn, "dprobs", dprobs, scores.shape)
+    return _ext.require().masked_softmax_backward(
+        dprobs.contiguous(), scores.contiguous(), _contiguous(mask), scale, _stream(scores)
+    )
 
 
 @_masked_softmax_backward_op.register_fake
-def _(dprobs, probs, scale):
-    return probs.new_empty(probs.shape)
+def _(dprobs, scores, mask, scale):
+    return scores.new_empty(scores.shape)
 
 
 def _masked_softmax_setup_context(ctx, inputs, output):
-    ctx.scale = inputs[2]
-    ctx.save_for_backward(output)
+    scores, mask, scale, _probs_dtype = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(scores, mask)
 
 
 def _masked_softmax_backward(ctx, dprobs):
-    (probs,) = ctx.saved_tensors
-    return _masked_softmax_backward_op(dprobs, probs, ctx.scale), None, None
+    scores, mask = ctx.saved_tensors
+    return _masked_softmax_backward_op(dprobs, scores, mask, ctx.scale), None, None, None
 
 
 _masked_softmax_op.register_autograd(_masked_softmax_backward, setup_context=_masked_softmax_setup_context)
 
 
-def masked_softmax(scores, mask, scale):
-    """The extension's masked softmax on its own (used by :func:`attention`); mask nonzero = keep."""
+def masked_softmax(scores, mask, scale, probs_dtype=None):
+    """The extension's masked softmax on its own (used by :func:`attention`); mask nonzero = keep.
+    Probabilities in ``probs_dtype`` (default: the scores' dtype); the scores are read in its
+    accumulation dtype (fp32, fp64 for fp64), cast if needed, and their gradient has that dtype."""
+    probs_dtype = scores.dtype if probs_dtype is None else probs_dtype
     if mask is not None and mask.dtype not in (torch.bool, torch.uint8):
         mask = mask != 0
-    return _masked_softmax_op(scores, mask, float(scale))
+    return _masked_softmax_op(scores.to(_stats_dtype(probs_dtype)), mask, float(scale), probs_dtype)
 
 
 def attention(q, k, v, attention_mask, scale):
     """q, k, v: (batch, seq, heads, head_dim), possibly strided views; returns (batch, seq, heads, head_dim).
 
-    q is scaled before the product (the softmax then runs with scale 1): in fp16 an unscaled
-    ``q @ k^T`` overflows (65504) where the scaled scores are representable, and its inf
-    would turn a row into NaN (inf - inf) or into zeros (-inf everywhere reads as "every key
-    masked").  The GEMM accumulates in fp32 and rounds the scaled scores once.
+    For fp16/bf16 inputs the scores ``q @ k^T`` are formed and kept in fp32 up to the softmax,
+    and so is their gradient: they can be large (q ~ 30, k ~ 40, head 64: scaled scores ~ 1e4)
+    where fp16's spacing (8) or bf16's (64) would decide the softmax, and an unscaled fp16
+    product would overflow (65504).  The probabilities are in the inputs' dtype, so the second
+    product runs at the inputs' precision.
     """
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    scores = torch.matmul(qh * scale, kh.transpose(-1, -2))
-    probs = masked_softmax(scores, attention_mask, 1.0)
+    acc = _stats_dtype(q.dtype)
+    scores = torch.matmul(qh.to(acc), kh.to(acc).transpose(-1, -2))
+    probs = masked_softmax(scores, attention_mask, scale, q.dtype)
     return torch.matmul(probs, vh).transpose(1, 2)

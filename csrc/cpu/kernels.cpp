@@ -225,49 +225,59 @@ void bias_gelu_backward(const T* dy, const T* x, const T* bias, T* dx, T* dbias,
     });
 }
 
-template <typename T>
-void masked_softmax_forward(const T* scores, const uint8_t* mask, T* probs, int64_t batch, int64_t rows_per_batch,
-                            int64_t seq_k, double scale) {
-    using A = Acc<T>;
+// p[0:seq_k] = softmax(scores * scale) over the kept keys, in A; all zeros when every key is masked.
+template <typename A>
+void softmax_row(const A* scores, const uint8_t* keep, int64_t seq_k, A scale, A* p) {
     const A neg_inf = -std::numeric_limits<A>::infinity();
+    A row_max = neg_inf;
+    for (int64_t j = 0; j < seq_k; ++j) {
+        p[j] = (keep == nullptr || keep[j] != 0) ? scores[j] * scale : neg_inf;
+        row_max = std::max(row_max, p[j]);
+    }
+    if (row_max == neg_inf) {  // every key masked: a zero row, not NaN
+        std::fill_n(p, seq_k, A(0));
+        return;
+    }
+    A sum = 0;
+    for (int64_t j = 0; j < seq_k; ++j) {
+        p[j] = std::exp(p[j] - row_max);  // exp(-inf) = 0 for masked keys
+        sum += p[j];
+    }
+    const A inv_sum = A(1) / sum;
+    for (int64_t j = 0; j < seq_k; ++j) p[j] *= inv_sum;
+}
+
+template <typename T>
+void masked_softmax_forward(const Acc<T>* scores, const uint8_t* mask, T* probs, int64_t batch,
+                            int64_t rows_per_batch, int64_t seq_k, double scale) {
+    using A = Acc<T>;
     at::parallel_for(0, batch * rows_per_batch, grain_rows(seq_k), [&](int64_t begin, int64_t end) {
-        std::vector<A> s(seq_k);
+        std::vector<A> p(seq_k);
         for (int64_t row = begin; row < end; ++row) {
             const uint8_t* keep = mask != nullptr ? mask + (row / rows_per_batch) * seq_k : nullptr;
-            const T* in = scores + row * seq_k;
+            softmax_row<A>(scores + row * seq_k, keep, seq_k, static_cast<A>(scale), p.data());
             T* out = probs + row * seq_k;
-            A row_max = neg_inf;
-            for (int64_t j = 0; j < seq_k; ++j) {
-                s[j] = (keep == nullptr || keep[j] != 0) ? static_cast<A>(in[j]) * static_cast<A>(scale) : neg_inf;
-                row_max = std::max(row_max, s[j]);
-            }
-            if (row_max == neg_inf) {  // every key masked: a zero row, not NaN
-                std::fill_n(out, seq_k, static_cast<T>(0));
-                continue;
-            }
-            A sum = 0;
-            for (int64_t j = 0; j < seq_k; ++j) {
-                s[j] = std::exp(s[j] - row_max);  // exp(-inf) = 0 for masked keys
-                sum += s[j];
-            }
-            const A inv_sum = A(1) / sum;
-            for (int64_t j = 0; j < seq_k; ++j) out[j] = static_cast<T>(s[j] * inv_sum);
+            for (int64_t j = 0; j < seq_k; ++j) out[j] = static_cast<T>(p[j]);
         }
     });
 }
 
+// The probabilities are recomputed in A from the scores: rounded to T they would lose the 1 - p
+// of a dominant key, which every key's gradient depends on.
 template <typename T>
-void masked_softmax_backward(const T* dprobs, const T* probs, T* dscores, int64_t rows, int64_t seq_k, double scale) {
+void masked_softmax_backward(const T* dprobs, const Acc<T>* scores, const uint8_t* mask, Acc<T>* dscores,
+                             int64_t batch, int64_t rows_per_batch, int64_t seq_k, double scale) {
     using A = Acc<T>;
-    at::parallel_for(0, rows, grain_rows(seq_k), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch * rows_per_batch, grain_rows(seq_k), [&](int64_t begin, int64_t end) {
+        std::vector<A> p(seq_k);
         for (int64_t row = begin; row < end; ++row) {
-            const T* p = probs + row * seq_k;
+            const uint8_t* keep = mask != nullptr ? mask + (row / rows_per_batch) * seq_k : nullptr;
+            softmax_row<A>(scores + row * seq_k, keep, seq_k, static_cast<A>(scale), p.data());
             const T* dp = dprobs + row * seq_k;
-            T* out = dscores + row * seq_k;
+            A* out = dscores + row * seq_k;
             A dot = 0;
-            for (int64_t j = 0; j < seq_k; ++j) dot += static_cast<A>(dp[j]) * static_cast<A>(p[j]);
-            for (int64_t j = 0; j < seq_k; ++j)
-                out[j] = static_cast<T>(static_cast<A>(scale) * static_cast<A>(p[j]) * (static_cast<A>(dp[j]) - dot));
+            for (int64_t j = 0; j < seq_k; ++j) dot += static_cast<A>(dp[j]) * p[j];
+            for (int64_t j = 0; j < seq_k; ++j) out[j] = static_cast<A>(scale) * p[j] * (static_cast<A>(dp[j]) - dot);
         }
     });
 }
@@ -283,8 +293,9 @@ void masked_softmax_backward(const T* dprobs, const T* probs, T* dscores, int64_
                                                    const Acc<T>*, T*, T*, T*, int64_t, int64_t);                     \
     template void bias_gelu_forward<T>(const T*, const T*, T*, int64_t, int64_t);                                    \
     template void bias_gelu_backward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t);                     \
-    template void masked_softmax_forward<T>(const T*, const uint8_t*, T*, int64_t, int64_t, int64_t, double);        \
-    template void masked_softmax_backward<T>(const T*, const T*, T*, int64_t, int64_t, double);
+    template void masked_softmax_forward<T>(const Acc<T>*, const uint8_t*, T*, int64_t, int64_t, int64_t, double);   \
+    template void masked_softmax_backward<T>(const T*, const Acc<T>*, const uint8_t*, Acc<T>*, int64_t, int64_t,     \
+                                             int64_t, double);
 
 BERTFAST_INSTANTIATE(float)
 BERTFAST_INSTANTIATE(double)

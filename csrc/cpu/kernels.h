@@ -57,12 +57,16 @@ template <typename T>
 void bias_gelu_backward(const T* dy, const T* x, const T* bias, T* dx, T* dbias, int64_t rows, int64_t hidden);
 
 // ---- softmax(scores * scale) with a (batch, seq_k) key mask (nonzero = keep; may be null) --
+// The scores and their gradient are Acc<T> (fp32 for fp16/bf16 probabilities): scores of
+// attention can be large (|q . k| ~ 1e4) where fp16's spacing (8 at 1e4) would decide the softmax.
 template <typename T>
-void masked_softmax_forward(const T* scores, const uint8_t* mask, T* probs, int64_t batch, int64_t rows_per_batch,
-                            int64_t seq_k, double scale);
+void masked_softmax_forward(const Acc<T>* scores, const uint8_t* mask, T* probs, int64_t batch,
+                            int64_t rows_per_batch, int64_t seq_k, double scale);
 
+// The backward recomputes the probabilities in Acc<T> from the forward's scores and mask.
 template <typename T>
-void masked_softmax_backward(const T* dprobs, const T* probs, T* dscores, int64_t rows, int64_t seq_k, double scale);
+void masked_softmax_backward(const T* dprobs, const Acc<T>* scores, const uint8_t* mask, Acc<T>* dscores,
+                             int64_t batch, int64_t rows_per_batch, int64_t seq_k, double scale);
 
 }  // namespace cpu
 }  // namespace bertfast

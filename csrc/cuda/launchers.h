@@ -86,14 +86,16 @@ int bias_gelu_backward(DType dtype, const void* dy, const void* x, const void* b
                        float* workspace, int64_t rows, int64_t hidden, void* stream);
 
 // ---- softmax(scores * scale) over the last dim with a key-padding mask ---------------------
-// scores/probs: (batch, rows_per_batch, seq_k) where rows_per_batch = heads * seq_q;
+// scores (fp32) and probs (`dtype`): (batch, rows_per_batch, seq_k), rows_per_batch = heads * seq_q;
 // mask: (batch, seq_k) bytes, nonzero = keep, or null.  Masked keys get probability 0; a row
 // with every key masked is all zeros.
-int masked_softmax_forward(DType dtype, const void* scores, const uint8_t* mask, void* probs, int64_t batch,
+int masked_softmax_forward(DType dtype, const float* scores, const uint8_t* mask, void* probs, int64_t batch,
                            int64_t rows_per_batch, int64_t seq_k, float scale, void* stream);
-// dscores = scale * probs * (dprobs - sum(dprobs * probs)).
-int masked_softmax_backward(DType dtype, const void* dprobs, const void* probs, void* dscores, int64_t rows,
-                            int64_t seq_k, float scale, void* stream);
+// dscores (fp32) = scale * probs * (dprobs - sum(dprobs * probs)), dprobs in `dtype`, with the
+// probabilities recomputed in fp32 from the scores and the mask of the forward.
+int masked_softmax_backward(DType dtype, const void* dprobs, const float* scores, const uint8_t* mask,
+                            float* dscores, int64_t batch, int64_t rows_per_batch, int64_t seq_k, float scale,
+                            void* stream);
 
 }  // namespace cuda
 }  // namespace bertfast
