@@ -19,14 +19,31 @@ The masked-LM loss gathers a fixed ``label_budget`` of rows (the labelled ones, 
 masked out) and divides by the device-side label count.  :meth:`TrainStep.run` copies the
 prepared tensors into the bucket's static buffers and runs (or replays) the step.
 
+On CUDA each bucket runs ``warmup_steps`` real steps eagerly on a side stream (they build the
+optimizer state and compile and tune the kernels for the bucket's shapes), then the next step is
+captured with ``torch.cuda.graph`` and every later one replays it.  The backward in the graph
+allocates the gradients from the graph's pool (they are set to ``None`` before capture), so
+replays write them where the captured clipping and optimizer step read them.  Dropout seeds are
+drawn with ``torch.randint`` on the device inside the graph: the default CUDA generator is
+registered with the graph, and each replay advances its philox offset, so replays draw fresh
+masks.  Each bucket's graph holds its own gradients and activations (memory per bucket).
+
+Under ``DistributedDataParallel`` the step runs eagerly (``capture=False``): gradients are
+all-reduced once, after the last micro-batch (``no_sync`` before it).
+
 Raises, naming the sizes: a batch larger than every bucket, tokens or labels beyond the budget,
-a row that is not right-padded (the packing keeps positions 0..n-1 of each row).  Capture is
-refused for a model off the GPU and for an optimizer that is not ``capturable``; fp16 loss
-scaling needs an optimizer that skips a step on ``found_inf`` itself (``fused=True``).
+a row that is not right-padded (the packing keeps positions 0..n-1 of each row), float labels
+(regression, multi-label) in a bucket with more rows than the micro-batch.  Capture is refused
+for an optimizer that is not ``capturable``, a learning rate that is not a device tensor (a
+float would be frozen into the graph), a ``DistributedDataParallel`` or FSDP model and a model
+off the GPU; a step called inside ``torch.autocast`` raises (give ``autocast_dtype``: a captured
+forward would keep the region's cached casts of the old weights).  fp16 loss scaling needs an
+optimizer that skips a step on ``found_inf`` itself (``fused=True``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -36,8 +53,14 @@ from .padding import PackedBatch, StaticPacking, use_static_packing
 
 IGNORE_INDEX = -100
 # Labels given per token (ignored at padding) and per sequence (the rows added to reach the bucket's batch).
+# "labels" is per token where it has the ids' shape and holds class indices (masked or token classification).
 _TOKEN_LABELS = ("labels",)
 _SEQUENCE_LABELS = ("next_sentence_label", "start_positions", "end_positions")
+NUM_ITEMS = "num_items_in_batch"
+
+
+def _per_token(labels: torch.Tensor, input_ids: torch.Tensor) -> bool:
+    return labels.shape == input_ids.shape and not labels.is_floating_point()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +77,11 @@ class Bucket:
     def fill_sequences(self) -> int:
         """Fill sequences after the real ones: enough for a budget of fill tokens, ``seq`` at most each."""
         return math.ceil(self.tokens / self.seq)
+
+
+def _area(bucket: Bucket) -> tuple[int, int]:
+    """Buckets are tried smallest first."""
+    return bucket.batch * bucket.seq, bucket.batch
 
 
 def pack_to_budget(attention_mask: torch.Tensor, bucket: Bucket) -> PackedBatch:
@@ -95,6 +123,28 @@ def _padded(t: torch.Tensor, batch: int, seq: int | None, value) -> torch.Tensor
     return out
 
 
+def _check_capturable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Refuse what a captured step would run wrongly: no host work happens at replay."""
+    if not all(group.get("capturable", False) for group in optimizer.param_groups):
+        raise ValueError("capturing the step needs a capturable optimizer, e.g. AdamW(fused=True, capturable=True)")
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    if any(not isinstance(lr, torch.Tensor) or lr.device != device for lr in lrs):
+        raise ValueError(
+            "a captured step would keep a float learning rate fixed in the graph: give lr as a tensor on the "
+            "model's device, e.g. lr=torch.tensor(1e-4, device='cuda') (LR schedulers update it in place)"
+        )
+    distributed = (torch.nn.parallel.DistributedDataParallel,)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        distributed += (FSDPModule,)
+    if isinstance(model, distributed):
+        # Their gradient communication runs from autograd hooks and host-side bucketing, outside a graph.
+        raise ValueError(f"{type(model).__name__} cannot be captured: use capture=False (it runs eagerly)")
+    if device.type != "cuda":
+        raise ValueError(f"capture=True needs the model on a CUDA device; it is on {device}")
+
+
 class TrainStep:
     """``step(micro_batches)``: one optimizer step over ``accumulation_steps`` micro-batches (see the module).
 
@@ -103,7 +153,11 @@ class TrainStep:
     the data's padding is known).  ``label_budget``: masked-LM labels gathered per micro-batch (the
     token budget by default).  ``max_grad_norm``: clip by the global norm on the device.
     ``loss_scale``: ``None``, a number, or ``"dynamic"`` (fp16: start at 2**16, halve on inf/NaN and
-    skip the step, double after 2000 clean steps).  ``capture``: ``"auto"`` (on CUDA), True or False.
+    skip the step, double after 2000 clean steps).  ``autocast_dtype``: the forwards run under
+    ``torch.autocast`` to it (without its weight-cast cache; the backward runs outside).
+    ``capture``: ``"auto"`` (on CUDA), True or False; ``warmup_steps``: eager steps of a bucket before
+    its capture.  ``num_items_in_batch`` in the micro-batches (a number, the same in each) divides the
+    summed loss as the heads do for Trainer, instead of the mean of each micro-batch's mean.
     """
 
     def __init__(
@@ -117,7 +171,9 @@ class TrainStep:
         buckets=None,
         token_budget: int | None = None,
         label_budget: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
         capture: bool | str = "auto",
+        warmup_steps: int = 3,
     ):
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
@@ -125,17 +181,16 @@ class TrainStep:
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.token_budget, self.label_budget = token_budget, label_budget
-        self.buckets = None if buckets is None else sorted(self._bucket(b, s) for b, s in buckets)
+        self.buckets = None if buckets is None else sorted((self._bucket(b, s) for b, s in buckets), key=_area)
         self.params = [p for p in model.parameters() if p.requires_grad]
         device = self.params[0].device
         self.device = device
         if capture == "auto":
             capture = device.type == "cuda"
-        if capture and device.type != "cuda":
-            raise ValueError(f"capture=True needs the model on a CUDA device; it is on {device}")
-        if capture and not all(group.get("capturable", False) for group in optimizer.param_groups):
-            raise ValueError("capturing the step needs a capturable optimizer, e.g. AdamW(fused=True, capturable=True)")
-        self.capture = bool(capture)
+        if capture:
+            _check_capturable(model, optimizer, device)
+        self.capture, self.warmup_steps = bool(capture), warmup_steps
+        self.autocast_dtype = autocast_dtype
         self.scale = self.growth_tracker = self.found_inf = None
         self.dynamic = loss_scale == "dynamic"
         if loss_scale is not None:
@@ -171,9 +226,12 @@ class TrainStep:
         batch = max(m["input_ids"].shape[0] for m in micro_batches)
         seq = max(m["input_ids"].shape[1] for m in micro_batches)
         bucket = self._bucket_for(batch, seq)
+        if len({frozenset(m) for m in micro_batches}) != 1:
+            keys = [sorted(m) for m in micro_batches]
+            raise ValueError(f"every micro-batch of a step needs the same keys, got {keys}")
         prepared, packings = [], []
         for m in micro_batches:
-            if any(t.device.type != "cpu" for t in m.values()):
+            if any(t.device.type != "cpu" for t in m.values() if isinstance(t, torch.Tensor)):
                 raise ValueError("TrainStep takes micro-batches on the CPU (it packs them there, with no device read)")
             mask = m.get("attention_mask")
             if mask is None:
@@ -183,17 +241,26 @@ class TrainStep:
             for name, t in m.items():
                 if name == "attention_mask":
                     continue
-                if name in _SEQUENCE_LABELS:
-                    inputs[name] = _padded(t.reshape(-1), bucket.batch, None, IGNORE_INDEX)
-                elif t.dim() == 2 and name not in _TOKEN_LABELS:
-                    inputs[name] = _padded(t, bucket.batch, bucket.seq, 0)
-                elif t.dim() == 2:  # token labels: none at padding
+                if name == NUM_ITEMS:  # the step's normaliser (a number): copied in as a device scalar
+                    inputs[name] = torch.tensor(float(t), dtype=torch.float32)
+                elif name in _TOKEN_LABELS and _per_token(t, m["input_ids"]):  # token labels: none at padding
                     padded = _padded(t, bucket.batch, bucket.seq, IGNORE_INDEX)
                     inputs[name] = padded.masked_fill(mask == 0, IGNORE_INDEX)
+                elif name in _TOKEN_LABELS or name in _SEQUENCE_LABELS:
+                    if t.is_floating_point() and t.shape[0] != bucket.batch:
+                        raise ValueError(
+                            f"{name} holds values ({t.dtype}) that rows added to reach the bucket's batch "
+                            f"{bucket.batch} cannot ignore (the micro-batch has {t.shape[0]}): give buckets whose "
+                            f"batch is the micro-batch's"
+                        )
+                    flat = t.reshape(-1) if name in _SEQUENCE_LABELS else t
+                    inputs[name] = _padded(flat, bucket.batch, None, IGNORE_INDEX)
+                elif t.dim() == 2:
+                    inputs[name] = _padded(t, bucket.batch, bucket.seq, 0)
                 else:
-                    inputs[name] = _padded(t, bucket.batch, None, IGNORE_INDEX)
+                    raise ValueError(f"TrainStep does not know how to pad {name} of shape {tuple(t.shape)} to a bucket")
             labels = inputs.get("labels")
-            if labels is not None and labels.dim() == 2:
+            if labels is not None and _per_token(labels, mask):
                 count = int((labels != IGNORE_INDEX).sum())
                 if count > bucket.labels:
                     raise ValueError(
@@ -232,23 +299,28 @@ class TrainStep:
 
     def run(self, bucket: Bucket, prepared, packings) -> torch.Tensor:
         """Copy a prepared step into its bucket's buffers and run it: eagerly, or its CUDA graph (captured
-        on the bucket's second step, after an eager one on a side stream has built the optimizer state)."""
+        after ``warmup_steps`` eager steps on a side stream have built the optimizer state and compiled
+        the kernels for the bucket's shapes)."""
+        if torch.is_autocast_enabled(self.device.type):
+            # A captured forward would keep the enclosing region's cached low-precision weights.
+            raise RuntimeError("call TrainStep outside torch.autocast: give TrainStep(autocast_dtype=...) instead")
         static = self._buffers(bucket, prepared, packings)
         if not self.capture:
             return self._body(static).clone()
         if static["graph"] is not None:
             static["graph"].replay()
             return static["loss"].clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            if static["steps"] == 0:  # warm-up: a real step, run eagerly
+        if static["steps"] < self.warmup_steps:  # a real step, run eagerly on a side stream
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
                 loss = self._body(static)
-                static["steps"] += 1
-                torch.cuda.current_stream().wait_stream(stream)
-                return loss.clone()
-        torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            static["steps"] += 1
+            return loss.clone()
         graph = torch.cuda.CUDAGraph()
+        # The backward inside the graph allocates the gradients from the graph's pool, so every replay
+        # writes them at the addresses the captured clipping and optimizer step read.
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
             static["loss"] = self._body(static)
@@ -256,14 +328,24 @@ class TrainStep:
         graph.replay()
         return static["loss"].clone()
 
+    def _micro_batch_sync(self, last: bool):
+        """DistributedDataParallel all-reduces the gradients once a step: after the last micro-batch."""
+        if last or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
     def _body(self, static) -> torch.Tensor:
         """Forward, loss and backward of every micro-batch, then unscale, clip and step: no host read."""
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for inputs, packing in zip(static["inputs"], static["packings"]):
-            with use_static_packing(packing):
-                loss = self.model(**inputs).loss / self.accumulation_steps
-            (loss * self.scale if self.scale is not None else loss).backward()
+        count = len(static["inputs"])
+        for i, (inputs, packing) in enumerate(zip(static["inputs"], static["packings"])):
+            with self._micro_batch_sync(last=i == count - 1):
+                with use_static_packing(packing), self._autocast():
+                    loss = self.model(**inputs).loss
+                if NUM_ITEMS not in inputs:  # each micro-batch's mean: the step's loss is their mean
+                    loss = loss / self.accumulation_steps
+                (loss * self.scale if self.scale is not None else loss).backward()
             total += loss.detach().float()
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.scale is not None:
@@ -278,6 +360,12 @@ class TrainStep:
         if self.dynamic:
             torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
         return total
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # No weight-cast cache: a captured graph must recast the weights the optimizer updated.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
     # ---------------------------------------------------------------------------- checkpoints
 
@@ -295,6 +383,9 @@ class TrainStep:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a :meth:`state_dict`.  Captured graphs are dropped (the optimizer's state tensors are new):
+        each bucket warms up and is captured again."""
+        self._static.clear()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["cpu_rng"])

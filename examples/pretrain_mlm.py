@@ -6,10 +6,12 @@
    tokens; every tenth line is held out for evaluation.
 3. Every step draws fresh masks (BERT's rule: 15% of the tokens are chosen; of those 80%
    become ``[MASK]``, 10% a random token, 10% stay) and trains ``bertfast.BertForMaskedLM``
-   with AdamW (no decay on biases and LayerNorm), linear warm-up and decay, ``torch.autocast``
-   (bf16, or fp16 with a GradScaler; fp32 by default on the CPU), gradient accumulation,
-   and the fused chunked MLM loss (:mod:`bertfast.mlm_loss`: the vocabulary-sized logits
-   are never stored whole).
+   with fused AdamW (no decay on biases and LayerNorm), linear warm-up and decay, autocast
+   (bf16, or fp16 with dynamic loss scaling; fp32 by default on the CPU), gradient accumulation,
+   clipping, and the fused chunked MLM loss (:mod:`bertfast.mlm_loss`: the vocabulary-sized
+   logits are never stored whole).  The step is a :class:`bertfast.TrainStep` (one CUDA graph
+   on a single GPU, eager under DDP or on the CPU); ``--no-train-step`` runs the same step as a
+   plain PyTorch loop.
 4. The model is saved in Hugging Face's format (``config.json`` + ``model.safetensors``,
    the decoder weight stored once as it is tied to the word embeddings, plus the
    ``tokenizer.json``), reloaded with ``from_pretrained`` and checked: the held-out loss of
@@ -35,7 +37,6 @@ Under ``torchrun`` the processes use DistributedDataParallel (gloo on the CPU, n
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -53,10 +54,11 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from training_setup import (  # noqa: E402
     SPECIAL_TOKENS,
-    autocast,
+    add_step_arguments,
     autocast_dtype,
     init_distributed,
-    param_groups,
+    make_optimizer,
+    make_step,
     shared_tokenizer,
 )
 
@@ -85,9 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask-prob", type=float, default=0.15)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--backend", default="auto", help='bertfast backend: "auto", "reference", "triton", "ext"')
-    p.add_argument("--chunk-size", type=int, default=2048, help="labelled tokens per chunk of the fused MLM loss")
+    p.add_argument("--chunk-size", type=int, default=2048, help="labelled tokens per chunk of the evaluation loss")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    add_step_arguments(p)
     return p.parse_args(argv)
 
 
@@ -134,29 +137,6 @@ def mask_tokens(input_ids, attention_mask, special_ids, vocab_size, mask_id, mas
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
     masked = torch.where(to_random, random_ids, masked)
     return masked, labels
-
-
-class MaskedLMLoss(nn.Module):
-    """The MLM model with the fused loss, as one module so DistributedDataParallel wraps it whole.
-
-    Returns the summed loss over the labelled tokens and their count.
-    """
-
-    def __init__(self, model: bertfast.BertForMaskedLM, chunk_size: int):
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-
-    def forward(self, input_ids, attention_mask, labels):
-        hidden = self.model.bert(input_ids, attention_mask=attention_mask).last_hidden_state
-        return masked_lm_head_loss(
-            self.model.cls.predictions,
-            hidden,
-            labels,
-            chunk_size=self.chunk_size,
-            reduction="sum",
-            backend=self.model.backend,
-        )
 
 
 @torch.no_grad()
@@ -227,24 +207,23 @@ def main(argv=None) -> dict:
         pad_token_id=tokenizer.token_to_id("[PAD]"),
     )
     model = bertfast.BertForMaskedLM(config, backend=args.backend).to(device).train()
-    loss_module = MaskedLMLoss(model, args.chunk_size)
+    trained = model
     if world_size > 1:
-        loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device] if device.type == "cuda" else None
-        )
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = make_optimizer(trained, args.weight_decay, args.lr, device, betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, int(args.warmup * args.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (args.steps - step) / max(1, args.steps - warmup)))
     )
     amp_dtype = autocast_dtype(args.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    buckets = [(args.batch_size, args.seq_len)]
+    train_step = make_step(model, optimizer, device, amp_dtype, args.grad_accum, buckets, args.train_step)
 
-    eval_before = evaluate(model, eval_batches, device, args.chunk_size)
+    eval_before = evaluate(trained, eval_batches, device, args.chunk_size)
     log(
         f"{len(train_ids)} training / {len(eval_ids)} held-out sequences, vocab {vocab_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} process(es), "
-        f"autocast {amp_dtype}, backend {model.backend}; held-out loss {eval_before:.3f}"
+        f"{sum(p.numel() for p in trained.parameters()) / 1e6:.2f}M parameters, {world_size} process(es), "
+        f"autocast {amp_dtype}, backend {trained.backend}; held-out loss {eval_before:.3f}"
     )
 
     # Every process draws the same global micro-batches (rows and masks, from one seeded
@@ -257,7 +236,7 @@ def main(argv=None) -> dict:
     losses = []
     start = time.time()
     for step in range(args.steps):
-        batches, count = [], 0
+        micro_batches, count = [], 0
         for _ in range(args.grad_accum):
             if cursor + global_micro > len(order):
                 order, cursor = torch.randperm(len(train_ids), generator=train_gen), 0
@@ -267,23 +246,14 @@ def main(argv=None) -> dict:
                 train_ids[rows], train_mask[rows], special_ids, vocab_size, mask_id, args.mask_prob, train_gen
             )
             count += int((labels != IGNORE_INDEX).sum())
-            batches.append((inputs[mine].to(device), train_mask[rows][mine].to(device), labels[mine].to(device)))
+            micro_batches.append(
+                {"input_ids": inputs[mine], "attention_mask": train_mask[rows][mine], "labels": labels[mine]}
+            )
         # Each micro-batch's summed loss over the step's global count of labelled tokens; DDP
-        # averages gradients over the processes, so multiply by world_size to keep the sum.
-        scale = world_size / max(count, 1)
-        step_loss = 0.0
-        for i, (inputs, mask, labels) in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or world_size == 1 else loss_module.no_sync()
-            with sync, autocast(device, amp_dtype):
-                loss = loss_module(inputs, mask, labels) * scale
-            scaler.scale(loss).backward()
-            step_loss += loss.item() / world_size
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        # averages gradients over the processes, so the count is divided by world_size to keep the sum.
+        for micro_batch in micro_batches:
+            micro_batch["num_items_in_batch"] = max(count, 1) / world_size
+        step_loss = train_step(micro_batches) / world_size
         schedule.step()
         if world_size > 1:
             summed = torch.tensor(step_loss, device=device)
@@ -292,18 +262,18 @@ def main(argv=None) -> dict:
         losses.append(step_loss)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             lr = schedule.get_last_lr()[0]
-            held_out = evaluate(model, eval_batches, device, args.chunk_size)
+            held_out = evaluate(trained, eval_batches, device, args.chunk_size)
             log(
                 f"step {step + 1:5d}  loss {step_loss:.4f}  held-out {held_out:.4f}  lr {lr:.2e}  "
                 f"{time.time() - start:.1f}s"
             )
 
-    eval_after = evaluate(model, eval_batches, device, args.chunk_size)
+    eval_after = evaluate(trained, eval_batches, device, args.chunk_size)
     result = {"train_losses": losses, "eval_loss_before": eval_before, "eval_loss_after": eval_after}
     log(f"held-out loss {eval_before:.3f} -> {eval_after:.3f}")
 
     if rank == 0:
-        model.save_pretrained(args.output_dir)
+        trained.save_pretrained(args.output_dir)
         tokenizer.save(os.path.join(args.output_dir, TOKENIZER_FILE))
         reloaded = bertfast.BertForMaskedLM.from_pretrained(args.output_dir, backend=args.backend, device=device)
         tied = reloaded.cls.predictions.decoder.weight is reloaded.bert.embeddings.word_embeddings.weight

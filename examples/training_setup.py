@@ -1,4 +1,4 @@
-"""What both training examples set up the same way: processes, precision, tokenizer, optimizer groups."""
+"""What both training examples set up the same way: processes, precision, tokenizer, optimizer, the step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import bertfast
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MAX_GRAD_NORM = 1.0
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -88,3 +91,70 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for param in model.parameters():
         (no_decay if param.dim() == 1 else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, weight_decay: float, lr: float, device: torch.device, **kwargs):
+    """Fused AdamW over :func:`param_groups`.  On a GPU it is capturable and its learning rate is a
+    device tensor (updated in place by the schedule), so a captured :class:`bertfast.TrainStep` can run it."""
+    on_gpu = device.type == "cuda"
+    lr = torch.tensor(lr, device=device) if on_gpu else lr
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=True, capturable=on_gpu, **kwargs)
+
+
+def add_step_arguments(parser) -> None:
+    parser.add_argument(
+        "--no-train-step",
+        dest="train_step",
+        action="store_false",
+        help="run the step as a plain PyTorch loop instead of bertfast.TrainStep (captured on a GPU)",
+    )
+
+
+def make_step(model: nn.Module, optimizer, device, amp_dtype, accumulation_steps: int, buckets, train_step: bool):
+    """A function from a step's micro-batches (dicts of CPU tensors, as the model's forward takes them)
+    to the step's loss: forward, backward, fp16 loss scaling, clipping by global norm and the optimizer step.
+
+    ``train_step``: :class:`bertfast.TrainStep` (one CUDA graph per bucket on a single GPU; eager under
+    DistributedDataParallel, which a graph cannot hold), else the same step as a plain PyTorch loop.
+    Each micro-batch's loss is divided by the number of micro-batches, unless it carries
+    ``num_items_in_batch`` (then the model divides its summed loss by it).
+    """
+    fp16 = amp_dtype == torch.float16
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if train_step:
+        step = bertfast.TrainStep(
+            model,
+            optimizer,
+            accumulation_steps=accumulation_steps,
+            max_grad_norm=MAX_GRAD_NORM,
+            loss_scale="dynamic" if fp16 else None,
+            autocast_dtype=amp_dtype,
+            buckets=buckets,
+            capture=False if ddp else "auto",
+        )
+        return lambda micro_batches: step(micro_batches).item()
+
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+
+    def plain_step(micro_batches) -> float:
+        total = 0.0
+        for i, micro_batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # DDP: all-reduce the gradients once per step, after the last micro-batch.
+            sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro_batch.items()}
+            with sync:
+                with autocast(device, amp_dtype):
+                    loss = model(**inputs).loss
+                if "num_items_in_batch" not in inputs:
+                    loss = loss / len(micro_batches)
+                scaler.scale(loss).backward()
+            total += loss.item()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    return plain_step

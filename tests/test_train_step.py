@@ -15,8 +15,38 @@ from .helpers import ragged_batch, small_config
 DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, num_hidden_layers=2)
 
 
-def mlm_batches(config, seed: int, steps: int, micro: int, lengths=(7, 3, 9)):
-    """``steps`` lists of ``micro`` masked-LM micro-batches; every micro-batch has the same token count."""
+HEADS = {
+    "masked_lm": bertfast.BertForMaskedLM,
+    "pretraining": bertfast.BertForPreTraining,
+    "sequence_classification": bertfast.BertForSequenceClassification,
+    "token_classification": bertfast.BertForTokenClassification,
+    "question_answering": bertfast.BertForQuestionAnswering,
+}
+
+
+def head_labels(head: str, config, ids, mask, gen) -> dict:
+    """The labels ``head``'s forward takes for a ``(batch, seq)`` micro-batch (none at padding)."""
+    batch, seq = ids.shape
+    mlm = torch.where(torch.rand(ids.shape, generator=gen) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    classes = torch.randint(0, 2 if head == "pretraining" else config.num_labels, (batch,), generator=gen)
+    if head == "masked_lm":
+        return {"labels": mlm}
+    if head == "pretraining":
+        return {"labels": mlm, "next_sentence_label": classes}
+    if head == "sequence_classification":
+        return {"labels": classes}
+    if head == "token_classification":
+        tags = torch.randint(0, config.num_labels, (batch, seq), generator=gen)
+        return {"labels": tags.masked_fill(mask == 0, -100)}
+    lengths = mask.sum(dim=1)
+    start = (torch.rand(batch, generator=gen) * lengths).long()
+    end = torch.minimum(start + 2, lengths - 1)
+    return {"start_positions": start, "end_positions": end}
+
+
+def mlm_batches(config, seed: int, steps: int, micro: int, lengths=(7, 3, 9), head: str = "masked_lm"):
+    """``steps`` lists of ``micro`` micro-batches with ``head``'s labels; every micro-batch has the same
+    token count."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
@@ -24,8 +54,8 @@ def mlm_batches(config, seed: int, steps: int, micro: int, lengths=(7, 3, 9)):
         for _ in range(micro):
             order = torch.randperm(len(lengths), generator=gen).tolist()
             ids, types, mask = ragged_batch(config, [lengths[i] for i in order], seq=9, generator=gen)
-            labels = torch.where(torch.rand(ids.shape, generator=gen) < 0.3, ids, -100).masked_fill(mask == 0, -100)
-            group.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels})
+            labels = head_labels(head, config, ids, mask, gen)
+            group.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, **labels})
         out.append(group)
     return out
 
@@ -36,14 +66,18 @@ def models(backend: str, config, head=bertfast.BertForMaskedLM):
     return model, copy.deepcopy(model)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_train_step_equals_a_plain_loop(backend):
+def head_config(head: str, **overrides):
+    """Three token classes, two for the other heads (question answering's start and end)."""
+    return small_config(num_labels=3 if head == "token_classification" else 2, **overrides)
+
+
+def check_equals_a_plain_loop(backend: str, head: str):
     """Accumulation 2, clipping, dropout on: the same losses and parameters as loss / 2, backward,
     clip_grad_norm_, AdamW.step over the same model with the same generator draws."""
-    config = small_config(**DROPOUT)
-    ours, plain = models(backend, config)
-    batches = mlm_batches(config, seed=1, steps=3, micro=2)
-    total = sum(int(m.sum()) for m in [batches[0][0]["attention_mask"]])
+    config = head_config(head, **DROPOUT)
+    ours, plain = models(backend, config, HEADS[head])
+    batches = mlm_batches(config, seed=1, steps=3, micro=2, head=head)
+    total = int(batches[0][0]["attention_mask"].sum())  # no fill token: dropout draws the plain loop's shapes
     step = bertfast.TrainStep(
         ours, torch.optim.AdamW(ours.parameters(), lr=1e-3), accumulation_steps=2, max_grad_norm=0.05,
         token_budget=total,
@@ -64,8 +98,19 @@ def test_train_step_equals_a_plain_loop(backend):
         assert loss.item() == pytest.approx(expected, rel=1e-5)
     for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-    moved = [not torch.equal(p, q) for p, q in zip(ours.parameters(), models(backend, config)[0].parameters())]
-    assert all(moved), "every parameter trained"
+    initial = models(backend, config, HEADS[head])[0]
+    unused = {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}  # no pooler without a sequence-level head
+    moved = [name for (name, p), q in zip(ours.named_parameters(), initial.parameters()) if not torch.equal(p, q)]
+    assert set(moved) | unused >= {name for name, _ in ours.named_parameters()}, "every parameter trained"
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_train_step_equals_a_plain_loop(head):
+    check_equals_a_plain_loop("reference", head)
+
+
+def test_train_step_equals_a_plain_loop_on_triton():
+    check_equals_a_plain_loop("triton", "masked_lm")
 
 
 class HostSyncs(TorchDispatchMode):
@@ -184,7 +229,45 @@ def test_a_resumed_run_equals_an_uninterrupted_one():
 
 def test_capture_refusals():
     model, _ = models("reference", small_config(num_hidden_layers=1))
-    with pytest.raises(ValueError, match="CUDA device"):
+    with pytest.raises(ValueError, match="capturable optimizer"):
         bertfast.TrainStep(model, torch.optim.AdamW(model.parameters()), capture=True)
+    with pytest.raises(ValueError, match="float learning rate"):
+        bertfast.TrainStep(model, torch.optim.AdamW(model.parameters(), capturable=True), capture=True)
+    capturable = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3), capturable=True)
+    with pytest.raises(ValueError, match="CUDA device"):
+        bertfast.TrainStep(model, capturable, capture=True)
     with pytest.raises(ValueError, match="fused"):
         bertfast.TrainStep(model, torch.optim.AdamW(model.parameters()), loss_scale="dynamic")
+    step = bertfast.TrainStep(model, torch.optim.AdamW(model.parameters()))
+    batch = mlm_batches(model.config, seed=6, steps=1, micro=1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast_dtype"):
+        step(batch)
+
+
+SEQUENCE_HEADS = ["pretraining", "sequence_classification", "token_classification", "question_answering"]
+
+
+@pytest.mark.parametrize("head", SEQUENCE_HEADS)
+def test_rows_added_to_reach_the_bucket_are_ignored(head):
+    """A 3-row micro-batch in a 5-row bucket (the smaller of two): the loss of the model's own forward."""
+    config = head_config(head, num_hidden_layers=1)
+    model, _ = models("reference", config, HEADS[head])
+    batch = mlm_batches(config, seed=7, steps=1, micro=1, head=head)[0][0]
+    model.eval()
+    expected = model(**batch).loss
+    step = bertfast.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), buckets=[(8, 16), (5, 12)])
+    assert step.prepare(batch)[0] == Bucket(batch=5, seq=12, tokens=60, labels=60)
+    torch.testing.assert_close(step(batch), expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_float_labels_cannot_be_padded_to_a_bucket():
+    config = small_config(num_hidden_layers=1, num_labels=1)
+    model, _ = models("reference", config, bertfast.BertForSequenceClassification)
+    batch = mlm_batches(config, seed=8, steps=1, micro=1, head="sequence_classification")[0][0]
+    batch["labels"] = torch.randn(3)  # regression
+    step = bertfast.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), buckets=[(4, 9)])
+    with pytest.raises(ValueError, match="bucket's batch 4 cannot ignore"):
+        step(batch)
+    model.eval()
+    exact = bertfast.TrainStep(model, step.optimizer, buckets=[(3, 9)])
+    torch.testing.assert_close(exact(batch), model(**batch).loss.detach(), rtol=1e-5, atol=1e-6)

@@ -134,6 +134,30 @@ def test_examples_run_under_bf16_autocast(tmp_path, example):
     assert all(torch.isfinite(torch.tensor(result["train_losses"])))
 
 
+@pytest.mark.parametrize("example", ["pretrain_mlm", "finetune_classification"])
+def test_examples_train_alike_with_and_without_train_step(tmp_path, example):
+    """bertfast.TrainStep (the default) and --no-train-step (a plain PyTorch loop) give the same
+    losses and the same trained model, with accumulation and clipping (dropout off: TrainStep's
+    token budget draws dropout masks of another shape)."""
+    pytest.importorskip("tokenizers")
+    module = load_example(example)
+    argv = ["--steps", "3", "--batch-size", "4", "--grad-accum", "2", "--precision", "fp32", "--dropout", "0"]
+    argv += _tiny_model_args()
+    if example == "pretrain_mlm":
+        argv += ["--output-dir", str(tmp_path / "a"), "--seq-len", "32", "--vocab-size", "200"]
+        first = module.main(argv)
+        # The same tokenizer (training one breaks ties in no fixed order).
+        argv += ["--tokenizer", str(tmp_path / "a" / "tokenizer.json"), "--output-dir", str(tmp_path / "b")]
+    else:
+        argv += ["--train-size", "32", "--eval-size", "16"]
+        first = module.main(argv)
+    plain = module.main(argv + ["--no-train-step"])
+    assert first["train_losses"] == pytest.approx(plain["train_losses"], rel=1e-5)
+    for key in ("eval_loss_after", "accuracy"):
+        if key in first:
+            assert first[key] == pytest.approx(plain[key], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- convergence
 
 
