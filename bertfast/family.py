@@ -200,6 +200,24 @@ def positions_count_real_tokens(config) -> bool:
     return family is not None and family.positions_count_real_tokens
 
 
+def longest_sequence_message(config, tokens: int) -> str:
+    """Why ``tokens`` real tokens are too many for a model whose position ids ``bertfast`` derives itself."""
+    limit = config.max_position_embeddings
+    if not positions_count_real_tokens(config):
+        return f"a sequence of {tokens} tokens is longer than max_position_embeddings ({limit})"
+    pad = config.pad_token_id
+    return (
+        f"a sequence of {tokens} tokens is too long: RoBERTa-style position ids count real tokens from "
+        f"pad_token_id ({pad}) + 1, so max_position_embeddings ({limit}) takes at most {limit - pad - 1} tokens"
+    )
+
+
+def longest_sequence(config) -> int:
+    """The most real tokens a sequence may hold when the model derives its position ids."""
+    offset = config.pad_token_id + 1 if positions_count_real_tokens(config) else 0
+    return config.max_position_embeddings - offset
+
+
 def default_position_ids(config, input_ids, seq: int, device) -> torch.Tensor:
     """The position ids a model computes when none are given, from the padded ``input_ids``.
 

@@ -67,6 +67,8 @@ from .family import (
     encoder_layers,
     encoder_module,
     layer_parts_function,
+    longest_sequence,
+    longest_sequence_message,
 )
 from .ops import _dispatch
 from .padding import PackedBatch, pack_mask, pad, tokens_of, unpad
@@ -212,10 +214,10 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
     if batch == 0 or seq == 0:
         # Hugging Face fails on it too; an empty forward would return the heads' biases as logits.
         raise ValueError(f"empty input: batch {batch} x sequence length {seq}; a forward needs at least one token")
-    if position_ids is None and seq > config.max_position_embeddings:
-        raise ValueError(
-            f"sequence length {seq} is longer than max_position_embeddings ({config.max_position_embeddings})"
-        )
+    # Without ids every position counts (RoBERTa style too); with them only real tokens do, read in _host_read.
+    limit = config.max_position_embeddings if input_ids is not None else longest_sequence(config)
+    if position_ids is None and seq > limit:
+        raise ValueError(longest_sequence_message(config, seq))
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
@@ -242,8 +244,13 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
     return batch, seq, device
 
 
-def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded=None):
+def _host_read(
+    config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded=None, positions_given=True
+):
     """The forward's one host read: the ids' ranges (raising if out of range) and the packed sizes.
+
+    ``positions_given``: whether the user passed ``position_ids`` (else they were derived, and too high
+    a position means too long a sequence, which the error says).
 
     Returns ``(total_tokens, longest_row, any_first_token_padded)`` when ``lengths`` is given, else
     ``None``; the last is read only when ``lead_padded`` (a bool scalar tensor) is given, else False.
@@ -267,6 +274,8 @@ def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, 
         return None
     values = torch.stack(parts).tolist()
     for (name, _, limit), (low, high) in zip(ranges, values):
+        if name == "position_ids" and not positions_given and high >= limit:
+            raise ValueError(longest_sequence_message(config, high + 1 - (limit - longest_sequence(config))))
         if low < 0 or high >= limit:
             raise ValueError(f"{name} must be in [0, {limit}); got values in [{low}, {high}]")
     if float_mask and not values[len(ranges)][0]:
@@ -527,7 +536,8 @@ def encode(
     dtype = compute_dtype(device, weight.dtype)
     parts_of = layer_parts_function(bert)
     ops = _encoder_plan(bert, backend, dtype, parts_of)
-    if position_ids is None:  # from the padded ids, before any packing (RoBERTa counts real tokens only)
+    positions_given = position_ids is not None
+    if not positions_given:  # from the padded ids, before any packing (RoBERTa counts real tokens only)
         position_ids = default_position_ids(config, input_ids, seq, device)
     position_ids = position_ids.expand(batch, seq)
     if token_type_ids is None:
@@ -550,7 +560,9 @@ def encode(
     lead_padded = (~keep[:, 0] & keep.any(dim=1)).any() if pools else None
     sizes = None
     if eager:
-        sizes = _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded)
+        sizes = _host_read(
+            config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded, positions_given
+        )
     packed = None
     if sizes is not None:
         total, longest, left_padded = sizes

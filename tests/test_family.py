@@ -310,3 +310,25 @@ def test_from_hf_refuses_a_replaced_family_activation_and_a_foreign_config():
         bertfast.from_hf(model)
     with pytest.raises(ValueError, match="expected a config of the BERT family"):
         bertfast.modeling.config_from_hf(transformers.GPT2Config())
+
+
+@pytest.mark.parametrize("face", ["patched", "native"])
+@pytest.mark.parametrize("embeds", [False, True])
+def test_roberta_too_long_sequence_names_the_real_limit(face, embeds):
+    """RoBERTa-style positions start at pad_token_id + 1: max_position_embeddings 40 with pad_token_id 1 takes 38
+    tokens.  Too long a sequence is refused naming that limit and the length passed, not position ids the user
+    never gave; the longest that fits runs as transformers does."""
+    reference = hf_model("roberta", "Model")
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference") if face == "patched" else None
+    model = model or bertfast.from_hf(reference, backend="reference")
+    for length in (38, 39):
+        ids, mask = batch(reference.config, [length], length)
+        inputs = {"inputs_embeds": reference.embeddings.word_embeddings(ids)} if embeds else {"input_ids": ids}
+        if length == 38:
+            with torch.no_grad():
+                ours, theirs = model(**inputs).last_hidden_state, reference(**inputs).last_hidden_state
+            assert rel_error(ours, theirs) <= MODEL_FP32_REL_TOL
+            continue
+        with pytest.raises(ValueError, match=r"39 tokens.*pad_token_id \(1\) \+ 1.*at most 38 tokens") as error:
+            model(**inputs)
+        assert "position_ids" not in str(error.value)
