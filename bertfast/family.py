@@ -11,7 +11,9 @@ rule through :func:`default_position_ids`; nothing here computes a layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -189,6 +191,23 @@ def non_gelu_activation(model: nn.Module, prefix: str = "") -> str | None:
         if act is not None and type(act) is not GELUActivation:
             return f"{name or type(module).__name__} uses {type(act).__name__}; bertfast implements the erf GELU only"
     return None
+
+
+def separates_packed_sequences(bert: nn.Module) -> bool:
+    """Whether ``bert``, given position ids and no ``attention_mask``, runs each run of consecutive position ids
+    as a sequence of its own (transformers' padding-free format): bertfast's native models do; a transformers
+    model does when its class builds the attention mask from position ids (from transformers 5.25 BERT,
+    RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA; never DistilBERT, whose mask ignores them)."""
+    return _separates_packed_sequences(type(bert))
+
+
+@functools.cache
+def _separates_packed_sequences(cls: type) -> bool:
+    native = getattr(cls, "separates_packed_sequences", None)
+    if native is not None:
+        return native
+    build_masks = getattr(cls, "_create_attention_masks", None)
+    return build_masks is not None and "position_ids" in inspect.signature(build_masks).parameters
 
 
 def positions_count_real_tokens(config) -> bool:

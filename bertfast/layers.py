@@ -69,9 +69,19 @@ from .family import (
     layer_parts_function,
     longest_sequence,
     longest_sequence_message,
+    separates_packed_sequences,
 )
 from .ops import _dispatch
-from .padding import PackedBatch, pack_mask, pad, tokens_of, unpad
+from .padding import (
+    PackedBatch,
+    pack_lengths,
+    pack_mask,
+    pad,
+    sequence_lengths,
+    sequence_starts,
+    tokens_of,
+    unpad,
+)
 
 # --------------------------------------------------------------------------------------
 # The plan: every op's backend function, chosen once
@@ -245,15 +255,24 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
 
 
 def _host_read(
-    config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded=None, positions_given=True
+    config,
+    input_ids,
+    token_type_ids,
+    position_ids,
+    attention_mask,
+    lengths,
+    lead_padded=None,
+    positions_given=True,
+    count_sequences=False,
 ):
     """The forward's one host read: the ids' ranges (raising if out of range) and the packed sizes.
 
     ``positions_given``: whether the user passed ``position_ids`` (else they were derived, and too high
     a position means too long a sequence, which the error says).
 
-    Returns ``(total_tokens, longest_row, any_first_token_padded)`` when ``lengths`` is given, else
-    ``None``; the last is read only when ``lead_padded`` (a bool scalar tensor) is given, else False.
+    Returns ``(total_tokens, longest_row, any_first_token_padded, sequences)`` when ``lengths`` is given, else
+    ``None``; the third is read only when ``lead_padded`` (a bool scalar tensor) is given, else False; the
+    last, the count of nonzero lengths, only when ``count_sequences``, else None.
     """
     ranges = []
     if input_ids is not None:
@@ -268,6 +287,8 @@ def _host_read(
         parts.append(((attention_mask == 0) | (attention_mask == 1)).all().to(torch.int64).expand(2))
     if lead_padded is not None:
         parts.append(lead_padded.to(torch.int64).expand(2))
+    if count_sequences:
+        parts.append(lengths.count_nonzero().to(torch.int64).expand(2))
     if lengths is not None:
         parts.append(torch.stack((lengths.sum(), lengths.max())).to(torch.int64))
     if not parts:
@@ -284,7 +305,11 @@ def _host_read(
         )
     if lengths is None:
         return None
-    return (*values[-1], bool(values[-2][0]) if lead_padded is not None else False)
+    return (
+        *values[-1],
+        bool(values[-2][0]) if lead_padded is not None else False,
+        values[-2][0] if count_sequences else None,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -507,6 +532,27 @@ def _checkpoint_function(bert, module):
 # --------------------------------------------------------------------------------------
 
 
+def _sequences_by_position(lengths, sizes, batch: int, seq: int, ops: Plan, backend: str) -> PackedBatch | None:
+    """The sequences that position ids pack into rows (:func:`bertfast.padding.sequence_lengths`), run as
+    packed sequences with every token kept; None when each row is one sequence (the dense path).
+
+    Eager, the host read gave their count and the longest; traced, the offsets keep a fixed size (empty
+    sequences at the end) and the row length bounds the longest, so nothing depends on the values."""
+    if sizes is not None:
+        _, longest, _, count = sizes
+        if longest == seq:
+            return None
+        lengths = lengths[:count]
+    else:
+        longest = seq
+    if ops.attention_varlen is None:
+        raise BackendUnavailable(
+            f"position_ids pack several sequences into a row, which needs variable-length attention; backend "
+            f"{backend!r} has none here"
+        )
+    return pack_lengths(lengths, batch, seq, longest)
+
+
 def encode(
     bert,
     input_ids=None,
@@ -552,6 +598,10 @@ def encode(
             raise BackendUnavailable(f"unpad=True, but backend {backend!r} has no variable-length attention here")
         may_unpad = False
     lengths = keep.sum(dim=1, dtype=torch.int32) if may_unpad else None
+    # Position ids without a mask may pack several sequences per row (transformers' padding-free format).
+    by_positions = keep is None and positions_given and separates_packed_sequences(bert)
+    if by_positions:
+        lengths = sequence_lengths(sequence_starts(position_ids))
     # The pooler (or a head that reads the first token, see bertfast.patching) reads position 0 of every
     # row, which the packed path computes only where it is a token (rows that are all padding have no
     # meaningful pooled output either way).
@@ -560,12 +610,14 @@ def encode(
     lead_padded = (~keep[:, 0] & keep.any(dim=1)).any() if pools else None
     sizes = None
     if eager:
-        sizes = _host_read(
-            config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded, positions_given
-        )
+        ids = (input_ids, token_type_ids, position_ids)
+        read = dict(positions_given=positions_given, count_sequences=by_positions)
+        sizes = _host_read(config, *ids, attention_mask, lengths, lead_padded, **read)
     packed = None
-    if sizes is not None:
-        total, longest, left_padded = sizes
+    if by_positions:
+        packed = _sequences_by_position(lengths, sizes, batch, seq, ops, backend)
+    elif sizes is not None:
+        total, longest, left_padded, _ = sizes
         if left_padded:  # left padding: position 0 is padding in some row, so the pooled output needs it computed
             if unpad_mode is True:
                 raise ValueError(

@@ -364,6 +364,8 @@ class BertModel(BertPreTrainedModel):
     """The BERT encoder: embeddings, ``num_hidden_layers`` post-LN layers, tanh pooler."""
 
     base_model_prefix = ""
+    # Position ids without an attention_mask may pack several sequences per row (bertfast.family).
+    separates_packed_sequences = True
 
     def __init__(
         self,
