@@ -345,6 +345,11 @@ def embed(emb, input_ids, token_type_ids, position_ids, inputs_embeds, ops: Plan
 # ELECTRA's and DistilBERT's sequence classification): like a pooler, it needs position 0 computed.
 FIRST_TOKEN_READ_ATTR = "_bertfast_reads_first_token"
 
+# Set by bertfast.patch on a base model whose head reads hidden states at other positions than the first
+# (ELECTRA's multiple-choice summary of the last token, the mean or cls_index): transformers computes them at
+# padding too, and such a head reads them, so the encoder runs every batch with a mask padded.
+PADDING_READ_ATTR = "_bertfast_reads_padding"
+
 INPUT_GRADS_HOOK = "make_inputs_require_grads"  # transformers' PreTrainedModel.enable_input_require_grads
 
 
@@ -592,7 +597,14 @@ def encode(
 
     keep = tokens_of(attention_mask) if attention_mask is not None else None
     eager = values_checkable(device)
-    may_unpad = keep is not None and unpad_mode is not False and eager
+    reads_padding = keep is not None and getattr(bert, PADDING_READ_ATTR, False)
+    if reads_padding and unpad_mode is True:
+        raise ValueError(
+            "unpad=True, but the head reads hidden states at padding positions (a summary of the last token, the "
+            "mean or cls_index), which a padding-free forward never computes; use unpad='auto' (it runs such "
+            "models padded)"
+        )
+    may_unpad = keep is not None and unpad_mode is not False and eager and not reads_padding
     if may_unpad and ops.attention_varlen is None:
         if unpad_mode is True:
             raise BackendUnavailable(f"unpad=True, but backend {backend!r} has no variable-length attention here")
