@@ -43,9 +43,10 @@ before the embedding and every layer runs on the packed ``(total_tokens, hidden)
 
 Host synchronisations: an eager forward reads back one small tensor, once, holding the
 ids' value ranges (the boundary check) and the packed batch's token count and longest
-row (the packed size and the attention grid depend on them).  None under ``torch.compile``
-or CUDA-graph capture (no range checks; the padded path).  The reference backend's
-variable-length attention reads the offsets to loop over sequences in Python.
+row (the packed size and the attention grid depend on them).  None under ``torch.compile``,
+``torch.jit.trace``, ``torch.func`` transforms or CUDA-graph capture (no range checks; the padded
+path).  The reference backend's variable-length attention reads the offsets to loop over sequences
+in Python.
 """
 
 from __future__ import annotations
@@ -198,9 +199,23 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def tracer() -> str | None:
+    """The tracer or function transform recording this forward outside torch.compile, by name, or None.
+
+    What such a forward decides from values (the padding-free layout, the ids' ranges) would hold for
+    the example batch only: under torch.jit.trace it is baked into the trace, under a torch.func
+    transform values cannot be read at all.  So they get the padded path, which reads none."""
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (grad, vmap, jacrev...)"
+    return None
+
+
 def values_checkable(device: torch.device) -> bool:
-    """Whether reading values back to the host is allowed (eager mode, not capturing a CUDA graph)."""
-    return not (torch.compiler.is_compiling() or _capturing(device))
+    """Whether reading values back to the host is allowed (eager mode: not compiling, tracing, under a
+    function transform or capturing a CUDA graph)."""
+    return not (torch.compiler.is_compiling() or _capturing(device) or tracer() is not None)
 
 
 def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=None):
@@ -448,7 +463,7 @@ def _same_tensors(kept, params) -> bool:
 
 def _fused(parts: LayerParts, name: str):
     params = (parts.query._parameters[name], parts.key._parameters[name], parts.value._parameters[name])
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or tracer() is not None:  # wrapped tensors have no storage to share
         return torch.cat(params)
     if torch.is_grad_enabled() and (params[0].requires_grad or params[1].requires_grad or params[2].requires_grad):
         return _Adjacent.apply(*params) if _adjacent(params) else torch.cat(params)
@@ -491,7 +506,7 @@ def layer(module, x, mask, ops: Plan, parts_of=bert_layer_parts):
     dense = parts.intermediate._parameters
     output = (parts.output_dense, parts.output_norm, parts.output_dropout)
     h = F.linear(x, dense["weight"])
-    if h.requires_grad and not torch.compiler.is_compiling():
+    if h.requires_grad and not torch.compiler.is_compiling() and tracer() is None:  # torch.func: no saved-tensor hooks
         # Training: the (tokens, 4 x hidden) GELU output is not kept for the next GEMM's backward;
         # it is recomputed there from the pre-activation ``h``, which bias-GELU keeps anyway.
         w = parts.output_dense._parameters["weight"]
@@ -576,6 +591,11 @@ def encode(
     Returns ``(last_hidden_state, pooled or None, hidden_states list or None, packed or None,
     packed_last_hidden_state or None)``.
     """
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        raise NotImplementedError(
+            "bertfast models cannot be traced by torch.fx symbolic tracing (its proxies hold no shapes or values, "
+            "which the forward reads); torch.export.export gives a graph that serves every batch"
+        )
     config = bert.config
     batch, seq, device = check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
     weight = bert.embeddings.word_embeddings.weight
@@ -613,6 +633,11 @@ def encode(
     # Position ids without a mask may pack several sequences per row (transformers' padding-free format).
     by_positions = keep is None and positions_given and separates_packed_sequences(bert)
     if by_positions:
+        if torch.jit.is_tracing():  # the reference attention would read the example's offsets into the trace
+            raise NotImplementedError(
+                "torch.jit.trace cannot record sequences packed by position_ids without an attention_mask: their "
+                "offsets would be the example's; pass an attention_mask, or use torch.export.export"
+            )
         lengths = sequence_lengths(sequence_starts(position_ids))
     # The pooler (or a head that reads the first token, see bertfast.patching) reads position 0 of every
     # row, which the packed path computes only where it is a token (rows that are all padding have no
