@@ -560,7 +560,7 @@ def _sequences_by_position(lengths, sizes, batch: int, seq: int, ops: Plan, back
     sequences at the end) and the row length bounds the longest, so nothing depends on the values."""
     if sizes is not None:
         _, longest, _, count = sizes
-        if longest == seq:
+        if count == batch:  # one sequence per row
             return None
         lengths = lengths[:count]
     else:

@@ -69,7 +69,7 @@ def _reference(name: str):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("rows", [LENGTHS, LENGTHS[:1]], ids=["batch2", "batch1"])
+@pytest.mark.parametrize("rows", [LENGTHS, LENGTHS[:1], [[4, 5], [9]]], ids=["batch2", "batch1", "one-row-whole"])
 @pytest.mark.parametrize("name, with_types", CASES)
 def test_native_model_keeps_packed_sequences_apart(name, with_types, rows, backend):
     reference = _reference(name)
