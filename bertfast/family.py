@@ -11,7 +11,9 @@ rule through :func:`default_position_ids`; nothing here computes a layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -195,6 +197,23 @@ def non_gelu_activation(model: nn.Module, prefix: str = "") -> str | None:
     return None
 
 
+def separates_packed_sequences(bert: nn.Module) -> bool:
+    """Whether ``bert``, given position ids and no ``attention_mask``, runs each run of consecutive position ids
+    as a sequence of its own (transformers' padding-free format): bertfast's native models do; a transformers
+    model does when its class builds the attention mask from position ids (from transformers 5.25 BERT,
+    RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA; never DistilBERT, whose mask ignores them)."""
+    return _separates_packed_sequences(type(bert))
+
+
+@functools.cache
+def _separates_packed_sequences(cls: type) -> bool:
+    native = getattr(cls, "separates_packed_sequences", None)
+    if native is not None:
+        return native
+    build_masks = getattr(cls, "_create_attention_masks", None)
+    return build_masks is not None and "position_ids" in inspect.signature(build_masks).parameters
+
+
 def positions_count_real_tokens(config) -> bool:
     """Whether position ids count real tokens from ``pad_token_id + 1`` (RoBERTa style): a native
     config's ``positions_from_input_ids``, or a transformers config of a RoBERTa-style family."""
@@ -202,6 +221,24 @@ def positions_count_real_tokens(config) -> bool:
         return True
     family = family_of_config(config)
     return family is not None and family.positions_count_real_tokens
+
+
+def longest_sequence_message(config, tokens: int) -> str:
+    """Why ``tokens`` real tokens are too many for a model whose position ids ``bertfast`` derives itself."""
+    limit = config.max_position_embeddings
+    if not positions_count_real_tokens(config):
+        return f"a sequence of {tokens} tokens is longer than max_position_embeddings ({limit})"
+    pad = config.pad_token_id
+    return (
+        f"a sequence of {tokens} tokens is too long: RoBERTa-style position ids count real tokens from "
+        f"pad_token_id ({pad}) + 1, so max_position_embeddings ({limit}) takes at most {limit - pad - 1} tokens"
+    )
+
+
+def longest_sequence(config) -> int:
+    """The most real tokens a sequence may hold when the model derives its position ids."""
+    offset = config.pad_token_id + 1 if positions_count_real_tokens(config) else 0
+    return config.max_position_embeddings - offset
 
 
 def default_position_ids(config, input_ids, seq: int, device) -> torch.Tensor:

@@ -43,9 +43,10 @@ before the embedding and every layer runs on the packed ``(total_tokens, hidden)
 
 Host synchronisations: an eager forward reads back one small tensor, once, holding the
 ids' value ranges (the boundary check) and the packed batch's token count and longest
-row (the packed size and the attention grid depend on them).  None under ``torch.compile``
-or CUDA-graph capture (no range checks; the padded path).  The reference backend's
-variable-length attention reads the offsets to loop over sequences in Python.
+row (the packed size and the attention grid depend on them).  None under ``torch.compile``,
+``torch.jit.trace``, ``torch.func`` transforms or CUDA-graph capture (no range checks; the padded
+path).  The reference backend's variable-length attention reads the offsets to loop over sequences
+in Python.
 """
 
 from __future__ import annotations
@@ -66,9 +67,22 @@ from .family import (
     encoder_layers,
     encoder_module,
     layer_parts_function,
+    longest_sequence,
+    longest_sequence_message,
+    separates_packed_sequences,
 )
 from .ops import _dispatch
-from .padding import PackedBatch, pack_mask, pad, static_packing, tokens_of, unpad
+from .padding import (
+    PackedBatch,
+    pack_lengths,
+    pack_mask,
+    pad,
+    sequence_lengths,
+    sequence_starts,
+    static_packing,
+    tokens_of,
+    unpad,
+)
 
 # --------------------------------------------------------------------------------------
 # The plan: every op's backend function, chosen once
@@ -185,9 +199,23 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def tracer() -> str | None:
+    """The tracer or function transform recording this forward outside torch.compile, by name, or None.
+
+    What such a forward decides from values (the padding-free layout, the ids' ranges) would hold for
+    the example batch only: under torch.jit.trace it is baked into the trace, under a torch.func
+    transform values cannot be read at all.  So they get the padded path, which reads none."""
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (grad, vmap, jacrev...)"
+    return None
+
+
 def values_checkable(device: torch.device) -> bool:
-    """Whether reading values back to the host is allowed (eager mode, not capturing a CUDA graph)."""
-    return not (torch.compiler.is_compiling() or _capturing(device))
+    """Whether reading values back to the host is allowed (eager mode: not compiling, tracing, under a
+    function transform or capturing a CUDA graph)."""
+    return not (torch.compiler.is_compiling() or _capturing(device) or tracer() is not None)
 
 
 def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=None):
@@ -211,10 +239,10 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
     if batch == 0 or seq == 0:
         # Hugging Face fails on it too; an empty forward would return the heads' biases as logits.
         raise ValueError(f"empty input: batch {batch} x sequence length {seq}; a forward needs at least one token")
-    if position_ids is None and seq > config.max_position_embeddings:
-        raise ValueError(
-            f"sequence length {seq} is longer than max_position_embeddings ({config.max_position_embeddings})"
-        )
+    # Without ids every position counts (RoBERTa style too); with them only real tokens do, read in _host_read.
+    limit = config.max_position_embeddings if input_ids is not None else longest_sequence(config)
+    if position_ids is None and seq > limit:
+        raise ValueError(longest_sequence_message(config, seq))
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
@@ -241,11 +269,25 @@ def check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids
     return batch, seq, device
 
 
-def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded=None):
+def _host_read(
+    config,
+    input_ids,
+    token_type_ids,
+    position_ids,
+    attention_mask,
+    lengths,
+    lead_padded=None,
+    positions_given=True,
+    count_sequences=False,
+):
     """The forward's one host read: the ids' ranges (raising if out of range) and the packed sizes.
 
-    Returns ``(total_tokens, longest_row, any_first_token_padded)`` when ``lengths`` is given, else
-    ``None``; the last is read only when ``lead_padded`` (a bool scalar tensor) is given, else False.
+    ``positions_given``: whether the user passed ``position_ids`` (else they were derived, and too high
+    a position means too long a sequence, which the error says).
+
+    Returns ``(total_tokens, longest_row, any_first_token_padded, sequences)`` when ``lengths`` is given, else
+    ``None``; the third is read only when ``lead_padded`` (a bool scalar tensor) is given, else False; the
+    last, the count of nonzero lengths, only when ``count_sequences``, else None.
     """
     ranges = []
     if input_ids is not None:
@@ -260,12 +302,16 @@ def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, 
         parts.append(((attention_mask == 0) | (attention_mask == 1)).all().to(torch.int64).expand(2))
     if lead_padded is not None:
         parts.append(lead_padded.to(torch.int64).expand(2))
+    if count_sequences:
+        parts.append(lengths.count_nonzero().to(torch.int64).expand(2))
     if lengths is not None:
         parts.append(torch.stack((lengths.sum(), lengths.max())).to(torch.int64))
     if not parts:
         return None
     values = torch.stack(parts).tolist()
     for (name, _, limit), (low, high) in zip(ranges, values):
+        if name == "position_ids" and not positions_given and high >= limit:
+            raise ValueError(longest_sequence_message(config, high + 1 - (limit - longest_sequence(config))))
         if low < 0 or high >= limit:
             raise ValueError(f"{name} must be in [0, {limit}); got values in [{low}, {high}]")
     if float_mask and not values[len(ranges)][0]:
@@ -274,7 +320,11 @@ def _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, 
         )
     if lengths is None:
         return None
-    return (*values[-1], bool(values[-2][0]) if lead_padded is not None else False)
+    return (
+        *values[-1],
+        bool(values[-2][0]) if lead_padded is not None else False,
+        values[-2][0] if count_sequences else None,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -309,6 +359,11 @@ def embed(emb, input_ids, token_type_ids, position_ids, inputs_embeds, ops: Plan
 # Set by bertfast.patch on a base model whose head reads the first token's hidden state (RoBERTa's,
 # ELECTRA's and DistilBERT's sequence classification): like a pooler, it needs position 0 computed.
 FIRST_TOKEN_READ_ATTR = "_bertfast_reads_first_token"
+
+# Set by bertfast.patch on a base model whose head reads hidden states at other positions than the first
+# (ELECTRA's multiple-choice summary of the last token, the mean or cls_index): transformers computes them at
+# padding too, and such a head reads them, so the encoder runs every batch with a mask padded.
+PADDING_READ_ATTR = "_bertfast_reads_padding"
 
 INPUT_GRADS_HOOK = "make_inputs_require_grads"  # transformers' PreTrainedModel.enable_input_require_grads
 
@@ -404,9 +459,9 @@ def layer(module, x, mask, ops: Plan, seeds=None, parts_of=bert_layer_parts):
     h = F.linear(x, dense["weight"])
     w, bias = parts.output_dense._parameters["weight"], dense["bias"]
     if torch.is_grad_enabled() and (h.requires_grad or bias.requires_grad or w.requires_grad):
-        # torch.compile and torch.func transforms (which need a setup_context Function without nested
-        # autograd) keep the GELU output instead.
-        if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+        # torch.compile, torch.jit.trace and torch.func transforms (which need a setup_context Function
+        # without nested autograd) keep the GELU output instead.
+        if not (torch.compiler.is_compiling() or tracer() is not None):
             y = GeluDense.apply(h, bias, w, ops.bias_gelu)
             return _dense_residual_layer_norm(*output, None, x, ops, seed[2], y)
     return _dense_residual_layer_norm(*output, ops.bias_gelu(h, bias), x, ops, seed[2])
@@ -498,6 +553,27 @@ def _checked_static_packing(packed: PackedBatch, batch: int, seq: int, ops: Plan
     return packed
 
 
+def _sequences_by_position(lengths, sizes, batch: int, seq: int, ops: Plan, backend: str) -> PackedBatch | None:
+    """The sequences that position ids pack into rows (:func:`bertfast.padding.sequence_lengths`), run as
+    packed sequences with every token kept; None when each row is one sequence (the dense path).
+
+    Eager, the host read gave their count and the longest; traced, the offsets keep a fixed size (empty
+    sequences at the end) and the row length bounds the longest, so nothing depends on the values."""
+    if sizes is not None:
+        _, longest, _, count = sizes
+        if count == batch:  # one sequence per row
+            return None
+        lengths = lengths[:count]
+    else:
+        longest = seq
+    if ops.attention_varlen is None:
+        raise BackendUnavailable(
+            f"position_ids pack several sequences into a row, which needs variable-length attention; backend "
+            f"{backend!r} has none here"
+        )
+    return pack_lengths(lengths, batch, seq, longest)
+
+
 def encode(
     bert,
     input_ids=None,
@@ -516,6 +592,11 @@ def encode(
     Returns ``(last_hidden_state, pooled or None, hidden_states list or None, packed or None,
     packed_last_hidden_state or None)``.
     """
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        raise NotImplementedError(
+            "bertfast models cannot be traced by torch.fx symbolic tracing (its proxies hold no shapes or values, "
+            "which the forward reads); torch.export.export gives a graph that serves every batch"
+        )
     config = bert.config
     batch, seq, device = check_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
     weight = bert.embeddings.word_embeddings.weight
@@ -527,7 +608,8 @@ def encode(
     dtype = compute_dtype(device, weight.dtype)
     parts_of = layer_parts_function(bert)
     ops = _encoder_plan(bert, backend, dtype, parts_of)
-    if position_ids is None:  # from the padded ids, before any packing (RoBERTa counts real tokens only)
+    positions_given = position_ids is not None
+    if not positions_given:  # from the padded ids, before any packing (RoBERTa counts real tokens only)
         position_ids = default_position_ids(config, input_ids, seq, device)
     position_ids = position_ids.expand(batch, seq)
     if token_type_ids is None or "token_type_embeddings" not in bert.embeddings._modules:
@@ -538,12 +620,28 @@ def encode(
     keep = tokens_of(attention_mask) if attention_mask is not None else None
     static = static_packing()  # packed on the host (bertfast.TrainStep): nothing is read back here
     eager = values_checkable(device) and static is None
-    may_unpad = keep is not None and unpad_mode is not False and eager
+    reads_padding = keep is not None and getattr(bert, PADDING_READ_ATTR, False)
+    if reads_padding and unpad_mode is True:
+        raise ValueError(
+            "unpad=True, but the head reads hidden states at padding positions (a summary of the last token, the "
+            "mean or cls_index), which a padding-free forward never computes; use unpad='auto' (it runs such "
+            "models padded)"
+        )
+    may_unpad = keep is not None and unpad_mode is not False and eager and not reads_padding
     if may_unpad and ops.attention_varlen is None:
         if unpad_mode is True:
             raise BackendUnavailable(f"unpad=True, but backend {backend!r} has no variable-length attention here")
         may_unpad = False
     lengths = keep.sum(dim=1, dtype=torch.int32) if may_unpad else None
+    # Position ids without a mask may pack several sequences per row (transformers' padding-free format).
+    by_positions = keep is None and positions_given and separates_packed_sequences(bert)
+    if by_positions:
+        if torch.jit.is_tracing():  # the reference attention would read the example's offsets into the trace
+            raise NotImplementedError(
+                "torch.jit.trace cannot record sequences packed by position_ids without an attention_mask: their "
+                "offsets would be the example's; pass an attention_mask, or use torch.export.export"
+            )
+        lengths = sequence_lengths(sequence_starts(position_ids))
     # The pooler (or a head that reads the first token, see bertfast.patching) reads position 0 of every
     # row, which the packed path computes only where it is a token (rows that are all padding have no
     # meaningful pooled output either way).
@@ -552,10 +650,16 @@ def encode(
     lead_padded = (~keep[:, 0] & keep.any(dim=1)).any() if pools else None
     sizes = None
     if eager:
-        sizes = _host_read(config, input_ids, token_type_ids, position_ids, attention_mask, lengths, lead_padded)
-    packed = None if static is None else _checked_static_packing(static.packed, batch, seq, ops, backend)
-    if sizes is not None:
-        total, longest, left_padded = sizes
+        ids = (input_ids, token_type_ids, position_ids)
+        read = dict(positions_given=positions_given, count_sequences=by_positions)
+        sizes = _host_read(config, *ids, attention_mask, lengths, lead_padded, **read)
+    packed = None
+    if static is not None:
+        packed = _checked_static_packing(static.packed, batch, seq, ops, backend)
+    elif by_positions:
+        packed = _sequences_by_position(lengths, sizes, batch, seq, ops, backend)
+    elif sizes is not None:
+        total, longest, left_padded, _ = sizes
         if left_padded:  # left padding: position 0 is padding in some row, so the pooled output needs it computed
             if unpad_mode is True:
                 raise ValueError(

@@ -154,6 +154,21 @@ def transformers_forward(forward):
     return wrapper
 
 
+def _rows_like(table: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` rows drawn as transformers' ``_init_added_embeddings_weights_with_mean`` draws them: from a
+    normal with ``table``'s row mean and 1e-9 x its row covariance, or the mean where that is not positive
+    definite (no distribution to draw from)."""
+    rows = table.detach().float()
+    mean = rows.mean(dim=0)
+    centered = rows - mean
+    covariance = 1e-9 * (centered.T @ centered / rows.shape[0])
+    if torch.distributions.constraints.positive_definite.check(covariance).all():
+        drawn = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((count,))
+    else:
+        drawn = mean.expand(count, -1)
+    return drawn.to(table.dtype)
+
+
 class BertPreTrainedModel(nn.Module):
     """Shared by every model class: config, backend, weight init, loading.
 
@@ -207,21 +222,29 @@ class BertPreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         """Nothing to tie but in the masked-LM heads."""
 
-    def resize_token_embeddings(self, new_num_tokens: int | None = None) -> nn.Embedding:
-        """Grow or shrink the vocabulary, as transformers does: kept rows unchanged, new rows drawn
-        N(0, initializer_range), the MLM decoder (tied) and its bias resized with them; updates
-        ``config.vocab_size``.  ``None`` returns the embedding unchanged."""
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, mean_resizing: bool = True) -> nn.Embedding:
+        """Grow or shrink the vocabulary, as transformers 5 does: kept rows unchanged; new rows drawn from a
+        normal with the old rows' mean and 1e-9 x their covariance (the old mean itself where that covariance
+        is not positive definite), or N(0, initializer_range) with ``mean_resizing=False``; the MLM decoder
+        (tied) and its bias (zeros for new tokens) resized with them; updates ``config.vocab_size``.  The
+        random draws are transformers', in its order, so the same seed gives the same rows.  ``None`` returns
+        the embedding unchanged."""
         old = self.get_input_embeddings()
         if new_num_tokens is None or new_num_tokens == old.num_embeddings:
             return old
         if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or new_num_tokens <= 0:
             raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
         padding_idx = old.padding_idx if old.padding_idx is not None and old.padding_idx < new_num_tokens else None
-        new = nn.Embedding(new_num_tokens, old.embedding_dim, padding_idx=padding_idx)
-        new.to(device=old.weight.device, dtype=old.weight.dtype)
+        # Built where the old table is (its initial draw consumes that device's generator, as in transformers).
+        new = nn.Embedding(new_num_tokens, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        new.padding_idx = padding_idx
         kept = min(old.num_embeddings, new_num_tokens)
+        added = new_num_tokens - kept
         with torch.no_grad():
-            nn.init.normal_(new.weight, mean=0.0, std=self.config.initializer_range)
+            if added and mean_resizing:
+                new.weight[kept:] = _rows_like(old.weight, added)
+            elif added:
+                nn.init.normal_(new.weight, mean=0.0, std=self.config.initializer_range)
             new.weight[:kept] = old.weight[:kept]
         self.config.vocab_size = new_num_tokens
         self.base_model.config.vocab_size = new_num_tokens
@@ -334,6 +357,8 @@ class BertModel(BertPreTrainedModel):
     """The BERT encoder: embeddings, ``num_hidden_layers`` post-LN layers, tanh pooler."""
 
     base_model_prefix = ""
+    # Position ids without an attention_mask may pack several sequences per row (bertfast.family).
+    separates_packed_sequences = True
 
     def __init__(
         self,

@@ -7,6 +7,10 @@ A padded batch ``(batch, seq)`` with a key-padding mask becomes ``total`` packed
 - ``cu_seqlens``: int32 ``(batch + 1,)``, cumulative valid-token counts from 0;
 - ``max_seqlen``: the longest row's valid-token count (a Python int).
 
+Sequences packed into rows by their position ids (transformers' padding-free format, as
+``DataCollatorWithFlattening`` gives it: no mask, position ids that restart) need no packing:
+:func:`sequence_starts` finds them and :func:`pack_lengths` describes them over every token.
+
 Tokens keep their original position ids, so a mask with holes packs as well as a
 right-padded one: in both cases each row attends only to its own valid tokens.
 """
@@ -99,3 +103,29 @@ def use_static_packing(static: StaticPacking):
         yield
     finally:
         _STATIC_PACKING = previous
+
+
+def sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """True where a sequence starts in ``(batch, seq)`` position ids: each row's first token and every token
+    whose position id is not its predecessor's plus one (transformers' ``find_packed_sequence_indices`` rule)."""
+    follows = position_ids[:, 1:] - position_ids[:, :-1] == 1
+    return torch.cat((torch.ones_like(follows[:, :1]), ~follows), dim=1)
+
+
+def sequence_lengths(starts: torch.Tensor) -> torch.Tensor:
+    """int32 ``(batch * seq,)``: the token count of each sequence :func:`sequence_starts` marks, in order,
+    then zeros (no host read: the count of sequences is not needed to size it)."""
+    flat = starts.flatten()
+    sequence_of_token = torch.cumsum(flat, dim=0) - 1
+    return torch.zeros_like(flat, dtype=torch.int32).index_add_(
+        0, sequence_of_token, torch.ones_like(flat, dtype=torch.int32)
+    )
+
+
+def pack_lengths(lengths: torch.Tensor, batch: int, seq: int, max_seqlen: int) -> PackedBatch:
+    """Bookkeeping for ``(batch, seq)`` tokens that are all real, split into sequences of ``lengths`` (which
+    may end in empty ones); ``max_seqlen`` at least the longest."""
+    cu_seqlens = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=lengths.device)
+    torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
+    indices = torch.arange(batch * seq, device=lengths.device)
+    return PackedBatch(indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, batch=batch, seq=seq)

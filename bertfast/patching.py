@@ -567,6 +567,12 @@ def _set_forward(module: nn.Module, function, backend: str, unpad=None) -> None:
 _FIRST_TOKEN_HEADS = ("ForSequenceClassification", "ForMultipleChoice")
 
 
+def _summary_reads_padding(module: nn.Module) -> bool:
+    """Whether a head summarises the sequence at other positions than the first (transformers' SequenceSummary,
+    ELECTRA's multiple choice, with ``summary_type`` "last", "mean" or "cls_index"): at padding, in a padded batch."""
+    return any(getattr(m, "summary_type", "first") != "first" for m in module.modules())
+
+
 def _where(path: str, module: nn.Module) -> str:
     return f"{path} ({type(module).__name__})" if path else type(module).__name__
 
@@ -646,6 +652,8 @@ def patch(
         head = type(module).__name__ if module is not bert else ""
         if head.endswith(_FIRST_TOKEN_HEADS):
             setattr(bert, layers.FIRST_TOKEN_READ_ATTR, True)
+        if _summary_reads_padding(module):
+            setattr(bert, layers.PADDING_READ_ATTR, True)
         for transform in transforms:
             _set_forward(transform, _patched_head_transform_forward, backend)
         if head.endswith(_TOKEN_LABEL_HEADS + _SPAN_HEADS):
@@ -665,6 +673,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if _patched_forward_of(module) is not None:
             del module.forward
-            for attr in (_BACKEND_ATTR, _UNPAD_ATTR, _SNAPSHOT_ATTR, layers.FIRST_TOKEN_READ_ATTR):
+            for attr in (
+                _BACKEND_ATTR,
+                _UNPAD_ATTR,
+                _SNAPSHOT_ATTR,
+                layers.FIRST_TOKEN_READ_ATTR,
+                layers.PADDING_READ_ATTR,
+            ):
                 module.__dict__.pop(attr, None)
     return model

@@ -332,3 +332,45 @@ def test_electra_discriminator_checkpoints_load_their_encoder_into_native_classe
     ours = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
     theirs = reference.electra(input_ids=ids, attention_mask=mask).last_hidden_state
     assert rel_error(ours[mask.bool()], theirs[mask.bool()]) <= MODEL_FP32_REL_TOL
+
+
+@pytest.mark.parametrize("face", ["patched", "native"])
+@pytest.mark.parametrize("embeds", [False, True])
+def test_roberta_too_long_sequence_names_the_real_limit(face, embeds):
+    """RoBERTa-style positions start at pad_token_id + 1: max_position_embeddings 40 with pad_token_id 1 takes 38
+    tokens.  Too long a sequence is refused naming that limit and the length passed, not position ids the user
+    never gave; the longest that fits runs as transformers does."""
+    reference = hf_model("roberta", "Model")
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference") if face == "patched" else None
+    model = model or bertfast.from_hf(reference, backend="reference")
+    for length in (38, 39):
+        ids, mask = batch(reference.config, [length], length)
+        inputs = {"inputs_embeds": reference.embeddings.word_embeddings(ids)} if embeds else {"input_ids": ids}
+        if length == 38:
+            with torch.no_grad():
+                ours, theirs = model(**inputs).last_hidden_state, reference(**inputs).last_hidden_state
+            assert rel_error(ours, theirs) <= MODEL_FP32_REL_TOL
+            continue
+        with pytest.raises(ValueError, match=r"39 tokens.*pad_token_id \(1\) \+ 1.*at most 38 tokens") as error:
+            model(**inputs)
+        assert "position_ids" not in str(error.value)
+
+
+@pytest.mark.parametrize("summary_type", ["first", "last", "mean", "cls_index"])
+@pytest.mark.parametrize("left", [False, True])
+def test_electra_multiple_choice_summary_reads_what_transformers_reads(summary_type, left):
+    """ELECTRA's multiple-choice head summarises the last token, the mean over every position or the token at
+    cls_index (the last): padding included, whose hidden states transformers computes.  The patched encoder runs
+    such batches padded so the logits are transformers'; unpad=True refuses them, naming why."""
+    reference = hf_model("electra", "ForMultipleChoice", summary_type=summary_type)
+    model = bertfast.patch(copy.deepcopy(reference), backend="reference", strict=True)
+    ids, mask = batch(reference.config, [7, 4, 9, 2, 9, 5], 9, left=left)
+    inputs = dict(input_ids=ids.view(2, 3, 9), attention_mask=mask.view(2, 3, 9), labels=torch.tensor([0, 2]))
+    with torch.no_grad():
+        ours, theirs = model(**inputs), reference(**inputs)
+    assert rel_error(ours.logits, theirs.logits) <= MODEL_FP32_REL_TOL
+    assert rel_error(ours.loss, theirs.loss) <= MODEL_FP32_REL_TOL
+    if summary_type != "first":
+        bertfast.patch(model, backend="reference", unpad=True)
+        with pytest.raises(ValueError, match="reads hidden states at padding"):
+            model(**inputs)

@@ -310,3 +310,25 @@ def test_key_padding_mask_from_hf_compiled_takes_only_masks_it_need_not_read():
     for mask in (causal, additive):
         with pytest.raises(Exception, match="cannot check that a materialised or additive 4-D mask"):
             convert(mask)
+
+
+@pytest.mark.parametrize("vocab, new", [(101, 107), (30, 34), (101, 90)])  # covariance definite, singular; shrink
+@pytest.mark.parametrize("mean_resizing", [True, False])
+def test_resize_token_embeddings_draws_new_rows_as_transformers_does(vocab, new, mean_resizing):
+    """New rows: transformers' multivariate normal with the old rows' mean and 1e-9 x their covariance, or the mean
+    where that covariance is not positive definite (more dimensions than rows); N(0, initializer_range) with
+    ``mean_resizing=False``.  The same seed gives the same rows; the tied decoder and its bias follow."""
+    native = bertfast.BertForMaskedLM(small_config(vocab_size=vocab))
+    with torch.no_grad():  # rows far from N(0, 0.02), so a draw from the wrong distribution shows
+        native.get_input_embeddings().weight.mul_(30).add_(1.5)
+        native.cls.predictions.bias.normal_()
+    theirs = transformers.BertForMaskedLM(transformers.BertConfig(**native.config.to_dict())).eval()
+    theirs.load_state_dict(native.state_dict())
+    for model in (theirs, native):
+        torch.manual_seed(7)
+        model.resize_token_embeddings(new, mean_resizing=mean_resizing)
+    ours, reference = native.get_input_embeddings().weight, theirs.get_input_embeddings().weight
+    assert ours.shape == reference.shape == (new, 48)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    assert native.cls.predictions.decoder.weight is ours and native.config.vocab_size == new
+    torch.testing.assert_close(native.cls.predictions.bias, theirs.cls.predictions.bias, rtol=0, atol=0)

@@ -7,7 +7,8 @@ a backend that runs here, the padding-free mode, and native or patched; the outp
 tokens, the pooled outputs of rows that hold a token, and the losses must match transformers
 within the fp32 model tolerance.  Losses are compared under bertfast's rule at padding
 (:mod:`bertfast.head_losses`), applied to transformers' outputs.  A second property does the same for
-the BERT family (RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT), patched and native.
+the BERT family (RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT), patched and native; a third for
+sequences packed by position ids without a mask (transformers' padding-free format).
 """
 
 import copy
@@ -260,3 +261,60 @@ def test_bert_family_matches_transformers(case):
             continue
         mine, expected = _compared(key, ours[key], theirs[key], tokens, tokens.any(dim=1))
         assert rel_error(mine, expected) <= MODEL_FP32_REL_TOL, (key, case["family"], head, case["face"])
+
+
+@st.composite
+def packed_cases(draw):
+    """Rows of sequences packed by restarting position ids (no mask): transformers' padding-free format."""
+    config = draw(configs())
+    rows, seq = draw(st.integers(1, 2)), draw(st.integers(2, 9))
+    lengths = []
+    for _ in range(rows):
+        row, left = [], seq
+        while left:
+            row.append(draw(st.integers(1, left)))
+            left -= row[-1]
+        lengths.append(row)
+    return {
+        "config": config,
+        "lengths": lengths,
+        "types": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)),
+        "backend": draw(st.sampled_from(BACKENDS)),
+        "face": draw(st.sampled_from(["native", "patched"])),
+    }
+
+
+@settings(max_examples=25, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(packed_cases())
+def test_sequences_packed_by_position_ids_match_transformers(case):
+    """Native models run each packed sequence on its own (transformers 5.25's BertModel does); patched ones give
+    the installed transformers' own answer for the packed rows."""
+    from .test_packed_positions import each_sequence
+
+    config, lengths = case["config"], case["lengths"]
+    torch.manual_seed(case["seed"])
+    native = bertfast.BertModel(config, backend="reference").eval()
+    hf = transformers.BertModel(transformers.BertConfig(**config.to_dict(), attn_implementation="eager")).eval()
+    hf.load_state_dict(native.state_dict())
+    gen = torch.Generator().manual_seed(case["seed"])
+    seq = sum(lengths[0])
+    inputs = {
+        "input_ids": torch.randint(0, config.vocab_size, (len(lengths), seq), generator=gen),
+        "position_ids": torch.tensor([[p for n in row for p in range(n)] for row in lengths]),
+    }
+    if case["types"]:
+        inputs["token_type_ids"] = torch.randint(0, config.type_vocab_size, (len(lengths), seq), generator=gen)
+    if case["face"] == "native":
+        model = native.set_backend(case["backend"])
+    else:
+        model = bertfast.patch(copy.deepcopy(hf), backend=case["backend"])
+    packs = any(len(row) > 1 for row in lengths) and bertfast.family.separates_packed_sequences(model.base_model)
+    if packs and case["backend"] == "ext":  # no variable-length attention: refused, never run across sequences
+        with pytest.raises(bertfast.BackendUnavailable, match="position_ids pack several sequences"):
+            model(**inputs)
+        return
+    with torch.no_grad():
+        ours = model(**inputs).last_hidden_state
+        expected = each_sequence(hf, inputs, lengths) if case["face"] == "native" else hf(**inputs).last_hidden_state
+    assert rel_error(ours, expected) <= MODEL_FP32_REL_TOL, (case["backend"], case["face"])
