@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from bertfast import _ext
+from bertfast._ext_name import extension_module_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,3 +67,49 @@ def test_top_level_kernels_without_hugging_faces_says_so():
     assert done.returncode == 1
     assert "ModuleNotFoundError: No module named 'kernels': " in done.stderr
     assert "import them as bertfast.kernels" in done.stderr
+
+
+def test_each_torch_gets_its_own_extension_module():
+    """Two environments on one checkout (editable builds write into bertfast/) must not overwrite each other."""
+    names = {version: extension_module_name(version) for version in ("2.13.0+cpu", "2.11.0+cu130", "2.11.0")}
+    assert len(set(names.values())) == len(names), names
+    assert all(name.isidentifier() and name.startswith("_C_torch") for name in names.values())
+
+
+def test_extension_is_loaded_from_the_running_torchs_build():
+    module = _ext.extension()
+    if module is None:
+        pytest.skip(f"bertfast._C is not built: {_ext.unavailable_reason()}")
+    assert module.__name__ == _ext.module_name() == f"bertfast.{extension_module_name(torch.__version__)}"
+    assert Path(module.__file__).name.startswith(_ext.module_name().removeprefix("bertfast.") + ".")
+
+
+def test_a_missing_build_for_this_torch_is_reported():
+    """Another torch in the same checkout: ``bertfast info`` and backend ``ext`` say there is no build for it."""
+    script = (
+        "import json, torch\n"
+        "torch.__version__ = '2.99.0+cu999'\n"
+        "from bertfast.cli import main\n"
+        "main(['info', '--json'])\n"
+    )
+    done = _run_in_root("-c", script)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(done.stdout)
+    reason = info["extension"]["reason"]
+    assert not info["extension"]["built"] and info["backends"]["ext"] == f"unavailable: {reason}"
+    assert reason.startswith(
+        "bertfast._C is not built for torch 2.99.0+cu999 (no module bertfast._C_torch2_99_0_cu999; "
+    ), reason
+    assert "pip install -e . --no-build-isolation" in reason
+    if _ext.extension() is not None:  # this torch's build is there, and named as one for another torch
+        assert f"the builds here are for other torches: {_ext.module_name()}" in reason
+
+
+def test_setup_without_torch_says_to_turn_build_isolation_off():
+    """pip's isolated build cannot see the installed torch: the error says what to do, and why."""
+    script = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; runpy.run_path('setup.py')"
+    )
+    done = _run_in_root("-c", script)
+    assert done.returncode == 1
+    assert "build isolation" in done.stderr and "pip install --no-build-isolation ." in done.stderr, done.stderr
