@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,36 @@ def test_setup_without_torch_says_to_turn_build_isolation_off():
     done = _run_in_root("-c", script)
     assert done.returncode == 1
     assert "build isolation" in done.stderr and "pip install --no-build-isolation ." in done.stderr, done.stderr
+
+
+def test_make_setup_rebuilds_exactly_when_a_build_input_changes(tmp_path):
+    """scripts/build-inputs.sh, the stamp behind `make setup`'s skipped reinstall: a C++ source, setup.py or
+    torch's version changes it; a Python edit (served by the editable install as it is) does not."""
+    for name in ("scripts/build-inputs.sh", "setup.py", "pyproject.toml", "bertfast/_ext_name.py",
+                 "requirements-dev.txt", "bertfast/layers.py", "csrc/bindings.cpp"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tmp_path / name)
+    site = tmp_path / ".venv" / "lib" / "python3.11" / "site-packages"
+    (site / "torch-2.13.0+cpu.dist-info").mkdir(parents=True)
+
+    def digest() -> str:
+        done = subprocess.run([tmp_path / "scripts" / "build-inputs.sh"], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    stamp = digest()
+    assert len(stamp) == 64 and digest() == stamp
+    (tmp_path / "bertfast" / "layers.py").write_text("# edited\n")
+    assert digest() == stamp
+    (tmp_path / "csrc" / "cuda").mkdir()
+    (tmp_path / "csrc" / "cuda" / "new_op.cu").write_text("// a new kernel\n")
+    assert digest() != stamp
+    stamp = digest()
+    with open(tmp_path / "csrc" / "bindings.cpp", "a") as source:
+        source.write("// edited\n")
+    assert digest() != stamp
+    stamp = digest()
+    (site / "torch-2.13.0+cpu.dist-info").rename(site / "torch-2.11.0+cu130.dist-info")
+    assert digest() != stamp
+    stamp = digest()
+    (tmp_path / "bertfast" / "_C_torch2_11_0_cu130.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert digest() != stamp  # what a build leaves (or a deleted build) counts too
