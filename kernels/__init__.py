@@ -8,6 +8,9 @@ script, ``setup.py`` or pytest run from it) it is also found under the top-level
 belongs to Hugging Face's package (transformers >= 5.25 imports it, and its setuptools entry point runs in
 every ``egg_info``).  Imported under that name, this module therefore steps aside: it loads the real
 package from the rest of ``sys.path`` and puts it in ``sys.modules``, which the import system then returns.
+Where that package is not installed (transformers 5.17 does not need it) it stays an empty package without
+``__version__``, which transformers' availability check, importing a ``kernels`` it finds no metadata for,
+reads as not installed.
 """
 
 if __name__ == "kernels":
@@ -19,12 +22,7 @@ if __name__ == "kernels":
     _repo_root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     _elsewhere = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) != _repo_root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
-    if _spec is None:
-        raise ModuleNotFoundError(
-            f"No module named 'kernels': {os.path.dirname(__file__)} is bertfast's kernels (import them as "
-            "bertfast.kernels) and Hugging Face's kernels package is not installed",
-            name="kernels",
-        )
-    _package = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _package
-    _spec.loader.exec_module(_package)
+    if _spec is not None:
+        _package = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _package
+        _spec.loader.exec_module(_package)

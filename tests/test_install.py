@@ -62,12 +62,13 @@ def test_egg_info_from_the_repo_root(tmp_path):
     assert (tmp_path / "bertfast.egg-info" / "PKG-INFO").exists()
 
 
-def test_top_level_kernels_without_hugging_faces_says_so():
-    """``-S``: no site-packages, so only our folder answers to ``kernels``; it refuses the name clearly."""
-    done = _run_in_root("-S", "-c", "import kernels")
-    assert done.returncode == 1
-    assert "ModuleNotFoundError: No module named 'kernels': " in done.stderr
-    assert "import them as bertfast.kernels" in done.stderr
+def test_top_level_kernels_without_hugging_faces_stays_an_empty_package():
+    """``-S``: no site-packages, so only our folder answers to ``kernels`` (transformers 5.17 without Hugging
+    Face's package).  transformers' availability check then imports it, finding no metadata: it must import,
+    and without ``__version__``, so that the check reads it as not installed instead of failing."""
+    done = _run_in_root("-S", "-c", "import kernels; print(kernels.__file__, hasattr(kernels, '__version__'))")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(ROOT / "kernels" / "__init__.py"), "False"]
 
 
 def test_each_torch_gets_its_own_extension_module():
