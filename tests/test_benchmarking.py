@@ -1051,11 +1051,12 @@ def _gpu_check_module():
     return module
 
 
-def test_gpu_check_summary_lists_every_stage_and_the_output_stays_small(tmp_path):
+def test_gpu_check_summary_lists_every_stage_and_the_output_stays_small(tmp_path, monkeypatch):
     """Out of time at once: every stage is still listed (skipped, with the reason), in at most 8 flat files."""
     gpu_check = _gpu_check_module()
+    monkeypatch.setattr(gpu_check.Check, "_build_estimate", lambda self: gpu_check.STAGES["build"][2])
     out, work = tmp_path / "out", tmp_path / "work"
-    status = gpu_check.main(["--dry-run", "--budget-s", "0", "--out", str(out), "--work", str(work)])
+    status = gpu_check.main(["--budget-s", "0", "--out", str(out), "--work", str(work)])
     assert status == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == list(gpu_check.STAGES)
@@ -1085,16 +1086,37 @@ def test_first_light_skips_what_does_not_fit_and_still_writes_the_result(tmp_pat
     assert json.loads((tmp_path / "n.json").read_text())["rows"] == 0
 
 
-def _gpu_check(tmp_path):
-    """A non-dry gpu-check driver on an imagined sm_90 GPU (its commands are replaced by the tests)."""
+def _gpu_check(tmp_path, dry_run=False, budget_s=420):
+    """A gpu-check driver on an imagined sm_90 GPU (its commands are replaced by the tests)."""
     gpu_check = _gpu_check_module()
     args = argparse.Namespace(
-        dry_run=False, budget_s=420, out=str(tmp_path / "out"), work=str(tmp_path / "work"), python=sys.executable,
-        triton_cache=None, prebuilt_ext=None, only=None, commit="abc1234",
+        dry_run=dry_run, budget_s=budget_s, out=str(tmp_path / "out"), work=str(tmp_path / "work"),
+        python=sys.executable, triton_cache=None, prebuilt_ext=None, only=None, commit="abc1234",
     )  # fmt: skip
     check = gpu_check.Check(args)
     check.capability = (9, 0)
     return gpu_check, check
+
+
+def test_gpu_check_dry_run_fails_on_a_stage_or_the_gpu_plan_not_on_a_busy_machine(tmp_path, monkeypatch):
+    """Past its budget from the start (a busy machine), a dry run still runs every stage and passes; a failing
+    stage fails it, and so do stages a-d whose H100 estimates could never fit the GPU budget."""
+    gpu_check, check = _gpu_check(tmp_path, dry_run=True, budget_s=1)
+    check.started -= 100
+    verdicts = dict.fromkeys(gpu_check.STAGES, "ok")
+    for name in gpu_check.STAGES:
+        monkeypatch.setattr(check, f"stage_{name}", lambda stage, name=name: verdicts[name])
+    assert check.main() == 0
+    assert [s["status"] for s in check.stages] == ["ok"] * len(gpu_check.STAGES)
+    assert all(s["timeout_s"] >= gpu_check.DRY_STAGE_MIN_TIMEOUT_S for s in check.stages)
+
+    verdicts["smoke"] = "failed"
+    assert check.main() == 1
+    verdicts["smoke"] = "ok"
+    assert gpu_check.gpu_plan_problem() is None and check.main() == 0
+    monkeypatch.setitem(gpu_check.STAGES, "bench", ("c", "headline benchmarks", 400, 20))
+    assert "past the 420 s budget" in gpu_check.gpu_plan_problem()
+    assert check.main() == 1
 
 
 def test_gpu_check_build_decisions(tmp_path, monkeypatch):

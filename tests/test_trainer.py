@@ -17,7 +17,7 @@ import torch
 
 import bertfast
 
-from .helpers import minilm_path
+from .helpers import is_key_bias, minilm_path
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -25,6 +25,7 @@ pytest.importorskip("accelerate")
 from bertfast.trainer import CheckpointConfig  # noqa: E402
 
 VOCAB, SEQ, EXAMPLES = 100, 8, 16
+LEARNING_RATE = 1e-2
 
 
 def _hf_classifier() -> torch.nn.Module:
@@ -75,7 +76,7 @@ def _trainer(model, output_dir, batch=4, accumulation=2, steps=3, **overrides) -
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
         max_steps=steps,
-        learning_rate=1e-2,
+        learning_rate=LEARNING_RATE,
         lr_scheduler_type="constant",
         report_to=[],
         use_cpu=True,
@@ -88,11 +89,19 @@ def _trainer(model, output_dir, batch=4, accumulation=2, steps=3, **overrides) -
     return _RecordingTrainer(model=model, args=args, train_dataset=_dataset())
 
 
-def _assert_same_parameters(model, reference):
+def _assert_same_parameters(model, reference, steps=3):
     # AdamW divides each gradient by its own running RMS, so fp32 rounding of tiny gradients shows up to
     # ~1e-6 of lr=1e-2 steps; a real difference (a missing term, a wrong scale) moves weights by ~lr.
+    # A key bias's gradient is all rounding (softmax ignores it): AdamW moves it by up to ~lr per step in a
+    # direction the rounding picks, so the two models agree only on that bound (its gradient is checked to
+    # vanish in tests/test_patching.py).  |m_hat| / sqrt(v_hat) stays within 1.1 over a few steps.
     expected = reference.state_dict()
+    initial = _hf_classifier().state_dict()
     for name, tensor in model.state_dict().items():
+        if is_key_bias(name):
+            for trained in (tensor, expected[name]):
+                assert (trained - initial[name]).abs().max() <= 1.1 * LEARNING_RATE * steps, name
+            continue
         message = functools.partial("{}: {}".format, name)
         torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=message)
 
@@ -156,7 +165,7 @@ def test_native_checkpoint_and_resume(tmp_path):
     checkpoint = tmp_path / "run" / "checkpoint-2"
     resumed = bertfast.from_hf(hf)
     _trainer(resumed, tmp_path / "run", steps=4).train(resume_from_checkpoint=str(checkpoint))
-    _assert_same_parameters(resumed, uninterrupted)
+    _assert_same_parameters(resumed, uninterrupted, steps=4)
 
     # save_pretrained's folder, and a Trainer checkpoint with CheckpointConfig, load in both libraries.
     saved = tmp_path / "saved"
