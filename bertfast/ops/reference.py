@@ -76,16 +76,36 @@ def attention(q, k, v, attention_mask, scale, dropout_p=0.0):
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
-    """Per-sequence attention: each packed sequence attends only within itself."""
+    """Per-sequence attention: each packed sequence attends only within itself.
+
+    The whole batch runs as one padded attention call: q, k and v are gathered into
+    ``(sequences, max_seqlen)`` with one index op each, attended with a key-padding mask, and the
+    packed rows gathered back, so the cost is a few large ops whatever the number of sequences
+    (a loop over sequences made a batch hundreds of small multi-threaded ops).  No host read:
+    the positions come from ``cu_seqlens`` on the device.  Rows outside every sequence (offsets
+    short of the tokens) read 0, not garbage."""
     ct = _compute_dtype(q.dtype)
-    out = torch.zeros_like(q)  # rows outside every sequence (offsets short of the tokens) read 0, not garbage
-    offsets = cu_seqlens.tolist()
-    for start, end in zip(offsets[:-1], offsets[1:]):
-        if end == start:
-            continue
-        qs, ks, vs = (t[start:end].to(ct).transpose(0, 1) for t in (q, k, v))
-        out[start:end] = _masked_softmax_attention(qs, ks, vs, None, scale, dropout_p).transpose(0, 1).to(q.dtype)
-    return out
+    total, heads, head_dim = q.shape
+    sequences = cu_seqlens.shape[0] - 1
+    if total == 0 or sequences * max_seqlen == 0:
+        return torch.zeros_like(q)
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    # Padded layout: slot (i, j) holds packed row starts[i] + j where j < the sequence's length.
+    slot = torch.arange(max_seqlen, device=q.device)
+    keep = slot[None, :] < (ends - starts)[:, None]
+    source = (starts[:, None] + slot[None, :]).clamp(max=total - 1).flatten()
+    padded = [
+        t.index_select(0, source).to(ct).view(sequences, max_seqlen, heads, head_dim).transpose(1, 2) for t in (q, k, v)
+    ]
+    out = _masked_softmax_attention(*padded, keep, scale, dropout_p).transpose(1, 2).flatten(0, 1)
+    # Packed row r belongs to the sequence whose offsets bracket it; past the last offset, to none.
+    row = torch.arange(total, device=q.device)
+    sequence_of_row = torch.searchsorted(ends, row, right=True)
+    inside = sequence_of_row < sequences
+    sequence_of_row = sequence_of_row.clamp(max=sequences - 1)
+    position = (row - starts.index_select(0, sequence_of_row)).clamp(max=max_seqlen - 1)
+    packed = out.index_select(0, sequence_of_row * max_seqlen + position)
+    return (packed * inside[:, None, None]).to(q.dtype)
 
 
 def embedding_layer_norm(
