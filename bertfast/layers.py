@@ -44,8 +44,7 @@ before the embedding and every layer runs on the packed ``(total_tokens, hidden)
 Host synchronisations: an eager forward reads back one small tensor, once, holding the
 ids' value ranges (the boundary check) and the packed batch's token count and longest
 row (the packed size and the attention grid depend on them).  None under ``torch.compile``
-or CUDA-graph capture (no range checks; the padded path).  The reference backend's
-variable-length attention reads the offsets to loop over sequences in Python.
+or CUDA-graph capture (no range checks; the padded path).
 """
 
 from __future__ import annotations

@@ -32,12 +32,15 @@ CASES = {
     "one-token": ([1], 1),
     "wider-max": ([4, 9], 16),  # a bucket's max_seqlen above the longest sequence
     "empty-ends": ([0, 3, 0], 3),
+    "many": ([9, 9, 9, 2, 0, 9], 9),
 }
 
 
+@pytest.mark.parametrize("layout", ["block-diagonal", "padded"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_batched_equals_per_sequence(case, dtype):
+def test_batched_equals_per_sequence(case, dtype, layout, monkeypatch):
+    monkeypatch.setattr(reference, "_block_diagonal", lambda *sizes: layout == "block-diagonal")
     lengths, max_seqlen = CASES[case]
     gen = torch.Generator().manual_seed(len(case))
     total, heads, head_dim = sum(lengths), 3, 8
@@ -55,10 +58,9 @@ def test_batched_equals_per_sequence(case, dtype):
         assert err <= tol, f"{name}: relative error {err:.2e}"
 
 
-def test_rows_past_the_last_offset_read_zero():
-    q = torch.randn(6, 2, 4)
-    out = reference.attention_varlen(q, q, q, torch.tensor([0, 2, 4], dtype=torch.int32), 2, 0.5)
-    assert out[4:].eq(0).all() and out[:4].ne(0).any()
+def test_layout_follows_the_score_count():
+    assert reference._block_diagonal(total=14, sequences=2, max_seqlen=8)  # 196 <= 256 scores
+    assert not reference._block_diagonal(total=38, sequences=6, max_seqlen=9)  # 1444 > 972
 
 
 class OpCounter(TorchDispatchMode):
@@ -71,8 +73,10 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_op_count_does_not_grow_with_sequences():
+@pytest.mark.parametrize("layout", ["block-diagonal", "padded"])
+def test_op_count_does_not_grow_with_sequences(layout, monkeypatch):
     """A batch is a fixed number of ops with no host read, not a loop over its sequences."""
+    monkeypatch.setattr(reference, "_block_diagonal", lambda *sizes: layout == "block-diagonal")
     counts = []
     for sequences in (2, 40):
         q = torch.randn(3 * sequences, 2, 4)
