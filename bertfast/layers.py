@@ -44,7 +44,9 @@ before the embedding and every layer runs on the packed ``(total_tokens, hidden)
 Host synchronisations: an eager forward reads back one small tensor, once, holding the
 ids' value ranges (the boundary check) and the packed batch's token count and longest
 row (the packed size and the attention grid depend on them).  None under ``torch.compile``
-or CUDA-graph capture (no range checks; the padded path).
+or CUDA-graph capture (no range checks; the padded path).  Inference on CUDA then replays the
+graph of the batch's token-budget bucket (:func:`bucket_encoder`, :mod:`bertfast.cuda_graphs`),
+which reads nothing back.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from . import cuda_graphs
+from .buckets import dense_packed
 from .errors import BackendUnavailable
 from .family import (
     LayerParts,
@@ -564,20 +568,29 @@ def encode(
             packed = pack_mask(keep, lengths, (total, longest))
         else:
             keep = None  # no padding: the dense path needs no mask
-    inputs = (input_ids, token_type_ids, position_ids, inputs_embeds)
-    if packed is not None:
-        inputs = [None if t is None else unpad(t, packed) for t in inputs]
-    x = embed(bert.embeddings, *inputs, ops, dtype)
-    mask = keep if packed is None else packed
-    states = [x] if output_hidden_states else None
-    for module in encoder_layers(bert):
-        # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
-        native = getattr(module, "runs_bertfast_layer", False)
-        step = module if native else functools.partial(layer, module, parts_of=parts_of)
-        checkpoint = _checkpoint_function(bert, module)
-        x = step(x, mask, ops) if checkpoint is None else checkpoint(step, x, mask, ops)
-        if states is not None:
-            states.append(x)
+    x = states = None
+    if (
+        eager
+        and (packed is not None or keep is None)
+        and inputs_embeds is None
+        and not output_hidden_states
+        and unpad_mode is not False
+        and ops.attention_varlen is not None
+        and cuda_graphs.serves(bert, device)
+    ):
+        # Inference on the bucketed padding-free path (a CUDA graph per bucket); None: no bucket holds it.
+        whole = packed if packed is not None else dense_packed(batch, seq, device)
+        x = cuda_graphs.bucketed_encoder(bert, whole, input_ids, token_type_ids, position_ids, ops, dtype, parts_of)
+        if x is not None and packed is None:  # no padding: the eager path's dense output, no packed fields
+            x = x.view(batch, seq, -1)
+    if x is None:
+        inputs = (input_ids, token_type_ids, position_ids, inputs_embeds)
+        if packed is not None:
+            inputs = [None if t is None else unpad(t, packed) for t in inputs]
+        x = embed(bert.embeddings, *inputs, ops, dtype)
+        mask = keep if packed is None else packed
+        states = [x] if output_hidden_states else None
+        x = run_layers(bert, x, mask, ops, parts_of, states)
     packed_x = None
     if packed is not None:
         packed_x = x
@@ -586,3 +599,23 @@ def encode(
             states = [pad(h, packed) for h in states]
     pooled = pooler(x) if pooler is not None else None
     return x, pooled, states, packed, packed_x
+
+
+def run_layers(bert, x, mask, ops: Plan, parts_of, states=None):
+    """Every encoder layer of ``bert`` on ``x`` (appending each output to ``states`` when given)."""
+    for module in encoder_layers(bert):
+        # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
+        native = getattr(module, "runs_bertfast_layer", False)
+        step = module if native else functools.partial(layer, module, parts_of=parts_of)
+        checkpoint = _checkpoint_function(bert, module)
+        x = step(x, mask, ops) if checkpoint is None else checkpoint(step, x, mask, ops)
+        if states is not None:
+            states.append(x)
+    return x
+
+
+def bucket_encoder(bert, static, ops: Plan, dtype, parts_of):
+    """The embeddings and every layer on a bucket's packed inputs (:class:`bertfast.buckets.StaticPackedBatch`):
+    what a CUDA graph of the bucket captures, and what runs eagerly in its place.  No host read."""
+    x = embed(bert.embeddings, static.input_ids, static.token_type_ids, static.position_ids, None, ops, dtype)
+    return run_layers(bert, x, static.mask, ops, parts_of)
