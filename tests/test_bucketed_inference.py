@@ -235,3 +235,32 @@ def test_inference_mode_then_no_grad_reuse_the_bucket(bucketed_calls):
     assert len(bucketed_calls) == 2
     torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_captured_buckets_match_the_eager_path_on_cuda(dtype, bucketed_calls):
+    """On a GPU the default eval forward captures one graph per bucket and replays it."""
+    from bertfast.numerics import MODEL_FP32_REL_TOL, rel_error
+
+    torch.manual_seed(0)
+    model = bertfast.BertForQuestionAnswering(small_config(num_labels=2)).to("cuda", dtype).eval()
+    generator = torch.Generator().manual_seed(11)
+    for case in ("right", "no-padding", "one-token", "right", "left"):
+        ids, mask, types = (None if t is None else t.cuda() for t in batch_of(case, model.config.vocab_size, generator))
+        with torch.no_grad():
+            got = model(ids, attention_mask=mask, token_type_ids=types)
+            bertfast.set_graphs(False)
+            try:
+                expected = model(ids, attention_mask=mask, token_type_ids=types)
+            finally:
+                bertfast.set_graphs(True)
+        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        for name in ("start_logits", "end_logits"):
+            assert got[name].shape == expected[name].shape
+            if dtype == torch.float32:
+                assert rel_error(got[name][keep], expected[name][keep]) <= MODEL_FP32_REL_TOL, name
+            else:
+                torch.testing.assert_close(got[name][keep], expected[name][keep], rtol=2e-2, atol=2e-2)
+    graphs = cuda_graphs._MODEL_GRAPHS[model.bert]
+    assert len(graphs.entries) == len(set(bucketed_calls)) >= 2  # the second "right" batch replayed its bucket
