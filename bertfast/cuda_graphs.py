@@ -20,7 +20,9 @@ before the replay; the captured part reads nothing back.
   spent, runs eagerly, said once in a warning.
 - Eager instead, never a different answer: training, autograd on, autocast on, ``unpad=False``,
   ``inputs_embeds``, ``output_hidden_states``, left-padded batches where a pooler or first-token
-  head reads position 0, under ``torch.compile`` or inside another capture.
+  head reads position 0, under ``torch.compile`` or inside another capture, and encoders with
+  forward hooks on a module the forward calls (``layers.modules_called``) or parameters that are
+  not plain tensors (FSDP shards).
 - ``bertfast.set_graphs(False)`` turns it off.  Moved or replaced parameters recapture.
 
 **CUDAGraphRunner** (explicit, padded): capture once per (batch, sequence) bucket, then replay.
@@ -434,9 +436,18 @@ class _ModelGraphs:
 
     def __init__(self, model: nn.Module):
         self.watch = ParameterWatch(model)
+        self.warned: set[str] = set()
+        self.refresh(model)
+
+    def refresh(self, model: nn.Module) -> None:
+        """A fresh start, also after parameters moved or were replaced: no graph is valid any more."""
+        from .layers import modules_called
+
         self.entries: dict = {}
         self.pool = None
-        self.warned: set[str] = set()
+        self.watch.snapshot()
+        self.plain = _plain_parameters(model)
+        self.called = modules_called(model)
 
     def warn_once(self, reason: str, message: str) -> None:
         if reason not in self.warned:
@@ -452,9 +463,9 @@ def bucketed_encoder(bert, packed, input_ids, token_type_ids, position_ids, ops,
     if graphs is None:
         graphs = _MODEL_GRAPHS[bert] = _ModelGraphs(bert)
     elif graphs.watch.changed():  # the graphs read parameters at the addresses they were captured with
-        graphs.entries.clear()
-        graphs.pool = None
-        graphs.watch.snapshot()
+        graphs.refresh(bert)
+    if not graphs.plain or _hooked(graphs.called):
+        return None
     bucket = buckets.choose_bucket(packed.total, packed.batch, packed.seq, bert.config.max_position_embeddings)
     if bucket is None:
         graphs.warn_once("tokens", f"a batch of more than {buckets.MAX_BUCKET_TOKENS} tokens runs eagerly (no bucket)")
@@ -487,6 +498,22 @@ def bucketed_encoder(bert, packed, input_ids, token_type_ids, position_ids, ops,
     _, replay, output = entry
     result = replay()
     return (result if output is None else output)[: packed.total].clone()
+
+
+def _plain_parameters(model: nn.Module) -> bool:
+    """Not DTensor shards or other subclasses, whose layout a replay could not follow."""
+    return all(type(p) in (torch.Tensor, nn.Parameter) for p in model.parameters())
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward hook would run in ``modules`` (those the captured forward calls: a replay runs no
+    Python, so it would not; FSDP gathers its shards in one).  Checked per call: hooks come and go."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    # accelerate's hooks (device maps, offloading) wrap the forward instead and mark the module with _hf_hook
+    return any(m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in m.__dict__ for m in modules)
 
 
 def _bucket_encoder(bert_ref, static, ops, dtype, parts_of):

@@ -614,6 +614,13 @@ def run_layers(bert, x, mask, ops: Plan, parts_of, states=None):
     return x
 
 
+def modules_called(bert) -> tuple:
+    """The modules :func:`bucket_encoder` calls as modules, so their hooks run: the embeddings' dropout and
+    native layers (the rest is read as parameters)."""
+    layers = tuple(m for m in encoder_layers(bert) if getattr(m, "runs_bertfast_layer", False))
+    return (bert.embeddings._modules["dropout"], *layers)
+
+
 def bucket_encoder(bert, static, ops: Plan, dtype, parts_of):
     """The embeddings and every layer on a bucket's packed inputs (:class:`bertfast.buckets.StaticPackedBatch`):
     what a CUDA graph of the bucket captures, and what runs eagerly in its place.  No host read."""

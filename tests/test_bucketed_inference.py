@@ -264,3 +264,17 @@ def test_captured_buckets_match_the_eager_path_on_cuda(dtype, bucketed_calls):
                 torch.testing.assert_close(got[name][keep], expected[name][keep], rtol=2e-2, atol=2e-2)
     graphs = cuda_graphs._MODEL_GRAPHS[model.bert]
     assert len(graphs.entries) == len(set(bucketed_calls)) >= 2  # the second "right" batch replayed its bucket
+
+
+def test_a_hooked_encoder_runs_eagerly_so_its_hooks_run(bucketed_calls):
+    model = bertfast.BertModel(small_config(), backend="reference").eval()
+    seen = []
+    ids, mask, types = batch_of("right", model.config.vocab_size, torch.Generator().manual_seed(5))
+    with cuda_graphs.bucketed_eager(), torch.no_grad():
+        model(ids, attention_mask=mask)
+        assert len(bucketed_calls) == 1
+        handle = model.encoder.layer[0].register_forward_hook(lambda module, args, out: seen.append(1))
+        model(ids, attention_mask=mask)  # a hook added after the bucket was made
+        handle.remove()
+        model(ids, attention_mask=mask)
+    assert seen == [1] and len(bucketed_calls) == 2
