@@ -10,7 +10,7 @@ Compute goes through :mod:`bertfast.ops`, whose backends are "reference" (PyTorc
 
 from . import ops
 from .config import BertConfig
-from .cuda_graphs import CUDAGraphRunner
+from .cuda_graphs import CUDAGraphRunner, set_graphs
 from .errors import BackendUnavailable
 from .hf import convert as from_hf
 from .hf import register_attention
@@ -51,5 +51,6 @@ __all__ = [
     "patch",
     "patched_modules",
     "register_attention",
+    "set_graphs",
     "unpatch",
 ]

@@ -1,4 +1,31 @@
-"""CUDA graphs for BERT inference: capture once per (batch, sequence) bucket, then replay.
+"""CUDA graphs for BERT inference.
+
+**The default path** (nothing to wire): a bertfast model or a patched transformers model on
+CUDA, in eval mode, called without autograd (``torch.no_grad``/``inference_mode``, as pipelines
+and sentence-transformers' ``encode``/``CrossEncoder.predict`` do), runs its encoder padding-free
+inside a CUDA graph per token-budget bucket (:mod:`bertfast.buckets`): the batch's real tokens
+are packed into the bucket's static inputs with ``cu_seqlens`` (filler tokens in sequences of
+their own), the graph of the embeddings and every layer (``layers.bucket_encoder``) replays,
+and the real rows are copied out and scattered back on the device; the pooler and the heads run
+after it as they do eagerly, so every output is the eager path's, cropped to the input.  The
+forward's one host read (the ids' ranges and the packed sizes, which choose the bucket) happens
+before the replay; the captured part reads nothing back.
+
+- Buckets: ``tokens`` four steps per octave from 64 to 32768, ``max_seqlen`` the padded length
+  rounded up to a power of two, ``sequences`` a power of two.  A bucket is captured on its first
+  batch (two warm-up forwards on a side stream, then the capture), at most
+  ``MAX_GRAPHS_PER_MODEL`` (64) per model; all of a model's graphs share one memory pool, so
+  their memory is about the largest bucket's activations plus each bucket's static output
+  ``(tokens, hidden)``.  A batch above 32768 tokens, or of a new bucket once the budget is
+  spent, runs eagerly, said once in a warning.
+- Eager instead, never a different answer: training, autograd on, autocast on, ``unpad=False``,
+  ``inputs_embeds``, ``output_hidden_states``, left-padded batches where a pooler or first-token
+  head reads position 0, under ``torch.compile`` or inside another capture, and encoders with
+  forward hooks on a module the forward calls (``layers.modules_called``) or parameters that are
+  not plain tensors (FSDP shards).
+- ``bertfast.set_graphs(False)`` turns it off.  Moved or replaced parameters recapture.
+
+**CUDAGraphRunner** (explicit, padded): capture once per (batch, sequence) bucket, then replay.
 
     runner = bertfast.CUDAGraphRunner(model)               # model: bertfast, or a patched transformers BERT
     out = runner(input_ids, attention_mask, token_type_ids)  # same output type as model(...)
@@ -35,11 +62,16 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
+import warnings
+import weakref
 
 import torch
 from torch import nn
 
-__all__ = ["CUDAGraphRunner", "check_inputs", "choose_bucket", "crop_outputs", "pad_inputs"]
+from . import buckets
+
+__all__ = ["CUDAGraphRunner", "check_inputs", "choose_bucket", "crop_outputs", "pad_inputs", "set_graphs"]
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_SEQ_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
@@ -66,8 +98,12 @@ class ParameterWatch:
     full walk only after a parameter was registered somewhere."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self._model = weakref.ref(model)  # a watch never keeps its model alive
         self.snapshot()
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model()
 
     def snapshot(self) -> None:
         self._registrations = _REGISTRATIONS[0]
@@ -352,3 +388,150 @@ def padded_forward(model: torch.nn.Module):
     finally:
         for m, attr, mode in saved:
             setattr(m, attr, mode)
+
+
+# --------------------------------------------------------------------------------------
+# The default inference path: padding-free batches in token-budget buckets, one graph each
+# --------------------------------------------------------------------------------------
+
+MAX_GRAPHS_PER_MODEL = 64
+WARMUP_ITERS = 2
+_GRAPHS = {"enabled": True, "capture": True}
+_MODEL_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def set_graphs(enabled: bool) -> None:
+    """Turn the bucketed CUDA-graph inference path on (the default) or off, for every model."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_graphs takes True or False, got {enabled!r}")
+    _GRAPHS["enabled"] = enabled
+
+
+@contextlib.contextmanager
+def bucketed_eager():
+    """Inside, the bucketed path serves every device and runs eagerly: the very function a graph
+    captures, run in its place (how the CPU tests check it)."""
+    saved = dict(_GRAPHS)
+    _GRAPHS.update(enabled=True, capture=False)
+    try:
+        yield
+    finally:
+        _GRAPHS.update(saved)
+
+
+def serves(bert: nn.Module, device: torch.device) -> bool:
+    """Whether a forward of ``bert`` on ``device`` may take the bucketed path: graphs on, eval mode,
+    no autograd, and (when capturing) CUDA without autocast, not inside someone else's capture."""
+    if not _GRAPHS["enabled"] or bert.training or torch.is_grad_enabled():
+        return False
+    if not _GRAPHS["capture"]:
+        return True
+    return (
+        device.type == "cuda" and not torch.is_autocast_enabled("cuda") and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+class _ModelGraphs:
+    """One model's buckets: their static batches and graphs (or, not capturing, their eager function)."""
+
+    def __init__(self, model: nn.Module):
+        self.watch = ParameterWatch(model)
+        self.warned: set[str] = set()
+        self.refresh(model)
+
+    def refresh(self, model: nn.Module) -> None:
+        """A fresh start, also after parameters moved or were replaced: no graph is valid any more."""
+        from .layers import modules_called
+
+        self.entries: dict = {}
+        self.pool = None
+        self.watch.snapshot()
+        self.plain = _plain_parameters(model)
+        self.called = modules_called(model)
+
+    def warn_once(self, reason: str, message: str) -> None:
+        if reason not in self.warned:
+            self.warned.add(reason)
+            warnings.warn(message, stacklevel=4)
+
+
+def bucketed_encoder(bert, packed, input_ids, token_type_ids, position_ids, ops, dtype, parts_of):
+    """``layers.bucket_encoder`` of the batch ``packed`` describes, in its bucket: the packed output rows
+    ``(packed.total, hidden)`` (a copy, out of the graph's memory), or None when no bucket serves it
+    (too many tokens, or the model's graph budget is spent; each said once in a warning)."""
+    graphs = _MODEL_GRAPHS.get(bert)
+    if graphs is None:
+        graphs = _MODEL_GRAPHS[bert] = _ModelGraphs(bert)
+    elif graphs.watch.changed():  # the graphs read parameters at the addresses they were captured with
+        graphs.refresh(bert)
+    if not graphs.plain or _hooked(graphs.called):
+        return None
+    bucket = buckets.choose_bucket(packed.total, packed.batch, packed.seq, bert.config.max_position_embeddings)
+    if bucket is None:
+        graphs.warn_once("tokens", f"a batch of more than {buckets.MAX_BUCKET_TOKENS} tokens runs eagerly (no bucket)")
+        return None
+    capture = _GRAPHS["capture"]
+    key = (bucket, dtype, ops, input_ids.device, capture)
+    entry = graphs.entries.get(key)
+    if entry is None:
+        if len(graphs.entries) >= MAX_GRAPHS_PER_MODEL:
+            graphs.warn_once(
+                "budget",
+                f"{MAX_GRAPHS_PER_MODEL} bucket graphs captured for this model: batches of new buckets run eagerly",
+            )
+            return None
+        # Ordinary tensors even under inference_mode: later calls outside it refill them in place.
+        with torch.inference_mode(False), torch.no_grad():
+            pad_token_id = getattr(bert.config, "pad_token_id", None) or 0
+            static = buckets.StaticPackedBatch(bucket, input_ids.device, pad_token_id)
+            static.fill(packed, input_ids, token_type_ids, position_ids)
+            run = functools.partial(_bucket_encoder, weakref.ref(bert), static, ops, dtype, parts_of)
+            if capture:
+                if graphs.pool is None:
+                    graphs.pool = torch.cuda.graph_pool_handle()
+                entry = (static, *_capture(run, graphs.pool))
+            else:
+                entry = (static, run, None)
+        graphs.entries[key] = entry
+    else:
+        entry[0].fill(packed, input_ids, token_type_ids, position_ids)
+    _, replay, output = entry
+    result = replay()
+    return (result if output is None else output)[: packed.total].clone()
+
+
+def _plain_parameters(model: nn.Module) -> bool:
+    """Not DTensor shards or other subclasses, whose layout a replay could not follow."""
+    return all(type(p) in (torch.Tensor, nn.Parameter) for p in model.parameters())
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward hook would run in ``modules`` (those the captured forward calls: a replay runs no
+    Python, so it would not; FSDP gathers its shards in one).  Checked per call: hooks come and go."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    # accelerate's hooks (device maps, offloading) wrap the forward instead and mark the module with _hf_hook
+    return any(m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in m.__dict__ for m in modules)
+
+
+def _bucket_encoder(bert_ref, static, ops, dtype, parts_of):
+    from .layers import bucket_encoder
+
+    return bucket_encoder(bert_ref(), static, ops, dtype, parts_of)
+
+
+def _capture(run, pool):
+    """``(graph.replay, static output)`` of ``run()`` captured after a warm-up on a side stream
+    (lazy initialisation, Triton compilation and autotuning happen there, never inside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_ITERS):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = run()
+    return graph.replay, output

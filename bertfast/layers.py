@@ -45,8 +45,8 @@ Host synchronisations: an eager forward reads back one small tensor, once, holdi
 ids' value ranges (the boundary check) and the packed batch's token count and longest
 row (the packed size and the attention grid depend on them).  None under ``torch.compile``,
 ``torch.jit.trace``, ``torch.func`` transforms or CUDA-graph capture (no range checks; the padded
-path).  The reference backend's variable-length attention reads the offsets to loop over sequences
-in Python.
+path).  Inference on CUDA then replays the graph of the batch's token-budget bucket
+(:func:`bucket_encoder`, :mod:`bertfast.cuda_graphs`), which reads nothing back.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from . import cuda_graphs
+from .buckets import dense_packed
 from .errors import BackendUnavailable
 from .family import (
     LayerParts,
@@ -671,13 +673,42 @@ def encode(
             packed = pack_mask(keep, lengths, (total, longest))
         else:
             keep = None  # no padding: the dense path needs no mask
-    inputs = (input_ids, token_type_ids, position_ids, inputs_embeds)
+    x = states = None
+    if (
+        eager
+        and (packed is not None or keep is None)
+        and inputs_embeds is None
+        and not output_hidden_states
+        and unpad_mode is not False
+        and ops.attention_varlen is not None
+        and cuda_graphs.serves(bert, device)
+    ):
+        # Inference on the bucketed padding-free path (a CUDA graph per bucket); None: no bucket holds it.
+        whole = packed if packed is not None else dense_packed(batch, seq, device)
+        x = cuda_graphs.bucketed_encoder(bert, whole, input_ids, token_type_ids, position_ids, ops, dtype, parts_of)
+        if x is not None and packed is None:  # no padding: the eager path's dense output, no packed fields
+            x = x.view(batch, seq, -1)
+    if x is None:
+        inputs = (input_ids, token_type_ids, position_ids, inputs_embeds)
+        if packed is not None:
+            inputs = [None if t is None else unpad(t, packed) for t in inputs]
+        x = embed(bert.embeddings, *inputs, ops, dtype)
+        mask = keep if packed is None else packed
+        states = [x] if output_hidden_states else None
+        x = run_layers(bert, x, mask, ops, parts_of, states)
+    packed_x = None
     if packed is not None:
-        inputs = [None if t is None else unpad(t, packed) for t in inputs]
-    x = embed(bert.embeddings, *inputs, ops, dtype)
-    mask = keep if packed is None else packed
-    states = [x] if output_hidden_states else None
-    seeds = dropout_seeds(bert, parts_of, device)
+        packed_x = x
+        x = pad(x, packed)
+        if states is not None:
+            states = [pad(h, packed) for h in states]
+    pooled = pooler(x) if pooler is not None else None
+    return x, pooled, states, packed, packed_x
+
+
+def run_layers(bert, x, mask, ops: Plan, parts_of, states=None):
+    """Every encoder layer of ``bert`` on ``x`` (appending each output to ``states`` when given)."""
+    seeds = dropout_seeds(bert, parts_of, x.device)
     for i, module in enumerate(encoder_layers(bert)):
         # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
         native = getattr(module, "runs_bertfast_layer", False)
@@ -687,11 +718,18 @@ def encode(
         x = step(x, mask, ops, layer_seeds) if checkpoint is None else checkpoint(step, x, mask, ops, layer_seeds)
         if states is not None:
             states.append(x)
-    packed_x = None
-    if packed is not None:
-        packed_x = x
-        x = pad(x, packed)
-        if states is not None:
-            states = [pad(h, packed) for h in states]
-    pooled = pooler(x) if pooler is not None else None
-    return x, pooled, states, packed, packed_x
+    return x
+
+
+def modules_called(bert) -> tuple:
+    """The modules :func:`bucket_encoder` calls as modules, so their hooks run: the embeddings' dropout and
+    native layers (the rest is read as parameters)."""
+    layers = tuple(m for m in encoder_layers(bert) if getattr(m, "runs_bertfast_layer", False))
+    return (bert.embeddings._modules["dropout"], *layers)
+
+
+def bucket_encoder(bert, static, ops: Plan, dtype, parts_of):
+    """The embeddings and every layer on a bucket's packed inputs (:class:`bertfast.buckets.StaticPackedBatch`):
+    what a CUDA graph of the bucket captures, and what runs eagerly in its place.  No host read."""
+    x = embed(bert.embeddings, static.input_ids, static.token_type_ids, static.position_ids, None, ops, dtype)
+    return run_layers(bert, x, static.mask, ops, parts_of)

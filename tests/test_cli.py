@@ -54,7 +54,7 @@ def test_info_says_what_auto_picks(capsys, monkeypatch):
 
     assert main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["auto picks"]["cpu (float32)"] == (
-        "reference: attention, attention_varlen, bias_gelu, embedding_layer_norm, layer_norm"
+        "reference: attention, attention_varlen, attention_varlen_qkv, bias_gelu, embedding_layer_norm, layer_norm"
     )
     # Were ext first on the CPU, info would say so: it reads the dispatcher, not a fixed list.
     monkeypatch.setitem(_dispatch.AUTO_ORDER, "cpu", ("ext", "reference"))

@@ -149,7 +149,7 @@ def test_compute_goes_through_bertfast_ops(monkeypatch):
     from bertfast.ops import reference as reference_backend
 
     calls = []
-    for name in ("attention", "attention_varlen", "layer_norm", "bias_gelu", "embedding_layer_norm"):
+    for name in ("attention", "attention_varlen_qkv", "layer_norm", "bias_gelu", "embedding_layer_norm"):
         original = getattr(reference_backend, name)
         monkeypatch.setattr(
             reference_backend, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
@@ -160,7 +160,7 @@ def test_compute_goes_through_bertfast_ops(monkeypatch):
     model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     layer_count = model.config.num_hidden_layers
     assert calls.count("embedding_layer_norm") == 1
-    assert calls.count("attention_varlen") == layer_count  # padding-free by default
+    assert calls.count("attention_varlen_qkv") == layer_count  # padding-free by default
     assert calls.count("bias_gelu") == layer_count + 1  # + the MLM head transform
     # two per layer, the MLM head transform's, and the one inside the reference embedding_layer_norm
     assert calls.count("layer_norm") == 2 * layer_count + 2

@@ -91,7 +91,8 @@ def _trainer(model, output_dir, batch=4, accumulation=2, steps=3, **overrides) -
 
 def _assert_same_parameters(model, reference, steps=3):
     # AdamW divides each gradient by its own running RMS, so fp32 rounding of tiny gradients shows up to
-    # ~1e-6 of lr=1e-2 steps; a real difference (a missing term, a wrong scale) moves weights by ~lr.
+    # ~2e-5 after three lr=1e-2 steps (single elements, with the attention's summation order); a real
+    # difference (a missing term, a wrong scale) moves weights by ~lr, 100 times the bound.
     # A key bias's gradient is all rounding (softmax ignores it): AdamW moves it by up to ~lr per step in a
     # direction the rounding picks, so the two models agree only on that bound (its gradient is checked to
     # vanish in tests/test_patching.py).  |m_hat| / sqrt(v_hat) stays within 1.1 over a few steps.
@@ -103,7 +104,7 @@ def _assert_same_parameters(model, reference, steps=3):
                 assert (trained - initial[name]).abs().max() <= 1.1 * LEARNING_RATE * steps, name
             continue
         message = functools.partial("{}: {}".format, name)
-        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=message)
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-4, msg=message)
 
 
 def test_patched_model_trains_like_hf_with_accumulation(tmp_path):

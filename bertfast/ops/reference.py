@@ -46,27 +46,33 @@ def bias_gelu(x, bias):
     return F.gelu(x.to(ct) + bias.to(ct)).to(x.dtype)
 
 
+def _softmax_attention(q, k, v, allowed, scale, dropout_p=0.0):
+    """q, k, v: (..., seq, dim); ``allowed``: a bool mask broadcastable to (..., seq_q, seq_k) in which
+    every query allows at least one key, or None.
+
+    Without dropout, below float64, this is one call of PyTorch's fused SDPA (its fastest CPU
+    attention; fp32 statistics).  In float64, the kernels' yardstick in the tests, the softmax is
+    written out: exact zeros stay exact (a softmax over one key has gradient 0, where the fused
+    backward leaves rounding noise)."""
+    if dropout_p == 0.0 and q.dtype != torch.float64:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
+    return torch.matmul(probs, v)
+
+
 def _masked_softmax_attention(q, k, v, keep, scale, dropout_p=0.0):
     """q, k, v: (batch, heads, seq, dim); keep: (batch, seq_k) bool or None.
 
-    A query with no valid key gets zero output.  Without dropout, below float64, this is one call
-    of PyTorch's fused SDPA (its fastest CPU attention; fp32 statistics); such rows then attend to
-    every key, so no NaN reaches the output or the gradients, and are zeroed after.  In float64,
-    the kernels' yardstick in the tests, the softmax is written out: exact zeros stay exact (a
-    softmax over one key has gradient 0, where the fused backward leaves rounding noise)."""
-    if keep is not None:
-        any_valid = keep.any(dim=-1, keepdim=True)
-        keep = (keep | ~any_valid)[:, None, None, :]
-        any_valid = any_valid[:, None, :, None]
-    if dropout_p == 0.0 and q.dtype != torch.float64:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
-        return out if keep is None else out * any_valid
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
-    out = torch.matmul(probs, v)
-    return out if keep is None else out * any_valid
+    A query with no valid key gets zero output: such rows attend to every key (so no NaN reaches
+    the output or the gradients) and are zeroed after."""
+    if keep is None:
+        return _softmax_attention(q, k, v, None, scale, dropout_p)
+    any_valid = keep.any(dim=-1, keepdim=True)
+    out = _softmax_attention(q, k, v, (keep | ~any_valid)[:, None, None, :], scale, dropout_p)
+    return out * any_valid[:, None, :, None]
 
 
 def attention(q, k, v, attention_mask, scale, dropout_p=0.0, seed=None):
@@ -78,15 +84,52 @@ def attention(q, k, v, attention_mask, scale, dropout_p=0.0, seed=None):
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
     """Per-sequence attention: each packed sequence attends only within itself."""
-    ct = _compute_dtype(q.dtype)
-    out = torch.zeros_like(q)  # rows outside every sequence (offsets short of the tokens) read 0, not garbage
-    offsets = cu_seqlens.tolist()
-    for start, end in zip(offsets[:-1], offsets[1:]):
-        if end == start:
-            continue
-        qs, ks, vs = (t[start:end].to(ct).transpose(0, 1) for t in (q, k, v))
-        out[start:end] = _masked_softmax_attention(qs, ks, vs, None, scale, dropout_p).transpose(0, 1).to(q.dtype)
-    return out
+    return attention_varlen_qkv(torch.stack((q, k, v), dim=1), cu_seqlens, max_seqlen, scale, dropout_p)
+
+
+def _block_diagonal(total: int, sequences: int, max_seqlen: int) -> bool:
+    """Whether all-tokens attention costs at most twice the padded layout's scores."""
+    return total * total <= 2 * sequences * max_seqlen * max_seqlen
+
+
+def attention_varlen_qkv(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
+    """:func:`attention_varlen` of ``qkv`` (total, 3, heads, dim), the packed projections side by side.
+
+    The whole batch runs in a few large ops whatever the number of sequences (a loop over
+    sequences made a batch hundreds of small multi-threaded ops), with no host read: the
+    positions come from ``cu_seqlens`` on the device.  Two layouts, chosen by shape:
+
+    - block-diagonal, when the scores of all tokens against all tokens are at most twice the
+      padded layout's: one attention over the packed tokens with a mask allowing each token its
+      own sequence's keys (no copy at all: the fewest ops, for small batches);
+    - padded: the projections gathered into ``(sequences, max_seqlen)`` with one index op,
+      attended with a key-padding mask, the packed rows gathered back.
+
+    Offsets must end at ``total`` (``bertfast.ops.attention_varlen`` checks them)."""
+    ct = _compute_dtype(qkv.dtype)
+    total = qkv.shape[0]
+    sequences = cu_seqlens.shape[0] - 1
+    if total == 0 or sequences * max_seqlen == 0:
+        return qkv.new_zeros((total, *qkv.shape[2:]))
+    row = torch.arange(total, device=qkv.device, dtype=cu_seqlens.dtype)
+    sequence_of_row = torch.searchsorted(cu_seqlens[1:], row, right=True)
+    if _block_diagonal(total, sequences, max_seqlen):
+        # (1, heads, total, dim) each: PyTorch's fused CPU attention takes 4-D inputs only
+        q, k, v = qkv.to(ct).permute(1, 2, 0, 3)[:, None].unbind(0)
+        allowed = sequence_of_row[:, None] == sequence_of_row[None, :]
+        return _softmax_attention(q, k, v, allowed, scale, dropout_p)[0].transpose(0, 1).to(qkv.dtype)
+    # Padded layout: slot (i, j) holds packed row starts[i] + j, a token where j < the sequence's length.
+    starts = cu_seqlens[:-1]
+    slot = torch.arange(max_seqlen, device=qkv.device, dtype=cu_seqlens.dtype)
+    keep = slot < cu_seqlens.diff()[:, None]
+    source = (starts[:, None] + slot).clamp_(max=total - 1).flatten()
+    padded = qkv.index_select(0, source).to(ct).unflatten(0, (sequences, max_seqlen))
+    q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # (sequences, heads, max_seqlen, dim) each
+    # No sequence is empty among the packed rows read back, so no query lacks a key there.
+    allowed = (keep | ~keep.any(dim=-1, keepdim=True))[:, None, None, :]
+    out = _softmax_attention(q, k, v, allowed, scale, dropout_p).transpose(1, 2).flatten(0, 1)
+    slot_of_row = row + (sequence_of_row * max_seqlen - starts.index_select(0, sequence_of_row))
+    return out.index_select(0, slot_of_row).to(qkv.dtype)
 
 
 def embedding_layer_norm(
