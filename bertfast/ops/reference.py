@@ -92,7 +92,7 @@ def _block_diagonal(total: int, sequences: int, max_seqlen: int) -> bool:
     return total * total <= 2 * sequences * max_seqlen * max_seqlen
 
 
-def attention_varlen_qkv(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0):
+def attention_varlen_qkv(qkv, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
     """:func:`attention_varlen` of ``qkv`` (total, 3, heads, dim), the packed projections side by side.
 
     The whole batch runs in a few large ops whatever the number of sequences (a loop over
