@@ -7,11 +7,11 @@ import json
 import os
 from typing import Any
 
-from .family import bert_config_fields
+from .family import FAMILIES, bert_config_fields, family_config_fields
 
 SUPPORTED_ACTIVATIONS = ("gelu",)  # the exact erf GELU, as Hugging Face's "gelu"
 SUPPORTED_POSITION_EMBEDDINGS = ("absolute",)
-POOLER_ACTIVATIONS = ("tanh", "gelu", "relu")  # BERT's and RoBERTa's, ELECTRA's, DistilBERT's
+FAMILY_NAMES = tuple(t for f in FAMILIES for t in f.model_types)
 
 
 def _check_number(name: str, value) -> None:
@@ -49,11 +49,9 @@ class BertConfig:
     positions_from_input_ids: bool = False
     # DistilBERT has no dropout after the attention projection: 0.0 there; None: hidden_dropout_prob, as BERT.
     attention_output_dropout_prob: float | None = None
-    # The pooler of a sequence-classification head built from the family: RoBERTa's and ELECTRA's heads
-    # drop out the first token before the dense layer (the classifier's dropout rate, here), ELECTRA's
-    # activation is GELU and DistilBERT's ReLU.  BERT: None and "tanh".
-    pooler_input_dropout_prob: float | None = None
-    pooler_act: str = "tanh"
+    # The transformers family the model is (its model_type): it decides the heads' layout
+    # (bertfast.family.sequence_classification_head), token types and the names save_pretrained writes.
+    family: str = "bert"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,11 +88,11 @@ class BertConfig:
         # Type checks before any comparison, so a string read from a config.json ("0.1") is named, not a TypeError.
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps"):
             _check_number(name, getattr(self, name))
-        for name in ("classifier_dropout", "attention_output_dropout_prob", "pooler_input_dropout_prob"):
+        for name in ("classifier_dropout", "attention_output_dropout_prob"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name))
-        if self.pooler_act not in POOLER_ACTIVATIONS:
-            raise ValueError(f"BertConfig.pooler_act must be one of {POOLER_ACTIVATIONS}, got {self.pooler_act!r}")
+        if self.family not in FAMILY_NAMES:
+            raise ValueError(f"BertConfig.family must be one of {FAMILY_NAMES}, got {self.family!r}")
         if self.pad_token_id is not None and (
             isinstance(self.pad_token_id, bool)
             or not isinstance(self.pad_token_id, int)
@@ -128,7 +126,7 @@ class BertConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"BertConfig.{name} must be in [0, 1), got {p!r}")
-        for name in ("classifier_dropout", "attention_output_dropout_prob", "pooler_input_dropout_prob"):
+        for name in ("classifier_dropout", "attention_output_dropout_prob"):
             p = getattr(self, name)
             if p is not None and not 0.0 <= p < 1.0:
                 raise ValueError(f"BertConfig.{name} must be in [0, 1) or None, got {p}")
@@ -205,18 +203,15 @@ class BertConfig:
             raise type(exc)(f"{config_file}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as the family's own ``config.json`` (``model_type`` and names of the family)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        data = {**self.extra, **data, "model_type": "bert"}
-        # BERT's own configs stay exactly transformers' fields: the family's are written only when set.
+        data = {**self.extra, **data}
+        # BERT's own configs stay exactly transformers' fields: bertfast's are written only when set.
         if not self.positions_from_input_ids:
             del data["positions_from_input_ids"]
         if self.attention_output_dropout_prob is None:
             del data["attention_output_dropout_prob"]
-        if self.pooler_input_dropout_prob is None:
-            del data["pooler_input_dropout_prob"]
-        if self.pooler_act == "tanh":
-            del data["pooler_act"]
-        return data
+        return family_config_fields(data)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         os.makedirs(path, exist_ok=True)

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import re
 from typing import NamedTuple
 
 import torch
@@ -95,6 +96,7 @@ class Family:
     activation_field: str = "hidden_act"
     positions_count_real_tokens: bool = False
     output: str = "BaseModelOutputWithPoolingAndCrossAttentions"  # the base model's output class
+    base_pooler: bool = True  # whether its base model has BERT's pooler (ELECTRA's and DistilBERT's have none)
 
 
 BERT = Family(("bert",), "bert", "Bert", "bert")
@@ -104,7 +106,14 @@ FAMILIES = (
     Family(("roberta",), "roberta", "Roberta", **_ROBERTA_STYLE),
     Family(("xlm-roberta",), "xlm_roberta", "XLMRoberta", **_ROBERTA_STYLE),
     Family(("camembert",), "camembert", "Camembert", **_ROBERTA_STYLE),
-    Family(("electra",), "electra", "Electra", "electra", output="BaseModelOutputWithPastAndCrossAttentions"),
+    Family(
+        ("electra",),
+        "electra",
+        "Electra",
+        "electra",
+        output="BaseModelOutputWithPastAndCrossAttentions",
+        base_pooler=False,
+    ),
     Family(
         ("distilbert",),
         "distilbert",
@@ -112,6 +121,7 @@ FAMILIES = (
         "distilbert",
         activation_field="activation",
         output="BaseModelOutput",
+        base_pooler=False,
     ),
 )
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -273,32 +283,40 @@ _DISTILBERT_FIELDS = {
 }
 
 
-def _classification_head_fields(model_type: str, data: dict) -> dict:
-    """The pooler fields that map the family's sequence-classification head onto BERT's pooler + classifier.
+def sequence_classification_head(config) -> tuple[str, float | None, float]:
+    """``(pooler activation, dropout before the pooler's dense layer, classifier dropout)`` of the sequence-
+    classification head of a native config's family, as BERT's pooler + classifier.
 
-    RoBERTa's (and XLM-RoBERTa's, CamemBERT's) head: dropout, dense, tanh, dropout, out_proj on the first
-    token; ELECTRA's the same with GELU; DistilBERT's: pre_classifier, ReLU, dropout (its
-    ``seq_classif_dropout``), classifier.  ``dense``/``pre_classifier`` become the pooler's dense layer,
-    ``out_proj``/``classifier`` the classifier (see the key renames below).
+    BERT: tanh, none, ``classifier_dropout`` (else the hidden rate).  RoBERTa's (XLM-RoBERTa's, CamemBERT's)
+    head: dropout, dense, tanh, dropout, out_proj on the first token, both dropouts at the classifier rate;
+    ELECTRA's the same with GELU; DistilBERT's: pre_classifier, ReLU, dropout (its ``seq_classif_dropout``),
+    classifier.  ``dense``/``pre_classifier`` are the pooler's dense layer, ``out_proj``/``classifier`` the
+    classifier (see the key names below).  Decided by the family, never by a checkpoint's ``architectures``.
     """
-    if model_type == "distilbert":
-        return {"pooler_act": "relu", "classifier_dropout": data.get("seq_classif_dropout", 0.2)}
-    if model_type == "bert":
-        return {}
-    rate = data.get("classifier_dropout")
-    rate = data.get("hidden_dropout_prob", 0.1) if rate is None else rate
-    return {"pooler_act": "gelu" if model_type == "electra" else "tanh", "pooler_input_dropout_prob": rate}
+    rate = config.classifier_dropout
+    rate = config.hidden_dropout_prob if rate is None else rate
+    if config.family == "distilbert":
+        return "relu", None, config.extra.get("seq_classif_dropout", 0.2)
+    if config.family == "bert":
+        return "tanh", None, rate
+    return ("gelu" if config.family == "electra" else "tanh"), rate, rate
 
 
 def bert_config_fields(data: dict) -> dict:
     """A family ``config.json``'s fields under :class:`bertfast.BertConfig`'s names, ``model_type`` removed.
 
-    RoBERTa style sets ``positions_from_input_ids``; DistilBERT's fields are renamed and it gets one
-    token type (a zero row) and its fixed LayerNorm eps; an ELECTRA whose ``embedding_size`` is not
-    ``hidden_size`` raises ``ValueError``.
+    ``family`` keeps the ``model_type``; RoBERTa style sets ``positions_from_input_ids``; DistilBERT's
+    fields are renamed and it gets its fixed LayerNorm eps (and no token types: one type, no table); an
+    ELECTRA whose ``embedding_size`` is not ``hidden_size`` raises ``ValueError``.
     """
     data = dict(data)
     model_type = data.pop("model_type", "bert")
+    stale = sorted({"pooler_act", "pooler_input_dropout_prob"} & set(data))
+    if stale:  # an earlier bertfast wrote a family's head this way under model_type "bert": which family is unknown
+        raise ValueError(
+            f"{stale} come from an earlier bertfast's BERT-layout save of a family model; the head is now chosen "
+            "by the family: load the original checkpoint, or set model_type to its family and remove these fields"
+        )
     family = _BY_MODEL_TYPE.get(model_type)
     if family is None:
         raise ValueError(
@@ -313,14 +331,34 @@ def bert_config_fields(data: dict) -> dict:
                 f"ELECTRA's embedding_size ({data['embedding_size']}) differs from hidden_size ({hidden}): its "
                 "embeddings_project layer is not BERT's; bertfast runs ELECTRA only with embedding_size == hidden_size"
             )
-    if any(str(name).endswith("ForSequenceClassification") for name in data.get("architectures") or ()):
-        data.update(_classification_head_fields(model_type, data))
+    data["family"] = model_type
     if model_type == "distilbert":
         for name, bert_name in _DISTILBERT_FIELDS.items():
             if name in data:
                 data[bert_name] = data.pop(name)
         # DistilBERT's LayerNorms use a fixed 1e-12; its attention projection is not followed by dropout.
         data.update(type_vocab_size=1, layer_norm_eps=1e-12, attention_output_dropout_prob=0.0)
+    return data
+
+
+def family_config_fields(data: dict) -> dict:
+    """:meth:`bertfast.BertConfig.to_dict`'s fields as its family's own ``config.json`` (the inverse of
+    :func:`bert_config_fields`), so transformers builds the family's classes from it."""
+    data = dict(data)
+    model_type = data.pop("family", "bert")
+    data["model_type"] = model_type
+    if model_type == "bert":
+        return data
+    found = _BY_MODEL_TYPE[model_type]
+    if found.positions_count_real_tokens:
+        data.pop("positions_from_input_ids", None)  # the family's own rule
+    if model_type == "electra":
+        data["embedding_size"] = data["hidden_size"]
+    if model_type == "distilbert":
+        for name, bert_name in _DISTILBERT_FIELDS.items():
+            data[name] = data.pop(bert_name)
+        for fixed in ("type_vocab_size", "layer_norm_eps", "attention_output_dropout_prob"):
+            data.pop(fixed, None)
     return data
 
 
@@ -365,63 +403,107 @@ def native_class_name(class_name: str) -> tuple[str, Family] | None:
     return None
 
 
-# Checkpoint names of each family -> bertfast's BERT names (substring renames, in order).
-# The family's sequence-classification heads as BERT's pooler + classifier (see _classification_head_fields).
-_CLASSIFIER_KEYS = (("classifier.dense.", "bert.pooler.dense."), ("classifier.out_proj.", "classifier."))
-_ROBERTA_KEYS = (
-    *_CLASSIFIER_KEYS,
-    ("roberta.", "bert."),
-    ("lm_head.dense.", "cls.predictions.transform.dense."),
-    ("lm_head.layer_norm.", "cls.predictions.transform.LayerNorm."),
-    ("lm_head.decoder.", "cls.predictions.decoder."),
-    ("lm_head.bias", "cls.predictions.bias"),
-)
-_KEY_RENAMES = {
-    "roberta": _ROBERTA_KEYS,
-    "xlm-roberta": _ROBERTA_KEYS,
-    "camembert": _ROBERTA_KEYS,
-    "electra": (
-        *_CLASSIFIER_KEYS,
-        ("electra.", "bert."),
-        ("generator_predictions.dense.", "cls.predictions.transform.dense."),
-        ("generator_predictions.LayerNorm.", "cls.predictions.transform.LayerNorm."),
-        ("generator_lm_head.weight", "cls.predictions.decoder.weight"),
-        ("generator_lm_head.bias", "cls.predictions.bias"),
-    ),
-    "distilbert": (
-        ("pre_classifier.", "bert.pooler.dense."),
-        ("distilbert.", "bert."),
-        ("transformer.layer.", "encoder.layer."),
-        (".attention.q_lin.", ".attention.self.query."),
-        (".attention.k_lin.", ".attention.self.key."),
-        (".attention.v_lin.", ".attention.self.value."),
-        (".attention.out_lin.", ".attention.output.dense."),
-        (".sa_layer_norm.", ".attention.output.LayerNorm."),
-        (".ffn.lin1.", ".intermediate.dense."),
-        (".ffn.lin2.", ".output.dense."),
-        (".output_layer_norm.", ".output.LayerNorm."),
-        ("vocab_transform.", "cls.predictions.transform.dense."),
-        ("vocab_layer_norm.", "cls.predictions.transform.LayerNorm."),
-        ("vocab_projector.weight", "cls.predictions.decoder.weight"),
-        ("vocab_projector.bias", "cls.predictions.bias"),
-    ),
+# bertfast's names -> each family's, as exact tensor names or module paths (``*``: any layer number), so
+# every name matches at most one rule and the same tables rename both ways.  Names outside a table keep their
+# path under the base prefix (``bert.`` <-> ``roberta.``...).
+_ROBERTA_HEADS = {
+    "cls.predictions.bias": "lm_head.bias",
+    "cls.predictions.transform.dense": "lm_head.dense",
+    "cls.predictions.transform.LayerNorm": "lm_head.layer_norm",
+    "cls.predictions.decoder": "lm_head.decoder",
 }
+_ELECTRA_HEADS = {
+    "cls.predictions.bias": "generator_lm_head.bias",
+    "cls.predictions.transform.dense": "generator_predictions.dense",
+    "cls.predictions.transform.LayerNorm": "generator_predictions.LayerNorm",
+    "cls.predictions.decoder": "generator_lm_head",
+}
+_DISTILBERT_NAMES = {
+    "bert.encoder.layer.*.attention.self.query": "distilbert.transformer.layer.*.attention.q_lin",
+    "bert.encoder.layer.*.attention.self.key": "distilbert.transformer.layer.*.attention.k_lin",
+    "bert.encoder.layer.*.attention.self.value": "distilbert.transformer.layer.*.attention.v_lin",
+    "bert.encoder.layer.*.attention.output.dense": "distilbert.transformer.layer.*.attention.out_lin",
+    "bert.encoder.layer.*.attention.output.LayerNorm": "distilbert.transformer.layer.*.sa_layer_norm",
+    "bert.encoder.layer.*.intermediate.dense": "distilbert.transformer.layer.*.ffn.lin1",
+    "bert.encoder.layer.*.output.dense": "distilbert.transformer.layer.*.ffn.lin2",
+    "bert.encoder.layer.*.output.LayerNorm": "distilbert.transformer.layer.*.output_layer_norm",
+    "cls.predictions.bias": "vocab_projector.bias",
+    "cls.predictions.transform.dense": "vocab_transform",
+    "cls.predictions.transform.LayerNorm": "vocab_layer_norm",
+    "cls.predictions.decoder": "vocab_projector",
+}
+_NAMES = {"roberta": _ROBERTA_HEADS, "xlm-roberta": _ROBERTA_HEADS, "camembert": _ROBERTA_HEADS}
+_NAMES.update(electra=_ELECTRA_HEADS, distilbert=_DISTILBERT_NAMES)
+# The sequence-classification head is BERT's pooler + classifier (see sequence_classification_head); these names
+# apply to that class only (a token classifier's ``classifier`` is the family's ``classifier`` too).
+_SEQUENCE_CLASSIFIER_NAMES = {"bert.pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"}
+_SEQUENCE_CLASSIFIER = {"distilbert": {"bert.pooler.dense": "pre_classifier"}}
+_BASE_MODULES = ("embeddings", "encoder", "transformer", "pooler")  # a base model's own checkpoints start with these
+_LAYER_NUMBER = re.compile(r"(?<=\.layer\.)\d+(?=\.)")
+
+
+def _renamed(key: str, table: dict, prefix: tuple[str, str]) -> str:
+    """``key`` under ``table`` (its exact name first, then its module path), else with ``prefix[0]`` replaced by
+    ``prefix[1]``; layer numbers kept."""
+    number = _LAYER_NUMBER.search(key)
+    generic = _LAYER_NUMBER.sub("*", key, count=1)
+    module, _, tensor = generic.rpartition(".")
+    if generic in table:
+        generic = table[generic]
+    elif module in table:
+        generic = f"{table[module]}.{tensor}"
+    elif generic.startswith(prefix[0]):
+        generic = prefix[1] + generic[len(prefix[0]) :]
+    return generic.replace("*", number.group(), 1) if number else generic
+
+
+def _family_names(model_type: str, sequence_classifier: bool) -> dict:
+    names = dict(_NAMES.get(model_type, {}))
+    if sequence_classifier:
+        names.update(_SEQUENCE_CLASSIFIER.get(model_type, _SEQUENCE_CLASSIFIER_NAMES))
+    return names
 
 
 def bert_state_dict(state: dict, model_type: str) -> dict:
-    """A family checkpoint's tensors under bertfast's BERT names (BERT's own pass through).
-
-    DistilBERT has no token types: the one-row type table BERT's embedding reads is zeros."""
-    renames = _KEY_RENAMES.get(model_type)
-    if not renames:
+    """A family checkpoint's tensors under bertfast's BERT names (BERT's own pass through); a base model's
+    checkpoint (names without the base prefix) comes out under ``bert.``."""
+    found = _BY_MODEL_TYPE.get(model_type)
+    if found is None or found is BERT:
         return state
+    base = found.base_attr + "."
+    inverse = {v: k for k, v in _family_names(model_type, sequence_classifier=True).items()}
     renamed = {}
     for key, tensor in state.items():
-        for old, new in renames:
-            key = key.replace(old, new, 1)
-        renamed[key] = tensor
-    if model_type == "distilbert":
-        word = next((t for k, t in renamed.items() if k.endswith("embeddings.word_embeddings.weight")), None)
-        if word is not None:
-            renamed["embeddings.token_type_embeddings.weight"] = word.new_zeros((1, word.shape[1]))
+        if key.split(".", 1)[0] in _BASE_MODULES:
+            key = base + key
+        renamed[_renamed(key, inverse, (base, "bert."))] = tensor
     return renamed
+
+
+def family_state_dict(state: dict, model_type: str, class_name: str) -> dict:
+    """bertfast tensors of native ``Bert<head>`` ``class_name`` under the names of the family's ``<head>`` class
+    (the inverse of :func:`bert_state_dict`): a base model's without the base prefix, as transformers saves it."""
+    found = _BY_MODEL_TYPE[model_type]
+    if found is BERT:
+        return state
+    base_model = class_name == "BertModel"
+    names = _family_names(model_type, class_name == "BertForSequenceClassification")
+    renamed = {}
+    for key, tensor in state.items():
+        key = _renamed("bert." + key if base_model else key, names, ("bert.", found.base_attr + "."))
+        renamed[key.removeprefix(found.base_attr + ".") if base_model else key] = tensor
+    return renamed
+
+
+def family_class_name(class_name: str, model_type: str) -> str:
+    """The transformers class of the family whose layout native ``class_name`` saves in (``BertForMaskedLM`` of
+    RoBERTa: ``RobertaForMaskedLM``); ``ValueError`` for a native class the family has no class for."""
+    found = _BY_MODEL_TYPE[model_type]
+    name = found.prefix + class_name.removeprefix("Bert")
+    head = name[len(found.prefix) :]
+    if found is not BERT and (head not in NATIVE_HEADS or foreign_head_reason(name) is not None):
+        raise ValueError(
+            f"bertfast.{class_name} of a {model_type} model has no transformers class of that family to save as "
+            f"({name} {foreign_head_reason(name) or 'does not exist'}); save the encoder (model.bert) instead"
+        )
+    return name

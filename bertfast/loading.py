@@ -210,8 +210,7 @@ def _encoder_only(state: dict, model_type: str, what: str, class_name: str) -> d
 def load_pretrained(cls, path, backend="auto", dtype=None, device=None, strict=False):
     path = os.fspath(path)
     config = BertConfig.from_pretrained(path)
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type", "bert")
+    model_type = config.family
     state = read_state_dict(path)
     if cls.__name__ != "BertModel":
         for architecture in config.extra.get("architectures") or ():
@@ -225,11 +224,26 @@ def load_pretrained(cls, path, backend="auto", dtype=None, device=None, strict=F
     return model.eval()
 
 
+def _family_layout(model: torch.nn.Module) -> str:
+    """The transformers class whose layout ``model`` saves in (its family's); ``ValueError`` where none has it."""
+    config = model.config
+    name = family.family_class_name(type(model).__name__, config.family)
+    pooler = getattr(model, "pooler", None) is not None
+    if name.endswith("Model") and pooler != family.family_of_model_type(config.family).base_pooler:
+        raise ValueError(
+            f"this bertfast.BertModel {'has' if pooler else 'lacks'} a pooler, but transformers' {name} "
+            f"{'has none' if pooler else 'has one'}: it cannot be saved in the {config.family} layout"
+        )
+    return name
+
+
 def save_config(model: torch.nn.Module, path) -> None:
-    """``path/config.json`` as transformers writes it: the architecture and the weights' dtype included."""
+    """``path/config.json`` as transformers writes it, in the model's family's layout: the architecture and the
+    weights' dtype included."""
+    architecture = _family_layout(model)
     os.makedirs(path, exist_ok=True)
     config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]
+    config["architectures"] = [architecture]
     # The dtype the weights are stored in, as transformers writes it (it reloads in this dtype).
     config.pop("torch_dtype", None)
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -238,7 +252,9 @@ def save_config(model: torch.nn.Module, path) -> None:
 
 
 def save_pretrained(model: torch.nn.Module, path, state_dict: dict | None = None) -> None:
-    """``config.json`` + ``model.safetensors``; a tied tensor is stored once, under its first name.
+    """``config.json`` + ``model.safetensors`` in the model's family's layout (a RoBERTa model as
+    ``RobertaFor...``: its names and config), which transformers and bertfast load; a tied tensor is stored
+    once, under its first name.
 
     ``state_dict``: the tensors to write under the model's names (default: the model's own).
     """
@@ -249,5 +265,7 @@ def save_pretrained(model: torch.nn.Module, path, state_dict: dict | None = None
     tied = _tied_keys(model)
     # Copies on the CPU: safetensors refuses tensors that share storage (a view in a user's state_dict).
     state = model.state_dict() if state_dict is None else state_dict
-    tensors = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if k not in tied}
+    state = {k: v for k, v in state.items() if k not in tied}
+    state = family.family_state_dict(state, model.config.family, type(model).__name__)
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
     save_file(tensors, os.path.join(path, SAFETENSORS), metadata={"format": "pt"})

@@ -37,7 +37,8 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        if config.family != "distilbert":  # DistilBERT has no token types (its ids are ignored, as transformers does)
+            self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -109,16 +110,17 @@ _POOLER_ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
 
 
 class BertPooler(nn.Module):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, sequence_classifier: bool = False):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.act = config.pooler_act
-        p = config.pooler_input_dropout_prob
+        # The family's sequence-classification head maps onto the pooler with its own activation and a dropout
+        # before the dense layer; a base model's pooler is BERT's (RoBERTa's is the same).
+        self.act, p, _ = family.sequence_classification_head(config) if sequence_classifier else ("tanh", None, None)
         self.dropout = nn.Dropout(p) if p is not None else None
 
     def forward(self, hidden_states):
-        """``tanh(hidden_states[:, 0] @ W^T + b)``, as Hugging Face's pooler; the family's classification
-        heads map onto it with their activation and a dropout before the dense layer (``BertConfig``)."""
+        """``tanh(hidden_states[:, 0] @ W^T + b)``, as Hugging Face's pooler (the family's classification heads:
+        their activation, their dropout first)."""
         first = hidden_states[:, 0]
         if self.dropout is not None:
             first = self.dropout(first)
@@ -364,13 +366,18 @@ class BertModel(BertPreTrainedModel):
         self,
         config: BertConfig,
         backend: str | None = "auto",
-        add_pooling_layer: bool = True,
+        add_pooling_layer: bool | None = None,
         unpad: bool | str = "auto",
+        sequence_classifier: bool = False,
     ):
+        """``add_pooling_layer``: None for the family's (a pooler for BERT and RoBERTa style, none for ELECTRA and
+        DistilBERT, as their base models); ``sequence_classifier``: the pooler is the family's classification head."""
         super().__init__(config, backend)
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
-        self.pooler = BertPooler(config) if add_pooling_layer else None
+        if add_pooling_layer is None:
+            add_pooling_layer = family.family_of_model_type(config.family).base_pooler
+        self.pooler = BertPooler(config, sequence_classifier) if add_pooling_layer else None
         self.set_unpad(unpad)
         self.init_weights()
 
@@ -451,9 +458,11 @@ def _mlm_loss(logits, labels, num_items_in_batch=None):
 class _WithEncoder(BertPreTrainedModel):
     """A head on top of ``self.bert``; the backend is shared with the encoder."""
 
-    def __init__(self, config, backend, add_pooling_layer: bool):
+    def __init__(self, config, backend, add_pooling_layer: bool, sequence_classifier: bool = False):
         super().__init__(config, backend)
-        self.bert = BertModel(config, backend=self._backend, add_pooling_layer=add_pooling_layer)
+        self.bert = BertModel(
+            config, self._backend, add_pooling_layer=add_pooling_layer, sequence_classifier=sequence_classifier
+        )
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds):
         args = (input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds)
@@ -579,18 +588,22 @@ class BertForPreTraining(_TiedMLMMixin, _WithEncoder):
 class _WithClassifier(_WithEncoder):
     """A dropout (``classifier_dropout``, else the hidden rate) and a linear classifier on top of ``self.bert``."""
 
-    def __init__(self, config: BertConfig, backend, add_pooling_layer: bool):
-        super().__init__(config, backend, add_pooling_layer)
+    def __init__(self, config: BertConfig, backend, add_pooling_layer: bool, classifier_dropout: float | None = None):
+        super().__init__(config, backend, add_pooling_layer, sequence_classifier=classifier_dropout is not None)
         self.num_labels = config.num_labels
-        p = config.classifier_dropout
+        p = config.classifier_dropout if classifier_dropout is None else classifier_dropout
         self.dropout = nn.Dropout(config.hidden_dropout_prob if p is None else p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
 
 class BertForSequenceClassification(_WithClassifier):
+    """The family's sequence-classification head (:func:`bertfast.family.sequence_classification_head`) as the
+    pooler and the classifier."""
+
     def __init__(self, config: BertConfig, backend: str | None = "auto"):
-        super().__init__(config, backend, add_pooling_layer=True)
+        dropout = family.sequence_classification_head(config)[2]
+        super().__init__(config, backend, add_pooling_layer=True, classifier_dropout=dropout)
 
     def _loss(self, logits, labels, num_items):
         """Hugging Face's rule: regression, single-label or multi-label by problem_type/labels."""
@@ -704,10 +717,8 @@ SUPPORTED_CLASSES = (
 )
 
 
-def config_from_hf(hf_config, architecture: str | None = None) -> BertConfig:
+def config_from_hf(hf_config) -> BertConfig:
     """A :class:`BertConfig` with the Hugging Face config's fields; unknown ones land in ``extra``.
-    ``architecture``: the transformers class the config is for (a family's classification head maps
-    onto BERT's pooler with fields of its own).
 
     Raises ``ValueError`` naming the field when bertfast cannot represent the model.
     """
@@ -722,8 +733,6 @@ def config_from_hf(hf_config, architecture: str | None = None) -> BertConfig:
         raise ValueError(f"cannot convert this Hugging Face model: {reason}")
     data = hf_config.to_dict()
     data["num_labels"] = hf_config.num_labels
-    if architecture is not None:
-        data["architectures"] = [architecture]
     try:
         return BertConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
@@ -776,7 +785,7 @@ def from_hf(cls, hf_model: nn.Module, backend: str | None = "auto"):
     elif cls.__name__ != hf_name:
         raise TypeError(f"cannot build bertfast.{cls.__name__} from a transformers {hf_name}: the heads differ")
 
-    config = config_from_hf(source.config, type(hf_model).__name__)
+    config = config_from_hf(source.config)
     reason = family.non_gelu_activation(source)
     if reason is not None:
         raise ValueError(reason)

@@ -1,6 +1,7 @@
 """The BERT family (RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT) through the one layer path."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -229,7 +230,7 @@ def test_from_pretrained_reads_family_checkpoints(family, tmp_path):
     reference.save_pretrained(tmp_path)
     model = bertfast.BertForMaskedLM.from_pretrained(tmp_path, backend="reference", strict=True)
     assert_native_matches(model, reference, left=True)
-    model.save_pretrained(tmp_path / "again")  # bertfast's BERT layout, the position rule in its config
+    model.save_pretrained(tmp_path / "again")  # the family's layout
     again = bertfast.BertForMaskedLM.from_pretrained(tmp_path / "again", backend="reference", strict=True)
     assert_native_matches(again, reference, left=True)
 
@@ -244,8 +245,8 @@ def test_classification_heads_map_onto_the_pooler_and_train_alike(family, tmp_pa
     reference = hf_model(family, "ForSequenceClassification", **no_dropout).train()
     model = bertfast.from_hf(reference, backend="reference")
     expected = {"roberta": "tanh", "xlm-roberta": "tanh", "camembert": "tanh", "electra": "gelu"}
-    assert model.config.pooler_act == expected.get(family, "relu")
-    assert (model.config.pooler_input_dropout_prob is None) == (family == "distilbert")
+    assert model.bert.pooler.act == expected.get(family, "relu")
+    assert (model.bert.pooler.dropout is None) == (family == "distilbert")
     ids, mask = batch(reference.config, [9, 4, 7], 9)
     labels = torch.tensor([0, 2, 1])
     ours = model(input_ids=ids, attention_mask=mask, labels=labels)
@@ -258,7 +259,7 @@ def test_classification_heads_map_onto_the_pooler_and_train_alike(family, tmp_pa
     assert rel_error(model.bert.pooler.dense.weight.grad, grads[head_dense]) <= 1e-4
     reference.save_pretrained(tmp_path)
     loaded = bertfast.BertForSequenceClassification.from_pretrained(tmp_path, backend="reference", strict=True)
-    assert loaded.config.pooler_act == model.config.pooler_act
+    assert loaded.bert.pooler.act == model.bert.pooler.act
     assert_native_matches(loaded.eval(), reference.eval(), left=True)
 
 
@@ -374,3 +375,85 @@ def test_electra_multiple_choice_summary_reads_what_transformers_reads(summary_t
         bertfast.patch(model, backend="reference", unpad=True)
         with pytest.raises(ValueError, match="reads hidden states at padding"):
             model(**inputs)
+
+
+# --------------------------------------------------------------------------------------
+# Heads chosen by the family; DistilBERT without token types; saves in the family's layout
+# --------------------------------------------------------------------------------------
+
+AUTO_CLASSES = {
+    "Model": "AutoModel",
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForTokenClassification": "AutoModelForTokenClassification",
+    "ForQuestionAnswering": "AutoModelForQuestionAnswering",
+    "ForMaskedLM": "AutoModelForMaskedLM",
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_sequence_classification_head_follows_the_family_not_architectures(family, tmp_path):
+    """A classification head's weights saved under a base model's ``architectures`` (as a fine-tuning script that
+    edits config.json may leave them) still build the family's head: ReLU / GELU / the pre-dense dropout."""
+    no_dropout = {"seq_classif_dropout": 0.0} if family == "distilbert" else {}
+    reference = hf_model(family, "ForSequenceClassification", **no_dropout).train()
+    reference.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    saved = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**saved, "architectures": [FAMILIES[family][0] + "Model"]}))
+    loaded = bertfast.BertForSequenceClassification.from_pretrained(tmp_path, backend="reference", strict=True)
+    ids, mask = batch(reference.config, [9, 4, 7], 9)
+    assert loaded.bert.pooler.act == {"electra": "gelu", "distilbert": "relu"}.get(family, "tanh")
+    assert_native_matches(loaded, reference.eval(), left=False)
+    # The pre-dense dropout is there in training (RoBERTa style, ELECTRA), as transformers' head has it.
+    assert (loaded.bert.pooler.dropout is not None) == (family != "distilbert")
+
+
+def test_a_native_distilbert_has_no_token_types_and_trains_like_transformers():
+    """No token-type table to train (transformers' DistilBERT has none): AdamW steps move the same parameters
+    the same way, pair-tokenizer token_type_ids are ignored."""
+    reference = hf_model("distilbert", "ForSequenceClassification", seq_classif_dropout=0.0).train()
+    model = bertfast.from_hf(reference, backend="reference")
+    assert not any("token_type" in name for name, _ in model.named_parameters())
+    ours = dict(model.named_parameters())
+    theirs = dict(reference.named_parameters())
+    assert len(ours) == len(theirs)
+    ids, mask = batch(reference.config, [9, 4, 7], 9)
+    labels = torch.tensor([0, 2, 1])
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference)]
+    for _ in range(3):
+        for m, optimizer in zip((model, reference), optimizers):
+            optimizer.zero_grad()
+            m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            optimizer.step()
+    pooled = model.bert.pooler.dense.weight
+    assert rel_error(pooled, theirs["pre_classifier.weight"]) <= 1e-4
+    word = model.bert.embeddings.word_embeddings.weight
+    assert rel_error(word, theirs["distilbert.embeddings.word_embeddings.weight"]) <= 1e-4
+    types = torch.ones_like(ids)  # a pair tokenizer's second segment: ignored, as transformers does
+    with_types = model.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert torch.equal(with_types, model(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("family, head", NATIVE_CASES)
+def test_save_pretrained_writes_the_family_layout_transformers_loads(family, head, tmp_path):
+    """save -> transformers' Auto class: the family's class, no missing or unexpected tensor, the same outputs at
+    real tokens; save -> bertfast: the same again."""
+    reference = hf_model(family, head)
+    model = bertfast.from_hf(reference, backend="reference")
+    model.save_pretrained(tmp_path)
+    auto = getattr(transformers, AUTO_CLASSES[head])
+    loaded, info = auto.from_pretrained(tmp_path, output_loading_info=True, attn_implementation="eager")
+    assert type(loaded) is type(reference)
+    assert not any(info.values()), info
+    assert_native_matches(model, loaded.eval(), left=True)
+    again = getattr(bertfast, "Bert" + head).from_pretrained(tmp_path, backend="reference", strict=True)
+    assert_native_matches(again, reference, left=True)
+
+
+def test_save_pretrained_refuses_a_class_the_family_has_not(tmp_path):
+    config = bertfast.BertConfig.from_dict(hf_config("electra").to_dict())
+    with pytest.raises(ValueError, match="ElectraForPreTraining ELECTRA's discriminator head has no native class"):
+        bertfast.BertForPreTraining(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has a pooler, but transformers' ElectraModel has none"):
+        bertfast.BertModel(config, add_pooling_layer=True).save_pretrained(tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()

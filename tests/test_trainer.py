@@ -187,6 +187,20 @@ def test_native_checkpoint_and_resume(tmp_path):
     assert not os.path.isfile(checkpoint / "config.json"), "without the callback Trainer writes none"
 
 
+def test_checkpoint_config_refuses_a_family_model_before_training(tmp_path):
+    """Trainer writes a native model's weights under bertfast's BERT names: a RoBERTa model's checkpoints
+    described by a config.json would load into transformers' RoBERTa classes wrong, so the callback refuses
+    before the first step (save_pretrained writes the family's layout)."""
+    torch.manual_seed(0)
+    fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    roberta = bertfast.from_hf(transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**fields)))
+    trainer = _trainer(roberta, tmp_path / "roberta", steps=2, save_strategy="steps", save_steps=1)
+    trainer.add_callback(CheckpointConfig())
+    with pytest.raises(ValueError, match="native roberta model: Trainer writes its weights under bertfast's BERT"):
+        trainer.train()
+    assert trainer.micro_losses == []
+
+
 @pytest.fixture(scope="module")
 def minilm():
     path = minilm_path()
