@@ -15,7 +15,8 @@ rows are recorded as skipped with that reason):
    time (sum of kernel times, torch.profiler), kernel launches and synchronizing calls per
    forward; the top kernels of each go to ``--profile``;
 4. the same forward rows at 8 x 512;
-5. a training step at 32 x 128: ``bertfast`` (bf16), ``bertfast-amp`` and ``hf-sdpa-amp``, with peak memory;
+5. a training step at 32 x 128, like for like: ``bertfast`` and ``hf-sdpa`` in pure bf16, ``bertfast-amp``
+   and ``hf-sdpa-amp`` (fp32 master weights, bf16 autocast), with peak memory and the recipe in the note;
 6. attention forward and backward, head_dim 64, seq 128 and 512, with and without the padding
    mask: ``bertfast-triton`` against ``torch-sdpa`` and each SDPA backend forced (flash,
    efficient, cuDNN), TFLOP/s;
@@ -79,7 +80,7 @@ FORWARD_IMPLS = (
     "hf-eager",
     "hf-compile",
 )
-TRAIN_IMPLS = ("bertfast", "bertfast-amp", "hf-sdpa-amp")
+TRAIN_IMPLS = ("bertfast", "hf-sdpa", "bertfast-amp", "hf-sdpa-amp")  # like for like: pure bf16, then AMP
 HOST_IMPLS = ("bertfast", "bertfast-ext", "hf-sdpa")
 ATTENTION_IMPLS = ("bertfast-triton", "torch-sdpa", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn")
 TOKENWISE_IMPLS = {
@@ -233,7 +234,7 @@ class FirstLight:
             Section(f"forward {first.label}", 55, lambda: self.run_forward(first)),
             Section("host probe", 10, self.run_host_probe),
             Section(f"forward {second.label}", 40, lambda: self.run_forward(second)),
-            Section("training", 25, self.run_training),
+            Section("training", 33, self.run_training),  # four impls, about 8 s each
             Section("attention", 30, self.run_attention),
             Section("layer_norm and bias_gelu", 30, self.run_tokenwise),
             Section("padding-free", 20, self.run_varlen),

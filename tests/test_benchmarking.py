@@ -415,6 +415,21 @@ def test_drop_in_and_amp_impls(tiny_bench):
         impl_spec("bertfast-fast")
 
 
+def test_training_rows_state_their_recipe_and_first_light_pairs_them_like_for_like(tiny_bench, tmp_path):
+    """A pure-bf16 row and an AMP row say which they are (optimizer, lr, dtype policy); first light times
+    bertfast against hf-sdpa in each policy, never pure bf16 against AMP alone."""
+    from bench import firstlight
+
+    shape = shapes.ModelShape(2, 13)
+    pure = tiny_bench.train_case("hf-sdpa", "bf16", shape).note
+    amp = tiny_bench.train_case("hf-sdpa-amp", "bf16", shape).note
+    assert "recipe: AdamW lr 1e-05; pure bf16" in pure and "master" not in pure
+    assert "recipe: AdamW lr 1e-05; AMP: fp32 master weights and optimizer state, bf16 autocast" in amp
+    light = firstlight.FirstLight(tiny=True, budget_s=100, results=str(tmp_path))
+    trained = {(row["impl"], row["dtype"]) for row in light.identities("training")}
+    assert {("bertfast", "fp32"), ("hf-sdpa", "fp32"), ("bertfast-amp", "bf16"), ("hf-sdpa-amp", "bf16")} <= trained
+
+
 def test_cuda_graph_case_plumbing(tiny_bench, monkeypatch):
     """What a GPU runs for bertfast-cudagraph, on the CPU with a stand-in for the runner: one bucket of exactly
     the batch's shape, captured before timing, its memory counted, every timed call a replay."""
