@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from bertfast.benchmarking.suite import SuiteRun  # noqa: E402
+from bench.suite import SuiteRun  # noqa: E402
 
 _RUN = pytest.StashKey[SuiteRun]()
 

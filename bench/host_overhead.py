@@ -1,223 +1,149 @@
-"""Host time per call of the Triton kernels' entry points, with the GPU launch stubbed out (runs on a CPU).
+"""Host overhead: the Python path of one eval forward, where compute is negligible.
 
-At small batches the model is bound by the host: each kernel call costs its Python (the
-custom-op round trip, the launcher's checks and allocations, Triton's launch) while the
-GPU waits.  This measures that Python on a machine without a GPU, two ways:
+A 24-layer BERT at hidden 32 (2 heads, FFN 128) on a ``2 x 8`` batch (the second row right-padded
+after 6 tokens, so bertfast runs padding-free) does almost no
+arithmetic, so on the CPU its forward time is the host's: Python calls, dispatch, checks,
+allocations.  That is the time that bounds a GPU forward at small batches.  This row
+times, side by side in one run (rounds interleaved, median of each, one intra-op thread):
 
-- ``--mode interpret``: ``TRITON_INTERPRET=1`` with the interpreter's launch replaced by a
-  no-op: everything above ``kernel[grid](...)`` (custom op, autograd, launcher), nothing of
-  Triton's own launch path;
-- ``--mode compiled``: Triton's real compiler and launch path against a stand-in driver for
-  an sm_90 GPU (``bertfast/benchmarking/standin_driver.py``: kernels compile to cubins here),
-  with only the launcher object stubbed (on a GPU it packs the arguments in C and calls
-  ``cuLaunchKernelEx``: a few microseconds that neither path here pays) and the binary
-  loader.  With ``--real-launcher`` (triton 3.9) Triton's launcher and its C ``launch`` run
-  too, against a stub libcuda whose ``cuLaunchKernelEx`` does nothing: the lowest level.  The
-  stand-in's current-device and current-stream calls are free, so this slightly flatters
-  both Triton's path and ours.  The first call of each case compiles (slow, cached
-  on disk under ~/.triton/cache).
+- ``bertfast``: ``bertfast.BertModel`` on the ``reference`` backend (eval, ``no_grad``);
+- ``hf-sdpa-patched``: the same weights in ``transformers.BertModel`` after ``bertfast.patch``;
+- ``hf-sdpa``: the same weights in ``transformers.BertModel``, ``attn_implementation="sdpa"``.
 
-Times are the best over rounds of the mean per call, in microseconds, for the forward
-without autograd (``fwd``), the forward recording autograd (``fwd+grad``) and forward plus
-backward (``fwd+bwd``); ``bwd`` is their difference.  Tensors are small CPU tensors: with the
-launch stubbed, sizes only matter through allocation.
+and counts, per forward, the ATen ops that reach the dispatcher (a ``TorchDispatchMode``)
+and the Python function calls (``sys.setprofile``).  Target: ``bertfast / hf-sdpa <= 0.9``.
 
-    python bench/host_overhead.py --mode interpret
-    python bench/host_overhead.py --mode compiled
+    python -m bench.host_overhead [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import statistics
 import sys
 import time
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-def _parse():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("interpret", "compiled"), default="interpret")
-    parser.add_argument("--calls", type=int, default=300, help="calls per round")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--only", default="", help="comma list of case names to run")
-    parser.add_argument(
-        "--real-launcher",
-        action="store_true",
-        help="compiled mode: Triton's own launcher and C launch against a stub libcuda (triton 3.9, needs cc)",
+TARGET_RATIO = 0.9
+SHAPE = {"layers": 24, "hidden": 32, "heads": 2, "intermediate": 128, "batch": 2, "seq": 8}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.names: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        name = str(func.overloadpacket)
+        self.names[name] = self.names.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_ops(forward) -> tuple[int, dict[str, int]]:
+    """ATen ops one call of ``forward()`` dispatches (total, per op name)."""
+    with torch.no_grad(), _CountOps() as mode:
+        forward()
+    return mode.count, mode.names
+
+
+def count_python_calls(forward) -> int:
+    """Python function calls one call of ``forward()`` makes (C calls not counted)."""
+    calls = 0
+
+    def profiler(frame, event, arg):
+        nonlocal calls
+        if event == "call":
+            calls += 1
+
+    with torch.no_grad():
+        sys.setprofile(profiler)
+        try:
+            forward()
+        finally:
+            sys.setprofile(None)
+    return calls
+
+
+def build(shape: dict | None = None, seed: int = 0):
+    """``{impl: forward()}`` over one set of weights and one input batch."""
+    import transformers
+
+    import bertfast
+
+    s = dict(SHAPE, **(shape or {}))
+    torch.manual_seed(seed)
+    config = bertfast.BertConfig(
+        vocab_size=100,
+        hidden_size=s["hidden"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        intermediate_size=s["intermediate"],
+        max_position_embeddings=64,
     )
-    return parser.parse_args()
-
-
-ARGS = _parse()
-if ARGS.mode == "interpret":
-    os.environ["TRITON_INTERPRET"] = "1"
-else:
-    os.environ.pop("TRITON_INTERPRET", None)
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-
-LAUNCHES = [0]
-
-
-def _stub_interpreter() -> None:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    def run(self, *args, **kwargs):
-        LAUNCHES[0] += 1
-
-    InterpretedFunction.run = run
-
-
-if ARGS.mode == "interpret":
-    _stub_interpreter()
-else:
-    from bertfast.benchmarking import standin_driver
-
-    standin_driver.install(real_launcher=ARGS.real_launcher)
-    standin_driver.record_launches(False)
-
-from bertfast.kernels import attention as attn  # noqa: E402
-from bertfast.kernels import bias_gelu as gelu  # noqa: E402
-from bertfast.kernels import layer_norm as ln  # noqa: E402
-
-DTYPE = torch.float32 if ARGS.mode == "interpret" else torch.bfloat16
-
-
-def _inputs(requires_grad: bool):
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g).to(DTYPE).requires_grad_(requires_grad)
-
-    batch, seq, heads, head_dim = 2, 16, 4, 16
-    hidden = heads * head_dim
-    qkv = r(batch, seq, 3, heads, head_dim)
-    mask = torch.ones(batch, seq, dtype=torch.bool)
-    mask[1, 11:] = False
-    lengths = torch.tensor([16, 11, 5], dtype=torch.int32)
-    cu = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    total = int(lengths.sum())
-    pqkv = r(total, 3, heads, head_dim)
+    native = bertfast.BertModel(config, backend="reference").eval()
+    hf_config = transformers.BertConfig(**config.to_dict(), attn_implementation="sdpa")
+    hf = transformers.BertModel(hf_config).eval()
+    hf.load_state_dict(native.state_dict(), strict=False)
+    patched = transformers.BertModel(hf_config).eval()
+    patched.load_state_dict(native.state_dict(), strict=False)
+    bertfast.patch(patched, backend="reference")
+    ids = torch.randint(1, 100, (s["batch"], s["seq"]))
+    mask = torch.ones_like(ids)
+    mask[1:, s["seq"] - s["seq"] // 3 :] = 0  # padding in the batch, as served batches have: the padding-free path
     return {
-        "x": r(batch * seq, hidden),
-        "res": r(batch * seq, hidden),
-        "w": r(hidden),
-        "b": r(hidden),
-        "lb": r(hidden),
-        "inter": r(batch * seq, 4 * hidden),
-        "ib": r(4 * hidden),
-        "q": qkv[:, :, 0],
-        "k": qkv[:, :, 1],
-        "v": qkv[:, :, 2],
-        "mask": mask,
-        "pq": pqkv[:, 0],
-        "pk": pqkv[:, 1],
-        "pv": pqkv[:, 2],
-        "cu": cu,
-        "max_seqlen": int(lengths.max()),
-        "scale": head_dim**-0.5,
+        "bertfast": lambda: native(ids, attention_mask=mask),
+        "hf-sdpa-patched": lambda: patched(ids, attention_mask=mask),
+        "hf-sdpa": lambda: hf(ids, attention_mask=mask),
     }
 
 
-CASES = {
-    "kernels.layer_norm": lambda t: ln.layer_norm(t["x"], t["w"], t["b"], 1e-12),
-    "kernels.layer_norm+res+lb": lambda t: ln.layer_norm(t["x"], t["w"], t["b"], 1e-12, t["res"], t["lb"]),
-    "kernels.bias_gelu": lambda t: gelu.bias_gelu(t["inter"], t["ib"]),
-    "kernels.attention": lambda t: attn.attention(t["q"], t["k"], t["v"], t["mask"], t["scale"]),
-    "kernels.attention_varlen": lambda t: attn.attention_varlen(
-        t["pq"], t["pk"], t["pv"], t["cu"], t["max_seqlen"], t["scale"]
-    ),
-    "F.layer_norm": lambda t: F.layer_norm(t["x"], (t["x"].shape[-1],), t["w"], t["b"], 1e-12),
-}
-if ARGS.mode == "interpret":  # bertfast.ops runs the Triton backend only on CUDA tensors or in the interpreter
-    import bertfast.ops as ops
-
-    CASES.update(
-        {
-            "ops.layer_norm": lambda t: ops.layer_norm(t["x"], t["w"], t["b"], 1e-12, backend="triton"),
-            "ops.bias_gelu": lambda t: ops.bias_gelu(t["inter"], t["ib"], backend="triton"),
-            "ops.attention": lambda t: ops.attention(t["q"], t["k"], t["v"], t["mask"], backend="triton"),
-        }
-    )
+def _time(forwards: dict, times: dict, rounds: int) -> None:
+    """Interleaved rounds: each round times every impl once, so a load change hits them alike."""
+    with torch.no_grad():
+        for forward in forwards.values():  # warm-up
+            forward()
+            forward()
+        for _ in range(rounds):
+            for name, forward in forwards.items():
+                start = time.perf_counter()
+                forward()
+                times[name].append((time.perf_counter() - start) * 1e3)
 
 
-def _backward_cases(t):
-    """The backward launchers and their custom ops, called directly: ``{name: (launcher call, op call)}``."""
-    x, w, b, res, lb = t["x"], t["w"], t["b"], t["res"], t["lb"]
-    _, mean, rstd = ln._forward(x, w, b, 1e-12, res, lb)
-    q, k, v, mask = t["q"], t["k"], t["v"], t["mask"]
-    out, lse = attn._forward(q, k, v, mask, None, 0, t["scale"])
-    pq, pk, pv, cu, max_seqlen = t["pq"], t["pk"], t["pv"], t["cu"], t["max_seqlen"]
-    pout, plse = attn._forward(pq, pk, pv, None, cu, max_seqlen, t["scale"])
-    dy, dh, do, dpo = torch.ones_like(x), torch.ones_like(t["inter"]), torch.ones_like(out), torch.ones_like(pout)
-    ops = torch.ops.bertfast
-    ln_args = (dy, x, w, mean, rstd, res, lb)
-    gelu_args = (dh, t["inter"], t["ib"])
-    attn_args = (do, q, k, v, out, lse, mask, t["scale"])
-    varlen_args = (dpo, pq, pk, pv, pout, plse, cu, max_seqlen, t["scale"])
-    return {
-        "layer_norm_bwd+res+lb": (lambda: ln._backward(*ln_args), lambda: ops.layer_norm_bwd(*ln_args)),
-        "bias_gelu_bwd": (lambda: gelu._backward(*gelu_args), lambda: ops.bias_gelu_bwd(*gelu_args)),
-        "attention_bwd": (
-            lambda: attn._backward(*attn_args[:7], None, 0, t["scale"]),
-            lambda: ops.attention_bwd(*attn_args),
-        ),
-        "attention_varlen_bwd": (
-            lambda: attn._backward(*varlen_args[:6], None, *varlen_args[6:]),
-            lambda: ops.attention_varlen_bwd(*varlen_args),
-        ),
-    }
+def run(rounds: int = 30, shape: dict | None = None) -> dict:
+    """The row: median ms per impl, ratios to hf-sdpa, op counts per forward."""
+    forwards = build(shape)
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the host path, not intra-op thread wake-ups (noise on a shared machine)
+    try:
+        _time(forwards, times, rounds)
+    finally:
+        torch.set_num_threads(threads)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    row = {"shape": dict(SHAPE, **(shape or {})), "rounds": rounds, "ms": ms}
+    row["ratio"] = {name: ms[name] / ms["hf-sdpa"] for name in ms}
+    row["aten_ops"] = {name: count_aten_ops(f)[0] for name, f in forwards.items()}
+    row["python_calls"] = {name: count_python_calls(f) for name, f in forwards.items()}
+    row["target_ratio"] = TARGET_RATIO
+    return row
 
 
-def _time(fn, calls: int, rounds: int) -> float:
-    per_call = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        per_call.append((time.perf_counter() - start) / calls * 1e6)
-    return min(per_call)
-
-
-def _is_cached(obj) -> bool:
-    return hasattr(obj, "fast_launches") and hasattr(obj, "entries")
-
-
-def main() -> int:
-    only = {name for name in ARGS.only.split(",") if name}
-    plain, grad = _inputs(False), _inputs(True)
-    mode = ARGS.mode + (" (real launcher, stub libcuda)" if ARGS.real_launcher else "")
-    print(f"triton {triton.__version__}, torch {torch.__version__}, mode {mode}, {DTYPE}, µs per call")
-    print(f"{'case':28s} {'fwd':>8s} {'fwd+grad':>9s} {'fwd+bwd':>8s} {'bwd':>8s}")
-    for name, case in CASES.items():
-        if only and name not in only:
-            continue
-        out = case(grad)  # warm-up: compiles, autotunes, fills every cache
-        torch.autograd.backward(out, torch.ones_like(out))
-        with torch.no_grad():
-            case(plain)
-        fwd = _time(lambda case=case: case(plain), ARGS.calls, ARGS.rounds)
-        fwd_grad = _time(lambda case=case: case(grad), ARGS.calls, ARGS.rounds)
-        ones = torch.ones_like(out)
-        fwd_bwd = _time(
-            lambda case=case, ones=ones: torch.autograd.backward(case(grad), ones), ARGS.calls // 2 or 1, ARGS.rounds
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args(argv)
+    row = run(args.rounds)
+    print(f"host overhead, eval forward {row['shape']}, CPU, reference backend, {row['rounds']} rounds")
+    print(f"{'impl':<18}{'ms':>9}{'/ hf-sdpa':>11}{'aten ops':>10}{'py calls':>10}")
+    for name, ms in row["ms"].items():
+        print(
+            f"{name:<18}{ms:>9.3f}{row['ratio'][name]:>11.2f}{row['aten_ops'][name]:>10}{row['python_calls'][name]:>10}"
         )
-        print(f"{name:28s} {fwd:8.1f} {fwd_grad:9.1f} {fwd_bwd:8.1f} {fwd_bwd - fwd_grad:8.1f}")
-    # The bwd column above includes autograd's engine (F.layer_norm's row shows its share); the
-    # backward launchers alone, and through their custom ops, are steadier numbers.
-    print(f"{'backward, called directly':28s} {'launcher':>8s} {'op':>9s}")
-    for name, (launcher, op) in _backward_cases(plain).items():
-        if only and name not in only:
-            continue
-        launcher(), op()
-        print(f"{name:28s} {_time(launcher, ARGS.calls, ARGS.rounds):8.1f} {_time(op, ARGS.calls, ARGS.rounds):9.1f}")
-    cached = sum(
-        launch.fast_launches for module in (ln, gelu, attn) for launch in vars(module).values() if _is_cached(launch)
-    )
-    launches = LAUNCHES[0] if ARGS.mode == "interpret" else standin_driver.launch_count()
-    print(f"(stubbed launches: {launches}, of which through a cached binary: {cached})")
     return 0
 
 

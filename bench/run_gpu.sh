@@ -44,8 +44,8 @@ echo "benchmark took $took s (budget $BUDGET_S s); results: $new"
 if [ "$took" -gt "$BUDGET_S" ]; then
     echo "warning: over the time budget; see the per-section times in the result's setup.sections" >&2
 fi
-"$PYTHON" -m bertfast.benchmarking.render "$folder" --file "$new" || exit 2
-"$PYTHON" -m bertfast.benchmarking.compare "$new" --threshold "$THRESHOLD"
+"$PYTHON" -m bench.render "$folder" --file "$new" || exit 2
+"$PYTHON" -m bench.compare "$new" --threshold "$THRESHOLD"
 compare_status=$?
 if [ "$pytest_status" -ne 0 ]; then
     exit "$pytest_status"

@@ -3,13 +3,13 @@
 GPU: BERT-large sizes (16384 tokens x hidden 1024 / FFN 4096; attention 32 x 128 and
 8 x 512 with 16 heads x 64), bf16 and fp16, forward and backward.  Without a GPU (or with
 --benchmark-disable): one tiny odd size in fp32, each case run once.  What each impl is:
-bertfast/benchmarking/kernels.py.
+bench/kernels.py.
 """
 
 import pytest
 
+from bench.kernels import DIRECTIONS, KERNEL_IMPLS, kernel_case, kernel_shapes
 from bertfast.benchmarking import shapes
-from bertfast.benchmarking.kernels import DIRECTIONS, KERNEL_IMPLS, kernel_case, kernel_shapes
 
 # Which of the two runs (bench/conftest.py decides: smoke without a GPU or with --benchmark-disable).
 GPU_ONLY = pytest.mark.bench_size("full")

@@ -10,9 +10,9 @@
 #   a  build      the CUDA build for this GPU's arch only (torch.cuda.get_device_capability);
 #                 reuses an installed build with the arch, one in the tree, or a carried one  ~50 s (8-20 s reused)
 #   b  smoke      pytest -m gpu_smoke tests/test_gpu_smoke.py                           ~90 s
-#   c  bench      python -m bertfast.benchmarking.firstlight: headline rows, host probe,
+#   c  bench      python -m bench.firstlight: headline rows, host probe,
 #                 autotune choices; result file rendered                               ~220 s
-#   d  sanitizer  compute-sanitizer memcheck of python -m bertfast.benchmarking.launch_all  ~60 s
+#   d  sanitizer  compute-sanitizer memcheck of python -m tools.gpu.launch_all  ~60 s
 #   e  rest       the rest of the tests, then bench/run_gpu.sh --bench-quick, until the budget ends
 # Output folder: $GPU_CHECK_OUT (default gpu-check/, or --out), at most 7 files, no subfolders:
 #   summary.json, summary.txt, gpu-check.log, artifacts.tar.gz (logs, JUnit XML, results/<gpu>/ with the

@@ -7,9 +7,9 @@ not fit in what is left of the budget is skipped and listed as skipped:
     build      a  the CUDA build for this GPU's architecture only (reused when the installed build
                   already has it, or taken from a carried prebuilt extension)
     smoke      b  GPU smoke tests (``pytest -m gpu_smoke tests/test_gpu_smoke.py``)
-    bench      c  headline benchmarks (``python -m bertfast.benchmarking.firstlight``), result file
+    bench      c  headline benchmarks (``python -m bench.firstlight``), result file
                   rendered (README and plots)
-    sanitizer  d  compute-sanitizer memcheck on ``python -m bertfast.benchmarking.launch_all``
+    sanitizer  d  compute-sanitizer memcheck on ``python -m tools.gpu.launch_all``
     rest       e  the rest of the test suite, then the quick benchmark suite, until the budget ends
 
 Every stage streams its output into the combined log as it runs and, when it ends, its
@@ -514,7 +514,7 @@ class Check:
         # Straight into the output folder, so a run stopped from outside still brings them back.
         profile, mirror = self.out / "profile.txt", self.out / "result.json"
         budget = max(10.0, stage["timeout_s"] - (10 if self.dry else 25))  # room to save and render
-        command = [self.python, "-m", "bertfast.benchmarking.firstlight", "--results", str(results)]
+        command = [self.python, "-m", "bench.firstlight", "--results", str(results)]
         command += ["--budget-s", f"{budget:.0f}", "--profile", str(profile), "--numbers", str(numbers)]
         command += ["--mirror", str(mirror)]
         command.append("--render")
@@ -528,7 +528,7 @@ class Check:
             folder = str(Path(result).parent)
             readme = Path(folder) / "README.md"
             if not readme.exists() or readme.stat().st_mtime < Path(result).stat().st_mtime:  # killed before it
-                command = [self.python, "-m", "bertfast.benchmarking.render", folder, "--file", result]
+                command = [self.python, "-m", "bench.render", folder, "--file", result]
                 self.run(stage, "render", command, max(20.0, self.left_s() - MARGIN_S))
             if readme.exists():
                 shutil.copy2(readme, self.out / "bench-README.md")
@@ -539,7 +539,7 @@ class Check:
 
     # -- stage d: sanitizer ------------------------------------------------------------------
     def stage_sanitizer(self, stage: dict) -> str:
-        command = [self.python, "-m", "bertfast.benchmarking.launch_all"]
+        command = [self.python, "-m", "tools.gpu.launch_all"]
         if self.dry:
             stage["numbers"]["sanitizer"] = "none in a dry run: the launch script runs on the CPU"
         else:

@@ -4,9 +4,9 @@
 # for sm_90 under triton 3.6, the GPU machine's, into a Triton cache OUTDIR to carry there, and
 # packs it as OUTDIR.tar.gz (about 7 MB; 25 MB unpacked, the cubins carry line info).
 # On the GPU machine, after unpacking, before the first kernel runs:
-#   python scripts/triton-cache.py relocate OUTDIR && python scripts/triton-cache.py verify OUTDIR
+#   python -m tools.gpu.triton_cache relocate OUTDIR && python -m tools.gpu.triton_cache verify OUTDIR
 #   export TRITON_CACHE_DIR=OUTDIR
-# See scripts/triton-cache.py for what the cache key is made of and why it should hit.
+# See tools/gpu/triton_cache.py for what the cache key is made of and why it should hit.
 set -euo pipefail
 out=${1:?usage: scripts/prepare-triton-cache.sh OUTDIR}
 mkdir -p "$out"
@@ -14,6 +14,6 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 scripts/setup-env.sh >/dev/null
 overlay=$(scripts/triton-overlay.sh)
-env -u TRITON_INTERPRET PYTHONPATH="$overlay" nice .venv/bin/python scripts/triton-cache.py prepare "$out"
+env -u TRITON_INTERPRET PYTHONPATH="$overlay" nice .venv/bin/python -m tools.gpu.triton_cache prepare "$out"
 tar czf "$out.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"
 echo "packed $(du -h "$out.tar.gz" | cut -f1) into $out.tar.gz"

@@ -6,13 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-env.sh
-overlay=.venv/overlay-triton-3.6
-if [ ! -f "$overlay/.done" ]; then
-  echo "[setup] installing triton 3.6 beside the pinned one ($overlay)"
-  .venv/bin/python -m pip install -q --no-deps --target "$overlay" triton==3.6.0 numpy==2.2.6
-  touch "$overlay/.done"
-fi
-export PYTHONPATH="$PWD/$overlay"
+overlay=$(scripts/triton-overlay.sh)
+export PYTHONPATH="$overlay"
 .venv/bin/python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__; print('triton', triton.__version__)"
 .venv/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
   tests/test_attention.py tests/test_layer_norm.py tests/test_bias_gelu.py tests/test_dropout.py \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Print the folder that lays triton 3.6 (the GPU machine's) over .venv's pinned triton through
-# PYTHONPATH, installing it first if needed: the same overlay as scripts/test-triton-compat.sh.
+# PYTHONPATH, installing it first if needed: used by scripts/test-triton-compat.sh, prepare-triton-cache.sh and make gpu-resources-compat.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 overlay=.venv/overlay-triton-3.6

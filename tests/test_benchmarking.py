@@ -18,11 +18,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bertfast.cuda_graphs
 import bertfast.modeling
+from bench import compare, render, suite
+from bench.kernels import kernel_case
 from bertfast import BertModel, is_patched
-from bertfast.benchmarking import command, compare, formulas, render, schema, shapes, suite
+from bertfast.benchmarking import command, formulas, schema, shapes
 from bertfast.benchmarking.cases import Skip, run_case
 from bertfast.benchmarking.device import environment, measure_peaks, slug
-from bertfast.benchmarking.kernels import kernel_case
 from bertfast.benchmarking.models import ModelBench, impl_spec
 from bertfast.benchmarking.timing import (
     QUICK_GPU_PLAN,
@@ -414,6 +415,21 @@ def test_drop_in_and_amp_impls(tiny_bench):
         impl_spec("bertfast-fast")
 
 
+def test_training_rows_state_their_recipe_and_first_light_pairs_them_like_for_like(tiny_bench, tmp_path):
+    """A pure-bf16 row and an AMP row say which they are (optimizer, lr, dtype policy); first light times
+    bertfast against hf-sdpa in each policy, never pure bf16 against AMP alone."""
+    from bench import firstlight
+
+    shape = shapes.ModelShape(2, 13)
+    pure = tiny_bench.train_case("hf-sdpa", "bf16", shape).note
+    amp = tiny_bench.train_case("hf-sdpa-amp", "bf16", shape).note
+    assert "recipe: AdamW lr 1e-05; pure bf16" in pure and "master" not in pure
+    assert "recipe: AdamW lr 1e-05; AMP: fp32 master weights and optimizer state, bf16 autocast" in amp
+    light = firstlight.FirstLight(tiny=True, budget_s=100, results=str(tmp_path))
+    trained = {(row["impl"], row["dtype"]) for row in light.identities("training")}
+    assert {("bertfast", "fp32"), ("hf-sdpa", "fp32"), ("bertfast-amp", "bf16"), ("hf-sdpa-amp", "bf16")} <= trained
+
+
 def test_cuda_graph_case_plumbing(tiny_bench, monkeypatch):
     """What a GPU runs for bertfast-cudagraph, on the CPU with a stand-in for the runner: one bucket of exactly
     the batch's shape, captured before timing, its memory counted, every timed call a replay."""
@@ -642,7 +658,7 @@ def test_render_readme_and_plots(tmp_path):
     assert render.main([folder]) == 0
     readme = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
     assert "# bertfast benchmarks on NVIDIA H100 80GB HBM3" in readme
-    assert "python -m bertfast.benchmarking.render bench/results/nvidia-h100-80gb-hbm3" in readme
+    assert "python -m bench.render bench/results/nvidia-h100-80gb-hbm3" in readme
     assert "### bert-large inference (forward), bf16" in readme and "### bert-large training step" in readme
     assert "### bert-large-mlm training step (forward, backward, AdamW), bf16" in readme and "(1.25x)" in readme
     # speed-up over hf-sdpa in the summary table, GB/s and fraction of peak in the kernel table
@@ -989,7 +1005,7 @@ def test_forced_sdpa_backends_run_or_skip_with_torchs_reason():
 
 
 def test_first_light_numbers_and_skipped_sections(tmp_path):
-    from bertfast.benchmarking import firstlight
+    from bench import firstlight
 
     light = firstlight.FirstLight(tiny=True, budget_s=100, results=str(tmp_path))
     names = [section.name for section in light.plan()]
@@ -1013,7 +1029,7 @@ def test_first_light_numbers_and_skipped_sections(tmp_path):
 
 
 def test_host_probe_on_the_cpu():
-    from bertfast.benchmarking.firstlight import host_probe
+    from bench.firstlight import host_probe
 
     w = torch.randn(64, 64)
     numbers, table = host_probe(lambda x: torch.relu(x @ w), (torch.randn(8, 64),), torch.device("cpu"), rounds=3)
@@ -1023,7 +1039,7 @@ def test_host_probe_on_the_cpu():
 
 
 def test_autotune_record_and_schema(tmp_path):
-    from bertfast.benchmarking.firstlight import _key_text, autotune_choices
+    from bench.firstlight import _key_text, autotune_choices
 
     assert _key_text(["HEAD_DIM", "seq_bucket"], (64, 128, "torch.bfloat16")) == (
         "HEAD_DIM=64, seq_bucket=128, dtypes=(torch.bfloat16)"
@@ -1073,7 +1089,7 @@ def test_gpu_check_summary_lists_every_stage_and_the_output_stays_small(tmp_path
 
 
 def test_first_light_skips_what_does_not_fit_and_still_writes_the_result(tmp_path):
-    from bertfast.benchmarking import firstlight
+    from bench import firstlight
 
     light = firstlight.FirstLight(tiny=True, budget_s=0, results=str(tmp_path), numbers=str(tmp_path / "n.json"))
     light.tiny = False  # the GPU's rule: sections past the budget are skipped (the peaks always run)
@@ -1193,21 +1209,22 @@ def test_gpu_check_plan_on_a_gpu_budget(tmp_path, monkeypatch, budget, skipped):
 
 def test_first_light_records_a_row_with_a_nan_error_as_failed_and_goes_on(tmp_path, monkeypatch):
     """A NaN max error (a wrong output) fails its row, keeps its time in the reason, and costs no other row."""
-    from bertfast.benchmarking import firstlight, schema
+    from bench import firstlight
+    from bertfast.benchmarking import schema
     from bertfast.benchmarking.timing import Timing
 
     light = firstlight.FirstLight(tiny=True, budget_s=100, results=str(tmp_path))
     first, second = light.identities("forward 2x13")[:2]
     errors = iter([float("nan"), 0.01])
 
-    def fake_case(case, plan, peaks=None):
+    def fake_case(case, plan, peaks=None, benchmark=None):
         return schema.make_row(
             **{k: v for k, v in identity.items() if k in ("name", "impl", "dtype", "batch", "seq")},
             timing=Timing.from_samples([7.84, 7.9, 8.0]),
             max_error=next(errors),
         )
 
-    monkeypatch.setattr(firstlight, "run_case", fake_case)
+    monkeypatch.setattr(suite, "run_case", fake_case)
     identity = first
     assert light.case(first, lambda: None, None) is None
     identity = second
@@ -1269,7 +1286,7 @@ def test_bench_command_warns_when_the_rounds_spread_too_wide():
 
 def test_sentence_embedding_row_compares_patched_and_unpatched_on_the_same_sentences():
     pytest.importorskip("sentence_transformers")
-    from bertfast.benchmarking import sentence_embeddings
+    from bench import sentence_embeddings
 
     from .helpers import minilm_path
 

@@ -1,6 +1,6 @@
 """The Triton kernels compile for a GPU, without one: no compile error, no spill, shared memory in budget.
 
-``scripts/gpu-compile-check.py`` compiles the kernels with Triton's real compiler down to cubin
+``tools/gpu/compile_check.py`` compiles the kernels with Triton's real compiler down to cubin
 for sm_90 (a stand-in driver names the target) and reads each binary's registers, spills and
 shared memory.  The compile itself runs only when selected (``-m gpu_compile``; CI's own line
 in .ci/run, about 3-4 minutes on 2 cores): ``make test`` stays fast.  The cheap checks run
@@ -10,7 +10,6 @@ autotune key keeps at least one config.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -27,10 +26,9 @@ TABLE = ROOT / "kernels" / "RESOURCES.md"
 
 
 def _check_module():
-    spec = importlib.util.spec_from_file_location("gpu_compile_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tools.gpu import compile_check
+
+    return compile_check
 
 
 def _env() -> dict:

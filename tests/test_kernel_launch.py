@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,11 +199,13 @@ def test_torch_compile_traces_the_custom_ops():
 
 # ---------------------------------------------------------------------------------------------- cached launches
 
+ROOT = Path(__file__).resolve().parents[1]
+
 _CACHED_LAUNCH_SCRIPT = textwrap.dedent(
     """
     import torch
     import triton
-    from bertfast.benchmarking import standin_driver as sd
+    from tools.gpu import standin_driver as sd
 
     print("triton", triton.__version__)
 
@@ -277,6 +280,7 @@ def test_cached_launch_is_taken_and_passes_what_triton_passes(tmp_path):
     script.write_text(_CACHED_LAUNCH_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # tools.gpu
     result = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
     )

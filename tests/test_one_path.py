@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import bertfast  # noqa: E402
-from bertfast.benchmarking import host_overhead  # noqa: E402
+from bench import host_overhead  # noqa: E402
 
 from .helpers import ragged_batch, small_config  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_padding_free_matmul_flops_near_the_real_token_share():
 
 
 def test_host_overhead_row_runs():
-    """The benchmark row itself (bertfast.benchmarking.host_overhead); nothing is timed against a bound here."""
+    """The benchmark row itself (bench.host_overhead); nothing is timed against a bound here."""
     row = host_overhead.run(rounds=1, shape={"layers": 2})
     assert set(row["ms"]) == {"bertfast", "hf-sdpa-patched", "hf-sdpa"}
     assert all(ms > 0 for ms in row["ms"].values())

@@ -36,8 +36,7 @@ from .display import Display
 from .models import HF_IMPLS, ModelBench, backend_of
 from .schema import new_result, row_problems, write_result
 from .shapes import PADDING_DISTRIBUTION, ModelShape, bert_large_config, tiny_config
-from .suite import timing_description
-from .timing import GPU_PLAN, QUICK_GPU_PLAN, TimingPlan
+from .timing import GPU_PLAN, QUICK_GPU_PLAN, TimingPlan, timing_description
 
 CPU_PLAN = TimingPlan(min_warmup=1, warmup_ms=0.0, target_ms=0.0, min_rounds=2, max_rounds=2)
 MODELS = {

@@ -222,10 +222,22 @@ def _compiled_check(module: torch.nn.Module):
     return check_all_compiled(functions) if functions else None
 
 
+TRAIN_LR = 1e-5
+
+
 def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer of every training row: AdamW, fused on the GPU."""
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None)
+    return torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, fused=fused or None)
+
+
+def train_recipe(impl: str, dtype: str) -> str:
+    """The recipe a training row states: optimizer, learning rate, dtype policy (compare rows of one policy)."""
+    if impl_spec(impl).amp:
+        policy = f"AMP: fp32 master weights and optimizer state, {dtype} autocast"
+    else:
+        policy = f"pure {dtype}: weights, gradients and optimizer state in {dtype}"
+    return f"recipe: AdamW lr {TRAIN_LR:g}; {policy}"
 
 
 def _first_step(what: str, run: Callable[[], object], optimizer: torch.optim.Optimizer) -> None:
@@ -607,7 +619,7 @@ class ModelBench:
             shape=shape.label,
             max_error=first_step_works,
             resident_bytes=lambda: _parameter_bytes(model) + _optimizer_bytes(optimizer),
-            note=self._note(impl, dtype, shape),
+            note="; ".join(filter(None, [self._note(impl, dtype, shape), train_recipe(impl, dtype)])),
             tokens=tokens,
             lengths=None if lengths is None else lengths.name,
             check_compiled=_compiled_check(model),
@@ -703,7 +715,7 @@ class ModelBench:
             shape=shape.label,
             max_error=first_step_works,
             resident_bytes=lambda: _parameter_bytes(model) + _optimizer_bytes(optimizer),
-            note=self._note(impl, dtype, shape),
+            note="; ".join(filter(None, [self._note(impl, dtype, shape), train_recipe(impl, dtype)])),
             tokens=tokens,
         )
 

@@ -326,3 +326,12 @@ def input_set_count(bytes_per_set: int, device: torch.device | str, most: int = 
         return 2
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
     return max(2, min(most, math.ceil(2 * l2 / bytes_per_set)))
+
+
+def timing_description(device: torch.device) -> str:
+    """How a run on ``device`` was timed, in words (stored in the result file)."""
+    if device.type == "cuda":
+        how = "one call per round between CUDA events, the device synchronized before and after, L2 flushed before it"
+    else:
+        how = "one call per round timed with time.perf_counter"
+    return how + ", inputs rotated among several sets; warm-up first, then the median (p20/p80) of the rounds"

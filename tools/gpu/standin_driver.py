@@ -11,7 +11,7 @@ own launcher runs, with its C ``launch`` (argument packing, pointer checks, laun
 against a stub ``libcuda.so.1`` whose functions, ``cuLaunchKernelEx`` included, return success
 and do nothing (it counts the launches).
 
-Used by ``bench/host_overhead.py`` (host time of a launch) and the tests of the cached launch.
+Used by ``tools/gpu/kernel_host_time.py`` (host time of a launch) and the tests of the cached launch.
 Install it before the kernels first run and without ``TRITON_INTERPRET`` set.
 """
 

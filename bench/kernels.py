@@ -37,13 +37,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import ops
-from ..ops import reference
-from . import formulas
-from .cases import Case, CompiledFunction, Skip, compile_backend, compile_note, tensor_bytes, unavailable
-from .device import DTYPES
-from .shapes import key_padding_mask, padded_lengths
-from .timing import input_set_count
+from bertfast import ops
+from bertfast.benchmarking import formulas
+from bertfast.benchmarking.cases import (
+    Case,
+    CompiledFunction,
+    Skip,
+    compile_backend,
+    compile_note,
+    tensor_bytes,
+    unavailable,
+)
+from bertfast.benchmarking.device import DTYPES
+from bertfast.benchmarking.shapes import key_padding_mask, padded_lengths
+from bertfast.benchmarking.timing import input_set_count
+from bertfast.ops import reference
 
 EPS = 1e-12
 DIRECTIONS = ("fwd", "bwd")
@@ -446,7 +454,7 @@ def kernel_case(
 
 
 def kernel_shapes(op: str, smoke: bool) -> tuple:
-    from . import shapes
+    from bertfast.benchmarking import shapes
 
     if op == "layer_norm":
         return shapes.SMOKE_LAYER_NORM_SHAPES if smoke else shapes.LAYER_NORM_SHAPES

@@ -12,7 +12,7 @@ with median 14 words, clipped to [3, 120] (short queries to paragraph-sized pass
 fixed vocabulary, seeded.  The row also gives the largest cosine gap between the two
 embeddings of a sentence (0 up to rounding: the patch must not change the answer).
 
-    python -m bertfast.benchmarking.sentence_embeddings [--sentences 2048] [--batch-size 64]
+    python -m bench.sentence_embeddings [--sentences 2048] [--batch-size 64]
 """
 
 from __future__ import annotations

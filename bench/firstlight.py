@@ -1,6 +1,6 @@
 """First light: the headline benchmarks of a short GPU run, most important first, inside a time budget.
 
-    python -m bertfast.benchmarking.firstlight --results DIR [--budget-s 220] [--profile FILE]
+    python -m bench.firstlight --results DIR [--budget-s 220] [--profile FILE]
                                                [--numbers FILE] [--tiny]
 
 Stage c of ``scripts/gpu-check.sh``.  Sections, in order (each with a time estimate on an
@@ -15,7 +15,8 @@ rows are recorded as skipped with that reason):
    time (sum of kernel times, torch.profiler), kernel launches and synchronizing calls per
    forward; the top kernels of each go to ``--profile``;
 4. the same forward rows at 8 x 512;
-5. a training step at 32 x 128: ``bertfast`` (bf16), ``bertfast-amp`` and ``hf-sdpa-amp``, with peak memory;
+5. a training step at 32 x 128, like for like: ``bertfast`` and ``hf-sdpa`` in pure bf16, ``bertfast-amp``
+   and ``hf-sdpa-amp`` (fp32 master weights, bf16 autocast), with peak memory and the recipe in the note;
 6. attention forward and backward, head_dim 64, seq 128 and 512, with and without the padding
    mask: ``bertfast-triton`` against ``torch-sdpa`` and each SDPA backend forced (flash,
    efficient, cuDNN), TFLOP/s;
@@ -50,23 +51,20 @@ from collections.abc import Callable
 
 import torch
 
-from .cases import Skip, run_case, skip_row_for
-from .device import environment, measure_peaks
-from .kernels import kernel_case
-from .models import ModelBench
-from .schema import new_result, row_problems, write_result
-from .shapes import (
+from bertfast.benchmarking.cases import Skip, skip_row_for
+from bertfast.benchmarking.device import measure_peaks
+from bertfast.benchmarking.models import ModelBench
+from bertfast.benchmarking.schema import write_result
+from bertfast.benchmarking.shapes import (
     LENGTH_DISTRIBUTIONS,
-    PADDING_DISTRIBUTION,
     AttentionShape,
     ModelShape,
     TokenShape,
-    bert_large_config,
-    lengths_description,
-    tiny_config,
 )
-from .suite import timing_description
-from .timing import SMOKE_PLAN, TimingPlan
+from bertfast.benchmarking.timing import SMOKE_PLAN, TimingPlan
+
+from .kernels import kernel_case
+from .suite import SuiteRun
 
 # Enough rounds that a ratio of two rows is readable against the p20-p80 spread.
 MODEL_PLAN = TimingPlan(min_warmup=3, warmup_ms=150.0, target_ms=500.0, min_rounds=20, max_rounds=60)
@@ -82,7 +80,7 @@ FORWARD_IMPLS = (
     "hf-eager",
     "hf-compile",
 )
-TRAIN_IMPLS = ("bertfast", "bertfast-amp", "hf-sdpa-amp")
+TRAIN_IMPLS = ("bertfast", "hf-sdpa", "bertfast-amp", "hf-sdpa-amp")  # like for like: pure bf16, then AMP
 HOST_IMPLS = ("bertfast", "bertfast-ext", "hf-sdpa")
 ATTENTION_IMPLS = ("bertfast-triton", "torch-sdpa", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn")
 TOKENWISE_IMPLS = {
@@ -138,6 +136,8 @@ class Section:
 
 
 class FirstLight:
+    """A plan of sections, each a list of cases, run by the suite's driver (:class:`bench.suite.SuiteRun`)."""
+
     def __init__(
         self,
         *,
@@ -158,64 +158,38 @@ class FirstLight:
         self.profile_path = profile
         self.numbers_path = numbers
         self.mirror_path = mirror
-        self.rows: list[dict] = []
-        self.skipped: list[dict] = []
-        self.failed: list[str] = []
+        self.suite = SuiteRun(self.device, smoke=tiny)
+        self.rows, self.skipped, self.failed = self.suite.rows, self.suite.skipped, self.suite.failed
         self.host: dict[str, dict] = {}
         self.sentence_embeddings: dict | None = None
         self.sections: dict[str, str] = {}
-        self.environment = environment(self.device)
         self.peaks: dict[str, float] | None = None
-        self._models: ModelBench | None = None
         self.path: str | None = None
 
     # -- plumbing -------------------------------------------------------------------------
     @property
     def models(self) -> ModelBench:
-        if self._models is None:
-            config = tiny_config() if self.tiny else bert_large_config()
-            self._models = ModelBench(config, self.device, smoke=self.tiny)
-        return self._models
+        return self.suite.model_bench
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
 
     def case(self, identity: dict, build: Callable, plan: TimingPlan) -> dict | None:
-        """Build, check and time one case; a failure is recorded (as skipped, ``failed: ...``), never raised.
+        """Build, check and time one case (the suite's driver; a failure is recorded, never raised).
 
         On a GPU the result file is rewritten after every case, so a run stopped from outside keeps it."""
         if self.left_s() < 0 and not self.tiny:
             self.skipped.append(skip_row_for(reason="out of time (the section ran past the budget)", **identity))
             return None
-        try:
-            row = run_case(build(), plan=plan, peaks=self.peaks)
-        except Skip as exc:
-            self.skipped.append(skip_row_for(reason=str(exc) or "skipped", **identity))
-            return None
-        except Exception as exc:  # a broken case must not cost the rest of the run
-            what = f"{identity['name']} {identity['impl']} {identity['dtype']} {identity['batch']}x{identity['seq']}"
-            detail = f"{type(exc).__name__}: {exc}".strip()
-            print(f"[firstlight] FAILED {what}: {detail}", flush=True)
-            traceback.print_exc()
-            self.failed.append(f"{what}: {detail[:300]}")
-            self.skipped.append(skip_row_for(reason=f"failed: {detail[:500]}", **identity))
-            return None
-        timing = f"{row['median_ms']:.3f} ms (p20-p80 {row['p20_ms']:.3f}-{row['p80_ms']:.3f}, {row['rounds']} rounds)"
-        problems = row_problems(row)
-        if problems:  # e.g. a NaN max error: the output was wrong, so its time is no result
-            what = f"{identity['name']} {identity['impl']} {identity['dtype']} {identity['batch']}x{identity['seq']}"
-            detail = f"not a valid result ({'; '.join(problems)}); timed {timing}"
-            print(f"[firstlight] FAILED {what}: {detail}", flush=True)
-            self.failed.append(f"{what}: {detail[:300]}")
-            self.skipped.append(skip_row_for(reason=f"failed: {detail[:500]}", **identity))
+        row, _ = self.suite.run(identity, build, plan=plan, keep_going=True)
+        if row is None:
             return None
         print(
             f"[firstlight] {row['name']} {row['impl']} {row['dtype']} {row['batch']}x{row['seq']}"
             + (f" {row['lengths']}" if row.get("lengths") else "")
-            + f": {timing}",
+            + f": {row['median_ms']:.3f} ms (p20-p80 {row['p20_ms']:.3f}-{row['p80_ms']:.3f}, {row['rounds']} rounds)",
             flush=True,
         )
-        self.rows.append(row)
         if not self.tiny:
             self.save()
         return row
@@ -226,19 +200,13 @@ class FirstLight:
             self.skipped.append(skip_row_for(reason=reason, **identity))
 
     def save(self) -> str:
-        setup = {
-            "padding": PADDING_DISTRIBUTION,
-            "lengths": lengths_description(),
-            "timing": timing_description(self.device),
-            "source": "first light (python -m bertfast.benchmarking.firstlight)",
-            "sections": "; ".join(f"{k}: {v}" for k, v in self.sections.items()) or "none ran",
-        }
-        if self.tiny:
-            setup["mode"] = "dry run: tiny sizes on the CPU, one call each; the numbers mean nothing"
-        peaks = self.peaks or {"bf16_matmul_tflops": float("nan"), "copy_gbps": float("nan")}
-        data = new_result(self.environment, peaks, self.rows, self.skipped, setup) if self.peaks else None
-        if data is None:
+        if not self.peaks:
             return ""
+        data = self.suite.result()
+        data["setup"]["source"] = "first light (python -m bench.firstlight)"
+        data["setup"]["sections"] = "; ".join(f"{k}: {v}" for k, v in self.sections.items()) or "none ran"
+        if self.tiny:
+            data["setup"]["mode"] = "dry run: tiny sizes on the CPU, one call each; the numbers mean nothing"
         autotune = autotune_choices()
         if autotune:
             data["autotune"] = autotune
@@ -266,7 +234,7 @@ class FirstLight:
             Section(f"forward {first.label}", 55, lambda: self.run_forward(first)),
             Section("host probe", 10, self.run_host_probe),
             Section(f"forward {second.label}", 40, lambda: self.run_forward(second)),
-            Section("training", 25, self.run_training),
+            Section("training", 33, self.run_training),  # four impls, about 8 s each
             Section("attention", 30, self.run_attention),
             Section("layer_norm and bias_gelu", 30, self.run_tokenwise),
             Section("padding-free", 20, self.run_varlen),
@@ -308,7 +276,7 @@ class FirstLight:
         return self.sizes.amp_dtype if impl.endswith("-amp") else self.sizes.dtype
 
     def run_peaks(self) -> None:
-        self.peaks = measure_peaks(self.device, self.kernel_plan)
+        self.peaks = self.suite.peaks = measure_peaks(self.device, self.kernel_plan)
         print(f"[firstlight] peaks: {self.peaks}", flush=True)
 
     def run_forward(self, shape: ModelShape) -> None:
@@ -364,7 +332,7 @@ class FirstLight:
             models.release()
 
     def run_sentence_embeddings(self) -> None:
-        """Patched against unpatched sentence-transformers (bertfast.benchmarking.sentence_embeddings)."""
+        """Patched against unpatched sentence-transformers (bench.sentence_embeddings)."""
         from . import sentence_embeddings
 
         size = dict(count=16, batch_size=8, rounds=1) if self.tiny else {}
@@ -399,7 +367,7 @@ class FirstLight:
         if self.profile_path:
             with open(self.profile_path, "w", encoding="utf-8") as f:
                 f.write(
-                    "Host-overhead probe (bertfast.benchmarking.firstlight): per forward, host_ms = CPU wall time to "
+                    "Host-overhead probe (bench.firstlight): per forward, host_ms = CPU wall time to "
                     "issue it without synchronizing, wall_ms = synchronized, gpu_busy_ms = sum of kernel times "
                     "(torch.profiler), launches = kernel launch calls, syncs = synchronizing runtime calls.\n\n"
                 )
@@ -625,9 +593,7 @@ def key_numbers(rows, peaks, host, failed, skipped: int, path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bertfast.benchmarking.firstlight", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.firstlight", description=__doc__.split("\n")[0])
     parser.add_argument("--results", required=True, help="results root: the file goes to RESULTS/<gpu-slug>/")
     parser.add_argument("--budget-s", type=float, default=220.0, help="stop starting sections after this (default 220)")
     parser.add_argument("--profile", default=None, help="write the host probe's profiler tables here")

@@ -1,6 +1,6 @@
 """Render a GPU's results folder: ``README.md`` (tables) and PNG plots, from the JSON alone.
 
-    python -m bertfast.benchmarking.render bench/results/<gpu-slug> [--file RUN.json]
+    python -m bench.render bench/results/<gpu-slug> [--file RUN.json]
 
 Reads the newest run in the folder (or ``--file``), validates it, and (re)writes in the
 folder:
@@ -24,7 +24,7 @@ import os
 import sys
 from collections import defaultdict
 
-from .schema import ResultSchemaError, read_result, stored_runs
+from bertfast.benchmarking.schema import ResultSchemaError, read_result, stored_runs
 
 BASELINE = "hf-sdpa"
 UNPADDED, PADDED = "bertfast", "bertfast-padded"  # in the padding-free rows
@@ -370,8 +370,7 @@ def render_readme(data: dict, path_of_run: str, runs: list[str], plots: list[str
     lines = [
         f"# bertfast benchmarks on {data['gpu']}",
         "",
-        "Generated from the JSON by `python -m bertfast.benchmarking.render "
-        f"bench/results/{slug}`; do not edit by hand.",
+        f"Generated from the JSON by `python -m bench.render bench/results/{slug}`; do not edit by hand.",
         "",
         f"- run: `{os.path.basename(path_of_run)}`, {data['date']}, commit `{data['commit']}`",
         f"- device: {data['gpu']} (capability {data['capability']}); torch {data['torch']}, "
@@ -569,7 +568,7 @@ def render(folder: str, file: str | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bertfast.benchmarking.render",
+        prog="python -m bench.render",
         description="Regenerate README.md and the PNG plots of one GPU's results folder from its JSON.",
     )
     parser.add_argument("folder", help="bench/results/<gpu-slug>")

@@ -1,6 +1,6 @@
 """Launch every kernel once, forward and backward, at small sizes: the program compute-sanitizer checks.
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python -m bertfast.benchmarking.launch_all
+    compute-sanitizer --tool memcheck --error-exitcode 1 python -m tools.gpu.launch_all
 
 Runs each op of :mod:`bertfast.ops` on the ``triton`` and ``ext`` backends in every dtype the
 backend declares, in the variants that compile to different kernels: LayerNorm with and
@@ -25,7 +25,7 @@ import traceback
 
 import torch
 
-from .. import ops
+from bertfast import ops
 
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -168,9 +168,7 @@ def launch_all(device: torch.device, dtypes, backends=("triton", "ext")) -> tupl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bertfast.benchmarking.launch_all", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu.launch_all", description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """A Triton cache of the first-light kernels, compiled here (no GPU) for a GPU machine.
 
-    triton-cache.py prepare DIR   compile for sm_90 into DIR (run under the GPU machine's triton;
+    python -m tools.gpu.triton_cache prepare DIR   compile for sm_90 into DIR (run under the GPU machine's triton;
                                   scripts/prepare-triton-cache.sh lays triton 3.6 over .venv)
-    triton-cache.py relocate DIR  on the GPU machine, after unpacking: point the cache's
+    python -m tools.gpu.triton_cache relocate DIR  on the GPU machine, after unpacking: point the cache's
                                   index files at DIR (Triton stores absolute paths in them)
-    triton-cache.py verify DIR    on the GPU machine: does this Triton compute the key the cache
+    python -m tools.gpu.triton_cache verify DIR    on the GPU machine: does this Triton compute the key the cache
                                   was made for?  Prints what differs; exit 1 on a mismatch
-    triton-cache.py hits DIR      replay the first-light compiles against DIR and count Triton's
+    python -m tools.gpu.triton_cache hits DIR      replay the first-light compiles against DIR and count Triton's
                                   cache hits (exit 1 on a miss); seconds on a GPU machine
 
 Then ``TRITON_CACHE_DIR=DIR`` makes the autotuner's compiles of these kernels cache hits.
@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # sha256 of triton/_C/libtriton.so in triton-3.6.0-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
 LIBTRITON_SHA256 = {("3.6.0", "cp312"): "28daaa70a904e4f8add754e518533e8a69b94ab8b16431ce77d45f1f25282b87"}
 MANIFEST = "bertfast-triton-cache.json"
@@ -53,11 +52,9 @@ ARCH = 90
 
 
 def _check_module():
-    spec = importlib.util.spec_from_file_location("gpu_compile_check", ROOT / "scripts" / "gpu-compile-check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_compile_check"] = module
-    spec.loader.exec_module(module)
-    return module
+    from tools.gpu import compile_check
+
+    return compile_check
 
 
 def _triton_key_with(libtriton_sha256: str) -> str:

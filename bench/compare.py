@@ -1,6 +1,6 @@
 """Perf CI: compare a new run with a stored one and fail on a regression.
 
-    python -m bertfast.benchmarking.compare NEW.json [--baseline OLD.json] [--threshold 0.05]
+    python -m bench.compare NEW.json [--baseline OLD.json] [--threshold 0.05]
 
 Without ``--baseline`` the baseline is the newest stored run of the same GPU: the newest
 other file in ``<results>/<slug>/`` (``--results``, default: NEW's own folder).  Rows are
@@ -19,8 +19,8 @@ import argparse
 import os
 import sys
 
-from .display import format_table
-from .schema import ResultSchemaError, read_result, row_key, stored_runs
+from bertfast.benchmarking.display import format_table
+from bertfast.benchmarking.schema import ResultSchemaError, read_result, row_key, stored_runs
 
 REGRESSION, IMPROVED, SAME, NEW, GONE = "REGRESSION", "improved", "ok", "new", "gone"
 
@@ -81,7 +81,7 @@ def format_entries(entries: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bertfast.benchmarking.compare",
+        prog="python -m bench.compare",
         description="Compare a new benchmark run with a stored one; exit 1 on a regression.",
     )
     parser.add_argument("new", help="the new result file")

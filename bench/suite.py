@@ -10,16 +10,24 @@ at tiny sizes (``smoke``): nothing is timed seriously, everything is exercised.
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
 
-from .cases import Case, Skip, run_case, skip_row_for
-from .device import environment, measure_peaks
-from .models import ModelBench
-from .schema import new_result, write_result
-from .shapes import PADDING_DISTRIBUTION, bert_large_config, lengths_description, tiny_config
-from .timing import QUICK_GPU_PLAN, SMOKE_PLAN, SUITE_KERNEL_PLAN, SUITE_MODEL_PLAN, TimingPlan
+from bertfast.benchmarking.cases import Case, Skip, run_case, skip_row_for
+from bertfast.benchmarking.device import environment, measure_peaks
+from bertfast.benchmarking.models import ModelBench
+from bertfast.benchmarking.schema import new_result, row_problems, write_result
+from bertfast.benchmarking.shapes import PADDING_DISTRIBUTION, bert_large_config, lengths_description, tiny_config
+from bertfast.benchmarking.timing import (
+    QUICK_GPU_PLAN,
+    SMOKE_PLAN,
+    SUITE_KERNEL_PLAN,
+    SUITE_MODEL_PLAN,
+    TimingPlan,
+    timing_description,
+)
 
 # The suite's sections, in the order they run; each case belongs to one (see section_of).
 SECTIONS = ("kernels", "forward", "training", "padding-free")
@@ -34,13 +42,8 @@ def section_of(name: str) -> str:
     return "training" if name.endswith("-train") else "forward"
 
 
-def timing_description(device: torch.device) -> str:
-    """How a run on ``device`` was timed, in words (stored in the result file)."""
-    if device.type == "cuda":
-        how = "one call per round between CUDA events, the device synchronized before and after, L2 flushed before it"
-    else:
-        how = "one call per round timed with time.perf_counter"
-    return how + ", inputs rotated among several sets; warm-up first, then the median (p20/p80) of the rounds"
+class InvalidRow(Exception):
+    """A case ran but its row is no result (a NaN error): recorded as failed."""
 
 
 class SuiteRun:
@@ -51,6 +54,7 @@ class SuiteRun:
         self.quick = quick
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
+        self.failed: list[str] = []  # with keep_going: what failed, in one line each
         self.seconds = dict.fromkeys(SECTIONS, 0.0)  # wall time spent building and timing each section's cases
         self._peaks: dict[str, float] | None = None
         self._model_bench: ModelBench | None = None
@@ -69,6 +73,10 @@ class SuiteRun:
             self._peaks = measure_peaks(self.device, self.plan_for("kernels"))
         return self._peaks
 
+    @peaks.setter
+    def peaks(self, measured: dict[str, float]) -> None:
+        self._peaks = measured
+
     @property
     def model_bench(self) -> ModelBench:
         if self._model_bench is None:
@@ -81,22 +89,42 @@ class SuiteRun:
         identity: dict,
         build: Callable[[], Case],
         benchmark=None,
+        plan: TimingPlan | None = None,
+        keep_going: bool = False,
     ) -> tuple[dict | None, str | None]:
         """Build and run one case; returns ``(row, None)`` or ``(None, reason it was skipped)``.
 
         ``identity`` holds the row's ``name, impl, dtype, batch, seq`` (and ``shape``,
         ``lengths``), so a case that cannot even be built is still recorded as skipped.
+        ``plan``: how to time it (default: the section's, :meth:`plan_for`).  ``keep_going``
+        (first light): a case that raises, or whose row is not a valid result (a NaN error),
+        is recorded as skipped with ``failed: ...`` and listed in :attr:`failed`, not raised.
         """
         section = section_of(identity["name"])
         peaks = self.peaks  # measured once, before the first case, and not billed to it
         began = time.perf_counter()
         try:
             case = build()
-            row = run_case(case, plan=self.plan_for(section), peaks=peaks, benchmark=benchmark)
+            row = run_case(case, plan=plan or self.plan_for(section), peaks=peaks, benchmark=benchmark)
+            problems = row_problems(row) if keep_going else []
+            if problems:  # e.g. a NaN max error: the output was wrong, so its time is no result
+                timing = f"{row['median_ms']:.3f} ms (p20-p80 {row['p20_ms']:.3f}-{row['p80_ms']:.3f})"
+                raise InvalidRow(f"not a valid result ({'; '.join(problems)}); timed {timing}")
         except Skip as exc:
-            reason = str(exc)
+            reason = str(exc) or "skipped"
             self.skipped.append(skip_row_for(reason=reason, **identity))
             return None, reason
+        except Exception as exc:  # a broken case must not cost the rest of a first-light run
+            if not keep_going:
+                raise
+            detail = str(exc) if isinstance(exc, InvalidRow) else f"{type(exc).__name__}: {exc}".strip()
+            what = f"{identity['name']} {identity['impl']} {identity['dtype']} {identity['batch']}x{identity['seq']}"
+            print(f"[bench] FAILED {what}: {detail}", flush=True)
+            if not isinstance(exc, InvalidRow):
+                traceback.print_exc()
+            self.failed.append(f"{what}: {detail[:300]}")
+            self.skipped.append(skip_row_for(reason=f"failed: {detail[:500]}", **identity))
+            return None, f"failed: {detail}"
         finally:
             self.seconds[section] += time.perf_counter() - began
         self.rows.append(row)

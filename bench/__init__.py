@@ -1,0 +1,1 @@
+"""Benchmarks of bertfast outside the installed library: the suite, first light, render, compare (see README.md)."""
