@@ -1,6 +1,6 @@
 """First light: the headline benchmarks of a short GPU run, most important first, inside a time budget.
 
-    python -m bench.firstlight --results DIR [--budget-s 220] [--profile FILE]
+    python -m bench.firstlight --results DIR [--budget-s 260] [--profile FILE]
                                                [--numbers FILE] [--tiny]
 
 Stage c of ``scripts/gpu-check.sh``.  Sections, in order (each with a time estimate on an
@@ -15,8 +15,11 @@ rows are recorded as skipped with that reason):
    time (sum of kernel times, torch.profiler), kernel launches and synchronizing calls per
    forward; the top kernels of each go to ``--profile``;
 4. the same forward rows at 8 x 512;
-5. a training step at 32 x 128, like for like: ``bertfast`` and ``hf-sdpa`` in pure bf16, ``bertfast-amp``
-   and ``hf-sdpa-amp`` (fp32 master weights, bf16 autocast), with peak memory and the recipe in the note;
+5. training steps at 32 x 128, like for like, with peak memory, host ms and the recipe in the note:
+   masked-LM pre-training (``bert-large-mlm-train``) by ``bertfast-trainstep`` (bertfast.TrainStep, one
+   CUDA graph), ``bertfast`` (the eager step) and ``hf-sdpa`` in pure bf16, and by their ``-amp`` twins
+   (fp32 master weights, bf16 autocast); the sequence-classification fine-tuning step
+   (``bert-large-cls-train``) by the three in pure bf16;
 6. attention forward and backward, head_dim 64, seq 128 and 512, with and without the padding
    mask: ``bertfast-triton`` against ``torch-sdpa`` and each SDPA backend forced (flash,
    efficient, cuDNN), TFLOP/s;
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -53,7 +57,7 @@ import torch
 
 from bertfast.benchmarking.cases import Skip, skip_row_for
 from bertfast.benchmarking.device import measure_peaks
-from bertfast.benchmarking.models import ModelBench
+from bertfast.benchmarking.models import TASK_AMP_IMPLS, TASK_IMPLS, ModelBench
 from bertfast.benchmarking.schema import write_result
 from bertfast.benchmarking.shapes import (
     LENGTH_DISTRIBUTIONS,
@@ -80,7 +84,8 @@ FORWARD_IMPLS = (
     "hf-eager",
     "hf-compile",
 )
-TRAIN_IMPLS = ("bertfast", "hf-sdpa", "bertfast-amp", "hf-sdpa-amp")  # like for like: pure bf16, then AMP
+# Like for like: pure bf16, then AMP (masked-LM pre-training); the fine-tuning step in pure bf16.
+TRAIN_ROWS = (("mlm", TASK_IMPLS + TASK_AMP_IMPLS), ("cls", TASK_IMPLS))
 HOST_IMPLS = ("bertfast", "bertfast-ext", "hf-sdpa")
 ATTENTION_IMPLS = ("bertfast-triton", "torch-sdpa", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn")
 TOKENWISE_IMPLS = {
@@ -234,7 +239,7 @@ class FirstLight:
             Section(f"forward {first.label}", 55, lambda: self.run_forward(first)),
             Section("host probe", 10, self.run_host_probe),
             Section(f"forward {second.label}", 40, lambda: self.run_forward(second)),
-            Section("training", 33, self.run_training),  # four impls, about 8 s each
+            Section("training", 75, self.run_training),  # nine rows, about 8 s each (capture included)
             Section("attention", 30, self.run_attention),
             Section("layer_norm and bias_gelu", 30, self.run_tokenwise),
             Section("padding-free", 20, self.run_varlen),
@@ -250,7 +255,8 @@ class FirstLight:
             if section == f"forward {shape.label}":
                 out += [_identity(f"{label}-fwd", impl, s.dtype, shape) for impl in FORWARD_IMPLS]
         if section == "training":
-            out += [_identity(f"{label}-train", impl, self.train_dtype(impl), s.train) for impl in TRAIN_IMPLS]
+            for task, impls in TRAIN_ROWS:
+                out += [_identity(f"{label}-{task}-train", impl, self.train_dtype(impl), s.train) for impl in impls]
         if section == "attention":
             for shape in s.attention:
                 for op in ("attention", "attention-nomask"):
@@ -288,11 +294,13 @@ class FirstLight:
 
     def run_training(self) -> None:
         models, shape = self.models, self.sizes.train
-        for impl in TRAIN_IMPLS:
-            dtype = self.train_dtype(impl)
-            identity = _identity(f"{models.label}-train", impl, dtype, shape)
-            self.case(identity, lambda impl=impl, dtype=dtype: models.train_case(impl, dtype, shape), self.model_plan)
-            models.release()
+        for task, impls in TRAIN_ROWS:
+            for impl in impls:
+                dtype = self.train_dtype(impl)
+                identity = _identity(f"{models.label}-{task}-train", impl, dtype, shape)
+                build = functools.partial(models.task_train_case, task, impl, dtype, shape)
+                self.case(identity, build, self.model_plan)
+                models.release()
 
     def run_attention(self) -> None:
         for shape in self.sizes.attention:
@@ -570,12 +578,16 @@ def key_numbers(rows, peaks, host, failed, skipped: int, path) -> dict:
         if base:
             out[f"fwd {shape} speed-up vs hf-sdpa"] = {k: round(base / v, 2) for k, v in table.items()}
     train = {
-        r["impl"]: [round(r["median_ms"], 2), round(r["peak_mem_mb"] or 0)]
+        f"{r['name'].removeprefix('bert-large-')} {r['impl']}": [
+            round(r["median_ms"], 2),
+            round(r["peak_mem_mb"] or 0),
+            None if r.get("frac_peak_tflops") is None else round(r["frac_peak_tflops"], 3),
+        ]
         for r in rows
         if r["name"].endswith("-train")
     }
     if train:
-        out["train ms, peak MB"] = train
+        out["train ms, peak MB, MFU"] = train
     kernels = {}
     for r in rows:
         if r["name"].startswith(("attention", "layer_norm", "bias_gelu")):
@@ -595,7 +607,7 @@ def key_numbers(rows, peaks, host, failed, skipped: int, path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.firstlight", description=__doc__.split("\n")[0])
     parser.add_argument("--results", required=True, help="results root: the file goes to RESULTS/<gpu-slug>/")
-    parser.add_argument("--budget-s", type=float, default=220.0, help="stop starting sections after this (default 220)")
+    parser.add_argument("--budget-s", type=float, default=260.0, help="stop starting sections after this (default 260)")
     parser.add_argument("--profile", default=None, help="write the host probe's profiler tables here")
     parser.add_argument("--numbers", default=None, help="write the key numbers (JSON) here")
     parser.add_argument("--mirror", default=None, help="also copy the result file here after every save")

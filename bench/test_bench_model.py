@@ -7,6 +7,9 @@ GPU (bf16 unless stated):
   bertfast-cudagraph);
 - a training step (forward, backward, AdamW) at 32x128 and 8x512 (``MODEL_IMPLS``, plus
   ``AMP_IMPLS``: float32 weights under torch.autocast);
+- task training steps (``<model>-mlm-train``: masked-LM pre-training, ``<model>-cls-train``: a
+  sequence-classification fine-tuning step) at 32x128 and 8x512: ``TASK_IMPLS`` (bertfast.TrainStep,
+  captured; the eager step; hf-sdpa) in bf16 and ``TASK_AMP_IMPLS`` under autocast;
 - padding-free rows (``*-varlen``): forward and training step at 32x128 and 16x512 with
   lengths from each of ``shapes.LENGTH_DISTRIBUTIONS`` (``VARLEN_IMPLS``: bertfast unpadded,
   bertfast-padded, hf-sdpa).
@@ -17,15 +20,17 @@ runner needs a GPU and is skipped without one; the compiled patched model is tim
 only.  Implementations: bertfast/benchmarking/models.py.
 """
 
+import functools
+
 import pytest
 
 from bertfast.benchmarking import shapes
 from bertfast.benchmarking.models import (
     AMP_IMPLS,
     DROP_IN_IMPLS,
-    MLM_AMP_IMPLS,
-    MLM_IMPLS,
     MODEL_IMPLS,
+    TASK_AMP_IMPLS,
+    TASK_IMPLS,
     VARLEN_IMPLS,
 )
 
@@ -71,7 +76,9 @@ def _run(benchmark, bench_run, kind, shape, dtype, impl, lengths=None):
     identity = dict(name=name, impl=impl, dtype=dtype, batch=shape.batch, seq=shape.seq)
     if lengths is not None:
         identity["lengths"] = lengths.name
-    build = {"fwd": models.forward_case, "train": models.train_case, "mlm-train": models.mlm_train_case}[kind]
+    build = {"fwd": models.forward_case, "train": models.train_case}.get(kind)
+    if build is None:  # "<task>-train": the task model's training step
+        build = functools.partial(models.task_train_case, kind.removesuffix("-train"))
     row, reason = bench_run.run(identity, lambda: build(impl, dtype, shape, lengths=lengths), benchmark)
     if row is None:
         pytest.skip(reason)
@@ -128,21 +135,21 @@ TRAIN_PARAMS = _params(
         ),
     ]
 )
-MLM_PARAMS = _params(
+TASK_PARAMS = _params(
     [
         (
-            MLM_IMPLS,
+            TASK_IMPLS,
             shapes.TRAIN_SHAPES,
             shapes.TRAIN_DTYPES,
-            MLM_IMPLS,
+            TASK_IMPLS,
             shapes.SMOKE_TRAIN_SHAPES,
             shapes.SMOKE_DTYPES,
         ),
         (
-            MLM_AMP_IMPLS,
+            TASK_AMP_IMPLS,
             shapes.TRAIN_SHAPES,
             shapes.AMP_DTYPES,
-            MLM_AMP_IMPLS,
+            TASK_AMP_IMPLS,
             shapes.SMOKE_TRAIN_SHAPES,
             shapes.SMOKE_AMP_DTYPES,
         ),
@@ -163,9 +170,12 @@ def test_train_step(benchmark, bench_run, shape, dtype, impl):
     assert row["peak_mem_mb"] is None or row["peak_mem_mb"] > 0
 
 
-@pytest.mark.parametrize("shape, dtype, impl", MLM_PARAMS)
-def test_mlm_train_step(benchmark, bench_run, shape, dtype, impl):
-    row = _run(benchmark, bench_run, "mlm-train", shape, dtype, impl)
+@pytest.mark.parametrize("task", ("mlm", "cls"))
+@pytest.mark.parametrize("shape, dtype, impl", TASK_PARAMS)
+def test_task_train_step(benchmark, bench_run, shape, dtype, impl, task):
+    """Masked-LM pre-training and a sequence-classification fine-tuning step: bertfast.TrainStep (captured on
+    a GPU), the eager step and Hugging Face sdpa, pure low precision and AMP."""
+    row = _run(benchmark, bench_run, f"{task}-train", shape, dtype, impl)
     assert row["peak_mem_mb"] is None or row["peak_mem_mb"] > 0
 
 

@@ -839,6 +839,12 @@ def test_bench_command_end_to_end_on_cpu(tmp_path, capsys):
     for kind in ("fwd", "train"):
         for impl in ("bertfast", "bertfast-reference", "hf-eager", "hf-sdpa"):
             assert (f"bert-tiny-{kind}", impl) in got
+    for task in ("mlm", "cls"):  # TrainStep beside the eager step and Hugging Face; no AMP rows in fp32
+        assert {impl for name, impl in got if name == f"bert-tiny-{task}-train"} == {
+            "bertfast-trainstep", "bertfast", "hf-sdpa"
+        }  # fmt: skip
+    assert "masked-LM pre-training step" in out and "sequence-classification fine-tuning step" in out
+    assert "recipe: AdamW lr 1e-05; pure fp32" in out and " n/a " in out  # no MFU on the CPU
     forward = [r for r in data["results"] if r["name"] == "bert-tiny-fwd"]
     assert all(r["batch"] == 2 and r["seq"] == 16 and r["rounds"] == 2 for r in forward)
     assert all(r["max_error"] < 1e-4 for r in forward)
@@ -1298,3 +1304,35 @@ def test_sentence_embedding_row_compares_patched_and_unpatched_on_the_same_sente
     assert set(row["sentences_per_s"]) == {"sentence-transformers", "sentence-transformers-patched"}
     assert all(rate > 0 for rate in row["sentences_per_s"].values())
     assert row["max_cosine_gap"] <= 1e-5 and row["dtype"] == "float32"
+
+
+def test_task_training_rows_time_bertfast_train_step_beside_the_eager_step_and_hugging_face(tiny_bench, monkeypatch):
+    """bertfast-trainstep rows run bertfast.TrainStep (eager here, the graph on a GPU) over host micro-batches with
+    the task's labels: its first step before timing, then one step per timed call; masked-LM pre-training and a
+    classification fine-tuning step, each in the same recipe as the eager and Hugging Face rows beside it."""
+    import bertfast.train_step
+
+    calls = []
+    real_call = bertfast.train_step.TrainStep.__call__
+
+    def counted(self, micro_batches):
+        calls.append({name: t.device.type for name, t in micro_batches.items()})
+        return real_call(self, micro_batches)
+
+    monkeypatch.setattr(bertfast.train_step.TrainStep, "__call__", counted)
+    shape = shapes.ModelShape(2, 13)
+    for task, label_shape in (("mlm", (2, 13)), ("cls", (2,))):
+        case = tiny_bench.task_train_case(task, "bertfast-trainstep", "fp32", shape)
+        (micro_batch,) = case.input_sets[0]
+        assert micro_batch["labels"].shape == label_shape
+        calls.clear()
+        row = run_case(case, plan=SMOKE_PLAN)
+        assert len(calls) == 2 and set(calls[0].values()) == {"cpu"}  # the first step, then the timed one
+        assert row["name"] == f"bert-tiny-{task}-train" and "bertfast.TrainStep (run eagerly" in row["note"]
+        assert "recipe: AdamW lr 1e-05; pure fp32" in row["note"]
+        eager = tiny_bench.task_train_case(task, "bertfast", "fp32", shape)
+        assert eager.flops == case.flops and "recipe: AdamW lr 1e-05; pure fp32" in eager.note
+    amp = tiny_bench.task_train_case("cls", "bertfast-trainstep-amp", "bf16", shape)
+    assert "AMP: fp32 master weights" in amp.note and run_case(amp, plan=SMOKE_PLAN)["dtype"] == "bf16"
+    with pytest.raises(ValueError, match="training step of a task model"):
+        tiny_bench.forward_case("bertfast-trainstep", "fp32", shape)

@@ -70,10 +70,7 @@ def run_case(case: Case, *, plan: TimingPlan, peaks: dict[str, float] | None = N
         raise
     cuda = case.device.type == "cuda"
     timer = KernelTimer(case.device) if case.kernel and cuda else Timer(case.device)
-    if cuda:
-        torch.cuda.synchronize(case.device)
-        base = torch.cuda.memory_allocated(case.device)
-        torch.cuda.reset_peak_memory_stats(case.device)
+    base = _memory_base(case)
     if benchmark is not None:
         timing = measure_with_pytest_benchmark(
             benchmark, case.fn, case.input_sets, device=case.device, plan=plan, prepare=case.prepare, timer=timer
@@ -82,10 +79,6 @@ def run_case(case: Case, *, plan: TimingPlan, peaks: dict[str, float] | None = N
         timing = measure(case.fn, case.input_sets, device=case.device, plan=plan, prepare=case.prepare, timer=timer)
     if case.check_compiled is not None:
         case.check_compiled()  # a compiled baseline that fell back to eager fails its row
-    peak_mem_mb = None
-    if cuda:
-        resident = case.resident_bytes() if callable(case.resident_bytes) else case.resident_bytes
-        peak_mem_mb = (torch.cuda.max_memory_allocated(case.device) - base + resident) / 2**20
     return make_row(
         name=case.name,
         impl=case.impl,
@@ -96,13 +89,30 @@ def run_case(case: Case, *, plan: TimingPlan, peaks: dict[str, float] | None = N
         flops=case.flops,
         nbytes=case.nbytes,
         peaks=peaks,
-        peak_mem_mb=peak_mem_mb,
+        peak_mem_mb=_peak_memory_mb(case, base),
         max_error=error,
         shape=case.shape,
         note=case.note,
         tokens=case.tokens,
         lengths=case.lengths,
     )
+
+
+def _memory_base(case: Case) -> int | None:
+    """Start counting ``case``'s peak memory (a GPU only): the memory allocated now, peak statistics reset."""
+    if case.device.type != "cuda":
+        return None
+    torch.cuda.synchronize(case.device)
+    torch.cuda.reset_peak_memory_stats(case.device)
+    return torch.cuda.memory_allocated(case.device)
+
+
+def _peak_memory_mb(case: Case, base: int | None) -> float | None:
+    """``case``'s resident memory plus the most its calls since :func:`_memory_base` allocated beyond ``base``."""
+    if base is None:
+        return None
+    resident = case.resident_bytes() if callable(case.resident_bytes) else case.resident_bytes
+    return (torch.cuda.max_memory_allocated(case.device) - base + resident) / 2**20
 
 
 # Model rows are readable as ratios when their p20-p80 spread is under this share of the median.
@@ -128,13 +138,16 @@ def run_interleaved(cases: list[Case], *, plan: TimingPlan, peaks: dict[str, flo
             continue
         latency, throughput = Timer(case.device), Timer(case.device)
         rotation = Rotation(case.input_sets, case.prepare)
+        # Peak memory from the warm-up, which runs one case at a time (the interleaved rounds would mix them).
+        base = _memory_base(case)
         estimate = warm_up(latency, case.fn, rotation, plan)
+        peak_mem_mb = _peak_memory_mb(case, base)
 
         def calls(*args, fn=case.fn):
             for _ in range(BACK_TO_BACK):
                 fn(*args)
 
-        live.append((i, case, error, latency, throughput, rotation, calls, estimate))
+        live.append((i, case, (error, peak_mem_mb), latency, throughput, rotation, calls, estimate))
     if not live:
         return results
     rounds = plan.rounds_for(sum(entry[-1] for entry in live) * (1 + BACK_TO_BACK))
@@ -149,13 +162,13 @@ def run_interleaved(cases: list[Case], *, plan: TimingPlan, peaks: dict[str, flo
         if not on_gpu or done >= 4 * plan.max_rounds or all(e[3].timing().spread < READABLE_SPREAD for e in live):
             break
         rounds = plan.max_rounds
-    for i, case, error, latency, throughput, _, _, _ in live:
+    for i, case, (error, peak_mem_mb), latency, throughput, _, _, _ in live:
         case.check_compiled and case.check_compiled()
         timing = latency.timing()
         row = make_row(
             name=case.name, impl=case.impl, dtype=case.dtype, batch=case.batch, seq=case.seq, timing=timing,
-            flops=case.flops, nbytes=case.nbytes, peaks=peaks, max_error=error, shape=case.shape,
-            tokens=case.tokens, lengths=case.lengths,
+            flops=case.flops, nbytes=case.nbytes, peaks=peaks, peak_mem_mb=peak_mem_mb, max_error=error,
+            shape=case.shape, tokens=case.tokens, lengths=case.lengths,
             note="; ".join(filter(None, [case.note, None if timing.spread < READABLE_SPREAD else (
                 f"not readable: the p20-p80 spread is {timing.spread:.0%} of the median")])) or None,
         )  # fmt: skip

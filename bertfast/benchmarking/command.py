@@ -11,8 +11,13 @@
    ``LOWP_FLOOR``.  (A Hugging Face baseline must match in float32; in bf16/fp16 its
    error is shown for information.)
 3. Time the forward pass (``--train``: a training step too) of each implementation at
-   ``--batch x --seq`` with a padded batch and print sequences/s, latency, TFLOP/s, peak
-   memory and max error, with the speed-up over Hugging Face sdpa.
+   ``--batch x --seq`` with a padded batch and print sequences/s, latency, host ms, TFLOP/s,
+   peak memory and max error, with the speed-up over Hugging Face sdpa.  ``--train`` adds
+   the task steps: masked-LM pre-training and a sequence-classification fine-tuning step,
+   ``bertfast.TrainStep`` (one CUDA graph per bucket on a GPU, eager on the CPU) against the
+   eager step and Hugging Face sdpa, like for like (pure ``--dtype``; and in bf16/fp16 AMP:
+   float32 weights under autocast), with MFU against the bf16 matmul rate measured in the
+   same run (n/a on the CPU).
 4. ``--save DIR`` writes the rows as a result file, ``DIR/<gpu-slug>/<date>-<commit>.json``.
 
 Without a GPU it says so and runs a reduced benchmark on the CPU (BERT-small unless
@@ -22,6 +27,7 @@ Without a GPU it says so and runs a reduced benchmark on the CPU (BERT-small unl
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -33,7 +39,7 @@ from ..numerics import LOWP_FACTOR, LOWP_FLOOR, MODEL_FP32_REL_TOL, rel_error
 from .cases import Skip, run_interleaved, skip_row_for, unavailable
 from .device import DTYPES, device_name, environment, gpu_state, measure_peaks
 from .display import Display
-from .models import HF_IMPLS, ModelBench, backend_of
+from .models import HF_IMPLS, TASK_AMP_IMPLS, TASK_IMPLS, ModelBench, backend_of
 from .schema import new_result, row_problems, write_result
 from .shapes import PADDING_DISTRIBUTION, ModelShape, bert_large_config, tiny_config
 from .timing import GPU_PLAN, QUICK_GPU_PLAN, TimingPlan, timing_description
@@ -269,22 +275,23 @@ def run(args) -> int:
         return 1
     runnable = [impl for impl in runnable if impl not in skipped]
 
-    # 2. timing: each kind's implementations round-robin in one section (see cases.run_interleaved)
+    # 2. timing: each section's implementations round-robin (see cases.run_interleaved)
+    # MFU needs the device's measured matmul rate: measured first on a GPU (on the CPU there is no MFU).
+    peaks = measure_peaks(device, plan) if cuda else None
     rows, skipped_rows = [], []
     state_at_start = gpu_state(device)
-    for kind in ("fwd", "train") if args.train else ("fwd",):
-        build = models.forward_case if kind == "fwd" else models.train_case
+    for kind, impls_of_section, build in _sections(args, models, runnable, dtype):
         cases, outcomes = [], {}
-        for impl in runnable:
+        for impl in impls_of_section:
             try:
                 cases.append(build(impl, dtype, shape))
             except Skip as exc:
                 outcomes[impl] = exc
         with display.progress(1, "timing") as progress:
             progress.start(f"{kind}: {', '.join(c.impl for c in cases)}, interleaved")
-            outcomes.update(zip([c.impl for c in cases], run_interleaved(cases, plan=plan)))
+            outcomes.update(zip([c.impl for c in cases], run_interleaved(cases, plan=plan, peaks=peaks)))
             progress.done(f"{kind}: {len(cases)} implementations timed")
-        for impl in runnable:
+        for impl in impls_of_section:
             outcome, name = outcomes[impl], f"{models.label}-{kind}"
             if isinstance(outcome, Skip):
                 skipped_rows.append(skip_row_for(name, impl, dtype, batch, seq, str(outcome)))
@@ -303,8 +310,9 @@ def run(args) -> int:
         )
     )  # fmt: skip
 
-    for kind in ("fwd", "train"):
-        _print_rows(display, models.label, kind, [r for r in rows if r["name"].endswith(f"-{kind}")], labels)
+    for kind, impls_of_section, _ in _sections(args, models, runnable, dtype):
+        section = [r for r in rows if r["name"] == f"{models.label}-{kind}" and r["impl"] in impls_of_section]
+        _print_rows(display, models.label, kind, section, labels)
     for warning in _spread_warnings(rows, labels):
         display.line(warning, style="yellow")
     for impl, reason in skipped.items():
@@ -316,7 +324,7 @@ def run(args) -> int:
         )
 
     if args.save:
-        peaks = measure_peaks(device, plan)
+        peaks = peaks or measure_peaks(device, plan)
         setup = {"padding": PADDING_DISTRIBUTION, "timing": timing_description(device), "source": "bertfast bench"}
         setup["gpu state"] = f"start {state_at_start}, end {state_at_end}"
         setup["model rows"] = "implementations interleaved round-robin; median_ms one call, throughput_ms back to back"
@@ -335,6 +343,23 @@ def run(args) -> int:
     return 0
 
 
+def _sections(args, models: ModelBench, runnable: list[str], dtype: str):
+    """``(kind, impls, build)`` of each timed section, in order: the forward; with ``--train`` the encoder's
+    training step, then each task's (``mlm``, ``cls``) in pure ``dtype`` and, in bf16/fp16, under AMP."""
+    sections = [("fwd", runnable, models.forward_case)]
+    if not args.train:
+        return sections
+    sections.append(("train", runnable, models.train_case))
+    ours, baseline = "bertfast" in runnable, BASELINE in runnable
+    for task in ("mlm", "cls"):
+        build = functools.partial(models.task_train_case, task)
+        for impls in (TASK_IMPLS, TASK_AMP_IMPLS) if dtype != "fp32" else (TASK_IMPLS,):
+            chosen = [impl for impl in impls if (baseline if impl.startswith("hf-") else ours)]
+            if chosen:
+                sections.append((f"{task}-train", chosen, build))
+    return sections
+
+
 def _unwritable(folder: str) -> str | None:
     """Why a result file cannot be written under ``folder`` (created if missing), or None."""
     try:
@@ -349,7 +374,7 @@ def _unwritable(folder: str) -> str | None:
 def _print_rows(display: Display, label: str, kind: str, rows: list[dict], labels: dict[str, str]) -> None:
     if not rows:
         return
-    baseline = next((r for r in rows if r["impl"] == BASELINE), None)
+    baseline = next((r for r in rows if r["impl"] in (BASELINE, f"{BASELINE}-amp")), None)
     table = []
     for r in rows:
         speedup = baseline["median_ms"] / r["median_ms"] if baseline else None
@@ -359,16 +384,28 @@ def _print_rows(display: Display, label: str, kind: str, rows: list[dict], label
                 _fmt(r["median_ms"], ".2f"),
                 f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
                 _fmt(r["seq_per_s"], ".1f"),
+                _fmt(r.get("host_ms"), ".2f"),
                 _fmt(r["tflops"], ".1f" if (r["tflops"] or 0) >= 10 else ".3g"),
+                "n/a" if r.get("frac_peak_tflops") is None else f"{r['frac_peak_tflops']:.0%}",
                 _fmt(r["peak_mem_mb"], ".0f"),
                 _fmt(r.get("max_error"), ".2e"),
                 _fmt(speedup, ".2f") + ("x" if speedup else ""),
             )
         )
     first = rows[0]
-    what = "forward (inference)" if kind == "fwd" else "training step (forward, backward, AdamW)"
+    what = {
+        "fwd": "forward (inference)",
+        "train": "training step (forward, backward, AdamW)",
+        "mlm-train": "masked-LM pre-training step",
+        "cls-train": "sequence-classification fine-tuning step",
+    }[kind]
+    if any(r["impl"].endswith("-amp") for r in rows):
+        what += " under AMP"
     display.table(
         f"{label} {what}, {first['dtype']}, batch {first['batch']} x seq {first['seq']}",
-        ("impl", "median ms", "p20-p80 ms", "seq/s", "TFLOP/s", "peak MB", "max err", f"vs {BASELINE}"),
+        ("impl", "median ms", "p20-p80 ms", "seq/s", "host ms", "TFLOP/s", "MFU", "peak MB", "max err", "vs hf-sdpa"),
         table,
     )
+    recipes = {r["note"][r["note"].index("recipe: ") :] for r in rows if "recipe: " in (r.get("note") or "")}
+    for recipe in sorted(recipes):
+        display.line(recipe)

@@ -24,6 +24,11 @@
     hf-sdpa-amp              hf-sdpa with float32 weights under torch.autocast: how Hugging Face models
                              are usually trained (fp32 master weights and AdamW state, bf16 compute)
     hf-compile-amp           hf-compile with float32 weights under torch.autocast
+    bertfast-trainstep       bertfast.TrainStep over the bertfast task model (task rows only): one CUDA
+                             graph of the row's bucket (batch x seq, token budget batch * seq), replayed, on
+                             a GPU; the same code run eagerly on the CPU.  Its host packing and copy-in are
+                             inside the timed call
+    bertfast-trainstep-amp   bertfast-trainstep over float32 weights, TrainStep(autocast_dtype=...)
 
 All share one set of weights: a float32 bertfast model (random, seeded, or a checkpoint)
 whose ``state_dict`` is loaded into the Hugging Face models and cast to the benchmark
@@ -42,6 +47,9 @@ with their attention masks; the padding-free rows (``<model>-fwd-varlen``,
   that is zero at padding positions (a loss over real tokens); ``AdamW.step()`` (fused on
   a GPU) over the parameters.  Each implementation trains its own copy of the weights.
   The ``-amp`` impls run the forward under ``torch.autocast`` and the backward after it.
+- task train (``<model>-mlm-train``, ``<model>-cls-train``): a whole task model with its labels and loss
+  (masked-LM pre-training; sequence classification, the fine-tuning step), backward, AdamW:
+  bertfast.TrainStep next to the eager step and Hugging Face, each in one dtype policy.
 
 ``peak_mem_mb`` is the implementation's own parameters (plus optimizer state when
 training, plus the graph pool for ``bertfast-cudagraph``) plus the most memory the timed
@@ -62,7 +70,7 @@ import torch
 
 from .. import ops
 from ..config import BertConfig
-from ..modeling import BertForMaskedLM, BertModel
+from ..modeling import BertForMaskedLM, BertForSequenceClassification, BertModel
 from . import formulas
 from .cases import Case, CompiledFunction, Skip, check_all_compiled, compile_backend, compile_note, unavailable
 from .device import DTYPES
@@ -79,9 +87,15 @@ DROP_IN_IMPLS = ("hf-sdpa-patched", "hf-sdpa-patched-compile", "bertfast-cudagra
 AMP_IMPLS = ("bertfast-amp", "hf-sdpa-amp", "hf-compile-amp")
 # Padding-free rows: bertfast unpadded ("bertfast"), the same model computing the padding, Hugging Face.
 VARLEN_IMPLS = ("bertfast", "bertfast-padded", "hf-sdpa")
-# Masked-LM pre-training step rows (``<model>-mlm-train``): the whole BertForMaskedLM with labels.
-MLM_IMPLS = ("bertfast", "hf-sdpa")
-MLM_AMP_IMPLS = ("bertfast-amp", "hf-sdpa-amp")
+# Task training-step rows (``<model>-<task>-train``): bertfast.TrainStep, the eager step, Hugging Face; pure
+# low precision, and AMP (float32 master weights under torch.autocast).
+TASK_IMPLS = ("bertfast-trainstep", "bertfast", "hf-sdpa")
+TASK_AMP_IMPLS = ("bertfast-trainstep-amp", "bertfast-amp", "hf-sdpa-amp")
+# task -> (bertfast class, transformers class name, seed of its head): MLM pre-training and a fine-tuning step.
+TASK_MODELS = {
+    "mlm": (BertForMaskedLM, "BertForMaskedLM", 11),
+    "cls": (BertForSequenceClassification, "BertForSequenceClassification", 17),
+}
 # BERT's masking rate: the share of real tokens that carry a label.
 MLM_LABELLED_FRACTION = 0.15
 
@@ -98,6 +112,7 @@ class ImplSpec:
     patched: bool = False  # hf: bertfast.patch(model)
     cuda_graph: bool = False  # bertfast: CUDAGraphRunner
     amp: bool = False  # float32 weights under torch.autocast
+    train_step: bool = False  # bertfast.TrainStep (task training rows only)
 
 
 IMPLS = {
@@ -114,6 +129,8 @@ IMPLS = {
     "hf-sdpa-patched-compile": ImplSpec("hf", patched=True, compiled=True),
     "hf-sdpa-amp": ImplSpec("hf", amp=True),
     "hf-compile-amp": ImplSpec("hf", compiled=True, amp=True),
+    "bertfast-trainstep": ImplSpec("bertfast", train_step=True),
+    "bertfast-trainstep-amp": ImplSpec("bertfast", amp=True, train_step=True),
 }
 
 
@@ -225,31 +242,35 @@ def _compiled_check(module: torch.nn.Module):
 TRAIN_LR = 1e-5
 
 
-def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of every training row: AdamW, fused on the GPU."""
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, fused=fused or None)
+def _adamw(model: torch.nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of every training row: AdamW, fused on the GPU.  ``capturable`` (TrainStep's graph on
+    the GPU): the learning rate a device tensor and the step count on the device, so nothing is frozen."""
+    device = next(model.parameters()).device
+    if capturable and device.type == "cuda":
+        lr = torch.tensor(TRAIN_LR, device=device)
+        return torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=True)
+    return torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, fused=device.type == "cuda" or None)
 
 
-def train_recipe(impl: str, dtype: str) -> str:
+def train_recipe(impl: str, dtype: str, capturable: bool = False) -> str:
     """The recipe a training row states: optimizer, learning rate, dtype policy (compare rows of one policy)."""
     if impl_spec(impl).amp:
         policy = f"AMP: fp32 master weights and optimizer state, {dtype} autocast"
     else:
         policy = f"pure {dtype}: weights, gradients and optimizer state in {dtype}"
-    return f"recipe: AdamW lr {TRAIN_LR:g}; {policy}"
+    optimizer = "AdamW (capturable: lr a device tensor) lr" if capturable else "AdamW lr"
+    return f"recipe: {optimizer} {TRAIN_LR:g}; {policy}"
 
 
-def _first_step(what: str, run: Callable[[], object], optimizer: torch.optim.Optimizer) -> None:
-    """Run one whole training step before timing (so an unsupported backward shows up here, named),
-    then free the gradients so the timed steps' peak memory includes them."""
+def _first_steps(what: str, run: Callable[[], object]) -> None:
+    """Run a row's first training steps before timing, so an unsupported backward (or capture) shows up
+    here, named."""
     try:
         run()
     except Exception as exc:
         if unavailable(exc):
             raise
         raise RuntimeError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
-    optimizer.zero_grad(set_to_none=True)
 
 
 @dataclasses.dataclass
@@ -301,7 +322,7 @@ class ModelBench:
         self._models: dict[tuple, torch.nn.Module] = {}
         self._inputs: dict[tuple, list[tuple]] = {}
         self._reference: dict[tuple, torch.Tensor] = {}
-        self._mlm_state: dict[str, torch.Tensor] | None = None
+        self._task_states: dict[str, dict[str, torch.Tensor]] = {}
 
     # -- implementations ------------------------------------------------------------
     def skip_reason(self, impl: str) -> str | None:
@@ -395,6 +416,8 @@ class ModelBench:
         """``impl`` computing in ``dtype``.  ``unpad`` overrides a bertfast impl's padding-free mode;
         ``shape`` sizes the CUDA graph bucket of ``bertfast-cudagraph`` (exactly that shape)."""
         spec = impl_spec(impl)
+        if spec.train_step:
+            raise ValueError(f"{impl} is a training step of a task model: see task_train_case")
         weights = "fp32" if spec.amp else dtype
         runner = None
         if spec.family == "bertfast":
@@ -495,6 +518,10 @@ class ModelBench:
             notes.append(f"torch.autocast({dtype}) over float32 weights, AdamW state in float32")
         if spec.cuda_graph:
             notes.append(f"one CUDA graph bucket of exactly {shape.label}; outputs cloned out of the graph")
+        if spec.train_step:
+            how = "captured: one CUDA graph of the bucket, replayed" if self.device.type == "cuda" else "run eagerly"
+            notes.append(f"bertfast.TrainStep ({how}; bucket {shape.label}, token budget {shape.batch * shape.seq}; "
+                         "its host packing and copy-in timed)")  # fmt: skip
         return "; ".join(n for n in notes if n) or None
 
     def _work(self, sets: list[tuple], shape: ModelShape, lengths: LengthDistribution | None) -> tuple[float, float]:
@@ -601,9 +628,10 @@ class ModelBench:
                 for entry in sets:
                     entry[3] = entry[3].to(out_dtype)
             step(*sets[0])
+            optimizer.zero_grad(set_to_none=True)  # the timed steps' peak memory includes the gradients
 
         def first_step_works():
-            _first_step(f"{impl} training step", match_grad_dtype_and_step, optimizer)
+            _first_steps(f"{impl} training step", match_grad_dtype_and_step)
 
         flops, tokens = self._work(inputs, shape, lengths)
         return Case(
@@ -625,85 +653,119 @@ class ModelBench:
             check_compiled=_compiled_check(model),
         )
 
-    # -- masked-LM pre-training step ---------------------------------------------------
-    def _mlm_state_dict(self) -> dict[str, torch.Tensor]:
-        """The master encoder under a seeded MLM head: the weights of every MLM implementation."""
-        if self._mlm_state is None:
-            torch.manual_seed(self.seed + 11)
+    # -- task training steps: masked-LM pre-training, sequence-classification fine-tuning -------
+    def _task_state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        """The master encoder under a seeded ``task`` head: the weights of every implementation of the task."""
+        if task not in self._task_states:
+            model_class, _, seed = TASK_MODELS[task]
+            torch.manual_seed(self.seed + seed)
             with torch.device(self.device):
-                mlm = BertForMaskedLM(self.config, backend="reference")
-            encoder = {k: v for k, v in self.master.state_dict().items() if not k.startswith("pooler.")}
-            mlm.bert.load_state_dict(encoder)
-            self._mlm_state = mlm.state_dict()
-        return self._mlm_state
+                model = model_class(self.config, backend="reference")
+            own = model.bert.state_dict()
+            encoder = {k: v for k, v in self.master.state_dict().items() if k in own}
+            model.bert.load_state_dict(encoder)
+            self._task_states[task] = model.state_dict()
+        return self._task_states[task]
 
-    def mlm_model(self, impl: str, dtype: str) -> torch.nn.Module:
-        """A fresh ``BertForMaskedLM`` of ``impl`` (bertfast or Hugging Face) with the shared weights."""
+    def task_model(self, task: str, impl: str, dtype: str) -> torch.nn.Module:
+        """A fresh ``task`` model (bertfast or Hugging Face) of ``impl`` with the shared weights."""
         spec = impl_spec(impl)
         if spec.patched or spec.compiled or spec.cuda_graph:
-            raise ValueError(f"{impl} has no masked-LM training row")
+            raise ValueError(f"{impl} has no task training row")
+        model_class, hf_class, _ = TASK_MODELS[task]
         with torch.device(self.device):
             if spec.family == "bertfast":
-                model = BertForMaskedLM(self.config, backend=spec.backend)
+                model = model_class(self.config, backend=spec.backend)
                 model.bert.set_unpad(spec.unpad)
             else:
                 import transformers
 
-                model = transformers.BertForMaskedLM(hf_config(self.config, spec.attention))
-        model.load_state_dict(self._mlm_state_dict())
+                model = getattr(transformers, hf_class)(hf_config(self.config, spec.attention))
+        model.load_state_dict(self._task_state_dict(task))
         return model.to(DTYPES["fp32" if spec.amp else dtype])
 
-    def mlm_labels(self, sets: list[tuple]) -> list[torch.Tensor]:
-        """Labels for each input set: the token id on ``MLM_LABELLED_FRACTION`` of the real tokens, -100 elsewhere."""
+    def task_labels(self, task: str, sets: list[tuple]) -> list[torch.Tensor]:
+        """Labels for each input set: masked-LM, the token id on ``MLM_LABELLED_FRACTION`` of the real tokens
+        (-100 elsewhere); classification, a class per sequence."""
         generator = torch.Generator().manual_seed(self.seed + 13)
         labels = []
         for ids, mask, _ in sets:
             ids_cpu = ids.cpu()
-            picked = (torch.rand(ids_cpu.shape, generator=generator) < MLM_LABELLED_FRACTION) & mask.cpu().bool()
-            labels.append(torch.where(picked, ids_cpu, torch.full_like(ids_cpu, -100)).to(self.device))
+            if task == "mlm":
+                picked = (torch.rand(ids_cpu.shape, generator=generator) < MLM_LABELLED_FRACTION) & mask.cpu().bool()
+                batch_labels = torch.where(picked, ids_cpu, torch.full_like(ids_cpu, -100))
+            else:
+                batch_labels = torch.randint(0, self.config.num_labels, (ids.shape[0],), generator=generator)
+            labels.append(batch_labels.to(self.device))
         return labels
 
-    def mlm_train_case(
-        self, impl: str, dtype: str, shape: ModelShape, input_sets: int = 3, lengths: LengthDistribution | None = None
+    def task_train_case(
+        self,
+        task: str,
+        impl: str,
+        dtype: str,
+        shape: ModelShape,
+        input_sets: int = 3,
+        lengths: LengthDistribution | None = None,
     ) -> Case:
-        """A masked-LM pre-training step of ``impl``: encoder, MLM head and its loss, backward, AdamW.
+        """A training step of the ``task`` model (``"mlm"`` or ``"cls"``) of ``impl``: encoder, head and its
+        loss, backward, AdamW; ``bertfast-trainstep`` runs it as :class:`bertfast.TrainStep`.
 
-        bertfast takes its fused chunked loss on the labelled tokens (no logits); Hugging Face
-        computes the ``(batch, seq, vocab)`` logits and ``F.cross_entropy``.  FLOPs count the
-        encoder on the padded batch plus the head on the labelled tokens (the task's work).
+        bertfast's masked-LM head takes its fused chunked loss on the labelled tokens (no logits); Hugging
+        Face computes the ``(batch, seq, vocab)`` logits and ``F.cross_entropy``.  FLOPs count the encoder on
+        the padded batch plus the masked-LM head on the labelled tokens (the task's work).
         """
         if lengths is not None:
-            raise ValueError("the masked-LM rows run on padded batches")
+            raise ValueError("the task training rows run on padded batches")
+        if task not in TASK_MODELS:
+            raise ValueError(f"unknown training task {task!r}; choose from {sorted(TASK_MODELS)}")
         reason = self.skip_reason(impl)
         if reason is not None:
             raise Skip(reason)
         spec = impl_spec(impl)
-        model = self.mlm_model(impl, dtype).train().requires_grad_(True)
-        optimizer = _adamw(model)
+        model = self.task_model(task, impl, dtype).train().requires_grad_(True)
+        optimizer = _adamw(model, capturable=spec.train_step)
         inputs = self.inputs(shape, input_sets)
-        labels = self.mlm_labels(inputs)
-        sets = [(*batch, batch_labels) for batch, batch_labels in zip(inputs, labels)]
+        labels = self.task_labels(task, inputs)
+        what = f"{impl} {task} training step"
+        graph_pool = [0]  # the CUDA graph's memory (bertfast-trainstep on a GPU), counted at its capture
+        if spec.train_step:
+            names = ("input_ids", "attention_mask", "token_type_ids")
+            # TrainStep takes micro-batches on the host: it packs them there and copies them in.
+            sets = [
+                ({**{name: t.cpu() for name, t in zip(names, batch)}, "labels": batch_labels.cpu()},)
+                for batch, batch_labels in zip(inputs, labels)
+            ]
+            step, first_steps_of = self._train_step(model, optimizer, spec, dtype, shape, graph_pool)
 
-        def loss_of(ids, mask, types, batch_labels):
-            return model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=batch_labels).loss
+            def first_steps():
+                first_steps_of(*sets[0])
+        else:
+            sets = [(*batch, batch_labels) for batch, batch_labels in zip(inputs, labels)]
 
-        if spec.amp:
-            loss_of = _under_autocast(loss_of, self.device, DTYPES[dtype])
+            def loss_of(ids, mask, types, batch_labels):
+                return model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=batch_labels).loss
 
-        def step(ids, mask, types, batch_labels):
-            optimizer.zero_grad(set_to_none=True)
-            loss_of(ids, mask, types, batch_labels).backward()
-            optimizer.step()
+            if spec.amp:
+                loss_of = _under_autocast(loss_of, self.device, DTYPES[dtype])
 
-        def first_step_works():
-            _first_step(f"{impl} masked-LM training step", lambda: step(*sets[0]), optimizer)
+            def step(ids, mask, types, batch_labels):
+                optimizer.zero_grad(set_to_none=True)
+                loss_of(ids, mask, types, batch_labels).backward()
+                optimizer.step()
 
+            def first_steps():
+                step(*sets[0])
+                optimizer.zero_grad(set_to_none=True)  # the timed steps' peak memory includes the gradients
+
+        recipe = train_recipe(impl, dtype, capturable=spec.train_step and self.device.type == "cuda")
         config = self.config
         flops, tokens = self._work(inputs, shape, None)
-        labelled = sum(int((t != -100).sum()) for t in labels) / len(labels)
-        head = formulas.mlm_head_flops(labelled, config.hidden_size, config.vocab_size)
+        if task == "mlm":
+            labelled = sum(int((t != -100).sum()) for t in labels) / len(labels)
+            flops += formulas.mlm_head_flops(labelled, config.hidden_size, config.vocab_size)
         return Case(
-            name=self._row_name("mlm-train", None),
+            name=self._row_name(f"{task}-train", None),
             impl=impl,
             dtype=dtype,
             batch=shape.batch,
@@ -711,13 +773,39 @@ class ModelBench:
             device=self.device,
             fn=step,
             input_sets=sets,
-            flops=formulas.TRAIN_STEP_FACTOR * (flops + head),
+            flops=formulas.TRAIN_STEP_FACTOR * flops,
             shape=shape.label,
-            max_error=first_step_works,
-            resident_bytes=lambda: _parameter_bytes(model) + _optimizer_bytes(optimizer),
-            note="; ".join(filter(None, [self._note(impl, dtype, shape), train_recipe(impl, dtype)])),
+            max_error=lambda: _first_steps(what, first_steps),
+            resident_bytes=lambda: _parameter_bytes(model) + _optimizer_bytes(optimizer) + graph_pool[0],
+            note="; ".join(filter(None, [self._note(impl, dtype, shape), recipe])),
             tokens=tokens,
         )
+
+    def _train_step(self, model, optimizer, spec: ImplSpec, dtype: str, shape: ModelShape, graph_pool: list):
+        """``(step, first_steps)`` of a ``bertfast-trainstep`` row: ``step(micro_batch)`` runs the
+        :class:`~bertfast.TrainStep`; ``first_steps(micro_batch)`` runs its eager warm-up steps and (on a GPU)
+        the capture before timing, so every timed step replays the graph, and sets ``graph_pool[0]`` to the
+        memory the graph's pool holds."""
+        from ..train_step import TrainStep
+
+        autocast = DTYPES[dtype] if spec.amp else None
+        train_step = TrainStep(model, optimizer, buckets=[(shape.batch, shape.seq)], autocast_dtype=autocast)
+
+        def step(micro_batch):
+            train_step(micro_batch)
+
+        def first_steps(micro_batch):
+            for _ in range(train_step.warmup_steps if train_step.capture else 1):
+                step(micro_batch)
+            if train_step.capture:  # the next step captures the graph
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+                before = torch.cuda.memory_reserved(self.device)
+                step(micro_batch)
+                torch.cuda.synchronize(self.device)
+                graph_pool[0] = max(0, torch.cuda.memory_reserved(self.device) - before)
+
+        return step, first_steps
 
     def release(self) -> None:
         """Drop every model copy (the master stays)."""
