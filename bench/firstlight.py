@@ -1,6 +1,6 @@
 """First light: the headline benchmarks of a short GPU run, most important first, inside a time budget.
 
-    python -m bench.firstlight --results DIR [--budget-s 260] [--profile FILE]
+    python -m bench.firstlight --results DIR [--budget-s 220] [--profile FILE]
                                                [--numbers FILE] [--tiny]
 
 Stage c of ``scripts/gpu-check.sh``.  Sections, in order (each with a time estimate on an
@@ -607,7 +607,7 @@ def key_numbers(rows, peaks, host, failed, skipped: int, path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.firstlight", description=__doc__.split("\n")[0])
     parser.add_argument("--results", required=True, help="results root: the file goes to RESULTS/<gpu-slug>/")
-    parser.add_argument("--budget-s", type=float, default=260.0, help="stop starting sections after this (default 260)")
+    parser.add_argument("--budget-s", type=float, default=220.0, help="stop starting sections after this (default 220)")
     parser.add_argument("--profile", default=None, help="write the host probe's profiler tables here")
     parser.add_argument("--numbers", default=None, help="write the key numbers (JSON) here")
     parser.add_argument("--mirror", default=None, help="also copy the result file here after every save")

@@ -11,7 +11,7 @@
 #                 reuses an installed build with the arch, one in the tree, or a carried one  ~50 s (8-20 s reused)
 #   b  smoke      pytest -m gpu_smoke tests/test_gpu_smoke.py                           ~90 s
 #   c  bench      python -m bench.firstlight: headline rows, host probe,
-#                 autotune choices; result file rendered                               ~260 s
+#                 autotune choices; result file rendered                               ~220 s
 #   d  sanitizer  compute-sanitizer memcheck of python -m tools.gpu.launch_all  ~60 s
 #   e  rest       the rest of the tests, then bench/run_gpu.sh --bench-quick, until the budget ends
 # Output folder: $GPU_CHECK_OUT (default gpu-check/, or --out), at most 7 files, no subfolders:

@@ -66,7 +66,7 @@ STAGES = {
     "env": ("a", "environment report", 10, 8),
     "build": ("a", "CUDA build for this GPU's architecture", 50, 4),
     "smoke": ("b", "GPU smoke tests", 90, 14),
-    "bench": ("c", "headline benchmarks", 260, 20),
+    "bench": ("c", "headline benchmarks", 220, 20),
     "sanitizer": ("d", "compute-sanitizer memcheck of every kernel", 60, 8),
     "rest": ("e", "the rest of the tests and benchmark suites", 30, 1),
 }
