@@ -408,6 +408,17 @@ def set_graphs(enabled: bool) -> None:
 
 
 @contextlib.contextmanager
+def graphs_enabled(enabled: bool):
+    """:func:`set_graphs` ``(enabled)`` inside the block only (a benchmark's eager twin of a graph row)."""
+    saved = _GRAPHS["enabled"]
+    set_graphs(enabled)
+    try:
+        yield
+    finally:
+        _GRAPHS["enabled"] = saved
+
+
+@contextlib.contextmanager
 def bucketed_eager():
     """Inside, the bucketed path serves every device and runs eagerly: the very function a graph
     captures, run in its place (how the CPU tests check it)."""

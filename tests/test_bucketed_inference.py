@@ -133,6 +133,21 @@ def test_graphs_switch_and_autograd_keep_the_eager_path(bucketed_calls):
         bertfast.set_graphs("off")
 
 
+def test_the_eager_twin_row_turns_the_graphs_off_for_its_call_only(bucketed_calls):
+    """``bertfast-eager`` (the benchmark's twin of the default row) runs with the graphs off inside its
+    call, and leaves the switch as it found it."""
+    from bertfast.benchmarking.models import impl_spec
+
+    model = bertfast.BertModel(small_config(), backend="reference").eval()
+    ids, mask, _ = batch_of("right", model.config.vocab_size, torch.Generator().manual_seed(6))
+    with cuda_graphs.bucketed_eager(), torch.no_grad():
+        for impl, served in (("bertfast-eager", False), ("bertfast", True)):
+            with cuda_graphs.graphs_enabled(impl_spec(impl).graphs):
+                model(ids, attention_mask=mask)
+            assert bool(bucketed_calls) == served, impl
+        assert cuda_graphs.serves(model, ids.device)  # the switch is back on
+
+
 class HostSyncs(TorchDispatchMode):
     """Ops that read device values back to the host (on a GPU each is a synchronisation)."""
 

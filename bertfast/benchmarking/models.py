@@ -2,7 +2,9 @@
 
     impl                     what runs
     bertfast                 bertfast.BertModel, backend="auto" (the best backend per op), padding-free
-                             mode "auto" (unpads when the batch has padding); "True" in the varlen rows
+                             mode "auto" (unpads when the batch has padding); "True" in the varlen rows;
+                             on CUDA in eval the bucketed CUDA-graph path (bertfast.cuda_graphs), the default
+    bertfast-eager           bertfast with the bucketed CUDA graphs off (set_graphs(False)): its eager twin
     bertfast-<backend>       bertfast.BertModel on one backend ("triton", "ext", "reference")
     bertfast-padded          bertfast, backend="auto", set_unpad(False): every layer computes the padding
     bertfast-cudagraph       bertfast (auto) in eval, replayed by bertfast.CUDAGraphRunner with one bucket
@@ -70,6 +72,7 @@ import torch
 
 from .. import ops
 from ..config import BertConfig
+from ..cuda_graphs import graphs_enabled
 from ..modeling import BertForMaskedLM, BertForSequenceClassification, BertModel
 from . import formulas
 from .cases import Case, CompiledFunction, Skip, check_all_compiled, compile_backend, compile_note, unavailable
@@ -113,11 +116,17 @@ class ImplSpec:
     cuda_graph: bool = False  # bertfast: CUDAGraphRunner
     amp: bool = False  # float32 weights under torch.autocast
     train_step: bool = False  # bertfast.TrainStep (task training rows only)
+    graphs: bool = True  # bertfast: the bucketed CUDA-graph inference path (the default on CUDA eval)
 
+
+# bertfast rows that run padding-free on a ragged batch (the default, and its eager twin).
+PADDING_FREE_IMPLS = ("bertfast", "bertfast-eager")
 
 IMPLS = {
     "bertfast": ImplSpec("bertfast"),
     "bertfast-padded": ImplSpec("bertfast", unpad=False),
+    # The default's eager twin: the same padding-free forward without the bucketed CUDA graphs.
+    "bertfast-eager": ImplSpec("bertfast", graphs=False),
     "bertfast-triton-padded": ImplSpec("bertfast", backend="triton", unpad=False),
     # The runner always replays the padded path (graphs need fixed shapes); eager warm-up matches it.
     "bertfast-cudagraph": ImplSpec("bertfast", unpad=False, cuda_graph=True),
@@ -435,7 +444,8 @@ class ModelBench:
             else:
 
                 def forward(ids, mask, types):
-                    return model(ids, mask, types).last_hidden_state
+                    with graphs_enabled(spec.graphs):
+                        return model(ids, mask, types).last_hidden_state
 
         else:
             if spec.patched:
@@ -560,7 +570,7 @@ class ModelBench:
         reason = self.skip_reason(impl)
         if reason is not None:
             raise Skip(reason)
-        unpad = True if lengths is not None and impl == "bertfast" else None
+        unpad = True if lengths is not None and impl in PADDING_FREE_IMPLS else None
         built = self.build(impl, dtype, unpad=unpad, shape=shape)
         forward = built.forward
         sets = self.inputs(shape, input_sets, lengths)
@@ -602,7 +612,7 @@ class ModelBench:
         spec = impl_spec(impl)
         if spec.cuda_graph:
             raise ValueError(f"{impl} is inference-only")
-        unpad = True if lengths is not None and impl == "bertfast" else None
+        unpad = True if lengths is not None and impl in PADDING_FREE_IMPLS else None
         built = self.build(impl, dtype, fresh=True, unpad=unpad)
         model, forward = built.module, built.forward
         model.train().requires_grad_(True)
