@@ -34,6 +34,7 @@ from bertfast.benchmarking.timing import (
     KernelTimer,
     Timing,
     TimingPlan,
+    busy_ms_per_marker,
     busy_ms_per_round,
     measure,
     measure_with_pytest_benchmark,
@@ -233,6 +234,30 @@ def test_busy_time_per_round_is_the_union_of_the_work_that_starts_in_it():
     ]
     busy = busy_ms_per_round(events, is_work=lambda e: e.name == "k")
     assert busy == pytest.approx([0.040, 0.030 + 3.950])
+
+
+def test_busy_time_of_interleaved_implementations_goes_to_the_call_that_started_it():
+    """Model rows' GPU-busy ms: calls of two implementations alternate; each kernel belongs to the call
+    whose marker started last before it, even one still running when the next call's marker starts."""
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, start, end, device=cuda):
+        return types.SimpleNamespace(
+            name=name, device_type=device, time_range=types.SimpleNamespace(start=start, end=end)
+        )
+
+    a, b = "bertfast.case.0", "bertfast.case.1"
+    events = [
+        event(a, 0.0, 100.0, cpu),
+        event("k", 10.0, 60.0),
+        event(b, 100.0, 300.0, cpu),
+        event("k", 110.0, 130.0),
+        event("k", 120.0, 400.0),  # outlives b's marker and starts before a's next: b's
+        event(a, 300.0, 500.0, cpu),
+        event("k", 410.0, 420.0),
+    ]
+    busy = busy_ms_per_marker(events, (a, b), is_work=lambda e: e.name == "k")
+    assert busy == {a: pytest.approx([0.050, 0.010]), b: pytest.approx([0.290])}
 
 
 def test_kernel_cases_are_timed_by_their_kernels():

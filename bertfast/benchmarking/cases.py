@@ -9,6 +9,7 @@ a result row (see :mod:`bertfast.benchmarking.schema`).
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import types
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,16 @@ import torch
 
 from ..errors import BackendUnavailable
 from .schema import make_row, skipped_row
-from .timing import KernelTimer, Rotation, Timer, TimingPlan, measure, measure_with_pytest_benchmark, warm_up
+from .timing import (
+    KernelTimer,
+    Rotation,
+    Timer,
+    TimingPlan,
+    busy_ms_per_marker,
+    measure,
+    measure_with_pytest_benchmark,
+    warm_up,
+)
 
 
 class Skip(Exception):
@@ -162,6 +172,7 @@ def run_interleaved(cases: list[Case], *, plan: TimingPlan, peaks: dict[str, flo
         if not on_gpu or done >= 4 * plan.max_rounds or all(e[3].timing().spread < READABLE_SPREAD for e in live):
             break
         rounds = plan.max_rounds
+    busy = gpu_busy_ms(live) if on_gpu else {}
     for i, case, (error, peak_mem_mb), latency, throughput, _, _, _ in live:
         case.check_compiled and case.check_compiled()
         timing = latency.timing()
@@ -173,8 +184,32 @@ def run_interleaved(cases: list[Case], *, plan: TimingPlan, peaks: dict[str, flo
                 f"not readable: the p20-p80 spread is {timing.spread:.0%} of the median")])) or None,
         )  # fmt: skip
         row["throughput_ms"] = throughput.timing().median_ms / BACK_TO_BACK
+        if i in busy:
+            row["gpu_busy_ms"] = busy[i]
         results[i] = row
     return results
+
+
+PROFILED_ROUNDS = 5  # round-robin latency calls per case under the profiler, after the timed rounds
+
+
+def gpu_busy_ms(live) -> dict[int, float]:
+    """Each case's GPU-busy ms per call (median over :data:`PROFILED_ROUNDS`), from one ``torch.profiler``
+    session over round-robin calls marked per case: the union of the device work each call started
+    (:func:`busy_ms_per_marker`).  A pass of its own, so the profiler's host cost stays out of the timed
+    rounds.  Set beside the latency, it says whether the GPU waits for the host."""
+    markers = {i: f"bertfast.case.{i}" for i, *_ in live}
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(PROFILED_ROUNDS):
+            for i, case, _, _, _, rotation, _, _ in live:
+                args = rotation.next()
+                torch.cuda.synchronize(case.device)
+                with torch.profiler.record_function(markers[i]):
+                    case.fn(*args)
+                    torch.cuda.synchronize(case.device)
+    per_marker = busy_ms_per_marker(profile.events(), tuple(markers.values()))
+    return {i: statistics.median(per_marker[m]) for i, m in markers.items() if per_marker[m]}
 
 
 def tensor_bytes(*tensors) -> int:

@@ -327,7 +327,10 @@ def run(args) -> int:
         peaks = peaks or measure_peaks(device, plan)
         setup = {"padding": PADDING_DISTRIBUTION, "timing": timing_description(device), "source": "bertfast bench"}
         setup["gpu state"] = f"start {state_at_start}, end {state_at_end}"
-        setup["model rows"] = "implementations interleaved round-robin; median_ms one call, throughput_ms back to back"
+        setup["model rows"] = (
+            "implementations interleaved round-robin; median_ms one call, throughput_ms back to back, "
+            "gpu_busy_ms the device's busy time per call (a profiled pass of its own)"
+        )
         if not cuda:
             setup["mode"] = "CPU run without a GPU: reduced size, two rounds; not GPU numbers"
         path = write_result(new_result(environment(device), peaks, rows, skipped_rows, setup), args.save)
@@ -385,6 +388,7 @@ def _print_rows(display: Display, label: str, kind: str, rows: list[dict], label
                 f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
                 _fmt(r["seq_per_s"], ".1f"),
                 _fmt(r.get("host_ms"), ".2f"),
+                _fmt(r.get("gpu_busy_ms"), ".2f"),
                 _fmt(r["tflops"], ".1f" if (r["tflops"] or 0) >= 10 else ".3g"),
                 "n/a" if r.get("frac_peak_tflops") is None else f"{r['frac_peak_tflops']:.0%}",
                 _fmt(r["peak_mem_mb"], ".0f"),
@@ -403,7 +407,19 @@ def _print_rows(display: Display, label: str, kind: str, rows: list[dict], label
         what += " under AMP"
     display.table(
         f"{label} {what}, {first['dtype']}, batch {first['batch']} x seq {first['seq']}",
-        ("impl", "median ms", "p20-p80 ms", "seq/s", "host ms", "TFLOP/s", "MFU", "peak MB", "max err", "vs hf-sdpa"),
+        (
+            "impl",
+            "median ms",
+            "p20-p80 ms",
+            "seq/s",
+            "host ms",
+            "GPU-busy ms",
+            "TFLOP/s",
+            "MFU",
+            "peak MB",
+            "max err",
+            "vs hf-sdpa",
+        ),  # fmt: skip
         table,
     )
     recipes = {r["note"][r["note"].index("recipe: ") :] for r in rows if "recipe: " in (r.get("note") or "")}

@@ -141,6 +141,7 @@ OPTIONAL_ROW_FIELDS = {
     "clock": (lambda v: v in CLOCKS, f"one of {CLOCKS}"),
     "host_ms": (_positive, "a positive number"),
     "throughput_ms": (_positive, "a positive number (per call, calls back to back)"),
+    "gpu_busy_ms": (_positive, "a positive number (the device's busy time per call, torch.profiler)"),
 }
 SKIPPED_FIELDS = {
     "name": ROW_FIELDS["name"],

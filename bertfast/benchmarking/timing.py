@@ -168,8 +168,15 @@ def busy_ms_per_round(events, is_work=is_device_work, marker: str = ROUND_MARKER
     """Device-busy milliseconds of each round in a profile: the union of the work intervals that
     start between a round marker's start and the next one's (so a wait on the host, a launch gap or
     two overlapping kernels are not counted twice or at all).  ``events``: ``profile.events()``."""
+    return busy_ms_per_marker(events, (marker,), is_work)[marker]
+
+
+def busy_ms_per_marker(events, markers, is_work=is_device_work) -> dict[str, list[float]]:
+    """:func:`busy_ms_per_round` over rounds of several kinds, interleaved: each work interval belongs to
+    the latest marker of any of ``markers`` started before it; returns each marker's rounds, in order."""
     cpu = torch.autograd.DeviceType.CPU  # on a GPU the marker is drawn on the device's timeline too
-    starts = sorted(e.time_range.start for e in events if e.name == marker and e.device_type == cpu)
+    rounds = sorted((e.time_range.start, e.name) for e in events if e.name in markers and e.device_type == cpu)
+    starts = [start for start, _ in rounds]
     work = sorted((e.time_range.start, e.time_range.end) for e in events if is_work(e))
     busy = [0.0] * len(starts)
     covered = [float("-inf")] * len(starts)  # how far each round's union reaches so far
@@ -179,7 +186,10 @@ def busy_ms_per_round(events, is_work=is_device_work, marker: str = ROUND_MARKER
             continue  # before the first round: the untimed set-up
         busy[i] += max(0.0, end - max(begin, covered[i]))
         covered[i] = max(covered[i], end)
-    return [us / 1e3 for us in busy]
+    out: dict[str, list[float]] = {marker: [] for marker in markers}
+    for (_, name), us in zip(rounds, busy):
+        out[name].append(us / 1e3)
+    return out
 
 
 class KernelTimer(Timer):
