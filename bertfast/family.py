@@ -24,7 +24,7 @@ from torch import nn
 class LayerParts(NamedTuple):
     """One post-LN encoder layer's modules, whatever their names."""
 
-    attention: nn.Module  # the module holding Wq, Wk, Wv (key of the fused-QKV cache)
+    attention: nn.Module  # the module holding Wq, Wk, Wv (its flags say what bertfast cannot run)
     query: nn.Module
     key: nn.Module
     value: nn.Module
