@@ -322,7 +322,9 @@ def launch_config(n_rows: int, n_cols: int, direction: str, *, gpu: bool, sm_cou
     else:
         # About 8 elements per thread per tensor (the backward holds h, dy, xhat, dh and three
         # accumulators): ~80-110 registers, so two 8-warp programs fit on an SM for N <= 2048.
-        rows = max(1, 2048 // block_n)
+        # Rows of at most 128 take half the tile: 16 of them with dropout's counters spilled under
+        # triton 3.6 on sm_90.
+        rows = max(1, (1024 if block_n <= 128 else 2048) // block_n)
         tile = rows * block_n
         num_warps = 8 if tile <= 2048 else 16
         # Few groups keep the (num_groups, N) partial-sum buffers small; as many as fit on
