@@ -24,6 +24,10 @@ from bertfast.errors import BackendUnavailable  # noqa: E402
 from bertfast.numerics import FP32_REL_TOL, assert_close, rel_error  # noqa: E402
 from bertfast.ops import reference  # noqa: E402
 
+from .ext_harness import CASE_IDS as EXT_CASE_IDS  # noqa: E402
+from .ext_harness import CASES as EXT_CASES  # noqa: E402
+from .ext_harness import C, check_op, ext, ext_ready, make_inputs  # noqa: E402, F401 (ext_ready: a fixture)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
@@ -518,3 +522,171 @@ def test_packed_qkv_gives_the_same_output_and_one_gradient_buffer(layout):
     (out_packed, grad_packed), (out_unpacked, grad_unpacked) = results
     assert torch.equal(out_packed, out_unpacked)
     assert torch.equal(grad_packed, grad_unpacked)
+
+
+# ------------------------------------------------------------------------------------------------
+# The extension's kernels (backend "ext", bertfast._C): against the float64 reference, every gradient
+# ------------------------------------------------------------------------------------------------
+
+
+def torch_attention(qkv, mask, heads, scale):
+    q, k, v = split_qkv(qkv, heads)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    return reference._masked_softmax_attention(qh, kh, vh, mask, scale).transpose(1, 2)
+
+
+def split_qkv(qkv, heads):
+    """Strided (batch, seq, heads, head_dim) views of one fused QKV projection -- no copies."""
+    batch, seq, width = qkv.shape
+    return qkv.view(batch, seq, 3, heads, width // (3 * heads)).unbind(2)
+
+
+@pytest.mark.parametrize(("device", "dtype"), EXT_CASES, ids=EXT_CASE_IDS)
+@pytest.mark.parametrize("seq", [1, 33, 130])
+@pytest.mark.parametrize("masked", [True, False], ids=["ragged", "nomask"])
+@pytest.mark.usefixtures("ext_ready")
+def test_ext_attention_matches_float64_reference(device, dtype, seq, masked):
+    heads, head_dim, batch = 3, 16, 3
+    gen = torch.Generator().manual_seed(seq)
+    floats = make_inputs({"qkv": (batch, seq, 3 * heads * head_dim)}, gen)
+    lengths = [seq, max(1, seq // 2), 0]  # ragged, with one sequence that is all padding
+    mask = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None] if masked else None
+    scale = head_dim**-0.5
+
+    def run_ext(qkv, mask):
+        q, k, v = split_qkv(qkv, heads)
+        assert not q.is_contiguous() or seq == 1
+        return ext.attention(q, k, v, mask, scale)
+
+    def run_ref(qkv, mask):
+        return reference.attention(*split_qkv(qkv, heads), mask, scale)
+
+    out = check_op(
+        run_ext,
+        run_ref,
+        lambda qkv, mask: torch_attention(qkv, mask, heads, scale),
+        floats,
+        {"mask": mask},
+        device,
+        dtype,
+        gen,
+        "attention",
+    )
+    assert out.shape == (batch, seq, heads, head_dim)
+    if masked:
+        assert torch.all(out[2] == 0), "a sequence that is all padding must give zero outputs"
+
+
+EXT_FP16_CASES = [EXT_CASES[2], EXT_CASES[5]]
+
+
+@pytest.mark.parametrize(("device", "dtype"), EXT_FP16_CASES, ids=["cpu-fp16", "cuda-fp16"])
+@pytest.mark.usefixtures("ext_ready")
+def test_ext_fp16_attention_scores_beyond_fp16_range_before_scaling(device, dtype):
+    """|q . k| = 33 * 33 * 64 = 69696 > 65504 (fp16's largest), but scaled by 64 ** -0.5 it is
+    8712: every key scores the same, so each query averages v over its valid keys.  Formed
+    before the scale, the product overflows: inf - inf made NaN rows, and -inf everywhere
+    read as "every key masked" (a zero row)."""
+    batch, seq, heads, head_dim = 2, 9, 2, 64
+    gen = torch.Generator().manual_seed(12)
+    q = torch.full((batch, seq, heads, head_dim), 33.0)
+    k = q * torch.tensor([1.0, -1.0])[:, None, None, None]  # batch 0: scores +8712, batch 1: -8712
+    v = torch.randn(batch, seq, heads, head_dim, generator=gen)
+    mask = torch.arange(seq)[None, :] < torch.tensor([seq, 5])[:, None]
+    expected = torch.stack([v[b, : int(mask[b].sum())].mean(0) for b in range(batch)])[:, None].expand_as(v)
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    for m in (None, mask.to(device)):
+        out = bertfast.ops.attention(q, k, v, m, backend="ext")
+        assert torch.isfinite(out).all(), "NaN rows: the scores overflowed before the scale"
+        want = expected if m is not None else v.float().mean(1, keepdim=True).cpu().expand_as(v)
+        torch.testing.assert_close(out.float().cpu(), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize(("device", "dtype"), EXT_FP16_CASES, ids=["cpu-fp16", "cuda-fp16"])
+@pytest.mark.usefixtures("ext_ready")
+def test_ext_fp16_attention_with_large_q_and_k(device, dtype):
+    """Random q, k around 40 (|q . k| ~ 1e5 > 65504) with scale 2 ** -10: the scaled scores
+    (~100, spread ~2) are well inside fp16; output and every gradient meet the numerics
+    policy against float64.  The yardstick is PyTorch's eager attention in fp16 with q scaled
+    first, which rounds the scores to fp16 (ext keeps them in fp32: see the next test for the
+    inputs where that decides)."""
+    batch, seq, heads, head_dim = 2, 33, 3, 64
+    scale = 2.0**-10
+    gen = torch.Generator().manual_seed(13)
+    shape = (batch, seq, heads, head_dim)
+    floats = {
+        "q": 40 + 4 * torch.randn(shape, generator=gen, dtype=torch.float64),
+        "k": 40 + 4 * torch.randn(shape, generator=gen, dtype=torch.float64),
+        "v": torch.randn(shape, generator=gen, dtype=torch.float64),
+    }
+    mask = torch.arange(seq)[None, :] < torch.tensor([seq, 20])[:, None]
+
+    def run_torch(q, k, v, mask):  # eager: matmul, masked softmax, matmul, each rounding to q's dtype
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+        scores = torch.matmul(qh * scale, kh.transpose(-1, -2)).masked_fill(~mask[:, None, None, :], float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), vh).transpose(1, 2)
+
+    check_op(
+        lambda q, k, v, mask: bertfast.ops.attention(q, k, v, mask, scale, backend="ext"),
+        lambda q, k, v, mask: reference.attention(q, k, v, mask, scale),
+        run_torch,
+        floats,
+        {"mask": mask},
+        device,
+        dtype,
+        gen,
+        "attention[fp16, large q and k]",
+    )
+
+
+EXT_LOWP_CASES = [EXT_CASES[2], EXT_CASES[3], EXT_CASES[5], EXT_CASES[6]]
+
+
+@pytest.mark.parametrize(("device", "dtype"), EXT_LOWP_CASES, ids=["cpu-fp16", "cpu-bf16", "cuda-fp16", "cuda-bf16"])
+@pytest.mark.usefixtures("ext_ready")
+def test_ext_lowp_attention_keeps_large_scores_in_fp32(device, dtype):
+    """q ~ 30, k ~ 40, head 64, scale 1/8: the scaled scores are ~9600, where fp16's spacing is 8
+    (bf16's 64), so scores rounded to the inputs' dtype lose the differences that decide the
+    softmax: the output was off by more than 1 where PyTorch's fused attention errs by ~1e-3.
+    Kept in fp32 from the product through the softmax (and the probabilities recomputed in fp32
+    for the backward), output and every gradient meet the policy against float64, with
+    PyTorch's fused attention at the same precision as the yardstick."""
+    batch, seq, heads, head_dim = 3, 33, 2, 64
+    gen = torch.Generator().manual_seed(14)
+    shape = (batch, seq, heads, head_dim)
+    floats = {
+        "q": 30 + torch.randn(shape, generator=gen, dtype=torch.float64),
+        "k": 40 + torch.randn(shape, generator=gen, dtype=torch.float64),
+        "v": torch.randn(shape, generator=gen, dtype=torch.float64),
+    }
+    mask = torch.arange(seq)[None, :] < torch.tensor([seq, 17, 0])[:, None]  # odd lengths, one all padding
+    scale = head_dim**-0.5
+    check_op(
+        lambda q, k, v, mask: bertfast.ops.attention(q, k, v, mask, scale, backend="ext"),
+        lambda q, k, v, mask: reference.attention(q, k, v, mask, scale),
+        lambda q, k, v, mask: reference.attention(q, k, v, mask, scale),  # fused SDPA below float64
+        floats,
+        {"mask": mask},
+        device,
+        dtype,
+        gen,
+        "attention[large scores]",
+    )
+
+
+@pytest.mark.parametrize(("device", "dtype"), EXT_CASES[:1] + EXT_CASES[4:5], ids=["cpu-fp32", "cuda-fp32"])
+@pytest.mark.usefixtures("ext_ready")
+def test_ext_masked_softmax_exact_zeros(device, dtype):
+    """Masked keys get exactly 0, a fully masked row is all 0 (with zero gradient), uint8 masks work."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 3, 5, 9, generator=gen).to(device, dtype).requires_grad_()
+    keep = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 0], [0] * 9], dtype=torch.uint8, device=device)
+    probs = ext.masked_softmax(scores, keep, 0.7)
+    assert torch.all(probs[:, :, :, keep[0] == 0][0] == 0)
+    assert torch.all(probs[1] == 0)
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(3, 5, device=device, dtype=dtype))
+    expected = torch.softmax((scores[0] * 0.7).masked_fill(keep[0] == 0, float("-inf")), dim=-1)
+    torch.testing.assert_close(probs[0], expected)
+    (grad,) = torch.autograd.grad(probs, scores, torch.randn_like(probs))
+    assert torch.all(grad[1] == 0) and torch.all(grad[0][:, :, keep[0] == 0] == 0)
+    assert torch.isfinite(grad).all()

@@ -21,6 +21,10 @@ from bertfast import BackendUnavailable  # noqa: E402
 from bertfast.numerics import assert_close  # noqa: E402
 from bertfast.ops import reference  # noqa: E402
 
+from .ext_harness import CASE_IDS as EXT_CASE_IDS  # noqa: E402
+from .ext_harness import CASES as EXT_CASES  # noqa: E402
+from .ext_harness import C, check_op, ext, ext_ready, make_inputs  # noqa: E402, F401 (ext_ready: a fixture)
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRETING else "cuda"
 
@@ -185,3 +189,27 @@ def test_bias_in_its_own_dtype():
     torch.testing.assert_close(y.float(), expected, rtol=2e-3, atol=2e-3)
     y.float().sum().backward()
     assert bias.grad.dtype == torch.float32 and x.grad.dtype == torch.float16
+
+
+# ------------------------------------------------------------------------------------------------
+# The extension's kernels (backend "ext", bertfast._C): against the float64 reference, every gradient
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "dtype"), EXT_CASES, ids=EXT_CASE_IDS)
+@pytest.mark.parametrize("shape", [(1, 1000), (7, 1024), (3, 11, 37)], ids=str)
+@pytest.mark.usefixtures("ext_ready")
+def test_ext_bias_gelu_matches_float64_reference(device, dtype, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    floats = make_inputs({"x": shape, "bias": (shape[-1],)}, gen, {"x": 2.0})
+    check_op(
+        ext.bias_gelu,
+        reference.bias_gelu,
+        lambda x, bias: F.gelu(x + bias),
+        floats,
+        {},
+        device,
+        dtype,
+        gen,
+        "bias_gelu",
+    )

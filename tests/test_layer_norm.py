@@ -21,6 +21,10 @@ from bertfast import BackendUnavailable  # noqa: E402
 from bertfast.numerics import assert_close  # noqa: E402
 from bertfast.ops import reference  # noqa: E402
 
+from .ext_harness import CASE_IDS as EXT_CASE_IDS  # noqa: E402
+from .ext_harness import CASES as EXT_CASES  # noqa: E402
+from .ext_harness import C, check_op, ext, ext_ready, make_inputs  # noqa: E402, F401 (ext_ready: a fixture)
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRETING else "cuda"
 GRAD_NAMES = ("x", "residual", "linear_bias", "weight", "bias")
@@ -265,3 +269,78 @@ def test_bad_inputs_raise_clear_errors():
         layer_norm.layer_norm(x.double(), weight, weight, 1e-5)
     with pytest.raises(ValueError, match="eps must be positive"):
         layer_norm.layer_norm(x, weight, weight, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The extension's kernels (backend "ext", bertfast._C): against the float64 reference, every gradient
+# ------------------------------------------------------------------------------------------------
+
+
+def torch_fused_layer_norm(x, weight, bias, residual=None, linear_bias=None, eps=1e-12):
+    """PyTorch's own LayerNorm at the inputs' precision (the low-precision yardstick)."""
+    h = x
+    if linear_bias is not None:
+        h = h + linear_bias
+    if residual is not None:
+        h = h + residual
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+
+@pytest.mark.parametrize(("device", "dtype"), EXT_CASES, ids=EXT_CASE_IDS)
+@pytest.mark.parametrize(("rows", "hidden"), [((1,), 1000), ((7,), 1024), ((3, 11), 37)], ids=str)
+@pytest.mark.parametrize("fused", ["plain", "residual", "residual+linear_bias"])
+@pytest.mark.usefixtures("ext_ready")
+def test_ext_layer_norm_matches_float64_reference(device, dtype, rows, hidden, fused):
+    gen = torch.Generator().manual_seed(hidden + len(fused))
+    shapes = {"x": (*rows, hidden), "weight": (hidden,), "bias": (hidden,)}
+    if "residual" in fused:
+        shapes["residual"] = (*rows, hidden)
+    if "linear_bias" in fused:
+        shapes["linear_bias"] = (hidden,)
+    # An offset mean and a non-unit scale, as in a real residual stream.
+    floats = make_inputs(shapes, gen, {"x": 3.0, "weight": 0.5})
+    floats["x"] += 2.0
+    check_op(
+        lambda eps, **t: ext.layer_norm(eps=eps, **t),
+        lambda eps, **t: reference.layer_norm(eps=eps, **t),
+        lambda eps, **t: torch_fused_layer_norm(eps=eps, **t),
+        floats,
+        {"eps": 1e-5},
+        device,
+        dtype,
+        gen,
+        f"layer_norm[{fused}]",
+    )
+
+
+@pytest.mark.usefixtures("ext_ready")
+def test_ext_layer_norm_weight_of_another_dtype():
+    """fp32 weights with fp64 activations are cast (differentiably): output in x's dtype, fp32 weight grads."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 40, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, generator=gen, requires_grad=True)
+    bias = torch.randn(40, generator=gen, requires_grad=True)
+    y = ext.layer_norm(x, weight, bias, 1e-6)
+    assert y.dtype == torch.float64
+    y.sum().backward()
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    expected = reference.layer_norm(x.detach(), weight.detach().double(), bias.detach().double(), 1e-6)
+    assert_close(y.detach(), expected)
+
+
+@pytest.mark.usefixtures("ext_ready")
+def test_ext_layer_norm_backward_is_deterministic_across_thread_counts():
+    gen = torch.Generator().manual_seed(9)
+    x, res, dy = (torch.randn(257, 300, generator=gen) for _ in range(3))
+    weight, lin = torch.randn(300, generator=gen), torch.randn(300, generator=gen)
+    _, mean, rstd = C.layer_norm_forward(x, weight, weight, res, lin, 1e-5, 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = C.layer_norm_backward(dy, x, weight, res, lin, mean, rstd, 0)
+        torch.set_num_threads(max(2, threads))
+        multi = C.layer_norm_backward(dy, x, weight, res, lin, mean, rstd, 0)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)
