@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bertfast
 
@@ -115,3 +116,15 @@ def assert_key_bias_gradient_vanishes(name: str, grad: torch.Tensor, query_bias_
     """The key bias's gradient is zero up to rounding: small beside the query bias's of the same layer (the
     scale of the scores' gradients), whatever the machine's reduction order makes of the noise itself."""
     assert grad.norm() <= 1e-4 * query_bias_grad.norm(), f"{name}: {grad.norm():.2e} vs {query_bias_grad.norm():.2e}"
+
+
+class OpNames(TorchDispatchMode):
+    """The name of every ATen op that runs inside it (``with OpNames() as ops:``; ``ops.ops`` in order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

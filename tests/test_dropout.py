@@ -35,7 +35,7 @@ from bertfast.errors import BackendUnavailable  # noqa: E402
 from bertfast.numerics import FP32_REL_TOL, MODEL_FP32_REL_TOL, assert_close, rel_error  # noqa: E402
 from bertfast.ops import triton_backend  # noqa: E402
 
-from .helpers import ragged_batch, small_config  # noqa: E402
+from .helpers import OpNames, ragged_batch, small_config  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -598,23 +598,11 @@ DROPOUT_CONFIG = dict(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2,
 def test_a_training_forward_draws_its_seeds_once_and_reads_nothing_back():
     """One generator call for every fused dropout of a forward (not one per kernel call), the seeds
     stay on the device (no host read), and the backward regenerates the forward's masks from them."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     config = small_config(**{**DROPOUT_CONFIG, "num_hidden_layers": 3})
     model = bertfast.BertModel(config, backend="triton").train().to(DEVICE)
     model.embeddings.dropout.p = 0.0  # eager dropout draws from the generator on its own
     ids, types, mask = (t.to(DEVICE) for t in ragged_batch(config, [9, 9], seq=9))
-    counter = Count()
-    with counter:
+    with OpNames() as counter:
         model(ids, mask, types).last_hidden_state.sum().backward()
     assert counter.ops.count("randint") == 1, counter.ops
     assert "_local_scalar_dense" not in counter.ops

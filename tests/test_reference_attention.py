@@ -3,9 +3,10 @@ per-sequence loop it replaced: outputs and every gradient, in float64, fp32 and 
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bertfast.ops import reference
+
+from .helpers import OpNames
 
 
 def per_sequence_attention(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -63,16 +64,6 @@ def test_layout_follows_the_score_count():
     assert not reference._block_diagonal(total=38, sequences=6, max_seqlen=9)  # 1444 > 972
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("layout", ["block-diagonal", "padded"])
 def test_op_count_does_not_grow_with_sequences(layout, monkeypatch):
     """A batch is a fixed number of ops with no host read, not a loop over its sequences."""
@@ -81,7 +72,7 @@ def test_op_count_does_not_grow_with_sequences(layout, monkeypatch):
     for sequences in (2, 40):
         q = torch.randn(3 * sequences, 2, 4)
         cu_seqlens = torch.arange(0, 3 * sequences + 1, 3, dtype=torch.int32)
-        with OpCounter() as counter:
+        with OpNames() as counter:
             reference.attention_varlen(q, q, q, cu_seqlens, 3, 0.5)
         assert not {"_local_scalar_dense", "item", "nonzero"} & set(counter.ops), counter.ops
         counts.append(len(counter.ops))
