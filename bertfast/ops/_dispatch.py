@@ -37,7 +37,17 @@ AUTO_ORDER = {
     "cpu": ("reference",),
 }
 
-OPS = ("layer_norm", "bias_gelu", "attention", "attention_varlen", "embedding_layer_norm", "mean_pool")
+OPS = (
+    "layer_norm",
+    "bias_gelu",
+    "attention",
+    "attention_varlen",
+    "embedding_layer_norm",
+    "mean_pool",
+    "quantize_rows",
+    "layer_norm_fp8",
+    "bias_gelu_fp8",
+)
 
 # op -> (capability flag a backend must set to run it with dropout_p > 0, what the dropout is)
 _DROPOUT_CAPABILITY = {

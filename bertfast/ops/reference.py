@@ -156,3 +156,47 @@ def mean_pool(x, cu_seqlens, normalize=False):
     sums = x.new_zeros((lengths.numel(), x.shape[1]), dtype=ct).index_add(0, sequence_of_row, x.to(ct))
     mean = sums / lengths.clamp(min=1)[:, None].to(ct)
     return (F.normalize(mean, dim=-1, eps=1e-12) if normalize else mean).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# FP8 (e4m3) quantization, per row: the activations of bertfast.fp8's GEMMs
+# --------------------------------------------------------------------------------------
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3fn's largest finite value
+
+
+def _quantize_rows_fp32(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` of fp32 ``y`` (..., K): ``scale = amax / 448`` per row (1 for a row of zeros) and
+    ``q = e4m3(clamp(y * (448 / amax)))``, rounded to nearest even; ``q * scale`` approximates ``y``.
+
+    The definition every FP8 kernel follows bit for bit (a multiply by the row's reciprocal, not a
+    division per element)."""
+    amax = y.abs().amax(dim=-1, keepdim=True)
+    nonzero = amax > 0
+    scale = torch.where(nonzero, amax / FP8_MAX, 1.0)
+    inverse = torch.where(nonzero, FP8_MAX / amax, 1.0)
+    q = (y * inverse).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def quantize_rows(x):
+    """``(q, scale)``: ``x`` (..., K) in e4m3 with one fp32 scale per row, ``scale`` of shape (..., 1)."""
+    return _quantize_rows_fp32(x.float())
+
+
+def layer_norm_fp8(x, weight, bias, eps, residual=None, linear_bias=None):
+    """:func:`layer_norm` (no dropout: inference) returning ``(y, q, scale)``: ``y`` in ``x``'s dtype and
+    the fp32 result quantized per row (:func:`quantize_rows`, from fp32, not from the rounded ``y``)."""
+    h = x.float()
+    if linear_bias is not None:
+        h = h + linear_bias.float()
+    if residual is not None:
+        h = h + residual.float()
+    y = F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps)
+    return (y.to(x.dtype), *_quantize_rows_fp32(y))
+
+
+def bias_gelu_fp8(x, bias):
+    """``gelu(x + bias)`` (:func:`bias_gelu`) quantized per row from fp32: ``(q, scale)``."""
+    return _quantize_rows_fp32(F.gelu(x.float() + bias.float()))
