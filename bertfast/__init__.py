@@ -12,6 +12,7 @@ from . import ops
 from .config import BertConfig
 from .cuda_graphs import CUDAGraphRunner, set_graphs
 from .errors import BackendUnavailable
+from .fp8 import quantize
 from .hf import convert as from_hf
 from .hf import register_attention
 from .loading import CheckpointError
@@ -50,6 +51,7 @@ __all__ = [
     "ops",
     "patch",
     "patched_modules",
+    "quantize",
     "register_attention",
     "set_graphs",
     "unpatch",

@@ -62,6 +62,7 @@ import torch.utils.checkpoint
 from . import cuda_graphs
 from .buckets import dense_packed
 from .errors import BackendUnavailable
+from .fp8 import check_fp8_linear, fp8_linear, is_fp8_linear
 from .family import (
     LayerParts,
     bert_layer_parts,
@@ -101,6 +102,10 @@ class Plan(NamedTuple):
     bias_gelu: Callable | None = None
     embedding_layer_norm: Callable | None = None
     layer_norm: Callable | None = None
+    # FP8 inference (bertfast.fp8): resolved for a quantized encoder only
+    quantize_rows: Callable | None = None
+    layer_norm_fp8: Callable | None = None
+    bias_gelu_fp8: Callable | None = None
 
 
 _PLANS: dict[tuple, Plan] = {}
@@ -126,14 +131,16 @@ def plan(
     head_dim: int = 0,
     attention_dropout: bool = False,
     hidden_dropout: bool = False,
+    fp8: bool = False,
 ) -> Plan:
     """The ops for activations of ``dtype`` on ``like``'s device with parameters of ``like``'s dtype.
 
-    ``heads == 0``: no attention (a head transform).  Cached by every argument that can
-    change a backend's answer.
+    ``heads == 0``: no attention (a head transform).  ``fp8``: the FP8 ops too (a quantized encoder,
+    :mod:`bertfast.fp8`; raises if the backend has none).  Cached by every argument that can change a
+    backend's answer.
     """
     dropout = (attention_dropout, hidden_dropout)
-    key = (backend, like.device, like.dtype, dtype, hidden, intermediate, heads, head_dim, *dropout)
+    key = (backend, like.device, like.dtype, dtype, hidden, intermediate, heads, head_dim, *dropout, fp8)
     # Under torch.compile the plan is traced, not cached: a guard on the cache's contents would
     # recompile the graph once the eager cache fills.
     compiling = torch.compiler.is_compiling()
@@ -158,6 +165,10 @@ def plan(
         # Packed-QKV variants (one gradient buffer for q, k and v), where the backend has them.
         functions["attention_qkv"] = _resolve("attention_qkv", backend, (probe, probe, probe), p, True)
         functions["attention_varlen_qkv"] = _resolve("attention_varlen_qkv", backend, (varlen, varlen, varlen), p, True)
+    if fp8:
+        functions["quantize_rows"] = _resolve("quantize_rows", backend, (x,), 0.0)
+        functions["layer_norm_fp8"] = _resolve("layer_norm_fp8", backend, (x, vector, vector), 0.0)
+        functions["bias_gelu_fp8"] = _resolve("bias_gelu_fp8", backend, (ffn, ffn[0].to(like.dtype)), 0.0)
     result = Plan(**functions)
     if not compiling:
         _PLANS[key] = result
@@ -189,7 +200,8 @@ def _encoder_plan(bert, backend: str, dtype: torch.dtype, parts_of) -> Plan:
         return plan(backend, weight, dtype, hidden, hidden, heads, hidden // heads)
     first = parts[0]
     sizes = (hidden, first.intermediate.weight.shape[0], first.heads, first.head_dim)
-    return plan(backend, weight, dtype, *sizes, attention_dropout, hidden_dropout)
+    fp8 = is_fp8_linear(first.query)
+    return plan(backend, weight, dtype, *sizes, attention_dropout, hidden_dropout, fp8)
 
 
 # --------------------------------------------------------------------------------------
@@ -435,25 +447,29 @@ def dropout_seeds(bert, parts_of, device: torch.device) -> torch.Tensor | None:
     return seeds.view(len(layers), SEEDS_PER_LAYER, 2)
 
 
+def attention(parts: LayerParts, qkv, mask, ops: Plan, seed=None):
+    """Softmax attention of ``qkv`` (..., 3 x hidden), the projections side by side, under ``mask``
+    (``None``, a bool ``(batch, seq)`` key-padding mask, or a PackedBatch); ``(..., heads, head_dim)``."""
+    qkv = qkv.unflatten(-1, (3, parts.heads, parts.head_dim))
+    extra = _dropout_kwargs(parts.attention_dropout, seed)
+    scale = parts.head_dim**-0.5
+    if isinstance(mask, PackedBatch):
+        if ops.attention_varlen_qkv is not None:
+            return ops.attention_varlen_qkv(qkv, mask.cu_seqlens, mask.max_seqlen, scale, **extra)
+        return ops.attention_varlen(*qkv.unbind(-3), mask.cu_seqlens, mask.max_seqlen, scale, **extra)
+    if ops.attention_qkv is not None:
+        return ops.attention_qkv(qkv, mask, scale, **extra)
+    return ops.attention(*qkv.unbind(-3), mask, scale, **extra)
+
+
 def layer(module, x, mask, ops: Plan, seeds=None, parts_of=bert_layer_parts):
     """One post-LN encoder layer.  ``mask``: ``None``, a bool ``(batch, seq)`` mask, or a PackedBatch.
     ``seeds``: this layer's ``(SEEDS_PER_LAYER, 2)`` dropout seeds (:func:`dropout_seeds`; None in eval).
     ``parts_of``: reads the layer's modules (:mod:`bertfast.family`: BERT's names or DistilBERT's)."""
     parts = parts_of(module)
-    heads, head_dim = parts.heads, parts.head_dim
-    qkv = qkv_projection(parts, x).unflatten(-1, (3, heads, head_dim))
+    qkv = qkv_projection(parts, x)
     seed = (None,) * SEEDS_PER_LAYER if seeds is None else (seeds[0, :1], seeds[1, :1], seeds[2, :1])
-    extra = _dropout_kwargs(parts.attention_dropout, seed[0])
-    scale = head_dim**-0.5
-    if isinstance(mask, PackedBatch):
-        if ops.attention_varlen_qkv is not None:
-            a = ops.attention_varlen_qkv(qkv, mask.cu_seqlens, mask.max_seqlen, scale, **extra)
-        else:
-            a = ops.attention_varlen(*qkv.unbind(-3), mask.cu_seqlens, mask.max_seqlen, scale, **extra)
-    elif ops.attention_qkv is not None:
-        a = ops.attention_qkv(qkv, mask, scale, **extra)
-    else:
-        a = ops.attention(*qkv.unbind(-3), mask, scale, **extra)
+    a = attention(parts, qkv, mask, ops, seed[0])
     attention_out = (parts.attention_dense, parts.attention_norm, parts.attention_output_dropout)
     x = _dense_residual_layer_norm(*attention_out, a.flatten(-2), x, ops, seed[1])
     dense = parts.intermediate._parameters
@@ -467,6 +483,61 @@ def layer(module, x, mask, ops: Plan, seeds=None, parts_of=bert_layer_parts):
             y = GeluDense.apply(h, bias, w, ops.bias_gelu)
             return _dense_residual_layer_norm(*output, None, x, ops, seed[2], y)
     return _dense_residual_layer_norm(*output, ops.bias_gelu(h, bias), x, ops, seed[2])
+
+
+def _fp8_dense(linear, q, scale, bias=None):
+    """``linear``'s GEMM on the FP8 rows ``q`` (tokens, K) with their ``scale`` (tokens, 1): bf16."""
+    return fp8_linear(q, scale, linear._parameters["weight"], linear._buffers["weight_scale"], bias)
+
+
+def layer_fp8(module, x, quantized, mask, ops: Plan, parts_of=bert_layer_parts):
+    """:func:`layer` with its four GEMMs in FP8 (:mod:`bertfast.fp8`; inference only).
+
+    ``quantized``: ``(q, scale)``, ``x``'s rows in e4m3 with one scale each.  Returns the layer's output
+    and its rows quantized the same way (by the last LayerNorm, in the same pass), for the next layer."""
+    parts = parts_of(module)
+    q, k, v = parts.query, parts.key, parts.value
+    rows = x.reshape(-1, x.shape[-1])
+    weight = torch.cat((q._parameters["weight"], k._parameters["weight"], v._parameters["weight"]))
+    weight_scale = torch.cat((q._buffers["weight_scale"], k._buffers["weight_scale"], v._buffers["weight_scale"]))
+    bias = torch.cat((q._parameters["bias"], k._parameters["bias"], v._parameters["bias"]))
+    qkv = fp8_linear(*quantized, weight, weight_scale, bias)
+    a = attention(parts, qkv.view(*x.shape[:-1], -1), mask, ops)
+    y = _fp8_dense(parts.attention_dense, *ops.quantize_rows(a.reshape(rows.shape)))
+    norm = parts.attention_norm
+    dense_bias = parts.attention_dense._parameters["bias"]
+    rows, *quantized = ops.layer_norm_fp8(y, norm.weight, norm.bias, norm.eps, rows, dense_bias)
+    h = _fp8_dense(parts.intermediate, *quantized)
+    y = _fp8_dense(parts.output_dense, *ops.bias_gelu_fp8(h, parts.intermediate._parameters["bias"]))
+    norm = parts.output_norm
+    dense_bias = parts.output_dense._parameters["bias"]
+    rows, *quantized = ops.layer_norm_fp8(y, norm.weight, norm.bias, norm.eps, rows, dense_bias)
+    return rows.view(x.shape), quantized
+
+
+def check_fp8_encoder(bert, parts_of, dtype) -> None:
+    """Raise where a quantized encoder cannot run: training, gradients, FP8 weights converted away, a
+    compute dtype other than bf16 (the FP8 GEMMs' output)."""
+    if dtype != torch.bfloat16:
+        raise TypeError(
+            f"this model's encoder is quantized to FP8 and computes in torch.bfloat16, not {dtype} (an autocast "
+            "to another dtype, or parameters converted after quantization?)"
+        )
+    if bert.training:
+        raise RuntimeError(
+            "this model's encoder is quantized to FP8, which is inference-only: call model.eval() (FP8 layers have "
+            "no dropout and no backward)"
+        )
+    for i, module in enumerate(encoder_layers(bert)):
+        parts = parts_of(module)
+        for name in ("query", "key", "value", "attention_dense", "intermediate", "output_dense"):
+            linear = getattr(parts, name)
+            check_fp8_linear(linear, f"layer {i}'s {name}")
+            if torch.is_grad_enabled() and any(p.requires_grad for p in linear._parameters.values()):
+                raise RuntimeError(
+                    f"layer {i}'s {name} has parameters that require grad, but FP8 layers have no backward: run "
+                    "the quantized model under torch.no_grad() or torch.inference_mode(), with frozen parameters"
+                )
 
 
 class GeluDense(torch.autograd.Function):
@@ -610,6 +681,8 @@ def encode(
     dtype = compute_dtype(device, weight.dtype)
     parts_of = layer_parts_function(bert)
     ops = _encoder_plan(bert, backend, dtype, parts_of)
+    if ops.layer_norm_fp8 is not None:
+        check_fp8_encoder(bert, parts_of, dtype)
     positions_given = position_ids is not None
     if not positions_given:  # from the padded ids, before any packing (RoBERTa counts real tokens only)
         position_ids = default_position_ids(config, input_ids, seq, device)
@@ -708,6 +781,13 @@ def encode(
 
 def run_layers(bert, x, mask, ops: Plan, parts_of, states=None):
     """Every encoder layer of ``bert`` on ``x`` (appending each output to ``states`` when given)."""
+    if ops.layer_norm_fp8 is not None:
+        quantized = ops.quantize_rows(x.reshape(-1, x.shape[-1]))
+        for module in encoder_layers(bert):
+            x, quantized = layer_fp8(module, x, quantized, mask, ops, parts_of)
+            if states is not None:
+                states.append(x)
+        return x
     seeds = dropout_seeds(bert, parts_of, x.device)
     for i, module in enumerate(encoder_layers(bert)):
         # A native layer is called as a module, so its hooks run (FSDP2 gathers its shards in one).
