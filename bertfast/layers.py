@@ -62,7 +62,6 @@ import torch.utils.checkpoint
 from . import cuda_graphs
 from .buckets import dense_packed
 from .errors import BackendUnavailable
-from .fp8 import check_fp8_linear, fp8_linear, is_fp8_linear
 from .family import (
     LayerParts,
     bert_layer_parts,
@@ -74,6 +73,7 @@ from .family import (
     longest_sequence_message,
     separates_packed_sequences,
 )
+from .fp8 import check_fp8_linear, fp8_linear, is_fp8_linear
 from .ops import _dispatch
 from .padding import (
     PackedBatch,
