@@ -31,8 +31,11 @@ column's rounding error be compensated in the columns not yet rounded (GPTQ).
 The quantized model is inference-only and holds ordinary tensors: each quantized ``nn.Linear``
 keeps its ``weight`` parameter, now ``float8_e4m3fn`` (no gradient), and a ``weight_scale`` buffer
 (fp32, one per output channel); everything else is cast to bf16.  ``state_dict``, ``safetensors``,
-``deepcopy`` and ``.to(device)`` work; loading a non-FP8 weight into it, ``.train()``, gradients and a
-dtype change of the FP8 weights (``.half()``, ``.to(dtype)``) are refused with the reason.
+``deepcopy`` and ``.to(device)`` work; loading a non-FP8 weight into it, ``.train()``, gradients, a
+dtype change of the FP8 weights (``.half()``, ``.to(dtype)``), ``save_pretrained`` of a native model and
+``bertfast.unpatch`` are refused with the reason.  (transformers' own ``save_pretrained`` of a patched
+model is not ours to refuse: its checkpoint holds the FP8 weights and their scales, which only a
+model quantized the same way can load, through ``load_state_dict``.)
 """
 
 from __future__ import annotations

@@ -349,8 +349,15 @@ class BertPreTrainedModel(nn.Module):
         ``state_dict`` (default: the model's) and ``is_main_process`` (only it writes) as
         transformers' ``save_pretrained``, which Trainer calls with them.
         """
+        from .fp8 import is_quantized
         from .loading import save_pretrained
 
+        if is_quantized(self):
+            raise ValueError(
+                "an FP8-quantized model has no Hugging Face checkpoint format (transformers would load its FP8 "
+                "weights without their scales): save model.state_dict() (safetensors works) and load it into a model "
+                "quantized the same way, or save the model before bertfast.quantize"
+            )
         if is_main_process:
             save_pretrained(self, path, state_dict)
 

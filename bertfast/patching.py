@@ -670,6 +670,13 @@ def patched_modules(model: nn.Module) -> list[str]:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: every module's forward is its class's again, no attribute left behind."""
+    from .fp8 import is_quantized
+
+    if is_quantized(model):
+        raise ValueError(
+            "this model is quantized to FP8 (bertfast.quantize), which only bertfast's layers run: transformers' "
+            "own forward cannot use FP8 weights and their scales. Load the model again to run it unpatched"
+        )
     for module in model.modules():
         if _patched_forward_of(module) is not None:
             del module.forward

@@ -212,6 +212,8 @@ def test_patched_transformers_model_quantizes_like_the_native_one():
     with pytest.raises(ValueError, match="bertfast.patch"):
         bertfast.quantize(copy.deepcopy(hf), "fp8")
     patched = bertfast.quantize(bertfast.patch(hf, backend="reference"), "fp8")
+    with pytest.raises(ValueError, match="only bertfast's layers run"):
+        bertfast.unpatch(patched)
     native = bertfast.quantize(copy.deepcopy(model), "fp8")
     ids, _, mask = ragged_batch(model.config, [8, 5], 8)
     with torch.no_grad():
@@ -237,7 +239,7 @@ def test_bucketed_path_and_hidden_states_run_the_fp8_layers():
 # ---------------------------------------------------------------------------------------- ordinary tensors
 
 
-def test_state_dict_saves_and_loads_fp8_weights():
+def test_state_dict_saves_and_loads_fp8_weights(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
     model = _model(seed=6)
     quantized = bertfast.quantize(copy.deepcopy(model), "fp8")
@@ -256,6 +258,8 @@ def test_state_dict_saves_and_loads_fp8_weights():
     reloaded = torch.load(buffer, weights_only=False)
     assert torch.equal(reloaded(ids, attention_mask=mask).last_hidden_state, expected)
     assert torch.equal(copy.deepcopy(quantized).to("cpu")(ids, attention_mask=mask).last_hidden_state, expected)
+    with pytest.raises(ValueError, match="no Hugging Face checkpoint format"):
+        quantized.save_pretrained(str(tmp_path))
 
 
 def test_loading_unquantized_weights_is_refused_and_copies_none():
