@@ -65,14 +65,17 @@ GPU_SIZE_MULTIPLE = 16
 
 
 @functools.cache
-def _cpu_reason() -> str | None:
-    """Whether this torch runs ``_scaled_mm`` with row-wise scales on the CPU (torch 2.13 does)."""
+def _probe(device: torch.device) -> str | None:
+    """Whether this torch runs the product the layers run (row-wise scales, a bf16 bias, bf16 out) on
+    ``device``: the one honest answer (the CPU in torch 2.13 does; GPUs by generation and build)."""
     try:
-        a = torch.zeros((16, 16), dtype=FP8_DTYPE)
-        scale = torch.ones((16, 1))
-        torch._scaled_mm(a, a.t(), scale_a=scale, scale_b=scale.t(), out_dtype=COMPUTE_DTYPE)
+        a = torch.zeros((16, 16), dtype=FP8_DTYPE, device=device)
+        scale = torch.ones((16, 1), device=device)
+        bias = torch.zeros(16, dtype=COMPUTE_DTYPE, device=device)
+        torch._scaled_mm(a, a.t(), scale_a=scale, scale_b=scale.t(), bias=bias, out_dtype=COMPUTE_DTYPE)
     except Exception as exc:  # the reason, for the user
-        return f"torch {torch.__version__} cannot run FP8 matrix products on the CPU ({type(exc).__name__}: {exc})"
+        where = "the CPU" if device.type == "cpu" else str(device)
+        return f"torch {torch.__version__} cannot run row-wise-scaled FP8 matrix products on {where} ({exc})"
     return None
 
 
@@ -88,9 +91,10 @@ def unsupported(device) -> str | None:
         if (major, minor) < (8, 9):
             name = torch.cuda.get_device_name(device)
             return f"FP8 e4m3 matrix products need an Ada or Hopper GPU (sm_89+); {name} is sm_{major}{minor}"
-        return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _probe(torch.device("cuda", index))
     if device.type == "cpu":
-        return _cpu_reason()
+        return _probe(device)
     return f"FP8 inference runs on CUDA GPUs (sm_89+) and the CPU, not on {device.type}"
 
 

@@ -48,7 +48,10 @@ def test_unsupported_names_the_gpu_generation(monkeypatch):
     reason = fp8.unsupported("cuda")
     assert "sm_89" in reason and "sm_80" in reason and "A100" in reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert fp8.unsupported("cuda") is None
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(fp8, "_probe", lambda device: None if device == torch.device("cuda", 0) else "wrong device")
+    assert fp8.unsupported("cuda") is None  # the generation passes: a product is tried on the device
+    monkeypatch.undo()
     assert fp8.unsupported("cpu") is None  # the pinned torch runs _scaled_mm on the CPU
 
 
