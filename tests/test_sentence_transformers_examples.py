@@ -29,6 +29,15 @@ def test_embedding_example_writes_the_unpatched_models_embeddings(text_file, tmp
     assert "bertfast patched 0.model" in capsys.readouterr().out
 
 
+def test_sentence_embeddings_example_in_fp8(text_file, tmp_path, capsys):
+    out = tmp_path / "fp8.npy"
+    argv = ["--input", str(text_file), "--output", str(out), "--batch-size", "2", "--no-progress", "--fp8"]
+    result = load_example("sentence_embeddings").main([*argv, "--backend", "reference", "--device", "cpu", "--check"])
+    assert np.load(out).shape == (4, 384)
+    assert 0.99 < result["min_cosine"] < 1.0 - 1e-6  # FP8 ran, and stays close
+    assert "weights calibrated on 4 texts" in capsys.readouterr().out
+
+
 def test_rerank_example_ranks_every_candidate_with_the_unpatched_models_scores(text_file, capsys):
     argv = ["--query", "how is bread made?", "--candidates", str(text_file), "--top-k", "3", "--check"]
     result = load_example("rerank").main([*argv, "--backend", "reference", "--device", "cpu", "--no-progress"])
