@@ -79,10 +79,9 @@ def test_fp8_impl_is_refused_with_the_reason(tiny_bench, refused):
         tiny_bench.train_case(FP8_IMPL, "bf16", shapes.ModelShape(2, 13))
 
 
-def test_fp8_forward_case_runs_quantized_and_padding_free(tiny_bench):
+def test_fp8_forward_case_runs_the_quantized_model(tiny_bench):
     _needs_fp8()
     import bertfast.fp8
-
     from bertfast.benchmarking.cases import run_case
     from bertfast.benchmarking.timing import SMOKE_PLAN
 
