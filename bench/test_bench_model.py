@@ -12,7 +12,11 @@ GPU (bf16 unless stated):
   captured; the eager step; hf-sdpa) in bf16 and ``TASK_AMP_IMPLS`` under autocast;
 - padding-free rows (``*-varlen``): forward and training step at 32x128 and 16x512 with
   lengths from each of ``shapes.LENGTH_DISTRIBUTIONS`` (``VARLEN_IMPLS``: bertfast unpadded,
-  bertfast-padded, hf-sdpa).
+  bertfast-padded, hf-sdpa);
+- FP8 inference (``bertfast-fp8``, ``bertfast.quantize(model, "fp8")``, rows in bf16) beside ``bertfast``
+  and ``hf-sdpa`` at ``shapes.FP8_SHAPES``: padded 32x128 and 32x384, SQuAD-like lengths at 384
+  (``<model>-fwd-varlen``, lengths ``squad-like``); refused, with ``bertfast.fp8.unsupported``'s reason,
+  where FP8 cannot run.
 
 Without a GPU (or with --benchmark-disable): a 2-layer BERT at 2 x 13 (4 x 13 for the
 padding-free rows) in fp32 (the autocast rows in bf16), each case run once; the CUDA-graph
@@ -28,6 +32,9 @@ from bertfast.benchmarking import shapes
 from bertfast.benchmarking.models import (
     AMP_IMPLS,
     DROP_IN_IMPLS,
+    FP8_IMPL,
+    FP8_IMPLS,
+    FP8_ROW_DTYPE,
     MODEL_IMPLS,
     TASK_AMP_IMPLS,
     TASK_IMPLS,
@@ -158,6 +165,26 @@ TASK_PARAMS = _params(
 VARLEN_PARAMS = _varlen_params()
 
 
+def _fp8_params():
+    """FP8 beside the bf16 default and Hugging Face; the padded 32x128 bf16 rows are test_forward's already."""
+    params = []
+    for chosen, mark, dtype in ((shapes.FP8_SHAPES, GPU_ONLY, "bf16"), (shapes.SMOKE_FP8_SHAPES, SMOKE_ONLY, "fp32")):
+        standard = set(shapes.FORWARD_SHAPES) if mark is GPU_ONLY else set()
+        for shape, lengths in chosen:
+            for impl in FP8_IMPLS:
+                if impl != FP8_IMPL and lengths is None and shape in standard:
+                    continue
+                row_dtype = FP8_ROW_DTYPE if impl == FP8_IMPL else dtype
+                where = shape.label + ("" if lengths is None else f"-{lengths.name}")
+                params.append(
+                    pytest.param(shape, row_dtype, lengths, impl, id=f"{row_dtype}-{where}-{impl}", marks=mark)
+                )
+    return params
+
+
+FP8_PARAMS = _fp8_params()
+
+
 @pytest.mark.parametrize("shape, dtype, impl", FORWARD_PARAMS)
 def test_forward(benchmark, bench_run, shape, dtype, impl):
     row = _run(benchmark, bench_run, "fwd", shape, dtype, impl)
@@ -190,3 +217,14 @@ def test_forward_varlen(benchmark, bench_run, shape, dtype, lengths, impl):
 def test_train_step_varlen(benchmark, bench_run, shape, dtype, lengths, impl):
     row = _run(benchmark, bench_run, "train", shape, dtype, impl, lengths)
     assert row["lengths"] == lengths.name
+
+
+@pytest.mark.parametrize("shape, dtype, lengths, impl", FP8_PARAMS)
+def test_forward_fp8(benchmark, bench_run, shape, dtype, lengths, impl):
+    """FP8 inference rows; where FP8 cannot run the case is skipped with bertfast.fp8.unsupported's reason."""
+    row = _run(benchmark, bench_run, "fwd", shape, dtype, impl, lengths)
+    assert row["dtype"] == dtype and row.get("lengths") == (None if lengths is None else lengths.name)
+    if impl == FP8_IMPL:
+        assert "e4m3" in row["note"]
+    else:
+        _check_forward(row, dtype)

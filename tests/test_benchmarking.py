@@ -1041,9 +1041,10 @@ def test_first_light_numbers_and_skipped_sections(tmp_path):
     light = firstlight.FirstLight(tiny=True, budget_s=100, results=str(tmp_path))
     names = [section.name for section in light.plan()]
     assert names[:3] == ["peaks", "forward 2x13", "host probe"]
-    assert names[-1] == "sentence embeddings"  # lowest priority: it runs when time is left
+    # Lowest priority, when time is left: sentence embeddings, then FP8 (after every training and graph row).
+    assert names[-3:] == ["sentence embeddings", "fp8", "fp8 accuracy"]
     for section in light.plan()[1:]:
-        if section.name in ("host probe", "sentence embeddings"):  # numbers of their own, no result-file rows
+        if section.name in ("host probe", "sentence embeddings", "fp8 accuracy"):  # numbers, no result-file rows
             continue
         assert light.identities(section.name), section.name
     light.skip_section(next(s for s in light.plan() if s.name == "padding-free"), "out of time")

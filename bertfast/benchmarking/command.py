@@ -18,6 +18,10 @@
    eager step and Hugging Face sdpa, like for like (pure ``--dtype``; and in bf16/fp16 AMP:
    float32 weights under autocast), with MFU against the bf16 matmul rate measured in the
    same run (n/a on the CPU).
+   ``--fp8`` adds ``bertfast-fp8`` (``bertfast.quantize(model, "fp8")``, rows in bf16) to the forward
+   section, interleaved with the rest; its check against the reference is shown for information (FP8's
+   accuracy is ``python -m bench.fp8_accuracy``'s).  A device that cannot run FP8 says why
+   (``bertfast.fp8.unsupported``) and the row is listed as skipped with that reason.
 4. ``--save DIR`` writes the rows as a result file, ``DIR/<gpu-slug>/<date>-<commit>.json``.
 
 Without a GPU it says so and runs a reduced benchmark on the CPU (BERT-small unless
@@ -39,7 +43,17 @@ from ..numerics import LOWP_FACTOR, LOWP_FLOOR, MODEL_FP32_REL_TOL, rel_error
 from .cases import Skip, run_interleaved, skip_row_for, unavailable
 from .device import DTYPES, device_name, environment, gpu_state, measure_peaks
 from .display import Display
-from .models import HF_IMPLS, TASK_AMP_IMPLS, TASK_IMPLS, ModelBench, backend_of
+from .models import (
+    FP8_IMPL,
+    FP8_ROW_DTYPE,
+    HF_IMPLS,
+    MLPERF_OFFLINE_SEQ_PER_S,
+    TASK_AMP_IMPLS,
+    TASK_IMPLS,
+    ModelBench,
+    backend_of,
+    impl_spec,
+)
 from .schema import new_result, row_problems, write_result
 from .shapes import PADDING_DISTRIBUTION, ModelShape, bert_large_config, tiny_config
 from .timing import GPU_PLAN, QUICK_GPU_PLAN, TimingPlan, timing_description
@@ -79,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time Hugging Face transformers: eager, sdpa and torch.compile (default: on)",
     )
     parser.add_argument("--train", action="store_true", help="also time a training step (forward, backward, AdamW)")
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help='also time the FP8 model (bertfast.quantize(model, "fp8"): e4m3 GEMMs, the rest bf16) in the forward '
+        "section; on a device that cannot run FP8 it says why",
+    )
     parser.add_argument("--save", metavar="DIR", default=None, help="write a result file to DIR/<gpu-slug>/")
     parser.add_argument(
         "--checkpoint", metavar="DIR", default=None, help="a local Hugging Face folder of a BERT-family model"
@@ -107,6 +127,8 @@ def _impls(args) -> list[str]:
         # The drop-in path most users take: Hugging Face's model after bertfast.patch (backend auto).
         impls += [DROP_IN] if "bertfast" in impls else []
         impls += HF_IMPLS
+    if getattr(args, "fp8", False):
+        impls.append(FP8_IMPL)
     return impls
 
 
@@ -184,6 +206,9 @@ def _check(models: ModelBench, impls: list[str], dtype: str, shape: ModelShape, 
         max_error = (out.float() - ref).abs().max().item()
         rel = rel_error(out.float(), ref)
         ours = _is_ours(impl)
+        if impl_spec(impl).fp8:  # not held to the bf16 bound: its accuracy has a report of its own
+            checks.append(_Check(impl, max_error, rel, "FP8: see python -m bench.fp8_accuracy", None))
+            continue
         if lowp_bound is None:
             ok = bool(rel <= MODEL_FP32_REL_TOL)
             bound = f"rel <= {MODEL_FP32_REL_TOL:.0e}"
@@ -256,6 +281,8 @@ def run(args) -> int:
             reason = "the torch.compile baseline is timed on a GPU only"
         if reason is not None:
             skipped[impl] = reason
+    if FP8_IMPL in skipped:
+        display.line(f"--fp8: FP8 cannot run on {device_name(device)}: {skipped[FP8_IMPL]}", style="bold yellow")
     runnable = [impl for impl in impls if impl not in skipped]
 
     # 1. correctness, before anything is timed, at the batch that is timed
@@ -293,13 +320,14 @@ def run(args) -> int:
             progress.done(f"{kind}: {len(cases)} implementations timed")
         for impl in impls_of_section:
             outcome, name = outcomes[impl], f"{models.label}-{kind}"
+            row_dtype = FP8_ROW_DTYPE if impl == FP8_IMPL else dtype
             if isinstance(outcome, Skip):
-                skipped_rows.append(skip_row_for(name, impl, dtype, batch, seq, str(outcome)))
+                skipped_rows.append(skip_row_for(name, impl, row_dtype, batch, seq, str(outcome)))
                 continue
             problems = row_problems(outcome)
             if problems:  # e.g. a NaN error: the output was wrong, so its time is no result
                 reason = f"failed: not a valid result ({'; '.join(problems)})"
-                skipped_rows.append(skip_row_for(name, impl, dtype, batch, seq, reason))
+                skipped_rows.append(skip_row_for(name, impl, row_dtype, batch, seq, reason))
                 continue
             rows.append(outcome)
     state_at_end = gpu_state(device)
@@ -316,6 +344,9 @@ def run(args) -> int:
     for warning in _spread_warnings(rows, labels):
         display.line(warning, style="yellow")
     for impl, reason in skipped.items():
+        if impl == FP8_IMPL:  # inference only
+            skipped_rows.append(skip_row_for(f"{models.label}-fwd", impl, FP8_ROW_DTYPE, batch, seq, reason))
+            continue
         for kind in ("fwd", "train") if args.train else ("fwd",):
             skipped_rows.append(skip_row_for(f"{models.label}-{kind}", impl, dtype, batch, seq, reason))
     if skipped_rows:
@@ -352,7 +383,7 @@ def _sections(args, models: ModelBench, runnable: list[str], dtype: str):
     sections = [("fwd", runnable, models.forward_case)]
     if not args.train:
         return sections
-    sections.append(("train", runnable, models.train_case))
+    sections.append(("train", [impl for impl in runnable if impl != FP8_IMPL], models.train_case))
     ours, baseline = "bertfast" in runnable, BASELINE in runnable
     for task in ("mlm", "cls"):
         build = functools.partial(models.task_train_case, task)
@@ -422,6 +453,16 @@ def _print_rows(display: Display, label: str, kind: str, rows: list[dict], label
         ),  # fmt: skip
         table,
     )
+    fp8 = next((r for r in rows if r["impl"] == FP8_IMPL), None)
+    bf16 = next((r for r in rows if r["impl"] == "bertfast"), None)
+    if fp8 is not None:
+        rate = fp8["batch"] / (fp8.get("throughput_ms") or fp8["median_ms"]) * 1e3
+        versus = "" if bf16 is None else f"{bf16['median_ms'] / fp8['median_ms']:.2f}x bertfast ({bf16['dtype']}); "
+        display.line(
+            f"{FP8_IMPL}: e4m3 GEMMs, the rest in {fp8['dtype']}; {versus}{rate:,.0f} seq/s back to back = "
+            f"{rate / MLPERF_OFFLINE_SEQ_PER_S:.2f} of MLPerf Inference v3.1 offline ({MLPERF_OFFLINE_SEQ_PER_S:,.0f} "
+            "seq/s on an H100, SQuAD lengths)"
+        )
     recipes = {r["note"][r["note"].index("recipe: ") :] for r in rows if "recipe: " in (r.get("note") or "")}
     for recipe in sorted(recipes):
         display.line(recipe)

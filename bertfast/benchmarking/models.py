@@ -31,6 +31,10 @@
                              a GPU; the same code run eagerly on the CPU.  Its host packing and copy-in are
                              inside the timed call
     bertfast-trainstep-amp   bertfast-trainstep over float32 weights, TrainStep(autocast_dtype=...)
+    bertfast-fp8             bertfast (auto, padding-free, the bucketed CUDA graphs on CUDA eval) after
+                             bertfast.quantize(model, "fp8"): the four GEMMs of each layer in e4m3 with
+                             row-wise scales (round-to-nearest weights), everything else in bf16; inference
+                             only, its rows always bf16; refused with bertfast.fp8.unsupported(device)'s reason
 
 All share one set of weights: a float32 bertfast model (random, seeded, or a checkpoint)
 whose ``state_dict`` is loaded into the Hugging Face models and cast to the benchmark
@@ -117,10 +121,18 @@ class ImplSpec:
     amp: bool = False  # float32 weights under torch.autocast
     train_step: bool = False  # bertfast.TrainStep (task training rows only)
     graphs: bool = True  # bertfast: the bucketed CUDA-graph inference path (the default on CUDA eval)
+    fp8: bool = False  # bertfast: bertfast.quantize(model, "fp8"), inference only
 
 
-# bertfast rows that run padding-free on a ragged batch (the default, and its eager twin).
-PADDING_FREE_IMPLS = ("bertfast", "bertfast-eager")
+# bertfast rows that run padding-free on a ragged batch (the default, its eager twin, the FP8 model).
+PADDING_FREE_IMPLS = ("bertfast", "bertfast-eager", "bertfast-fp8")
+# The FP8 inference model: its rows' dtype whatever the section's (non-GEMM work and activations in bf16).
+FP8_IMPL, FP8_ROW_DTYPE = "bertfast-fp8", "bf16"
+# The FP8 rows, interleaved: FP8 against our bf16 default (on CUDA eval the bucketed graph path) and Hugging Face.
+FP8_IMPLS = (FP8_IMPL, "bertfast", "hf-sdpa")
+# Issue 25's throughput target for the FP8 model: MLPerf Inference v3.1, BERT-99 offline on SQuAD v1.1 (max 384),
+# one H100, sequences/s.
+MLPERF_OFFLINE_SEQ_PER_S = 9100.0
 
 IMPLS = {
     "bertfast": ImplSpec("bertfast"),
@@ -140,7 +152,18 @@ IMPLS = {
     "hf-compile-amp": ImplSpec("hf", compiled=True, amp=True),
     "bertfast-trainstep": ImplSpec("bertfast", train_step=True),
     "bertfast-trainstep-amp": ImplSpec("bertfast", amp=True, train_step=True),
+    FP8_IMPL: ImplSpec("bertfast", fp8=True),
 }
+
+
+def fp8_reason(device: torch.device | str) -> str | None:
+    """Why the FP8 model cannot run on ``device`` (``bertfast.fp8.unsupported``), or None."""
+    try:
+        from .. import fp8
+    except ImportError as exc:
+        return f"this bertfast has no FP8 path (bertfast.fp8: {exc})"
+    reason = fp8.unsupported(torch.device(device))
+    return None if reason is None else f"FP8 refused: {reason}"
 
 
 def impl_spec(impl: str) -> ImplSpec:
@@ -338,6 +361,8 @@ class ModelBench:
         spec = impl_spec(impl)  # unknown names raise
         if spec.cuda_graph and self.device.type != "cuda":
             return "CUDA graphs need a CUDA device (bertfast.CUDAGraphRunner refuses CPU tensors)"
+        if spec.fp8:
+            return fp8_reason(self.device)
         if spec.family == "bertfast":
             return None if spec.backend == "auto" else ops.backend_availability(spec.backend)
         return transformers_reason()
@@ -354,6 +379,25 @@ class ModelBench:
         base = self._weights_in(dtype)
         model = copy.deepcopy(base) if fresh else _shared_copy(base)  # the backend is per instance
         return model.set_backend(backend)
+
+    def fp8_model(self, *, fresh: bool = False) -> BertModel:
+        """The master weights quantized by ``bertfast.quantize(model, "fp8")`` (round-to-nearest weights from the
+        float32 master; the rest cast to bf16 by quantize), backend auto, in eval: one copy, kept."""
+        key = ("bertfast-fp8",)
+        if fresh or key not in self._models:
+            from ..errors import BackendUnavailable
+
+            reason = self.skip_reason(FP8_IMPL)
+            if reason is not None:
+                raise BackendUnavailable(reason)
+            from .. import quantize
+
+            model = copy.deepcopy(self.master).set_backend("auto").eval().requires_grad_(False)
+            quantize(model, "fp8")
+            if fresh:
+                return model
+            self._models[key] = model
+        return self._models[key]
 
     def hf_model(self, dtype: str, attn_implementation: str, *, fresh: bool = False) -> torch.nn.Module:
         key = ("hf", dtype, attn_implementation)
@@ -430,7 +474,10 @@ class ModelBench:
         weights = "fp32" if spec.amp else dtype
         runner = None
         if spec.family == "bertfast":
-            model = self.bertfast_model(weights, spec.backend, fresh=fresh)
+            if spec.fp8:
+                model = self.fp8_model(fresh=fresh)
+            else:
+                model = self.bertfast_model(weights, spec.backend, fresh=fresh)
             model.set_unpad(spec.unpad if unpad is None else unpad)
             if spec.cuda_graph:
                 from ..cuda_graphs import CUDAGraphRunner
@@ -528,6 +575,11 @@ class ModelBench:
             notes.append(f"torch.autocast({dtype}) over float32 weights, AdamW state in float32")
         if spec.cuda_graph:
             notes.append(f"one CUDA graph bucket of exactly {shape.label}; outputs cloned out of the graph")
+        if spec.fp8:
+            notes.append(
+                'bertfast.quantize(model, "fp8"): the four GEMMs per layer in e4m3 (row-wise scales, round-to-nearest '
+                "weights, activations quantized per token), attention and the rest in bf16; padding-free"
+            )
         if spec.train_step:
             how = "captured: one CUDA graph of the bucket, replayed" if self.device.type == "cuda" else "run eagerly"
             notes.append(f"bertfast.TrainStep ({how}; bucket {shape.label}, token budget {shape.batch * shape.seq}; "
@@ -570,6 +622,8 @@ class ModelBench:
         reason = self.skip_reason(impl)
         if reason is not None:
             raise Skip(reason)
+        if impl_spec(impl).fp8:
+            dtype = FP8_ROW_DTYPE
         unpad = True if lengths is not None and impl in PADDING_FREE_IMPLS else None
         built = self.build(impl, dtype, unpad=unpad, shape=shape)
         forward = built.forward
@@ -606,10 +660,12 @@ class ModelBench:
         self, impl: str, dtype: str, shape: ModelShape, input_sets: int = 3, lengths: LengthDistribution | None = None
     ) -> Case:
         """A training step of ``impl``; ``lengths``: a padding-free row (``bertfast`` then unpads always)."""
+        spec = impl_spec(impl)
+        if spec.fp8:
+            raise ValueError(f"{impl} is inference-only")
         reason = self.skip_reason(impl)
         if reason is not None:
             raise Skip(reason)
-        spec = impl_spec(impl)
         if spec.cuda_graph:
             raise ValueError(f"{impl} is inference-only")
         unpad = True if lengths is not None and impl in PADDING_FREE_IMPLS else None
@@ -680,7 +736,7 @@ class ModelBench:
     def task_model(self, task: str, impl: str, dtype: str) -> torch.nn.Module:
         """A fresh ``task`` model (bertfast or Hugging Face) of ``impl`` with the shared weights."""
         spec = impl_spec(impl)
-        if spec.patched or spec.compiled or spec.cuda_graph:
+        if spec.patched or spec.compiled or spec.cuda_graph or spec.fp8:
             raise ValueError(f"{impl} has no task training row")
         model_class, hf_class, _ = TASK_MODELS[task]
         with torch.device(self.device):

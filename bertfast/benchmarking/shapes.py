@@ -19,6 +19,12 @@ clipped to ``[1, seq]``:
   maximum; the shape of tokenized sentences and passages (many short, a long tail cut at
   the model's limit).
 
+One more distribution is kept apart (the FP8 inference rows use it, not the padding-free section):
+
+- ``squad-like``: SQuAD v1.1 question + context in BERT wordpieces at the maximum 384 (MLPerf
+  Inference's BERT task), ``f = min(1, 0.40 * exp(0.48 * z))``: median 154 tokens, mean 170,
+  3% of the sequences at the maximum (long contexts are cut into 384-token windows).
+
 The draws are stratified so every batch represents its distribution: with ``u_i = (p_i +
 v_i) / batch`` for a random permutation ``p`` of ``0..batch-1`` and ``v_i ~ U(0, 1)``, the
 fraction is the distribution's quantile at ``u_i``.  Each length is still a draw from the
@@ -144,24 +150,42 @@ class TextLikeLengths:
         return (self.median * torch.exp(self.sigma * z)).clamp(max=1.0).to(u.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class SquadLikeLengths(TextLikeLengths):
+    """SQuAD v1.1 question + context lengths in BERT wordpieces as a fraction of the maximum (384): a clipped
+    log-normal with median 0.40 (154 of 384) and sigma 0.48, mean 170 tokens, 3% at the maximum."""
+
+    median: float = 0.40
+    sigma: float = 0.48
+    name = "squad-like"
+
+    @property
+    def description(self) -> str:
+        return "SQuAD v1.1 question + context in BERT wordpieces (max 384): " + super().description
+
+
 def _normal_cdf(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
 
 LengthDistribution = UniformLengths | TextLikeLengths
 LENGTH_DISTRIBUTIONS: tuple[LengthDistribution, ...] = (UniformLengths(0.2, 1.0), TextLikeLengths(0.45, 0.6))
+# The FP8 inference rows' lengths (MLPerf Inference's BERT task runs SQuAD v1.1 at max 384).
+SQUAD_LIKE = SquadLikeLengths()
+SQUAD_MAX = 384
 
 
 def length_distribution(name: str) -> LengthDistribution:
-    for dist in LENGTH_DISTRIBUTIONS:
+    for dist in (*LENGTH_DISTRIBUTIONS, SQUAD_LIKE):
         if dist.name == name:
             return dist
-    raise ValueError(f"unknown length distribution {name!r}; choose from {[d.name for d in LENGTH_DISTRIBUTIONS]}")
+    known = [d.name for d in (*LENGTH_DISTRIBUTIONS, SQUAD_LIKE)]
+    raise ValueError(f"unknown length distribution {name!r}; choose from {known}")
 
 
 def lengths_description() -> str:
     """The variable-length batches in words (stored in result files)."""
-    dists = "; ".join(f"{d.name}: {d.description}" for d in LENGTH_DISTRIBUTIONS)
+    dists = "; ".join(f"{d.name}: {d.description}" for d in (*LENGTH_DISTRIBUTIONS, SQUAD_LIKE))
     return (
         "varlen rows: each length round(f * seq) clipped to [1, seq], f drawn (stratified, seeded) from "
         f"{dists}; batches padded to seq"
@@ -191,6 +215,13 @@ AMP_DTYPES = ("bf16",)
 LAYER_NORM_SHAPES = (TokenShape(128, 128, 1024),)
 BIAS_GELU_SHAPES = (TokenShape(128, 128, 4096),)
 ATTENTION_SHAPES = (AttentionShape(32, 128, 16, 64), AttentionShape(8, 512, 16, 64))
+# FP8 inference rows (issue 25): padded 32 x 128 and 32 x 384 (run padding-free), SQuAD-like lengths at 384.
+FP8_SHAPES = (
+    (ModelShape(32, 128), None),
+    (ModelShape(32, 384), None),
+    (ModelShape(32, 384), SQUAD_LIKE),
+    (ModelShape(128, 384), SQUAD_LIKE),
+)
 # Sentence embeddings: MiniLM's hidden 384 at a serving batch, BERT-large's 1024.
 MEAN_POOL_SHAPES = (TokenShape(256, 128, 384), TokenShape(64, 512, 1024))
 GPU_DTYPES = ("bf16", "fp16")
@@ -204,6 +235,7 @@ SMOKE_LAYER_NORM_SHAPES = (TokenShape(2, 13, 48),)
 SMOKE_BIAS_GELU_SHAPES = (TokenShape(2, 13, 96),)
 SMOKE_ATTENTION_SHAPES = (AttentionShape(2, 13, 3, 16),)
 SMOKE_MEAN_POOL_SHAPES = (TokenShape(3, 13, 48),)
+SMOKE_FP8_SHAPES = ((ModelShape(2, 13), None), (ModelShape(4, 13), SQUAD_LIKE))
 SMOKE_DTYPES = ("fp32",)
 # torch.autocast has no float32 mode: the mixed-precision smoke runs autocast bf16 (on the CPU too).
 SMOKE_AMP_DTYPES = ("bf16",)
