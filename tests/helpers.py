@@ -160,11 +160,12 @@ def assert_fp8_equal(q, scale, q_ref, scale_ref, name: str = "") -> None:
 def assert_fp8_close(q, scale, q_ref, scale_ref, *, max_flipped: float, name: str = "") -> None:
     """Codes from an fp32 value that may differ from the reference's by a few ulps (a LayerNorm's fp32
     statistics summed in another order, the interpreter's erf against PyTorch's): each code at most one
-    e4m3 step from the reference's, on at most ``max_flipped`` of the elements; scales within 4 fp32
-    ulps (``amax / 448`` inherits the few ulps of the row's largest value)."""
+    e4m3 step from the reference's, on at most ``max_flipped`` of the elements; scales within 8 fp32
+    ulps (``amax / 448`` inherits the few ulps of the row's largest value: up to 2.6 ulps measured for the
+    LayerNorm in the interpreter, more room for a GPU's summation order)."""
     assert q.dtype == q_ref.dtype == torch.float8_e4m3fn and q.shape == q_ref.shape, (name, q.dtype, q.shape)
     assert scale.dtype == torch.float32 and scale.shape == scale_ref.shape, (name, scale.dtype, scale.shape)
-    torch.testing.assert_close(scale, scale_ref, rtol=4 * 2**-23, atol=0, msg=f"{name}: scales differ")
+    torch.testing.assert_close(scale, scale_ref, rtol=8 * 2**-23, atol=0, msg=f"{name}: scales differ")
     steps = (e4m3_ordinals(q) - e4m3_ordinals(q_ref)).abs()
     assert int(steps.max()) <= 1 if steps.numel() else True, f"{name}: a code {int(steps.max())} e4m3 steps away"
     flipped = int((steps > 0).sum())
