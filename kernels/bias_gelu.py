@@ -27,6 +27,13 @@ Blocking: a program owns a ``BLOCK_M x BLOCK_N`` tile (forward, 16 x 256 on a GP
 vectorised loads; at ``16384 x 4096`` that is 16384 (forward) or 4096 (backward) programs,
 enough to keep every SM's memory pipeline full.
 
+FP8 output (inference, ``bias_gelu_fp8``): the same ``gelu(h)`` in fp32, quantized per row to
+e4m3fn with one fp32 scale per row (``_fp8.py``; the input of the FFN's second FP8 GEMM), and no
+output in ``x``'s dtype.  A program holds whole rows (``N <= 4096``, ``BLOCK_N =
+next_power_of_2(N)``, see ``_fp8.row_launch``), since a row's scale must be known before any of
+its elements is stored.  Traffic per element: read ``x`` (``s``), write ``q`` (1 byte): ``s + 1``
+bytes, plus 4 bytes per row for the scale.
+
 Determinism: each backward program sums its strip's ``dx`` in fp32 registers in a fixed
 order and writes one row of a ``(num_strips, N)`` fp32 buffer; ``torch.sum`` over it
 (deterministic) gives ``dbias``.  The tiling depends only on the shape and the device, so
@@ -41,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import check_inference_only
+from ._fp8 import MAX_COLS, empty_outputs, fake_outputs, row_launch, store_quantized_rows
 from ._launch import (
     CachedLaunch,
     PlanCache,
@@ -67,6 +76,12 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 @triton.jit
+def _gelu(h):
+    """erf-GELU of fp32 ``h``: the one expression the forward and the FP8 kernels share."""
+    return 0.5 * h * (1.0 + tl.math.erf(h * _SQRT1_2))
+
+
+@triton.jit
 def _bias_gelu_fwd_kernel(
     x_ptr,
     bias_ptr,
@@ -86,8 +101,34 @@ def _bias_gelu_fwd_kernel(
 
     bias = tl.load(bias_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
     h = tl.load(x_ptr + rows * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
-    y = 0.5 * h * (1.0 + tl.math.erf(h * _SQRT1_2))
-    tl.store(y_ptr + rows * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows * n_cols + cols, _gelu(h).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_fp8_kernel(
+    x_ptr,
+    bias_ptr,
+    q_ptr,
+    scale_ptr,
+    n_rows,
+    n_cols,
+    x_row_stride,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Whole rows per program: the per-row scale needs the row's largest |gelu| before any store.
+    row_ids = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    col_ids = tl.arange(0, BLOCK_N)
+    row_mask = row_ids < n_rows
+    col_mask = col_ids < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows = row_ids.to(tl.int64)[:, None]
+    cols = col_ids[None, :]
+
+    bias = tl.load(bias_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
+    h = tl.load(x_ptr + rows * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+    # gelu(0) = 0 in masked columns; masked rows are never stored.
+    store_quantized_rows(_gelu(h), q_ptr, scale_ptr, row_ids, rows, cols, mask, row_mask, n_cols)
 
 
 @triton.jit
@@ -177,6 +218,15 @@ def unsupported(*tensors) -> str | None:
     if tensors[0].dim() == 0:
         return "x must have at least one dimension"
     return None
+
+
+def unsupported_fp8(*tensors) -> str | None:
+    """``None`` if the FP8 kernel can run on ``tensors`` (``x``, ``bias``), else the reason."""
+    reason = unsupported(*tensors)
+    n_cols = tensors[0].shape[-1] if reason is None else 1
+    if not 1 <= n_cols <= MAX_COLS:
+        reason = f"row length (x.shape[-1]) must be between 1 and {MAX_COLS} for the FP8 output, got {n_cols}"
+    return reason
 
 
 def _check_inputs(x: torch.Tensor, bias: torch.Tensor) -> None:
@@ -353,3 +403,83 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
                 return _BiasGeluFunction.apply(x, bias)
             return _forward(x, bias)
     return torch.ops.bertfast.bias_gelu_fwd(x, bias)
+
+
+# --------------------------------------------------------------------------- FP8 output (inference)
+
+
+class _Fp8Plan(NamedTuple):
+    n_rows: int
+    n_cols: int
+    x_stride: int | None
+    bias_contiguous: bool
+    grid: tuple
+    constexprs: dict
+    launch_key: int
+
+
+_FP8_PLANS = PlanCache()
+_fp8_launch = CachedLaunch(globals(), "_bias_gelu_fp8_kernel")
+
+
+def _fp8_config_for(t: torch.Tensor, n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    return row_launch(n_rows, n_cols, gpu=t.device.type == "cuda" and not interpreting())
+
+
+def _fp8_plan(x: torch.Tensor, bias: torch.Tensor) -> _Fp8Plan:
+    _check_inputs(x, bias)
+    reason = unsupported_fp8(x, bias)
+    if reason is not None:
+        raise ValueError(reason)
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // n_cols
+    rows, block, num_warps = _fp8_config_for(x, n_rows, n_cols)
+    constexprs = dict(ROWS=rows, BLOCK_N=block, num_warps=num_warps)
+    return _Fp8Plan(
+        n_rows, n_cols, row_stride(x), bias.is_contiguous(), (cdiv(n_rows, rows),), constexprs, next_launch_key()
+    )
+
+
+def _forward_fp8(x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (tensor_key(x), tensor_key(bias), _fp8_config_for)
+    plan = _FP8_PLANS.get(key)
+    if plan is None:
+        plan = _FP8_PLANS.put(key, _fp8_plan(x, bias))
+    q, scale = empty_outputs(x)
+    if plan.n_rows == 0:
+        return q, scale
+    if not plan.bias_contiguous:
+        bias = bias.contiguous()
+    x_stride = plan.x_stride
+    if x_stride is None:
+        x, x_stride = as_rows(x), plan.n_cols
+    with device_guard(x):
+        _fp8_launch(
+            plan.launch_key, plan.grid, (x, bias, q, scale, plan.n_rows, plan.n_cols, x_stride), plan.constexprs
+        )
+    return q, scale
+
+
+@torch.library.custom_op("bertfast::bias_gelu_fp8", mutates_args=())
+def bias_gelu_fp8_op(x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)``: ``gelu_erf(x + bias)`` in e4m3fn, one fp32 scale per row (shape ``(..., 1)``)."""
+    return _forward_fp8(x, bias)
+
+
+@bias_gelu_fp8_op.register_fake
+def _(x, bias):
+    return fake_outputs(x)
+
+
+def bias_gelu_fp8(x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)``: ``gelu_erf(x + bias)`` computed in fp32 and quantized per row to e4m3fn
+    (``q * scale ~ gelu``; see ``_fp8.py``), with no output in ``x``'s dtype.  Inference only.
+
+    In eager mode the launcher runs directly (see ``_launch.eager_fast_path``); otherwise, as under
+    torch.compile, the ``bertfast::bias_gelu_fp8`` custom op does.
+    """
+    check_inference_only("bias_gelu_fp8", x, bias)
+    if eager_fast_path(x, bias):
+        with profiled("bertfast::bias_gelu_fp8"):
+            return _forward_fp8(x, bias)
+    return torch.ops.bertfast.bias_gelu_fp8(x, bias)

@@ -57,6 +57,11 @@ accumulates in fp32 registers and writes one row of a ``(num_groups, N)`` fp32 b
 ``torch.sum`` over that buffer (deterministic) finishes the reduction.  The grouping
 depends only on the shape and the device, so two runs give bit-identical gradients.
 
+FP8 output (inference, ``layer_norm_fp8``): the forward kernel with ``QUANTIZE`` also writes the
+fp32 ``y`` (not the rounded one) quantized per row to e4m3fn with one fp32 scale per row (``_fp8.py``;
+the input of the next FP8 GEMM), and skips ``mean`` and ``rstd``; no dropout, no backward.  It adds
+1 byte per element and 4 per row to the forward's traffic; ``QUANTIZE = False`` compiles it out.
+
 Launch shape: a program handles a tile of ``ROWS x BLOCK_N`` elements with
 ``BLOCK_N = next_power_of_2(N)``: on a GPU one row per tile from ``N = 1024`` (forward) or
 ``N = 2048`` (backward), several rows per tile for smaller rows so each program still
@@ -75,7 +80,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import check_inference_only
 from ._dropout import call_seed, check_dropout_p, dropout_args, dropout_keep
+from ._fp8 import empty_outputs, fake_outputs, store_quantized_rows
 from ._launch import (
     CachedLaunch,
     PlanCache,
@@ -144,6 +151,8 @@ def _layer_norm_fwd_kernel(
     y_ptr,
     mean_ptr,
     rstd_ptr,
+    q_ptr,
+    scale_ptr,
     seed_ptr,
     n_rows,
     n_cols,
@@ -154,6 +163,7 @@ def _layer_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_LINEAR_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    QUANTIZE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -191,8 +201,12 @@ def _layer_norm_fwd_kernel(
     bias = tl.load(bias_ptr + col_ids, mask=col_mask, other=0.0).to(tl.float32)
     y = centered * rstd[:, None] * weight[None, :] + bias[None, :]
     tl.store(y_ptr + rows * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + row_ids, mean, mask=row_mask)
-    tl.store(rstd_ptr + row_ids, rstd, mask=row_mask)
+    if QUANTIZE:
+        # Inference: no statistics for a backward; the fp32 y (0 in masked columns) in e4m3fn, per row.
+        store_quantized_rows(y, q_ptr, scale_ptr, row_ids, rows, cols, mask, row_mask, n_cols)
+    else:
+        tl.store(mean_ptr + row_ids, mean, mask=row_mask)
+        tl.store(rstd_ptr + row_ids, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -439,7 +453,7 @@ def _constexprs(cfg: LaunchConfig, residual, linear_bias, has_dropout: bool) -> 
     )
 
 
-def _forward_plan(x, weight, bias, residual, linear_bias, has_dropout: bool) -> _ForwardPlan:
+def _forward_plan(x, weight, bias, residual, linear_bias, has_dropout: bool, quantize: bool) -> _ForwardPlan:
     _check_inputs(x, weight, residual, linear_bias)
     _vector("bias", bias, x.shape[-1], x.device)
     n_cols = x.shape[-1]
@@ -453,25 +467,26 @@ def _forward_plan(x, weight, bias, residual, linear_bias, has_dropout: bool) -> 
         row_stride(residual) if residual is not None else 0,
         all(t.is_contiguous() for t in vectors),
         (cfg.num_groups,),
-        _constexprs(cfg, residual, linear_bias, has_dropout),
+        {**_constexprs(cfg, residual, linear_bias, has_dropout), "QUANTIZE": quantize},
         next_launch_key(),
     )
 
 
-def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=None):
-    dropout_p, seed = dropout_args(dropout_p, seed, x)
+def _cached_forward_plan(x, weight, bias, eps, residual, linear_bias, has_dropout: bool, quantize: bool):
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    key = (*map(tensor_key, (x, weight, bias, residual, linear_bias)), dropout_p > 0.0, _config_for)
+    key = (*map(tensor_key, (x, weight, bias, residual, linear_bias)), has_dropout, quantize, _config_for)
     plan = _FWD_PLANS.get(key)
     if plan is None:
-        plan = _FWD_PLANS.put(key, _forward_plan(x, weight, bias, residual, linear_bias, dropout_p > 0.0))
+        plan = _FWD_PLANS.put(key, _forward_plan(x, weight, bias, residual, linear_bias, has_dropout, quantize))
+    return plan
+
+
+def _launch_forward(plan, x, weight, bias, eps, residual, linear_bias, dropout_p, seed, outputs):
+    """Launch the forward kernel writing ``outputs`` (``y, mean, rstd, q, scale``; the unused ones stand-ins)."""
     n_rows = plan.n_rows
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
-        return y, mean, rstd
+        return
     if not plan.contiguous_vectors:
         weight, bias = weight.contiguous(), bias.contiguous()
         linear_bias = linear_bias.contiguous() if linear_bias is not None else None
@@ -495,9 +510,7 @@ def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=No
                 linear_bias if linear_bias is not None else weight,
                 weight,
                 bias,
-                y,
-                mean,
-                rstd,
+                *outputs,
                 seed,
                 n_rows,
                 plan.n_cols,
@@ -508,7 +521,27 @@ def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=No
             ),
             plan.constexprs,
         )
+
+
+def _forward(x, weight, bias, eps, residual, linear_bias, dropout_p=0.0, seed=None):
+    dropout_p, seed = dropout_args(dropout_p, seed, x)
+    plan = _cached_forward_plan(x, weight, bias, eps, residual, linear_bias, dropout_p > 0.0, False)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(plan.n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(plan.n_rows, dtype=torch.float32, device=x.device)
+    # q and scale: never written without QUANTIZE (mean and rstd stand in for the pointers).
+    _launch_forward(plan, x, weight, bias, eps, residual, linear_bias, dropout_p, seed, (y, mean, rstd, mean, rstd))
     return y, mean, rstd
+
+
+def _forward_fp8(x, weight, bias, eps, residual, linear_bias):
+    """``(y, q, scale)``: the inference forward, its fp32 result also quantized per row (see ``_fp8.py``)."""
+    plan = _cached_forward_plan(x, weight, bias, eps, residual, linear_bias, False, True)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    q, scale = empty_outputs(x)
+    # mean and rstd: never written with QUANTIZE (scale stands in for the pointers); x for the seed's.
+    _launch_forward(plan, x, weight, bias, eps, residual, linear_bias, 0.0, x, (y, scale, scale, q, scale))
+    return y, q, scale
 
 
 def _backward_plan(dy, x, weight, mean, rstd, residual, linear_bias, has_dropout: bool) -> _BackwardPlan:
@@ -727,3 +760,40 @@ def layer_norm(x, weight, bias, eps, residual=None, linear_bias=None, dropout_p=
                 return _LayerNormFunction.apply(x, weight, bias, eps, residual, linear_bias, dropout_p, seed)[0]
             return _forward(x, weight, bias, eps, residual, linear_bias, dropout_p, seed)[0]
     return torch.ops.bertfast.layer_norm_fwd(x, weight, bias, eps, residual, linear_bias, dropout_p, seed)[0]
+
+
+# --------------------------------------------------------------------------- FP8 output (inference)
+
+
+@torch.library.custom_op("bertfast::layer_norm_fp8", mutates_args=())
+def layer_norm_fp8_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    residual: Optional[torch.Tensor],  # noqa: UP045
+    linear_bias: Optional[torch.Tensor],  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, q, scale)``: ``y = LayerNorm(x + linear_bias + residual)`` and its fp32 value in e4m3fn per row."""
+    return _forward_fp8(x, weight, bias, eps, residual, linear_bias)
+
+
+@layer_norm_fp8_op.register_fake
+def _(x, weight, bias, eps, residual, linear_bias):
+    return (x.new_empty(x.shape), *fake_outputs(x))
+
+
+def layer_norm_fp8(x, weight, bias, eps, residual=None, linear_bias=None):
+    """``(y, q, scale)``: ``y = LayerNorm(x + linear_bias + residual)`` in ``x``'s dtype, plus the fp32
+    result quantized to e4m3fn with one fp32 scale per row (``q * scale ~ y``; see ``_fp8.py``), from the
+    same kernel.  Inference only: no dropout, no backward (inputs requiring grad are refused).
+
+    In eager mode the launcher runs directly (see ``_launch.eager_fast_path``); otherwise, as under
+    torch.compile, the ``bertfast::layer_norm_fp8`` custom op does.
+    """
+    check_inference_only("layer_norm_fp8", x, weight, bias, residual, linear_bias)
+    eps = float(eps)
+    if eager_fast_path(x, weight, bias, residual, linear_bias):
+        with profiled("bertfast::layer_norm_fp8"):
+            return _forward_fp8(x, weight, bias, eps, residual, linear_bias)
+    return torch.ops.bertfast.layer_norm_fp8(x, weight, bias, eps, residual, linear_bias)

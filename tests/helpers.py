@@ -128,3 +128,45 @@ class OpNames(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+# ------------------------------------------------------------------------------------------------
+# FP8 (e4m3fn) outputs: q codes and per-row scales against the reference (bertfast.ops.reference)
+# ------------------------------------------------------------------------------------------------
+
+
+def e4m3_ordinals(q: torch.Tensor) -> torch.Tensor:
+    """e4m3fn codes as signed positions on the number line (+0 and -0 both 0): adjacent values differ by 1."""
+    codes = q.view(torch.uint8).to(torch.int32)
+    return torch.where(codes >= 0x80, -(codes - 0x80), codes)
+
+
+def assert_fp8_equal(q, scale, q_ref, scale_ref, name: str = "") -> None:
+    """Bit-identical e4m3fn codes (NaN codes compared as NaN: a GPU may write either sign) and scales."""
+    assert q.dtype == q_ref.dtype == torch.float8_e4m3fn and q.shape == q_ref.shape, (name, q.dtype, q.shape)
+    assert q.is_contiguous(), name
+    assert scale.dtype == torch.float32 and scale.shape == scale_ref.shape, (name, scale.dtype, scale.shape)
+    nan = q_ref.float().isnan()
+    assert torch.equal(q.float().isnan(), nan), f"{name}: NaN positions differ"
+    codes, ref_codes = q.view(torch.uint8), q_ref.view(torch.uint8)
+    bad = (codes != ref_codes) & ~nan
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} of {q.numel()} e4m3 codes differ, e.g. {codes[bad][:5].tolist()} "
+        f"instead of {ref_codes[bad][:5].tolist()}"
+    )
+    torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0, equal_nan=True, msg=f"{name}: scales differ")
+
+
+def assert_fp8_close(q, scale, q_ref, scale_ref, *, max_flipped: float, name: str = "") -> None:
+    """Codes from an fp32 value that may differ from the reference's by a few ulps (a LayerNorm's fp32
+    statistics summed in another order, the interpreter's erf against PyTorch's): each code at most one
+    e4m3 step from the reference's, on at most ``max_flipped`` of the elements; scales within 8 fp32
+    ulps (``amax / 448`` inherits the few ulps of the row's largest value: up to 2.6 ulps measured for the
+    LayerNorm in the interpreter, more room for a GPU's summation order)."""
+    assert q.dtype == q_ref.dtype == torch.float8_e4m3fn and q.shape == q_ref.shape, (name, q.dtype, q.shape)
+    assert scale.dtype == torch.float32 and scale.shape == scale_ref.shape, (name, scale.dtype, scale.shape)
+    torch.testing.assert_close(scale, scale_ref, rtol=8 * 2**-23, atol=0, msg=f"{name}: scales differ")
+    steps = (e4m3_ordinals(q) - e4m3_ordinals(q_ref)).abs()
+    assert int(steps.max()) <= 1 if steps.numel() else True, f"{name}: a code {int(steps.max())} e4m3 steps away"
+    flipped = int((steps > 0).sum())
+    assert flipped <= max_flipped * q.numel(), f"{name}: {flipped} of {q.numel()} codes one step away"

@@ -24,6 +24,7 @@ from bertfast.ops import reference  # noqa: E402
 from .ext_harness import CASE_IDS as EXT_CASE_IDS  # noqa: E402
 from .ext_harness import CASES as EXT_CASES  # noqa: E402
 from .ext_harness import C, check_op, ext, ext_ready, make_inputs  # noqa: E402, F401 (ext_ready: a fixture)
+from .helpers import assert_fp8_close, assert_fp8_equal  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRETING else "cuda"
@@ -189,6 +190,102 @@ def test_bias_in_its_own_dtype():
     torch.testing.assert_close(y.float(), expected, rtol=2e-3, atol=2e-3)
     y.float().sum().backward()
     assert bias.grad.dtype == torch.float32 and x.grad.dtype == torch.float16
+
+
+# ------------------------------------------------------------------------------------------------
+# The FP8 output (inference): bias_gelu_fp8's q and scale against the reference
+# ------------------------------------------------------------------------------------------------
+
+# Against the reference, q may differ by one e4m3 step where the kernel's fp32 erf and PyTorch's differ
+# by an ulp across a rounding midpoint (about 2 ulp / 2^-4 ~ 1e-6 of the elements): 1 in 1000 leaves
+# room and still catches a real error.  Against the kernel's own fp32 GELU there is no tolerance.
+FP8_MAX_FLIPPED = 1e-3
+
+
+def _check_fp8(x, bias):
+    """q and scale exactly the contract applied to the plain kernel's fp32 GELU of the same inputs (the same
+    expression, elementwise), and within ``FP8_MAX_FLIPPED`` of the reference's."""
+    x, bias = x.detach(), bias.detach()
+    _poison_allocator()
+    q, scale = bias_gelu.bias_gelu_fp8(x, bias)
+    assert q.shape == x.shape and scale.shape == (*x.shape[:-1], 1)
+    with torch.no_grad():
+        gelu32 = bias_gelu.bias_gelu(x.float(), bias.float())
+    assert_fp8_equal(q, scale, *reference._quantize_rows_fp32(gelu32), name="q from the kernel's fp32 gelu")
+    q_ref, scale_ref = (t.to(x.device) for t in reference.bias_gelu_fp8(x.cpu(), bias.cpu()))
+    assert_fp8_close(q, scale, q_ref, scale_ref, max_flipped=FP8_MAX_FLIPPED, name="q against the reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOWP_DTYPES], ids=str)
+@pytest.mark.parametrize("shape", [(1, 37), (7, 1536), (33, 1000), (2, 3, 1024), (3, 4096)], ids=str)
+def test_fp8_output_matches_reference(shape, dtype):
+    _check_fp8(*_make_inputs(shape, dtype, seed=sum(shape))[:2])
+
+
+def test_fp8_edge_rows():
+    """A row whose GELU is 0 (scale 1), a 1e4x outlier (the rest in e4m3's subnormals and 0), a row of
+    GELU's negative tail (values near its minimum -0.17), an fp32 bias with bf16 activations."""
+    x, bias, _ = _make_inputs((5, 1000), torch.bfloat16, seed=9)
+    x, bias = x.detach(), bias.detach().float()
+    bias[:] = 0.0
+    x[0] = 0.0
+    x[1, 700] = 1e4
+    x[2] = -0.75 + 0.01 * x[2]
+    _check_fp8(x, bias)
+    q, scale = bias_gelu.bias_gelu_fp8(x, bias)
+    assert scale[0].item() == 1.0 and not q[0].float().any()
+    outlier = q[1].view(torch.uint8) & 0x7F
+    assert ((outlier > 0) & (outlier < 8)).sum() > 20 and (outlier == 0).sum() > 20
+
+
+def test_fp8_strided_inputs_and_gpu_tiles(monkeypatch):
+    _, bias, _ = _make_inputs((1000,), torch.float32, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 1100, generator=gen).to(DEVICE)[..., 50:1050]
+    transposed = torch.randn(3, 5, 1000, generator=gen).to(DEVICE).transpose(0, 1)
+    for strided in (x, transposed):
+        _check_fp8(strided, bias)
+    monkeypatch.setattr(
+        bias_gelu, "_fp8_config_for", lambda t, n_rows, n_cols: bias_gelu.row_launch(n_rows, n_cols, gpu=True)
+    )
+    _check_fp8(x, bias)
+    _check_fp8(*_make_inputs((33, 37), torch.float32, seed=4)[:2])
+
+
+def test_fp8_empty_batch_opcheck_and_compile():
+    q, scale = bias_gelu.bias_gelu_fp8(torch.empty(0, 64, device=DEVICE), torch.zeros(64, device=DEVICE))
+    assert q.shape == (0, 64) and scale.shape == (0, 1)
+    x, bias, _ = _make_inputs((2, 3, 16), torch.float32)
+    torch.library.opcheck(torch.ops.bertfast.bias_gelu_fp8.default, (x.detach(), bias.detach()))
+
+    def step(x, bias):
+        return bias_gelu.bias_gelu_fp8(x * 0.5, bias)
+
+    x, bias = x.detach(), bias.detach()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, bias)
+    assert_fp8_equal(*compiled, *step(x, bias), name="compiled")
+
+
+def test_fp8_inference_only_public_api_and_errors():
+    x, bias, _ = _make_inputs((4, 9, 1000), torch.float32, seed=8)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        bias_gelu.bias_gelu_fp8(x, bias)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        ops.bias_gelu_fp8(x, bias, backend="triton")
+    with torch.no_grad():
+        q, scale = ops.bias_gelu_fp8(x, bias, backend="triton")
+        q_ref, scale_ref = ops.bias_gelu_fp8(x.cpu(), bias.cpu(), backend="reference")
+    assert_fp8_close(q, scale, q_ref.to(DEVICE), scale_ref.to(DEVICE), max_flipped=FP8_MAX_FLIPPED)
+    x, bias = x.detach(), bias.detach()
+    reasons = ops.explain("bias_gelu_fp8", x, bias)
+    assert reasons["triton"] is None and reasons["ext"] is not None
+    assert "4096" in bias_gelu.unsupported_fp8(torch.empty(2, 4097, device=DEVICE), torch.empty(4097, device=DEVICE))
+    with pytest.raises(BackendUnavailable, match="4096"):
+        ops.bias_gelu_fp8(torch.randn(2, 4097, device=DEVICE), torch.randn(4097, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match=r"bias must have shape \(1000,\)"):
+        bias_gelu.bias_gelu_fp8(x, bias[:10])
+    with pytest.raises(TypeError, match="float64"):
+        bias_gelu.bias_gelu_fp8(x.double(), bias.double())
 
 
 # ------------------------------------------------------------------------------------------------

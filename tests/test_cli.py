@@ -41,10 +41,12 @@ def test_info_lists_what_each_backend_declares(capsys):
     capabilities = json.loads(capsys.readouterr().out)["capabilities"]
     assert set(capabilities) == {"reference", "triton", "ext"}
     assert capabilities["reference"] == (
-        "ops: layer_norm, bias_gelu, attention, attention_varlen, embedding_layer_norm, mean_pool, quantize_rows, "
-        "layer_norm_fp8, bias_gelu_fp8; dropout in: layer_norm, attention, attention_varlen"
+        "ops: layer_norm, bias_gelu, attention, attention_varlen, embedding_layer_norm, mean_pool, "
+        "quantize_rows, layer_norm_fp8, bias_gelu_fp8; dropout in: layer_norm, attention, attention_varlen"
     )
     assert capabilities["triton"].endswith("dropout in: layer_norm, attention, attention_varlen")
+    assert "quantize_rows, layer_norm_fp8, bias_gelu_fp8;" in capabilities["triton"]
+    assert "fp8" not in capabilities["ext"] and "quantize_rows" not in capabilities["ext"]
     assert "attention_varlen" not in capabilities["ext"] and capabilities["ext"].endswith("dropout in: -")
 
 

@@ -24,6 +24,7 @@ from bertfast.ops import reference  # noqa: E402
 from .ext_harness import CASE_IDS as EXT_CASE_IDS  # noqa: E402
 from .ext_harness import CASES as EXT_CASES  # noqa: E402
 from .ext_harness import C, check_op, ext, ext_ready, make_inputs  # noqa: E402, F401 (ext_ready: a fixture)
+from .helpers import assert_fp8_close, assert_fp8_equal  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRETING else "cuda"
@@ -269,6 +270,174 @@ def test_bad_inputs_raise_clear_errors():
         layer_norm.layer_norm(x.double(), weight, weight, 1e-5)
     with pytest.raises(ValueError, match="eps must be positive"):
         layer_norm.layer_norm(x, weight, weight, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The FP8 output (inference): layer_norm_fp8's y, q and scale against the reference
+# ------------------------------------------------------------------------------------------------
+
+FP8_CASES = [
+    # (shape, residual, linear_bias)
+    ((33, 1000), True, True),
+    ((7, 1024), False, False),
+    ((1, 37), True, False),
+    ((2, 3, 384), False, True),
+    ((3, 4096), True, True),
+]
+# q may differ from the reference's by one e4m3 step where the kernel's fp32 LayerNorm (its own summation
+# order for the mean and variance) and PyTorch's differ by a few ulps across a rounding midpoint: a
+# relative difference d flips a value with probability about 2 d / 2^-4 (e4m3's relative step is 2^-3
+# to 2^-4), ~1e-5 for d ~ 4 ulps.  1 in 1000 leaves room for unlucky draws and catches a real error,
+# which moves far more codes, or moves one by two steps.
+FP8_MAX_FLIPPED = 1e-3
+
+
+def _fp8_args(inputs):
+    return (inputs["x"], inputs["weight"], inputs["bias"]), dict(
+        residual=inputs["residual"], linear_bias=inputs["linear_bias"]
+    )
+
+
+def _reference_fp8(inputs, eps):
+    """The contract computed on the CPU, as the reference defines it (then moved to the kernel's device)."""
+    cpu = {name: t.detach().cpu() if t is not None else None for name, t in inputs.items()}
+    args, kwargs = _fp8_args(cpu)
+    return tuple(t.to(DEVICE) for t in reference.layer_norm_fp8(*args, eps, **kwargs))
+
+
+def _check_fp8(inputs, eps, max_flipped=FP8_MAX_FLIPPED):
+    """y as the plain kernel's, q and scale exactly the contract applied to the kernel's own fp32 result
+    (where that is at hand), and within ``max_flipped`` of the reference's."""
+    inputs = {name: t.detach() if t is not None else None for name, t in inputs.items()}
+    args, kwargs = _fp8_args(inputs)
+    _poison_allocator()
+    y, q, scale = layer_norm.layer_norm_fp8(*args, eps, **kwargs)
+    y_ref, q_ref, scale_ref = _reference_fp8(inputs, eps)
+    x = inputs["x"]
+    assert y.dtype == x.dtype and y.shape == x.shape and q.shape == x.shape and scale.shape == (*x.shape[:-1], 1)
+    # y: the plain kernel's, bit for bit (tested against float64 above)
+    assert torch.equal(y, layer_norm.layer_norm(*args, eps, **kwargs)), "QUANTIZE changed y"
+    if x.dtype == torch.float32:  # y is the fp32 result that was quantized
+        assert_fp8_equal(q, scale, *reference._quantize_rows_fp32(y), name="q from y")
+    elif INTERPRETING:  # the same tiles and sums in fp32: the plain kernel's fp32 result, bit for bit
+        y32 = layer_norm.layer_norm(*(t.float() for t in args), eps, **{
+            k: v.float() if v is not None else None for k, v in kwargs.items()
+        })  # fmt: skip
+        assert_fp8_equal(q, scale, *reference._quantize_rows_fp32(y32), name="q from fp32 y")
+    assert_fp8_close(q, scale, q_ref, scale_ref, max_flipped=max_flipped, name="q against the reference")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,residual,linear_bias", FP8_CASES, ids=str)
+def test_fp8_output_matches_reference(shape, residual, linear_bias, dtype):
+    inputs, _ = _make_inputs(shape, dtype, residual=residual, linear_bias=linear_bias, seed=sum(shape))
+    _check_fp8(inputs, eps=1e-12)
+
+
+def test_fp8_edge_rows():
+    """A row that normalises to zeros (scale 1), a 1e4x outlier, a row of tiny variance, columns whose
+    tiny weights put them in e4m3's subnormals and flush to 0, fp32 weights with bf16 activations."""
+    inputs, _ = _make_inputs((6, 1000), torch.bfloat16, residual=True, linear_bias=True, seed=9)
+    x, residual = inputs["x"].detach(), inputs["residual"].detach()
+    x[0], residual[0] = 1.5, 0.0
+    x[1, 500] = 1e4
+    x[2] = 2.0 + 1e-3 * x[2]
+    lb = inputs["linear_bias"].detach()
+    lb[:] = 0.0
+    bias = torch.zeros(1000, device=DEVICE)  # row 0's y is exactly 0
+    weight = inputs["weight"].detach().float()
+    weight[:100] *= 1e-4
+    weight[100:200] *= 1e-5
+    inputs = {**inputs, "x": x, "residual": residual, "bias": bias, "weight": weight}
+    _check_fp8(inputs, eps=1e-5)
+    y, q, scale = layer_norm.layer_norm_fp8(x, weight, bias, 1e-5, residual, lb)
+    assert scale[0].item() == 1.0 and not q[0].float().any()
+    small = q[4, :200].view(torch.uint8) & 0x7F
+    assert ((small > 0) & (small < 8)).sum() > 20 and (small == 0).sum() > 20
+
+
+def test_fp8_strided_inputs():
+    inputs, _ = _make_inputs((5, 3, 1000), torch.float32, residual=True, linear_bias=True, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 1100, generator=gen).to(DEVICE)[..., 50:1050]
+    residual = torch.randn(3, 5, 1000, generator=gen).to(DEVICE).transpose(0, 1)
+    assert not x.is_contiguous() and not residual.is_contiguous()
+    _check_fp8({**inputs, "x": x, "residual": residual}, eps=1e-12)
+
+
+def test_fp8_gpu_launch_configs(monkeypatch):
+    gpu_config = lambda t, n_rows, n_cols, direction: layer_norm.launch_config(  # noqa: E731
+        n_rows, n_cols, direction, gpu=True, sm_count=1
+    )
+    monkeypatch.setattr(layer_norm, "_config_for", gpu_config)
+    for shape in ((33, 1000), (70, 37)):
+        inputs, _ = _make_inputs(shape, torch.float32, residual=True, linear_bias=True, seed=4)
+        _check_fp8(inputs, eps=1e-12)
+
+
+def test_fp8_empty_batch():
+    inputs, _ = _make_inputs((0, 64), torch.float32, residual=True, linear_bias=True)
+    with torch.no_grad():
+        y, q, scale = layer_norm.layer_norm_fp8(*_fp8_args(inputs)[0], 1e-12, **_fp8_args(inputs)[1])
+    assert y.shape == q.shape == (0, 64) and scale.shape == (0, 1)
+
+
+@pytest.mark.parametrize("residual,linear_bias", [(True, True), (False, False)])
+def test_fp8_opcheck(residual, linear_bias):
+    inputs, _ = _make_inputs((2, 3, 16), torch.float32, residual=residual, linear_bias=linear_bias)
+    inputs = {name: t.detach() if t is not None else None for name, t in inputs.items()}
+    args = (inputs["x"], inputs["weight"], inputs["bias"], 1e-5, inputs["residual"], inputs["linear_bias"])
+    torch.library.opcheck(torch.ops.bertfast.layer_norm_fp8.default, args)
+
+
+def test_fp8_torch_compile_traces_without_graph_breaks():
+    inputs, _ = _make_inputs((3, 5, 48), torch.float32, residual=True, linear_bias=True, seed=7)
+    args = [inputs[name].detach() for name in ("x", "weight", "bias", "residual", "linear_bias")]
+
+    def step(x, weight, bias, residual, linear_bias):
+        y, q, scale = layer_norm.layer_norm_fp8(x * 2.0, weight, bias, 1e-12, residual, linear_bias)
+        return y.relu(), q, scale
+
+    eager = step(*args)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    assert torch.equal(compiled[0], eager[0])
+    assert_fp8_equal(*compiled[1:], *eager[1:], name="compiled")
+
+
+def test_fp8_inference_only_and_public_api():
+    inputs, _ = _make_inputs((4, 9, 1000), torch.float32, residual=True, linear_bias=True, seed=8)
+    args, kwargs = _fp8_args(inputs)  # parameters that require grad, as a model's do
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer_norm.layer_norm_fp8(*args, 1e-12, **kwargs)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        ops.layer_norm_fp8(*args, 1e-12, **kwargs, backend="triton")
+    with torch.inference_mode():
+        y, q, scale = ops.layer_norm_fp8(*args, 1e-12, **kwargs, backend="triton")
+        y_ref, q_ref, scale_ref = _reference_fp8(inputs, 1e-12)
+    assert_close(y, y_ref, name="y")
+    assert_fp8_close(q, scale, q_ref, scale_ref, max_flipped=FP8_MAX_FLIPPED)
+    x = inputs["x"].detach()
+    reasons = ops.explain("layer_norm_fp8", x, args[1], args[2])
+    assert reasons["triton"] is None and reasons["reference"] is None and reasons["ext"] is not None
+    assert "layer_norm_fp8" not in ops.backend_capabilities("ext")["ops"]
+
+
+def test_fp8_bad_inputs_raise_clear_errors():
+    x = torch.randn(3, 64, device=DEVICE)
+    weight = torch.ones(64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight must have shape \(64,\)"):
+        layer_norm.layer_norm_fp8(x, weight[:32], weight, 1e-5)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        layer_norm.layer_norm_fp8(x, weight, weight, 1e-5, residual=x[:2])
+    with pytest.raises(ValueError, match="eps must be positive"):
+        layer_norm.layer_norm_fp8(x, weight, weight, 0.0)
+    with pytest.raises(TypeError, match="float64"):
+        layer_norm.layer_norm_fp8(x.double(), weight, weight, 1e-5)
+    wide = torch.ones(4097, device=DEVICE)
+    with pytest.raises(BackendUnavailable, match="4096"):
+        ops.layer_norm_fp8(torch.randn(2, 4097, device=DEVICE), wide, wide, backend="triton")
+    with pytest.raises(ValueError, match="eps must be positive"):
+        ops.layer_norm_fp8(x, weight, weight, -1.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, check_inference_only
 from ..varlen import check_cu_seqlens
 from ._dispatch import (
     AUTO_ORDER,
@@ -46,12 +46,15 @@ __all__ = [
     "backend_availability",
     "backend_capabilities",
     "bias_gelu",
+    "bias_gelu_fp8",
     "can_run",
     "check_backend",
     "embedding_layer_norm",
     "explain",
     "layer_norm",
+    "layer_norm_fp8",
     "mean_pool",
+    "quantize_rows",
     "validate_backend_name",
 ]
 
@@ -90,7 +93,17 @@ def layer_norm(
     Statistics are computed in fp32 whatever the input dtype; output has ``x``'s dtype.
     """
     _check_dropout_p(dropout_p)
+    _check_layer_norm_args(x, weight, bias, eps, residual, linear_bias)
+    impl = resolve("layer_norm", backend, (x, weight, bias), dropout_p=dropout_p)
+    if dropout_p > 0.0:
+        return impl.layer_norm(x, weight, bias, float(eps), residual, linear_bias, dropout_p=float(dropout_p))
+    return impl.layer_norm(x, weight, bias, float(eps), residual, linear_bias)
+
+
+def _check_layer_norm_args(x, weight, bias, eps, residual, linear_bias) -> None:
     _check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
     hidden = x.shape[-1]
     for name, t, shape in (("weight", weight, (hidden,)), ("bias", bias, (hidden,))):
         _check_float(name, t)
@@ -110,21 +123,62 @@ def layer_norm(
         raise ValueError(f"weight and bias must be on x's device {x.device}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    impl = resolve("layer_norm", backend, (x, weight, bias), dropout_p=dropout_p)
-    if dropout_p > 0.0:
-        return impl.layer_norm(x, weight, bias, float(eps), residual, linear_bias, dropout_p=float(dropout_p))
-    return impl.layer_norm(x, weight, bias, float(eps), residual, linear_bias)
+
+
+def layer_norm_fp8(x, weight, bias, eps: float = 1e-12, residual=None, linear_bias=None, backend=None):
+    """``(y, q, scale)``: :func:`layer_norm` without dropout (inference), ``y`` in ``x``'s dtype, and
+    its fp32 result quantized per row to FP8 e4m3 as :func:`quantize_rows` does (from fp32, not from
+    the rounded ``y``): the input of the next FP8 GEMM.  Inference only: inputs that require grad
+    are refused while grad mode is on.
+    """
+    _check_layer_norm_args(x, weight, bias, eps, residual, linear_bias)
+    check_inference_only("layer_norm_fp8", x, weight, bias, residual, linear_bias)
+    impl = resolve("layer_norm_fp8", backend, (x, weight, bias))
+    return impl.layer_norm_fp8(x, weight, bias, float(eps), residual, linear_bias)
+
+
+def _check_bias_gelu_args(x, bias) -> None:
+    _check_float("x", x)
+    _check_float("bias", bias)
+    _check_same("bias", bias, "x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    if tuple(bias.shape) != (x.shape[-1],):
+        raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
 
 
 def bias_gelu(x, bias, backend=None):
     """``gelu_erf(x + bias)`` with ``bias`` of shape ``(x.shape[-1],)``."""
-    _check_float("x", x)
-    _check_float("bias", bias)
-    _check_same("bias", bias, "x", x)
-    if tuple(bias.shape) != (x.shape[-1],):
-        raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
+    _check_bias_gelu_args(x, bias)
     impl = resolve("bias_gelu", backend, (x, bias))
     return impl.bias_gelu(x, bias)
+
+
+def bias_gelu_fp8(x, bias, backend=None):
+    """``(q, scale)``: ``gelu_erf(x + bias)`` computed in fp32 and quantized per row to FP8 e4m3 as
+    :func:`quantize_rows` does (no output in ``x``'s dtype).  Inference only."""
+    _check_bias_gelu_args(x, bias)
+    check_inference_only("bias_gelu_fp8", x, bias)
+    impl = resolve("bias_gelu_fp8", backend, (x, bias))
+    return impl.bias_gelu_fp8(x, bias)
+
+
+def quantize_rows(x, backend=None):
+    """``(q, scale)``: ``x`` (..., K) quantized per row to FP8 e4m3 (``torch.float8_e4m3fn``, ``x``'s
+    shape) with one fp32 scale per row (shape ``(..., 1)``), ``q * scale ~ x``::
+
+        amax = max |x| per row;  scale = amax / 448;  q = e4m3(clamp(x * (448 / amax), -448, 448))
+
+    rounded to nearest even, computed in fp32 (a row of zeros gets scale 1).  The row-wise scaled
+    input of ``torch._scaled_mm``.  Inference only: an input that requires grad is refused while
+    grad mode is on.
+    """
+    _check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    check_inference_only("quantize_rows", x)
+    impl = resolve("quantize_rows", backend, (x,))
+    return impl.quantize_rows(x)
 
 
 def _check_qkv(q, k, v, rank: int, layout: str) -> None:

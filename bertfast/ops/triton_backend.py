@@ -6,6 +6,7 @@ Triton kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,11 +42,45 @@ def _device_reason(t: torch.Tensor) -> str | None:
     return None
 
 
+# The ops that write FP8 (e4m3) activations for FP8 GEMMs (inference).
+FP8_OPS = ("quantize_rows", "layer_norm_fp8", "bias_gelu_fp8")
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _fp8_reason(t: torch.Tensor) -> str | None:
+    """Triton compiles e4m3 (``float8e4nv``) only for sm_89+; the interpreter converts it anywhere."""
+    if t.device.type != "cuda" or interpreter_on():
+        return None
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    major, minor = _capability(index)
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        return f"FP8 e4m3 needs Ada or Hopper (sm_89+), got sm_{major}{minor} on {t.device}"
+    return None
+
+
 def unsupported(op: str, *tensors, **meta) -> str | None:
     first = tensors[0]
     reason = _device_reason(first)
     if reason is not None:
         return reason
+    if op in FP8_OPS:
+        reason = _fp8_reason(first)
+        if reason is not None:
+            return reason
+        if op == "quantize_rows":
+            from ..kernels import quantize_rows as kernel
+        elif op == "bias_gelu_fp8":
+            from ..kernels import bias_gelu
+
+            return bias_gelu.unsupported_fp8(*tensors)
+        else:
+            from ..kernels import layer_norm as kernel
+        return kernel.unsupported(*tensors)
     if op.startswith("attention"):
         from ..kernels import attention as kernel
     elif op == "bias_gelu":
@@ -118,3 +153,21 @@ def mean_pool(x, cu_seqlens, normalize=False):
     from ..kernels.mean_pool import mean_pool as kernel
 
     return kernel(x, cu_seqlens, normalize)
+
+
+def quantize_rows(x):
+    from ..kernels.quantize_rows import quantize_rows as kernel
+
+    return kernel(x)
+
+
+def layer_norm_fp8(x, weight, bias, eps, residual=None, linear_bias=None):
+    from ..kernels.layer_norm import layer_norm_fp8 as kernel
+
+    return kernel(x, weight, bias, eps, residual, linear_bias)
+
+
+def bias_gelu_fp8(x, bias):
+    from ..kernels.bias_gelu import bias_gelu_fp8 as kernel
+
+    return kernel(x, bias)

@@ -60,10 +60,18 @@ LAYOUTS = ("padded", "mask", "varlen")  # padded without a mask, padded with a k
 LN_HIDDEN = (100, 1024, 4096)
 GELU_HIDDEN = (100, 4096)
 POOL_HIDDEN = (384, 1024, 4096)  # mean pooling: MiniLM's, BERT-large's, a wide one
+# FP8 activations (inference): hidden sizes of MiniLM (384) and BERT-large (1024) and the widest row
+# (4096); the bias-GELU's FFN widths, MiniLM's 1536 and BERT-large's 4096.
+FP8_HIDDEN = (384, 1024, 4096)
+FP8_GELU_HIDDEN = (1536, 4096)
+FP8_OPS = ("quantize_rows", "layer_norm_fp8", "bias_gelu_fp8")
+# Triton compiles float8e4nv only from sm_89 (Ada, Hopper); before, the backend refuses the FP8 ops.
+FP8_MIN_ARCH = 89
 
 # What each subset compiles.  "full": every dtype, head size, layout, dropout and every declared
 # config (kept or pruned).  "ci": BERT's own path (bf16 and fp16, head_dim 64, every layout, with
-# and without dropout; LayerNorm at hidden 1024 and 4096, bias-GELU at 4096) at the kept configs.
+# and without dropout; LayerNorm at hidden 1024 and 4096, bias-GELU at 4096; the FP8 kernels at
+# BERT-large's sizes, 1024 and FFN 4096) at the kept configs.
 SUBSETS = {
     "full": dict(
         dtypes=DTYPES,
@@ -71,6 +79,8 @@ SUBSETS = {
         ln_hidden=LN_HIDDEN,
         gelu_hidden=GELU_HIDDEN,
         pool_hidden=POOL_HIDDEN,
+        fp8_hidden=FP8_HIDDEN,
+        fp8_gelu_hidden=FP8_GELU_HIDDEN,
         pruned=True,
     ),
     "ci": dict(
@@ -79,6 +89,8 @@ SUBSETS = {
         ln_hidden=(1024, 4096),
         gelu_hidden=(4096,),
         pool_hidden=(384, 1024),
+        fp8_hidden=(1024,),
+        fp8_gelu_hidden=(4096,),
         pruned=False,
     ),
 }
@@ -100,7 +112,7 @@ def install_stand_in(arch: int) -> None:
 class Variant:
     """One launcher call: the op, its direction and what selects its constexprs."""
 
-    op: str  # attention | layer_norm | bias_gelu | mean_pool
+    op: str  # attention | layer_norm | bias_gelu | mean_pool | quantize_rows | layer_norm_fp8 | bias_gelu_fp8
     dtype: str
     head_dim: int = 0  # attention
     layout: str = ""  # attention: padded | mask | varlen
@@ -113,10 +125,11 @@ class Variant:
     def label(self) -> str:
         if self.op == "attention":
             return f"{self.dtype} d={self.head_dim} {self.layout}{' dropout' if self.dropout else ''}"
-        if self.op == "layer_norm":
+        if self.op in ("layer_norm", "layer_norm_fp8"):
             parts = [f"N={self.hidden}"]
             parts += [name for name, on in (("residual", self.residual), ("bias", self.linear_bias)) if on]
             parts += ["dropout"] if self.dropout else []
+            parts += ["fp8"] if self.op == "layer_norm_fp8" else []
             return f"{self.dtype} " + " ".join(parts)
         if self.op == "mean_pool":
             return f"{self.dtype} N={self.hidden}{' normalize' if self.normalize else ''}"
@@ -136,7 +149,18 @@ def variants(subset: str) -> list[Variant]:
         out.append(Variant("bias_gelu", dtype, hidden=hidden))
     for dtype, hidden, normalize in itertools.product(spec["dtypes"], spec["pool_hidden"], (0, 1)):
         out.append(Variant("mean_pool", dtype, hidden=hidden, normalize=bool(normalize)))
+    for dtype, hidden in itertools.product(spec["dtypes"], spec["fp8_hidden"]):
+        out.append(Variant("quantize_rows", dtype, hidden=hidden))
+    for dtype, hidden, res, lb in itertools.product(spec["dtypes"], spec["fp8_hidden"], (0, 1), (0, 1)):
+        out.append(Variant("layer_norm_fp8", dtype, hidden=hidden, residual=bool(res), linear_bias=bool(lb)))
+    for dtype, hidden in itertools.product(spec["dtypes"], spec["fp8_gelu_hidden"]):
+        out.append(Variant("bias_gelu_fp8", dtype, hidden=hidden))
     return out
+
+
+def compiles_for(arch: int, v: Variant) -> bool:
+    """Whether ``v`` is built for ``sm_<arch>``: the FP8 kernels only from sm_89 (see FP8_MIN_ARCH)."""
+    return v.op not in FP8_OPS or arch >= FP8_MIN_ARCH
 
 
 @dataclasses.dataclass
@@ -194,36 +218,55 @@ def _attention_launches(v: Variant, lengths=None) -> list[Launch]:
 
 @contextlib.contextmanager
 def _gpu_tiles(module):
-    """The launchers pick interpreter tiles for CPU tensors: make them pick the GPU's (132 SMs, an H100)."""
-    original = module.launch_config
+    """The launchers pick interpreter tiles for CPU tensors: make them pick the GPU's (132 SMs, an H100).
 
-    def gpu_config(*args, **kwargs):
-        kwargs["gpu"] = True
-        if "sm_count" in original.__code__.co_varnames:
-            kwargs.setdefault("sm_count", 132)
-        return original(*args, **kwargs)
+    ``launch_config`` is the module's own tile choice, ``row_launch`` the FP8 row kernels' (``_fp8.py``)."""
+    originals = {name: getattr(module, name) for name in ("launch_config", "row_launch") if hasattr(module, name)}
 
-    module.launch_config = gpu_config
+    def gpu_config(original):
+        def config(*args, **kwargs):
+            kwargs["gpu"] = True
+            if "sm_count" in original.__code__.co_varnames:
+                kwargs.setdefault("sm_count", 132)
+            return original(*args, **kwargs)
+
+        return config
+
+    for name, original in originals.items():
+        setattr(module, name, gpu_config(original))
     try:
         yield
     finally:
-        module.launch_config = original
+        for name, original in originals.items():
+            setattr(module, name, original)
 
 
 def _rows_launches(v: Variant, rows=None) -> list[Launch]:
-    """LayerNorm, bias-GELU or mean pooling, forward and backward, on ``rows`` rows of ``v.hidden``."""
+    """LayerNorm, bias-GELU or mean pooling, forward and backward, on ``rows`` rows of ``v.hidden``;
+    the FP8 kernels (forward only)."""
     import torch
     from bertfast.kernels import bias_gelu as G
     from bertfast.kernels import layer_norm as L
     from bertfast.kernels import mean_pool as P
+    from bertfast.kernels import quantize_rows as Q
 
     dtype = getattr(torch, v.dtype)
     n = v.hidden
-    rows = rows or (256 if v.op == "layer_norm" else 512)
+    rows = rows or (256 if v.op in ("layer_norm", "layer_norm_fp8") else 512)
     x = torch.empty(rows, n, dtype=dtype)
-    module = {"layer_norm": L, "bias_gelu": G, "mean_pool": P}[v.op]
+    modules = {"layer_norm": L, "bias_gelu": G, "mean_pool": P, "quantize_rows": Q, "layer_norm_fp8": L}
+    module = modules.get(v.op, G)  # bias_gelu_fp8: G
     with _gpu_tiles(module), capture_launches() as launches:
-        if v.op == "mean_pool":
+        if v.op == "quantize_rows":
+            Q._forward(x)
+        elif v.op == "layer_norm_fp8":
+            weight = torch.empty(n, dtype=dtype)
+            residual = torch.empty_like(x) if v.residual else None
+            linear_bias = torch.empty(n, dtype=dtype) if v.linear_bias else None
+            L._forward_fp8(x, weight, weight, 1e-12, residual, linear_bias)
+        elif v.op == "bias_gelu_fp8":
+            G._forward_fp8(x, torch.empty(n, dtype=dtype))
+        elif v.op == "mean_pool":
             cu_seqlens = torch.tensor([0, rows // 2, rows], dtype=torch.int32)
             pooled, mean = P._forward(x, cu_seqlens, v.normalize)
             P._backward(pooled, mean, cu_seqlens, x, v.normalize)
@@ -498,6 +541,7 @@ def run_matrix(archs, subset, jobs, cache_dir: Path, all_configs=False, log=lamb
         planned = [
             r
             for v in variants(name)
+            if compiles_for(arch, v)
             for r in plan_variant(arch, v, all_configs or SUBSETS[name]["pruned"], triton.__version__)
         ]
         todo = {}
@@ -554,6 +598,8 @@ def source_digest() -> str:
     for arch in sorted(SHARED_LIMIT):  # what the autotuner keeps depends on the target
         _worker_init(arch, os.environ.get("TRITON_CACHE_DIR", str(DEFAULT_CACHE / "triton")))
         for v in variants("full"):
+            if not compiles_for(arch, v):
+                continue
             for launch in launches_of(v):
                 configs, kept = _configs(launch)
                 constexprs = {k: val for k, val in launch.kwargs.items() if not hasattr(val, "data_ptr")}
@@ -596,6 +642,15 @@ def render_table(rows, archs, triton_version: str, subsets: dict) -> str:
             f"{len(part)} binaries, {sum(r['kept'] for r in part)} kept, "
             f"{sum(not r['kept'] for r in part)} pruned; {len(bad)} kept binaries fail.",
             "",
+            *(
+                [
+                    f"FP8 kernels ({', '.join(FP8_OPS)}) not built: Triton compiles `float8e4nv` only from "
+                    f"sm_{FP8_MIN_ARCH} (FP8 e4m3 needs Ada or Hopper), and the Triton backend refuses them below.",
+                    "",
+                ]
+                if arch < FP8_MIN_ARCH
+                else []
+            ),
             "| kernel | variant | config | | REG | spill (stack/local B) | shared B (dyn+static) | status |",
             "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
         ]
