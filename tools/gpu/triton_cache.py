@@ -71,7 +71,8 @@ def _triton_key_with(libtriton_sha256: str) -> str:
 
 
 def first_light_variants(check):
-    """bf16 and fp16 at BERT-large's geometry (16 heads x 64, hidden 1024, intermediate 4096)."""
+    """bf16 and fp16 at BERT-large's geometry (16 heads x 64, hidden 1024, intermediate 4096), and the FP8
+    kernels (bf16 in) at BERT-large's and all-MiniLM-L6-v2's."""
     V = check.Variant
     out = []
     for dtype in ("bfloat16", "float16"):
@@ -85,6 +86,11 @@ def first_light_variants(check):
                         V("layer_norm", dtype, hidden=1024, residual=residual, linear_bias=linear_bias, dropout=dropout)
                     )
         out.append(V("bias_gelu", dtype, hidden=4096))
+    # FP8 inference computes in bf16: BERT-large's rows and all-MiniLM-L6-v2's (the accuracy section).
+    for hidden, ffn in ((1024, 4096), (384, 1536)):
+        out.append(V("quantize_rows", "bfloat16", hidden=hidden))
+        out.append(V("layer_norm_fp8", "bfloat16", hidden=hidden, residual=True, linear_bias=True))
+        out.append(V("bias_gelu_fp8", "bfloat16", hidden=ffn))
     return out
 
 
@@ -297,7 +303,11 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=("prepare", "relocate", "verify", "hits"))
     parser.add_argument("dir", type=Path)
     parser.add_argument("--libtriton-sha256", help="sha256 of the GPU machine's triton/_C/libtriton.so")
-    parser.add_argument("--only", choices=("attention", "layer_norm", "bias_gelu"), help="one op (for testing)")
+    parser.add_argument(
+        "--only",
+        choices=("attention", "layer_norm", "bias_gelu", "quantize_rows", "layer_norm_fp8", "bias_gelu_fp8"),
+        help="one op (for testing)",
+    )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
     if args.command == "prepare":
