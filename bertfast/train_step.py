@@ -49,6 +49,7 @@ import math
 
 import torch
 
+from .fp8 import is_quantized
 from .padding import PackedBatch, StaticPacking, use_static_packing
 
 IGNORE_INDEX = -100
@@ -177,6 +178,11 @@ class TrainStep:
     ):
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
+        if is_quantized(model):
+            raise ValueError(
+                "this model is quantized to FP8 (bertfast.quantize), which is inference-only: train the bf16 or fp32 "
+                "model and quantize it afterwards"
+            )
         self.model, self.optimizer = model, optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
