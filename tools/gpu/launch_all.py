@@ -6,7 +6,8 @@ Runs each op of :mod:`bertfast.ops` on the ``triton`` and ``ext`` backends in ev
 backend declares, in the variants that compile to different kernels: LayerNorm with and
 without the fused residual and bias and with hidden dropout, at a vector-friendly and an odd
 hidden size; the embedding LayerNorm; bias-GELU; mean pooling with and without its L2
-normalisation (an empty sequence included); attention padded with and without a mask,
+normalisation (an empty sequence included); the FP8 quantizing ops (inference only: outputs, no
+gradients; on GPUs from sm_89); attention padded with and without a mask,
 with dropout, and variable-length with and without dropout (the attention autotuners try
 every config of each key, so every config is launched).  On a GPU the Triton attention runs
 every variant in bf16, the masked one in fp16, none in fp32 (each key compiles and runs every
@@ -113,6 +114,32 @@ def _cases(device: torch.device, dtype: torch.dtype, backend: str):
     yield f"embedding_layer_norm h{hiddens[0]}", "embedding_layer_norm", embedding()
     for width in widths:
         yield f"bias_gelu w{width}", "bias_gelu", bias_gelu(width)
+
+    def fp8(op, width, fused=False):  # inference-only: no gradient
+        def make():
+            x = randn(rows, width, grad=False)
+            if op == "quantize_rows":
+                return (x,), {}, []
+            if op == "bias_gelu_fp8":
+                return (x, randn(width, scale=0.1, grad=False)), {}, []
+            w, b = randn(width, scale=0.1, grad=False), randn(width, scale=0.1, grad=False)
+            kwargs = (
+                dict(residual=randn(rows, width, grad=False), linear_bias=randn(width, grad=False)) if fused else {}
+            )
+            return (x, w, b), kwargs, []
+
+        return make
+
+    for hidden in hiddens:
+        yield f"quantize_rows h{hidden}", "quantize_rows", fp8("quantize_rows", hidden)
+        for fused in (False, True):
+            yield (
+                f"layer_norm_fp8 h{hidden}{' fused' if fused else ''}",
+                "layer_norm_fp8",
+                fp8("layer_norm_fp8", hidden, fused),
+            )
+    for width in widths:
+        yield f"bias_gelu_fp8 w{width}", "bias_gelu_fp8", fp8("bias_gelu_fp8", width)
     for hidden in hiddens:
         for normalize in (False, True):
             yield f"mean_pool h{hidden}{' normalize' if normalize else ''}", "mean_pool", mean_pool(hidden, normalize)
@@ -152,8 +179,13 @@ def launch_all(device: torch.device, dtypes, backends=("triton", "ext")) -> tupl
                     if not ops.can_run(op, backend, _probe_tensors(op, args), **meta):
                         skipped.append(f"{what}: not supported")
                         continue
-                    out = getattr(ops, op)(*args, **kwargs, backend=backend)
-                    grads = torch.autograd.grad(out, wrt, torch.randn_like(out), allow_unused=True)
+                    if wrt:
+                        out = getattr(ops, op)(*args, **kwargs, backend=backend)
+                        grads = torch.autograd.grad(out, wrt, torch.randn_like(out), allow_unused=True)
+                    else:  # an inference-only op (FP8): its outputs, as floats
+                        with torch.no_grad():
+                            outputs = getattr(ops, op)(*args, **kwargs, backend=backend)
+                        out, grads = torch.cat([t.float().flatten() for t in outputs]), ()
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     bad = [t for t in (out, *grads) if t is not None and not torch.isfinite(t).all()]
