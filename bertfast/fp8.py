@@ -107,12 +107,13 @@ def is_fp8_linear(linear: nn.Module) -> bool:
     return SCALE_BUFFER in linear._buffers
 
 
-def check_fp8_linear(linear: nn.Module, where: str = "") -> None:
-    """Raise if a quantized Linear no longer holds FP8 weights and fp32 scales (``.half()``, ``.to(dtype)``)."""
+def check_fp8_linear(linear: nn.Module, layer: int, name: str) -> None:
+    """Raise if a quantized Linear (``layer``'s ``name``) no longer holds FP8 weights and fp32 scales
+    (``.half()``, ``.to(dtype)``)."""
     weight, scale = linear._parameters["weight"], linear._buffers[SCALE_BUFFER]
     if weight.dtype != FP8_DTYPE or scale.dtype != torch.float32:
         raise TypeError(
-            f"{where or 'a quantized Linear'} holds a {weight.dtype} weight with {scale.dtype} scales, not "
+            f"layer {layer}'s {name} holds a {weight.dtype} weight with {scale.dtype} scales, not "
             f"{FP8_DTYPE} with float32 ones: a .half(), .float() or .to(dtype) converted the FP8 model's weights, "
             "which drops their scales' meaning. Move a quantized model with .to(device) only; to change its "
             "precision, quantize the original weights again"
@@ -192,34 +193,34 @@ def quantize_weight(weight: torch.Tensor, second_moment: torch.Tensor | None = N
 
 
 class _GemmInputs(TorchFunctionMode):
-    """Accumulates ``sum x^T x`` and the row count of the inputs of the GEMMs whose weights are watched:
-    a ``F.linear`` with a watched weight, or with the concatenation of watched weights (the layers'
-    one-GEMM QKV projection), which counts for each of them."""
+    """Accumulates ``sum x^T x`` and the row count of the inputs of each group of :func:`_gemm_groups`:
+    a ``F.linear`` with a single-Linear group's weight, or with the concatenation of a group's weights
+    (the layers' one-GEMM QKV projection, which concatenates right before its ``F.linear``)."""
 
-    def __init__(self, linears: Iterable[nn.Linear]):
+    def __init__(self, groups: Iterable[tuple[nn.Linear, ...]]):
         super().__init__()
-        self.by_weight = {id(m.weight): m for m in linears}
-        self.concatenations: dict[int, tuple] = {}
-        self.moments: dict[nn.Module, list] = {}
+        self.groups = {tuple(id(linear.weight) for linear in group): group for group in groups}
+        self.latest_cat = None  # (the concatenated weights, their group)
+        self.moments: dict[tuple, list] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if func is torch.cat and args and all(id(t) in self.by_weight for t in args[0]):
-            self.concatenations[id(result)] = tuple(self.by_weight[id(t)] for t in args[0])
-            self._keep = result  # its id must not be reused while the forward runs
+        if func is torch.cat and args:
+            group = self.groups.get(tuple(map(id, args[0])))
+            if group is not None:
+                self.latest_cat = (result, group)
         elif func is torch.nn.functional.linear:
             x, weight = args[0], args[1]
-            owners = self.concatenations.get(id(weight)) or (
-                (self.by_weight[id(weight)],) if id(weight) in self.by_weight else ()
-            )
-            if owners:
+            if self.latest_cat is not None and weight is self.latest_cat[0]:
+                group = self.latest_cat[1]
+            else:
+                group = self.groups.get((id(weight),))
+            if group is not None:
                 rows = x.detach().reshape(-1, x.shape[-1]).float()
-                product = rows.t() @ rows
-                for linear in owners:
-                    entry = self.moments.setdefault(linear, [0.0, 0])
-                    entry[0] = entry[0] + product
-                    entry[1] += rows.shape[0]
+                entry = self.moments.setdefault(group, [0.0, 0])
+                entry[0] = entry[0] + rows.t() @ rows
+                entry[1] += rows.shape[0]
         return result
 
 
@@ -241,15 +242,30 @@ def _run_calibration(model: nn.Module, calibration) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _layers_linears(bert) -> list[nn.Linear]:
+# A layer's GEMM Linears, by name in bertfast.family.LayerParts.
+GEMMS = ("query", "key", "value", "attention_dense", "intermediate", "output_dense")
+
+
+def layer_gemms(parts) -> tuple[nn.Linear, ...]:
+    """The Linears of :data:`GEMMS` in a layer's ``LayerParts``."""
+    return tuple(getattr(parts, name) for name in GEMMS)
+
+
+def _gemm_groups(bert) -> list[tuple[nn.Linear, ...]]:
+    """Every layer's GEMM Linears grouped by the rows they read: query, key and value together (one GEMM
+    in the layers, one set of input statistics, quantized as one weight), then one group each."""
     from .family import encoder_layers, layer_parts_function
 
     parts_of = layer_parts_function(bert)
-    linears = []
+    groups = []
     for layer in encoder_layers(bert):
-        p = parts_of(layer)
-        linears += [p.query, p.key, p.value, p.attention_dense, p.intermediate, p.output_dense]
-    return linears
+        query, key, value, *others = layer_gemms(parts_of(layer))
+        groups += [(query, key, value), *((linear,) for linear in others)]
+    return groups
+
+
+def _layers_linears(bert) -> list[nn.Linear]:
+    return [linear for group in _gemm_groups(bert) for linear in group]
 
 
 def encoders_of(model: nn.Module) -> list[nn.Module]:
@@ -274,14 +290,6 @@ def encoders_of(model: nn.Module) -> list[nn.Module]:
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` (or an encoder in it) holds FP8 encoder weights."""
     return any(isinstance(m, nn.Linear) and is_fp8_linear(m) for m in model.modules())
-
-
-def encoder_is_quantized(bert) -> bool:
-    """Whether ``bert``'s encoder layers run in FP8 (its first layer's query projection holds a scale)."""
-    from .family import encoder_layers, layer_parts_function
-
-    layers = encoder_layers(bert)
-    return len(layers) > 0 and is_fp8_linear(layer_parts_function(bert)(layers[0]).query)
 
 
 def _refuse_non_fp8_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
@@ -341,24 +349,29 @@ def quantize(
     reason = unsupported(device)
     if reason is not None:
         raise BackendUnavailable(f"FP8 inference cannot run here: {reason}")
-    linears = [linear for bert in encoders for linear in _layers_linears(bert)]
-    for linear in linears:
+    groups = [group for bert in encoders for group in _gemm_groups(bert)]
+    for linear in (linear for group in groups for linear in group):
         if linear.weight.device != device:
             raise ValueError(f"the encoder's weights are on {linear.weight.device} and {device}: one device, please")
     moments = {}
     if calibration is not None:
-        recorder = _GemmInputs(linears)
+        recorder = _GemmInputs(groups)
         with _eval_no_grad(model), recorder:
             _run_calibration(model, calibration)
         if not recorder.moments:
             raise ValueError("the calibration ran no forward through the encoder's layers: no statistics to use")
-        moments = {linear: total / count for linear, (total, count) in recorder.moments.items()}
+        moments = {group: total / count for group, (total, count) in recorder.moments.items()}
     with torch.no_grad():
-        quantized = [quantize_weight(linear.weight, moments.get(linear), damping) for linear in linears]
+        quantized = []
+        for group in groups:  # rows are rounded independently: a group's concatenated weight is its weights'
+            weight = torch.cat([linear.weight for linear in group]) if len(group) > 1 else group[0].weight
+            q, scale = quantize_weight(weight, moments.get(group), damping)
+            sizes = [linear.weight.shape[0] for linear in group]
+            quantized += zip(group, q.split(sizes), scale.split(sizes))
         model.to(COMPUTE_DTYPE)  # before the FP8 weights exist: to(dtype) would convert them too
-        for linear, (weight, scale) in zip(linears, quantized):
-            linear.weight = nn.Parameter(weight, requires_grad=False)
-            linear.register_buffer(SCALE_BUFFER, scale)
+        for linear, weight, scale in quantized:  # clones: no storage shared between parameters
+            linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
+            linear.register_buffer(SCALE_BUFFER, scale.clone())
             linear._register_load_state_dict_pre_hook(_refuse_non_fp8_load, with_module=True)
         model.requires_grad_(False)  # inference-only: a forward outside no_grad builds no graph
     model.eval()

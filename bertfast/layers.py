@@ -73,7 +73,7 @@ from .family import (
     longest_sequence_message,
     separates_packed_sequences,
 )
-from .fp8 import check_fp8_linear, fp8_linear, is_fp8_linear
+from .fp8 import GEMMS, check_fp8_linear, fp8_linear, is_fp8_linear, layer_gemms
 from .ops import _dispatch
 from .padding import (
     PackedBatch,
@@ -420,10 +420,12 @@ def qkv_projection(parts: LayerParts, x):
     elements per layer (6 MB in bf16 at BERT-large's size, under 2 % of a forward's memory traffic)
     and it keeps one GEMM forward and one in the backward, whose gradient the concatenation splits.
     """
-    q, k, v = parts.query._parameters, parts.key._parameters, parts.value._parameters
-    weight = torch.cat((q["weight"], k["weight"], v["weight"]))
-    bias = torch.cat((q["bias"], k["bias"], v["bias"]))
-    return F.linear(x, weight, bias)
+    return F.linear(x, _qkv(parts, "_parameters", "weight"), _qkv(parts, "_parameters", "bias"))
+
+
+def _qkv(parts: LayerParts, store: str, name: str):
+    """The query's, key's and value's ``store`` (``_parameters`` or ``_buffers``) entry ``name``, concatenated."""
+    return torch.cat([getattr(m, store)[name] for m in (parts.query, parts.key, parts.value)])
 
 
 # Fused dropping ops per encoder layer: attention probabilities, attention output, FFN output.
@@ -490,34 +492,35 @@ def _fp8_dense(linear, q, scale, bias=None):
     return fp8_linear(q, scale, linear._parameters["weight"], linear._buffers["weight_scale"], bias)
 
 
-def layer_fp8(module, x, quantized, mask, ops: Plan, parts_of=bert_layer_parts):
+def layer_fp8(module, x, quantized, mask, ops: Plan, parts_of=bert_layer_parts, index: int = 0):
     """:func:`layer` with its four GEMMs in FP8 (:mod:`bertfast.fp8`; inference only).
 
     ``quantized``: ``(q, scale)``, ``x``'s rows in e4m3 with one scale each.  Returns the layer's output
-    and its rows quantized the same way (by the last LayerNorm, in the same pass), for the next layer."""
+    and its rows quantized the same way (by the last LayerNorm, in the same pass), for the next layer.
+    ``index``: the layer's, for errors."""
     parts = parts_of(module)
-    q, k, v = parts.query, parts.key, parts.value
+    _check_fp8_gemms(parts, index)
     rows = x.reshape(-1, x.shape[-1])
-    weight = torch.cat((q._parameters["weight"], k._parameters["weight"], v._parameters["weight"]))
-    weight_scale = torch.cat((q._buffers["weight_scale"], k._buffers["weight_scale"], v._buffers["weight_scale"]))
-    bias = torch.cat((q._parameters["bias"], k._parameters["bias"], v._parameters["bias"]))
-    qkv = fp8_linear(*quantized, weight, weight_scale, bias)
+    weight, bias = _qkv(parts, "_parameters", "weight"), _qkv(parts, "_parameters", "bias")
+    qkv = fp8_linear(*quantized, weight, _qkv(parts, "_buffers", "weight_scale"), bias)
     a = attention(parts, qkv.view(*x.shape[:-1], -1), mask, ops)
     y = _fp8_dense(parts.attention_dense, *ops.quantize_rows(a.reshape(rows.shape)))
-    norm = parts.attention_norm
-    dense_bias = parts.attention_dense._parameters["bias"]
-    rows, *quantized = ops.layer_norm_fp8(y, norm.weight, norm.bias, norm.eps, rows, dense_bias)
+    rows, *quantized = _residual_layer_norm_fp8(parts.attention_dense, parts.attention_norm, y, rows, ops)
     h = _fp8_dense(parts.intermediate, *quantized)
     y = _fp8_dense(parts.output_dense, *ops.bias_gelu_fp8(h, parts.intermediate._parameters["bias"]))
-    norm = parts.output_norm
-    dense_bias = parts.output_dense._parameters["bias"]
-    rows, *quantized = ops.layer_norm_fp8(y, norm.weight, norm.bias, norm.eps, rows, dense_bias)
+    rows, *quantized = _residual_layer_norm_fp8(parts.output_dense, parts.output_norm, y, rows, ops)
     return rows.view(x.shape), quantized
 
 
-def check_fp8_encoder(bert, parts_of, dtype) -> None:
-    """Raise where a quantized encoder cannot run: training, gradients, FP8 weights converted away, a
-    compute dtype other than bf16 (the FP8 GEMMs' output)."""
+def _residual_layer_norm_fp8(dense, norm, y, residual, ops: Plan):
+    """``LN(y + dense's bias + residual)`` and its rows in FP8: ``(out, q, scale)``."""
+    lnp = norm._parameters
+    return ops.layer_norm_fp8(y, lnp["weight"], lnp["bias"], norm.eps, residual, dense._parameters["bias"])
+
+
+def check_fp8_encoder(bert, dtype) -> None:
+    """Raise where a quantized encoder cannot run at all: training, a compute dtype other than bf16 (the
+    FP8 GEMMs' output).  Each layer checks its own weights (:func:`_check_fp8_gemms`)."""
     if dtype != torch.bfloat16:
         raise TypeError(
             f"this model's encoder is quantized to FP8 and computes in torch.bfloat16, not {dtype} (an autocast "
@@ -528,16 +531,19 @@ def check_fp8_encoder(bert, parts_of, dtype) -> None:
             "this model's encoder is quantized to FP8, which is inference-only: call model.eval() (FP8 layers have "
             "no dropout and no backward)"
         )
-    for i, module in enumerate(encoder_layers(bert)):
-        parts = parts_of(module)
-        for name in ("query", "key", "value", "attention_dense", "intermediate", "output_dense"):
-            linear = getattr(parts, name)
-            check_fp8_linear(linear, f"layer {i}'s {name}")
-            if torch.is_grad_enabled() and any(p.requires_grad for p in linear._parameters.values()):
-                raise RuntimeError(
-                    f"layer {i}'s {name} has parameters that require grad, but FP8 layers have no backward: run "
-                    "the quantized model under torch.no_grad() or torch.inference_mode(), with frozen parameters"
-                )
+
+
+def _check_fp8_gemms(parts: LayerParts, index: int) -> None:
+    """Raise where layer ``index``'s GEMM weights are no longer FP8 or require grad.  In the layer itself, so
+    a replayed CUDA graph pays nothing (new parameters, as a conversion makes, are recaptured)."""
+    grad = torch.is_grad_enabled()
+    for name, linear in zip(GEMMS, layer_gemms(parts)):
+        check_fp8_linear(linear, index, name)
+        if grad and any(p.requires_grad for p in linear._parameters.values()):
+            raise RuntimeError(
+                f"layer {index}'s {name} has parameters that require grad, but FP8 layers have no backward: run "
+                "the quantized model under torch.no_grad() or torch.inference_mode(), with frozen parameters"
+            )
 
 
 class GeluDense(torch.autograd.Function):
@@ -682,7 +688,7 @@ def encode(
     parts_of = layer_parts_function(bert)
     ops = _encoder_plan(bert, backend, dtype, parts_of)
     if ops.layer_norm_fp8 is not None:
-        check_fp8_encoder(bert, parts_of, dtype)
+        check_fp8_encoder(bert, dtype)
     positions_given = position_ids is not None
     if not positions_given:  # from the padded ids, before any packing (RoBERTa counts real tokens only)
         position_ids = default_position_ids(config, input_ids, seq, device)
@@ -783,8 +789,8 @@ def run_layers(bert, x, mask, ops: Plan, parts_of, states=None):
     """Every encoder layer of ``bert`` on ``x`` (appending each output to ``states`` when given)."""
     if ops.layer_norm_fp8 is not None:
         quantized = ops.quantize_rows(x.reshape(-1, x.shape[-1]))
-        for module in encoder_layers(bert):
-            x, quantized = layer_fp8(module, x, quantized, mask, ops, parts_of)
+        for i, module in enumerate(encoder_layers(bert)):
+            x, quantized = layer_fp8(module, x, quantized, mask, ops, parts_of, i)
             if states is not None:
                 states.append(x)
         return x
