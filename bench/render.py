@@ -24,7 +24,10 @@ import os
 import sys
 from collections import defaultdict
 
+from bertfast.benchmarking.models import FP8_IMPL as FP8
+from bertfast.benchmarking.models import MLPERF_OFFLINE_SEQ_PER_S as FP8_SEQ_PER_S
 from bertfast.benchmarking.schema import ResultSchemaError, read_result, stored_runs
+from bertfast.benchmarking.shapes import SQUAD_LIKE
 
 BASELINE = "hf-sdpa"
 UNPADDED, PADDED = "bertfast", "bertfast-padded"  # in the padding-free rows
@@ -69,8 +72,8 @@ TRAIN_COMPARISONS = (("bertfast", "hf-sdpa-amp"), ("bertfast", BASELINE), ("bert
 # FP8 inference (issue 25; targets on an H100): bertfast-fp8 against our bf16 default at 32 x 384 (the FP8 section's
 # interleaved rows, ``<model>-fp8-fwd``), and its back-to-back throughput on SQuAD-like lengths against MLPerf
 # Inference v3.1's offline figure.
-FP8, FP8_GOAL_SHAPE, FP8_SPEEDUP = "bertfast-fp8", (32, 384), 1.4
-FP8_LENGTHS, FP8_SEQ_PER_S = "squad-like", 9100.0
+FP8_GOAL_SHAPE, FP8_SPEEDUP = (32, 384), 1.4
+FP8_LENGTHS = SQUAD_LIKE.name
 
 
 def _impl_rank(impl: str) -> tuple:

@@ -158,10 +158,8 @@ IMPLS = {
 
 def fp8_reason(device: torch.device | str) -> str | None:
     """Why the FP8 model cannot run on ``device`` (``bertfast.fp8.unsupported``), or None."""
-    try:
-        from .. import fp8
-    except ImportError as exc:
-        return f"this bertfast has no FP8 path (bertfast.fp8: {exc})"
+    from .. import fp8
+
     reason = fp8.unsupported(torch.device(device))
     return None if reason is None else f"FP8 refused: {reason}"
 
